@@ -1,0 +1,3 @@
+from kontod.cli import main
+
+raise SystemExit(main())

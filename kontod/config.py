@@ -1,0 +1,316 @@
+"""Settings: read once from the environment and an optional TOML file, checked before anything starts.
+
+Every setting has an environment variable ``KONTOD_<NAME>``; the TOML file named by
+``KONTOD_CONFIG`` may hold the same settings as lower-case keys without the prefix
+(``timezone = "Europe/Paris"``). The environment wins. This module imports nothing of kontod.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from cronsim import CronSim, CronSimError
+
+DEFAULT_LISTEN = "127.0.0.1:8435"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A setting has a value kontod cannot use; the message names it and what is accepted."""
+
+    def __init__(self, setting: str, value: str, accepted: str) -> None:
+        self.setting = setting
+        self.value = value
+        self.accepted = accepted
+        super().__init__(f"invalid {setting}={value!r}: {accepted}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of kontod, already checked."""
+
+    database_url: str | None = None
+    state_dir: Path = field(default_factory=lambda: default_state_dir({}))
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8435
+    timezone: str = "UTC"
+    snapshot_schedule: str = "0 2 * * *"
+    refresh_schedule: str = "0 */6 * * *"
+    admin_token: str | None = field(default=None, repr=False)
+    log_format: str = "json"
+    log_level: str = "info"
+    shutdown_timeout: float = 25.0
+    snapshot_batch_size: int = 1000
+    stale_after: float = 7 * 86400.0
+    powens_url: str | None = None
+    refresh_concurrency: int = 8
+    provider_timeout: float = 30.0
+    provider_attempts: int = 4
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    @property
+    def listen(self) -> str:
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+        return f"{host}:{self.listen_port}"
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with its password replaced, safe to print."""
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return "<unparsable DSN>"
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def default_state_dir(env: Mapping[str, str]) -> Path:
+    """systemd's StateDirectory when set, else the XDG state folder of the user."""
+    if env.get("STATE_DIRECTORY"):
+        return Path(env["STATE_DIRECTORY"].split(":")[0])
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    base = env.get("XDG_STATE_HOME") or str(home / ".local" / "state")
+    return Path(base) / "kontod"
+
+
+def system_timezone() -> str:
+    """The machine's IANA zone name, UTC when it cannot be told."""
+    try:
+        from tzlocal import get_localzone_name
+
+        name = get_localzone_name()
+    except Exception:  # tzlocal raises its own errors on odd systems; UTC is a safe answer
+        return "UTC"
+    return name or "UTC"
+
+
+# Parsers: each takes the raw text and returns the value or raises ValueError with what is accepted.
+
+
+def _parse_dsn(raw: str) -> str:
+    if not raw.startswith(("postgresql://", "postgres://")):
+        raise ValueError("expected a URL such as postgresql://user:password@host:5432/dbname")
+    try:
+        parts = urlsplit(raw)
+        _ = parts.port  # raises on a non-numeric port
+    except ValueError as exc:
+        raise ValueError(f"expected postgresql://user:password@host:port/dbname ({exc})") from None
+    return raw
+
+
+def _parse_listen(raw: str) -> tuple[str, int]:
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([^:\[\]\s]+):(\d{1,5})", raw.strip())
+    if not m:
+        raise ValueError("expected host:port such as 127.0.0.1:8435 or [::1]:8435")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError("the port must be between 0 and 65535")
+    return host, port
+
+
+def _parse_timezone(raw: str) -> str:
+    try:
+        ZoneInfo(raw)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError("expected an IANA time zone name such as Europe/Paris or UTC") from None
+    return raw
+
+
+def _parse_cron(raw: str) -> str:
+    expr = " ".join(raw.split())
+    if len(expr.split()) not in (5, 6):
+        raise ValueError("expected a cron expression of 5 fields, or 6 with seconds first")
+    try:
+        from datetime import UTC, datetime
+
+        CronSim(expr, datetime(2026, 1, 1, tzinfo=UTC))
+    except (CronSimError, ValueError) as exc:
+        raise ValueError(
+            f"expected a cron expression of 5 fields, or 6 with seconds first ({exc})"
+        ) from None
+    return expr
+
+
+def _parse_choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError("expected one of " + ", ".join(choices))
+        return value
+
+    return parse
+
+
+def _parse_positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("expected a number of seconds greater than 0") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError("expected a number of seconds greater than 0")
+    return value
+
+
+def _parse_positive_int(raw: str) -> int:
+    if not re.fullmatch(r"\s*\d+\s*", raw) or int(raw) < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return int(raw)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _parse_duration(raw: str) -> float:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", raw)
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError("expected a duration such as 7d, 12h, 30m, 45s or a number of seconds")
+    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+
+
+def _parse_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(
+            "expected an http:// or https:// URL such as https://example.biapi.pro/2.0"
+        )
+    return raw.rstrip("/")
+
+
+def _parse_domain(raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9.-]+(:\d+)?", raw):
+        raise ValueError("expected a host name such as konto-sandbox.biapi.pro")
+    return f"https://{raw}/2.0"
+
+
+def _parse_token(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("expected a non-empty token")
+    return raw.strip()
+
+
+# The settings kontod reads: (attribute, environment variable, parser, secret?).
+# The README's settings table mirrors this list.
+_SPEC: list[tuple[str, str, Callable[[str], Any], bool]] = [
+    ("state_dir", "KONTOD_STATE_DIR", Path, False),
+    ("timezone", "KONTOD_TIMEZONE", _parse_timezone, False),
+    ("snapshot_schedule", "KONTOD_SNAPSHOT_SCHEDULE", _parse_cron, False),
+    ("refresh_schedule", "KONTOD_REFRESH_SCHEDULE", _parse_cron, False),
+    ("log_format", "KONTOD_LOG_FORMAT", _parse_choice("json", "console"), False),
+    ("log_level", "KONTOD_LOG_LEVEL", _parse_choice(*LOG_LEVELS), False),
+    ("shutdown_timeout", "KONTOD_SHUTDOWN_TIMEOUT", _parse_positive_float, False),
+    ("snapshot_batch_size", "KONTOD_SNAPSHOT_BATCH_SIZE", _parse_positive_int, False),
+    ("stale_after", "KONTOD_STALE_AFTER", _parse_duration, False),
+    ("refresh_concurrency", "KONTOD_REFRESH_CONCURRENCY", _parse_positive_int, False),
+    ("provider_timeout", "KONTOD_PROVIDER_TIMEOUT", _parse_positive_float, False),
+    ("provider_attempts", "KONTOD_PROVIDER_ATTEMPTS", _parse_positive_int, False),
+]
+
+# Secrets may also come from systemd credentials: $CREDENTIALS_DIRECTORY/<file>.
+_CREDENTIALS = {"KONTOD_DATABASE_URL": "database_url", "KONTOD_ADMIN_TOKEN": "admin_token"}
+
+
+def load_settings(env: Mapping[str, str] | None = None, *, isatty: bool | None = None) -> Settings:
+    """Read and check every setting; raise ConfigError naming the first bad one."""
+    env = os.environ if env is None else env
+    file_values = _read_toml(env)
+
+    def raw(var: str) -> tuple[str, str] | None:
+        """(label for errors, raw text) of a setting, environment first."""
+        if env.get(var, "") != "":
+            return var, env[var]
+        key = var.removeprefix("KONTOD_").lower()
+        if key in file_values:
+            return f"{key} in {env['KONTOD_CONFIG']}", str(file_values[key])
+        cred = _CREDENTIALS.get(var)
+        if cred and env.get("CREDENTIALS_DIRECTORY"):
+            path = Path(env["CREDENTIALS_DIRECTORY"]) / cred
+            if path.is_file():
+                return f"credential {cred}", path.read_text().strip()
+        return None
+
+    def parse(var: str, parser: Callable[[str], T], secret: bool = False) -> T | None:
+        found = raw(var)
+        if found is None:
+            return None
+        label, text = found
+        try:
+            return parser(text)
+        except ValueError as exc:
+            shown = "<hidden>" if secret else (redact_dsn(text) if "DATABASE" in var else text)
+            raise ConfigError(label, shown, str(exc)) from None
+
+    values: dict[str, Any] = {}
+    for attr, var, parser, secret in _SPEC:
+        value = parse(var, parser, secret)
+        if value is not None:
+            values[attr] = value
+
+    dsn = parse("KONTOD_DATABASE_URL", _parse_dsn)
+    if dsn is None and env.get("DATABASE_URL"):
+        dsn = parse("DATABASE_URL", _parse_dsn)
+    values["database_url"] = dsn
+    values["admin_token"] = parse("KONTOD_ADMIN_TOKEN", _parse_token, secret=True)
+
+    listen = parse("KONTOD_LISTEN", _parse_listen)
+    if listen is not None:
+        values["listen_host"], values["listen_port"] = listen
+
+    powens = parse("KONTOD_POWENS_URL", _parse_url)
+    if powens is None:
+        powens = parse("KONTOD_POWENS_DOMAIN", _parse_domain)
+    values["powens_url"] = powens
+
+    values.setdefault("state_dir", default_state_dir(env))
+    values.setdefault("timezone", system_timezone())
+    if "log_format" not in values:
+        tty = sys.stderr.isatty() if isatty is None else isatty
+        values["log_format"] = "console" if tty else "json"
+    return Settings(**values)
+
+
+def _read_toml(env: Mapping[str, str]) -> dict[str, Any]:
+    path = env.get("KONTOD_CONFIG")
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("KONTOD_CONFIG", path, "the file does not exist") from None
+    except OSError as exc:
+        raise ConfigError(
+            "KONTOD_CONFIG", path, f"the file cannot be read ({exc.strerror})"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("KONTOD_CONFIG", path, f"not valid TOML: {exc}") from None
+    known = {var.removeprefix("KONTOD_").lower() for _, var, _, _ in _SPEC} | {
+        "database_url",
+        "admin_token",
+        "listen",
+        "powens_url",
+        "powens_domain",
+    }
+    for key in data:
+        if key not in known:
+            raise ConfigError(
+                "KONTOD_CONFIG",
+                path,
+                f"unknown key {key!r}; known keys: {', '.join(sorted(known))}",
+            )
+    return data

@@ -1,0 +1,140 @@
+"""PostgreSQL: the connection pool, the embedded server, and the migrations shipped in the package."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import platform
+import re
+import sys
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+# Any fixed 64-bit number works; this one spells "kontod" in ASCII.
+MIGRATION_LOCK = 0x6B6F6E746F64
+
+
+class EmbeddedUnavailable(Exception):
+    """The embedded PostgreSQL cannot run here; the message says what to do instead."""
+
+
+def new_instance_name() -> str:
+    """A name for this process's database sessions, unique per start (kontod-<12 hex>)."""
+    return f"kontod-{uuid.uuid4().hex[:12]}"
+
+
+async def create_pool(dsn: str, instance: str, *, max_size: int = 10) -> asyncpg.Pool:
+    """A pool whose sessions carry ``instance`` as their application_name."""
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=1,
+        max_size=max_size,
+        server_settings={"application_name": instance},
+        command_timeout=None,
+    )
+    assert pool is not None
+    return pool
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def migrations() -> list[Migration]:
+    """The SQL files of ``kontod/migrations``, in order."""
+    found: list[Migration] = []
+    folder = importlib.resources.files("kontod") / "migrations"
+    for entry in folder.iterdir():
+        m = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
+        if m:
+            found.append(Migration(int(m.group(1)), m.group(2), entry.read_text()))
+    return sorted(found, key=lambda mig: mig.version)
+
+
+async def migrate(conn: asyncpg.Connection | PoolConnectionProxy) -> list[str]:
+    """Apply the migrations not yet applied, each in its own transaction; return their names.
+
+    A session advisory lock makes processes that start together take turns.
+    """
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    try:
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS kontod_migrations (
+                   version     integer PRIMARY KEY,
+                   name        text NOT NULL,
+                   applied_at  timestamptz NOT NULL DEFAULT now())"""
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM kontod_migrations")}
+        applied: list[str] = []
+        for mig in migrations():
+            if mig.version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(mig.sql)
+                await conn.execute(
+                    "INSERT INTO kontod_migrations (version, name) VALUES ($1, $2)",
+                    mig.version,
+                    mig.name,
+                )
+            applied.append(f"{mig.version:04d}_{mig.name}")
+        return applied
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+
+
+class EmbeddedPostgres:
+    """A private PostgreSQL in ``state_dir``, started through pgserver and stopped with kontod."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.data_dir = state_dir / "pgdata"
+        self._server: Any = None
+
+    async def start(self) -> str:
+        """Start (or reuse) the server; return its DSN."""
+        try:
+            import pgserver.postgres_server as pgserver
+        except ImportError:
+            raise EmbeddedUnavailable(
+                "no KONTOD_DATABASE_URL is set and the embedded PostgreSQL is not installed: "
+                + _embedded_hint()
+            ) from None
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # pgserver runs initdb and pg_ctl, which block: keep them off the event loop.
+        self._server = await asyncio.to_thread(_start_pgserver, pgserver, self.data_dir)
+        uri: str = self._server.get_uri()
+        return uri
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            server, self._server = self._server, None
+            await asyncio.to_thread(server.cleanup)
+
+
+def _start_pgserver(module: Any, data_dir: Path) -> Any:
+    with warnings.catch_warnings():
+        # pgserver warns when XDG_RUNTIME_DIR is unset and then picks /tmp, which is fine.
+        warnings.simplefilter("ignore")
+        return module.get_server(str(data_dir), cleanup_mode="stop")
+
+
+def _embedded_hint() -> str:
+    machine = platform.machine().lower()
+    supported = (
+        sys.platform == "darwin" or (sys.platform == "linux" and machine == "x86_64")
+    ) and ((3, 9) <= sys.version_info[:2] <= (3, 12))
+    if supported:
+        return "install it with `pip install 'kontod[embedded]'`, or set KONTOD_DATABASE_URL"
+    return (
+        f"pgserver has no build for {sys.platform}/{machine} with Python "
+        f"{sys.version_info.major}.{sys.version_info.minor}; set KONTOD_DATABASE_URL to a "
+        "PostgreSQL server (postgresql://user:password@host:5432/dbname)"
+    )

@@ -1,0 +1,101 @@
+"""``kontod demo``: an embedded database with demo users, a sandbox bank, and the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import signal
+import sys
+
+import asyncpg
+import structlog
+
+from kontod.config import Settings
+from kontod.daemon import Daemon
+from kontod.runner import Skipped
+
+log = structlog.get_logger("kontod.demo")
+
+# Three users: one with accounts and assets, one with a Powens connection, one owning nothing.
+DEMO_SQL = """
+INSERT INTO users (id, email, name) VALUES
+    (1, 'alice@example.org', 'Alice'), (2, 'bruno@example.org', 'Bruno'),
+    (3, 'chloe@example.org', 'Chloé');
+INSERT INTO bank_accounts (user_id, provider, provider_account_id, name, balance, hidden, type)
+VALUES
+    (1, NULL, NULL, 'Compte courant', 2450.37, false, 'checking'),
+    (1, NULL, NULL, 'Livret A', 12000.00, false, 'savings'),
+    (1, NULL, NULL, 'Ancien compte', 999.99, true, 'checking'),
+    (1, NULL, NULL, 'Prêt immo', -145000.00, false, 'loan'),
+    (2, 'powens', '1001', 'Compte chèques', 0, false, NULL),
+    (2, 'powens', '1002', 'LDDS', 0, false, NULL),
+    (2, 'powens', '1003', 'PEA', 0, false, NULL);
+INSERT INTO assets (user_id, type, name, purchase_price, current_value) VALUES
+    (1, 'real_estate', 'Appartement', 210000.00, 248500.00),
+    (1, 'vehicle', 'Voiture', 18000.00, NULL),
+    (2, 'valuable', 'Montre', NULL, NULL);
+INSERT INTO bank_connections (user_id, powens_connection_id, powens_token, status)
+VALUES (2, '77', 'sandbox-user-2', 'active');
+SELECT setval(pg_get_serial_sequence('users', 'id'), 3);
+"""
+
+
+async def seed(pool: asyncpg.Pool) -> bool:
+    """Insert the demo data into an empty database; False when users already exist."""
+    async with pool.acquire() as conn, conn.transaction():
+        if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM users)"):
+            return False
+        await conn.execute(DEMO_SQL)
+    return True
+
+
+async def _seed_once(pool: asyncpg.Pool) -> None:
+    if await seed(pool):
+        log.info("demo.seeded", users=3)
+
+
+async def demo(settings: Settings) -> int:
+    """Run the demo until Ctrl-C."""
+    from kontod import sandbox
+
+    demo_settings = dataclasses.replace(
+        settings,
+        database_url=settings.database_url,
+        state_dir=settings.state_dir / "demo",
+    )
+    async with sandbox.serve() as bank_url:
+        demo_settings = dataclasses.replace(demo_settings, powens_url=bank_url)
+        daemon = Daemon(demo_settings, on_migrated=_seed_once)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await daemon.start()
+        try:
+            assert daemon.runner is not None
+            # Show every job at work now rather than at its next tick.
+            started = []
+            for name in daemon.runner.jobs:
+                task = daemon.runner.active(name)
+                if task is None:
+                    outcome = await daemon.runner.trigger(name, "manual")
+                    task = None if isinstance(outcome, Skipped) else outcome.task
+                if task is not None:
+                    started.append(task)
+            await asyncio.gather(*started)
+            base = f"http://{demo_settings.listen_host}:{daemon.port}"
+            print(
+                "\nkontod demo is running; open:\n"
+                f"  {base}/health/cron\n"
+                f"  {base}/metrics\n"
+                f"  {base}/jobs/daily-snapshots/runs\n"
+                f"  {base}/jobs/refresh-stale-connections/runs\n"
+                f"sandbox bank: {bank_url}\n"
+                "Ctrl-C stops it.\n",
+                file=sys.stderr,
+                flush=True,
+            )
+            await stop.wait()
+        finally:
+            await daemon.stop()
+    return 0

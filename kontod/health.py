@@ -1,0 +1,54 @@
+"""A job's health as a pure function of its schedule, its run history and ``now``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from kontod import schedule
+from kontod.runs import FAILED_STATUSES, JobStats
+
+
+@dataclass(frozen=True)
+class Verdict:
+    healthy: bool
+    reason: str | None
+    last_tick: datetime
+    next_tick: datetime
+
+
+def assess(
+    expr: str,
+    tz: ZoneInfo,
+    grace: timedelta,
+    stats: JobStats,
+    now: datetime,
+    *,
+    not_configured: str | None = None,
+) -> Verdict:
+    """Unhealthy when the last finished run failed, or a tick past its grace has no run.
+
+    A job is expected only from the moment kontod first registered it, so a fresh install is
+    healthy until its first tick plus grace.
+    """
+    last_tick = schedule.previous_tick(expr, tz, now)
+    next_tick = schedule.next_tick(expr, tz, now)
+    if not_configured:
+        return Verdict(True, f"not configured: {not_configured}", last_tick, next_tick)
+    if stats.last_status in FAILED_STATUSES:
+        return Verdict(False, f"last run ended with {stats.last_status}", last_tick, next_tick)
+    if stats.last_status == "running":
+        return Verdict(True, None, last_tick, next_tick)
+    due = schedule.previous_tick(expr, tz, now - grace)
+    expected_since = stats.registered_at or now
+    ran_since_due = stats.last_started_at is not None and stats.last_started_at >= due
+    if due >= expected_since and not ran_since_due:
+        return Verdict(
+            False,
+            f"no run for the tick of {due.isoformat()} within its grace of "
+            f"{int(grace.total_seconds())} s",
+            last_tick,
+            next_tick,
+        )
+    return Verdict(True, None, last_tick, next_tick)

@@ -1,0 +1,165 @@
+"""The HTTP surface: health, metrics, run history and manual triggers (aiohttp)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.registry import CollectorRegistry
+
+from kontod import runs
+from kontod.health import assess
+from kontod.runner import Runner, Skipped, UnknownJob
+
+log = structlog.get_logger("kontod.http")
+RUNNER: web.AppKey[Runner] = web.AppKey("runner", Runner)
+SNAPSHOT_JOB = "daily-snapshots"
+
+
+def iso(value: datetime | None) -> str | None:
+    """ISO 8601 in UTC with milliseconds and a Z, as the old endpoint wrote it."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def cron_report(runner: Runner, stats: dict[str, runs.JobStats], now: datetime) -> dict[str, Any]:
+    """The /health/cron document: the old endpoint's shape plus kontod's fields."""
+    jobs = []
+    for spec in runner.jobs.values():
+        st = stats.get(spec.name, runs.JobStats())
+        verdict = assess(
+            spec.schedule, runner.tz, spec.grace, st, now, not_configured=spec.not_configured
+        )
+        uptime = None
+        if st.last_started_at is not None:
+            uptime = int((now - st.last_started_at).total_seconds() * 1000)
+        jobs.append(
+            {
+                "name": spec.name,
+                "schedule": spec.schedule,
+                "timezone": runner.tz.key,
+                "lastRun": iso(st.last_started_at),
+                "lastStatus": st.last_status or "never_run",
+                "runCount": st.runs,
+                "errorCount": st.errors,
+                "uptime": uptime,
+                "healthy": verdict.healthy,
+                "reason": verdict.reason,
+                "configured": spec.not_configured is None,
+                "nextRun": None if spec.not_configured else iso(verdict.next_tick),
+                "lastSuccess": iso(st.last_success_at),
+                "lastError": st.last_error,
+                "lastDurationSeconds": st.last_duration_s,
+            }
+        )
+    healthy = all(job["healthy"] for job in jobs)
+    return {
+        "status": "healthy" if healthy else "unhealthy",
+        "timestamp": iso(now),
+        "jobs": jobs,
+    }
+
+
+def build_app(
+    runner: Runner,
+    registry: CollectorRegistry,
+    admin_token: str | None,
+    clock: Callable[[], datetime],
+) -> web.Application:
+    """The aiohttp application; the daemon serves it, tests too."""
+    app = web.Application()
+    app[RUNNER] = runner
+
+    async def health(_: web.Request) -> web.Response:
+        try:
+            async with asyncio.timeout(5):
+                await runner.pool.fetchval("SELECT 1")
+        except Exception as exc:  # whatever the driver raises, the answer is "unreachable"
+            return web.json_response(
+                {"status": "unhealthy", "database": "unreachable", "error": type(exc).__name__},
+                status=503,
+            )
+        return web.json_response({"status": "healthy", "database": "ok"})
+
+    async def health_cron(_: web.Request) -> web.Response:
+        # On a database error this is the last known history, which is still worth showing.
+        stats = await runner.refresh_stats()
+        report = cron_report(runner, stats, clock())
+        return web.json_response(report, status=200 if report["status"] == "healthy" else 503)
+
+    def authorize(request: web.Request) -> None:
+        if admin_token is None:
+            raise web.HTTPForbidden(
+                text="manual triggers are disabled: set KONTOD_ADMIN_TOKEN to enable them\n"
+            )
+        given = request.headers.get("Authorization", "")
+        expected = f"Bearer {admin_token}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise web.HTTPUnauthorized(
+                text="a valid 'Authorization: Bearer <token>' header is required\n",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    async def start_run(request: web.Request, name: str) -> web.Response:
+        authorize(request)
+        try:
+            outcome = await runner.trigger(name, "manual")
+        except UnknownJob:
+            raise web.HTTPNotFound(text=f"no job named {name!r}\n") from None
+        if isinstance(outcome, Skipped):
+            return web.json_response(
+                {"error": f"{name} is already running", "reason": outcome.reason}, status=409
+            )
+        log.info("run.requested", job=name, run_id=outcome.run_id, remote=request.remote)
+        return web.json_response({"job": name, "runId": outcome.run_id}, status=202)
+
+    async def run_job(request: web.Request) -> web.Response:
+        return await start_run(request, request.match_info["name"])
+
+    async def dashboard_snapshot(request: web.Request) -> web.Response:
+        return await start_run(request, SNAPSHOT_JOB)
+
+    async def job_runs(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in runner.jobs:
+            raise web.HTTPNotFound(text=f"no job named {name!r}\n")
+        raw = request.query.get("limit", "20")
+        if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+            raise web.HTTPBadRequest(
+                text=f"limit must be a whole number from 1 to 1000, not {raw!r}\n"
+            )
+        records = await runs.recent_runs(runner.pool, name, int(raw))
+        return web.json_response(
+            {
+                "runs": [
+                    {
+                        "id": r.id,
+                        "job": r.job,
+                        "trigger": r.trigger,
+                        "scheduledFor": iso(r.scheduled_for),
+                        "startedAt": iso(r.started_at),
+                        "finishedAt": iso(r.finished_at),
+                        "status": r.status,
+                        "error": r.error,
+                        "counts": dict(r.counts),
+                    }
+                    for r in records
+                ]
+            }
+        )
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/health/cron", health_cron)
+    app.router.add_get("/api/health/cron", health_cron)
+    app.router.add_get("/metrics", make_aiohttp_handler(registry))
+    app.router.add_post("/jobs/{name}/run", run_job)
+    app.router.add_post("/api/dashboard/snapshot", dashboard_snapshot)
+    app.router.add_get("/jobs/{name}/runs", job_runs)
+    return app

@@ -1,0 +1,56 @@
+"""The contract between the runner and a job: what a job declares and what a run hands it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import structlog
+
+
+@dataclass
+class RunContext:
+    """What one run of a job receives; the job fills ``counts`` as it goes.
+
+    ``counts`` are stored with the run (and exported as the last run's counts); keys that
+    start with ``items_`` are also the items processed by outcome (``items_failed`` -> outcome
+    ``failed``).
+    """
+
+    run_id: int
+    job: str
+    trigger: str
+    scheduled_for: datetime | None
+    started_at: datetime
+    log: structlog.typing.FilteringBoundLogger
+    counts: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def at(self) -> datetime:
+        """The instant the run belongs to: its scheduled tick, or its start for a manual run."""
+        return self.scheduled_for or self.started_at
+
+
+JobBody = Callable[[RunContext], Awaitable[None]]
+
+
+class JobNotConfigured(Exception):
+    """Raised at declaration time by a job that has nothing to do in this setup (with why)."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One scheduled job as the runner sees it."""
+
+    name: str
+    schedule: str
+    body: JobBody
+    grace: timedelta
+    max_runtime: timedelta
+    catchup_window: timedelta
+    description: str = ""
+    # Set when the job is registered but has nothing to do here; health reports it, the
+    # runner does not schedule it.
+    not_configured: str | None = None

@@ -1,0 +1,222 @@
+"""Prometheus metrics on a registry of kontod's own.
+
+Run and error counts, last success and the state of each job come from the run table (through
+the runner's cache of it), so they are right after a restart and the same on every replica.
+Durations, items, skipped ticks and provider requests are counted by this process.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterator, Mapping
+from datetime import date, datetime, time
+from zoneinfo import ZoneInfo
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from kontod import __version__
+from kontod.health import assess
+from kontod.job import JobSpec
+from kontod.runs import JobStats
+
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 21600)
+PROVIDER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+SKIP_REASONS = ("overlap", "claimed")
+
+
+class Metrics:
+    """Every kontod metric; also the runner's event sink and the provider client's observer."""
+
+    def __init__(
+        self,
+        jobs: list[JobSpec],
+        tz: ZoneInfo,
+        stats: Callable[[], Mapping[str, JobStats]],
+        clock: Callable[[], datetime],
+    ) -> None:
+        # The *_created series add nothing kontod's rules or dashboard use.
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # the library leaves it unannotated
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.latest_snapshot: date | None = None
+        self.duration = Histogram(
+            "kontod_job_duration_seconds",
+            "Run duration of each job",
+            ["job_name"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.items = Counter(
+            "kontod_job_items",
+            "Items processed by jobs, by outcome",
+            ["job_name", "outcome"],
+            registry=self.registry,
+        )
+        self.skipped = Counter(
+            "kontod_job_ticks_skipped",
+            "Scheduled ticks this process did not run, by reason",
+            ["job_name", "reason"],
+            registry=self.registry,
+        )
+        self.provider_requests = Counter(
+            "kontod_provider_requests",
+            "HTTP requests to the bank provider, by endpoint and status code",
+            ["endpoint", "code"],
+            registry=self.registry,
+        )
+        self.provider_duration = Histogram(
+            "kontod_provider_request_duration_seconds",
+            "Duration of HTTP requests to the bank provider",
+            ["endpoint"],
+            buckets=PROVIDER_BUCKETS,
+            registry=self.registry,
+        )
+        for spec in jobs:
+            self.duration.labels(spec.name)
+            for reason in SKIP_REASONS:
+                self.skipped.labels(spec.name, reason)
+        self.registry.register(_JobCollector(jobs, tz, stats, clock, self))
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(_Forward(collector))
+
+    # RunEvents
+    def run_finished(
+        self, job: str, status: str, duration_s: float, counts: Mapping[str, int]
+    ) -> None:
+        self.duration.labels(job).observe(duration_s)
+        for key, value in counts.items():
+            if key.startswith("items_") and value > 0:
+                self.items.labels(job, key.removeprefix("items_")).inc(value)
+
+    def tick_skipped(self, job: str, reason: str) -> None:
+        self.skipped.labels(job, reason).inc()
+
+    # Provider client observer
+    def provider_request(self, endpoint: str, code: str, seconds: float) -> None:
+        self.provider_requests.labels(endpoint, code).inc()
+        self.provider_duration.labels(endpoint).observe(seconds)
+
+
+class _Forward(Collector):
+    """Serves one of prometheus_client's stock collectors from our registry."""
+
+    def __init__(self, inner: Collector) -> None:
+        self.inner = inner
+
+    def collect(self) -> Iterator[object]:  # type: ignore[override]
+        # The stock collectors are registered on the default registry already; collecting them
+        # through a wrapper avoids registering one object on two registries.
+        yield from self.inner.collect()
+
+
+def _ts(value: datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+class _JobCollector(Collector):
+    def __init__(
+        self,
+        jobs: list[JobSpec],
+        tz: ZoneInfo,
+        stats: Callable[[], Mapping[str, JobStats]],
+        clock: Callable[[], datetime],
+        metrics: Metrics,
+    ) -> None:
+        self.jobs = jobs
+        self.tz = tz
+        self.stats = stats
+        self.clock = clock
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[object]:  # type: ignore[override]
+        now = self.clock()
+        all_stats = self.stats()
+        label = ["job_name"]
+
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=label)
+
+        runs = CounterMetricFamily("kontod_job_runs", "Finished runs of each job", labels=label)
+        errors = CounterMetricFamily(
+            "kontod_job_errors", "Runs that ended in error, timeout or interruption", labels=label
+        )
+        last_success = gauge(
+            "kontod_job_last_success_timestamp_seconds", "End of the last successful run"
+        )
+        last_finished = gauge(
+            "kontod_job_last_run_finished_timestamp_seconds", "End of the last finished run"
+        )
+        last_ok = gauge("kontod_job_last_run_success", "Whether the last finished run succeeded")
+        running = gauge("kontod_job_running", "Whether a run of the job is in progress")
+        running_since = gauge(
+            "kontod_job_running_since_timestamp_seconds", "Start of the run in progress"
+        )
+        last_tick = gauge(
+            "kontod_job_last_scheduled_timestamp_seconds", "Most recent scheduled tick"
+        )
+        next_tick = gauge("kontod_job_next_scheduled_timestamp_seconds", "Next scheduled tick")
+        grace = gauge("kontod_job_grace_seconds", "How late a run may start before it is missed")
+        max_runtime = gauge("kontod_job_max_runtime_seconds", "Run time after which a run stops")
+        registered = gauge(
+            "kontod_job_registered_timestamp_seconds", "When kontod first knew the job"
+        )
+        configured = gauge("kontod_job_configured", "Whether the job has what it needs to run")
+        healthy = gauge("kontod_job_healthy", "Whether the job is healthy, as in /health/cron")
+        counts = GaugeMetricFamily(
+            "kontod_job_last_run_counts",
+            "Counts recorded by the last finished run",
+            labels=["job_name", "count"],
+        )
+        for spec in self.jobs:
+            st = all_stats.get(spec.name, JobStats())
+            verdict = assess(
+                spec.schedule, self.tz, spec.grace, st, now, not_configured=spec.not_configured
+            )
+            name = [spec.name]
+            runs.add_metric(name, st.runs)
+            errors.add_metric(name, st.errors)
+            for family, value in (
+                (last_success, _ts(st.last_success_at)),
+                (last_finished, _ts(st.last_finished_at)),
+                (running_since, _ts(st.running_since)),
+                (registered, _ts(st.registered_at)),
+            ):
+                if value is not None:
+                    family.add_metric(name, value)
+            if st.last_finished_status is not None:
+                last_ok.add_metric(name, 1.0 if st.last_finished_status == "success" else 0.0)
+            running.add_metric(name, 1.0 if st.running_since else 0.0)
+            last_tick.add_metric(name, verdict.last_tick.timestamp())
+            next_tick.add_metric(name, verdict.next_tick.timestamp())
+            grace.add_metric(name, spec.grace.total_seconds())
+            max_runtime.add_metric(name, spec.max_runtime.total_seconds())
+            configured.add_metric(name, 0.0 if spec.not_configured else 1.0)
+            healthy.add_metric(name, 1.0 if verdict.healthy else 0.0)
+            for key, value in sorted(st.last_counts.items()):
+                counts.add_metric([spec.name, key], value)
+        yield from (runs, errors, last_success, last_finished, last_ok, running, running_since)
+        yield from (last_tick, next_tick, grace, max_runtime, registered, configured, healthy)
+        yield counts
+
+        info = GaugeMetricFamily(
+            "kontod_build_info", "kontod version and Python", labels=["version", "python"]
+        )
+        info.add_metric([__version__, platform.python_version()], 1.0)
+        yield info
+        latest = GaugeMetricFamily(
+            "kontod_snapshot_latest_date_timestamp_seconds",
+            "Midnight, in kontod's zone, of the newest date in patrimoine_snapshots",
+        )
+        if self.metrics.latest_snapshot is not None:
+            midnight = datetime.combine(self.metrics.latest_snapshot, time(), self.tz)
+            latest.add_metric([], midnight.timestamp())
+        yield latest

@@ -1,0 +1,52 @@
+"""Fixtures: a real PostgreSQL database per test, copied from a migrated template."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+
+from tests import pg
+
+
+@pytest.fixture(scope="session")
+def admin_dsn() -> Iterator[str]:
+    with pg.server() as dsn:
+        yield dsn
+
+
+@pytest.fixture(scope="session")
+async def template_ready(admin_dsn: str) -> str:
+    await pg.build_template(admin_dsn)
+    return pg.TEMPLATE
+
+
+@pytest.fixture
+async def dsn(admin_dsn: str, template_ready: str) -> AsyncIterator[str]:
+    """A fresh, migrated database of this test's own."""
+    name = await pg.create_database(admin_dsn, template=template_ready)
+    try:
+        yield pg.with_database(admin_dsn, name)
+    finally:
+        await pg.drop_database(admin_dsn, name)
+
+
+@pytest.fixture
+async def empty_dsn(admin_dsn: str) -> AsyncIterator[str]:
+    """A fresh database with no migration applied."""
+    name = await pg.create_database(admin_dsn, template="template0")
+    try:
+        yield pg.with_database(admin_dsn, name)
+    finally:
+        await pg.drop_database(admin_dsn, name)
+
+
+@pytest.fixture
+async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    p = await asyncpg.create_pool(dsn, min_size=1, max_size=10)
+    assert p is not None
+    try:
+        yield p
+    finally:
+        await p.close()

@@ -1,0 +1,159 @@
+"""The kontod command as a user runs it: real processes, real database, real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from kontod.job import RunContext
+from tests.daemon_harness import running_daemon, settings_for
+from tests.helpers import add_user, free_port, spec
+
+
+async def kontod(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KONTOD_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kontod",
+        *args,
+        env={**clean, "KONTOD_LOG_FORMAT": "json", **(env or {})},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_status_exit_codes(dsn: str) -> None:
+    code, _, err = await kontod("status", "--url", f"http://127.0.0.1:{free_port()}")
+    assert code == 2
+    assert "cannot reach" in err
+
+    jobs = [spec("daily-snapshots", catchup=0)]
+    async with running_daemon(settings_for(dsn), lambda *_: jobs) as (_, base):
+        code, out, _ = await kontod("status", "--url", base)
+        assert code == 0, out
+        assert "daily-snapshots" in out and "never_run" in out
+        assert out.strip().endswith("overall: healthy")
+
+    async def boom(ctx: RunContext) -> None:
+        raise RuntimeError("nope")
+
+    jobs = [spec("daily-snapshots", boom, catchup=0)]
+    async with running_daemon(settings_for(dsn), lambda *_: jobs) as (daemon, base):
+        started = await daemon.runner.trigger("daily-snapshots", "manual")  # type: ignore[union-attr]
+        await started.task  # type: ignore[union-attr]
+        code, out, _ = await kontod("status", "--url", base)
+        assert code == 1
+        assert "NO: last run ended with error" in out
+
+
+async def test_jobs_run_records_the_run_and_exits_by_outcome(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await add_user(conn, accounts=[("checking", "10.5", False)])
+        code, out, err = await kontod(
+            "jobs",
+            "run",
+            "daily-snapshots",
+            env={"KONTOD_DATABASE_URL": dsn, "KONTOD_TIMEZONE": "Europe/Paris"},
+        )
+        assert code == 0, err
+        assert "success" in out
+        row = await conn.fetchrow("SELECT trigger, status, counts FROM kontod_runs")
+        assert row is not None
+        assert (row["trigger"], row["status"]) == ("manual", "success")
+        assert json.loads(row["counts"])["users"] == 1
+        lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+        run_lines = [line for line in lines if line.get("run_id")]
+        assert run_lines and all(line["job"] == "daily-snapshots" for line in run_lines)
+        assert {"run.started", "run.finished"} <= {line["event"] for line in run_lines}
+
+        # The job fails for real: kontod's database role may no longer write snapshots.
+        await conn.execute("ALTER TABLE patrimoine_snapshots RENAME TO snapshots_away")
+        code, out, _ = await kontod(
+            "jobs", "run", "daily-snapshots", env={"KONTOD_DATABASE_URL": dsn}
+        )
+        assert code == 1
+        assert "error" in out
+        await conn.execute("ALTER TABLE snapshots_away RENAME TO patrimoine_snapshots")
+
+        code, _, err = await kontod("jobs", "run", "nope", env={"KONTOD_DATABASE_URL": dsn})
+        assert code == 2
+        assert "daily-snapshots" in err
+    finally:
+        await conn.close()
+
+
+async def test_history_lists_rows_per_date(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        uid = await add_user(conn)
+        today = datetime.now(UTC).date()
+        for days_ago, category in ((0, "total"), (0, "checking"), (1, "total"), (30, "total")):
+            await conn.execute(
+                "INSERT INTO patrimoine_snapshots (date, user_id, category, total_value)"
+                " VALUES ($1, $2, $3, 1)",
+                today - timedelta(days=days_ago),
+                uid,
+                category,
+            )
+    finally:
+        await conn.close()
+    code, out, _ = await kontod(
+        "history", "--days", "7", env={"KONTOD_DATABASE_URL": dsn, "KONTOD_TIMEZONE": "UTC"}
+    )
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ["DATE", "ROWS", "USERS"]
+    assert lines[1].split() == [today.isoformat(), "2", "1"]
+    assert lines[2].split() == [(today - timedelta(days=1)).isoformat(), "1", "1"]
+    assert len(lines) == 3
+
+
+async def test_migrate_then_run_logs_registration_first_and_exits_0_on_sigterm(dsn: str) -> None:
+    code, _, err = await kontod("migrate", env={"KONTOD_DATABASE_URL": dsn})
+    assert code == 0, err
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KONTOD_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kontod",
+        "run",
+        env={
+            **clean,
+            "KONTOD_DATABASE_URL": dsn,
+            "KONTOD_LISTEN": f"127.0.0.1:{port}",
+            "KONTOD_LOG_FORMAT": "json",
+            "KONTOD_TIMEZONE": "Asia/Tokyo",
+        },
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    events: list[dict[str, Any]] = []
+    async with asyncio.timeout(60):
+        while (
+            "http.listening" not in [e["event"] for e in events]
+            or len([e for e in events if e["event"] == "job.registered"]) < 1
+        ):
+            line = await proc.stderr.readline()
+            events.append(json.loads(line))
+    proc.terminate()
+    await proc.communicate()
+    assert proc.returncode == 0
+    assert events[0]["event"] == "database.external"
+    assert "password" not in json.dumps(events)
+    registered = [e for e in events if e["event"] == "job.registered"]
+    assert registered[0]["job"] == "daily-snapshots"
+    assert registered[0]["schedule"] == "0 2 * * *"
+    assert registered[0]["timezone"] == "Asia/Tokyo"
+    assert registered[0]["next_run"].endswith("T17:00:00+00:00")  # 02:00 in Tokyo

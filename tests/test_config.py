@@ -1,0 +1,129 @@
+"""Settings: defaults, sources, and a clear exit 2 for every bad value (never showing secrets)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kontod.config import ConfigError, load_settings
+
+
+def kontod(
+    *args: str, env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """The real console program, with only the given KONTOD_* settings."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("KONTOD_", "DATABASE_URL"))}
+    return subprocess.run(
+        [sys.executable, "-m", "kontod", *args],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_defaults() -> None:
+    s = load_settings({"HOME": "/home/ana"}, isatty=False)
+    assert s.database_url is None
+    assert s.state_dir == Path("/home/ana/.local/state/kontod")
+    assert s.listen == "127.0.0.1:8435"
+    assert (s.snapshot_schedule, s.refresh_schedule) == ("0 2 * * *", "0 */6 * * *")
+    assert (s.log_format, s.log_level, s.shutdown_timeout) == ("json", "info", 25.0)
+    assert s.admin_token is None
+    assert load_settings({"HOME": "/x"}, isatty=True).log_format == "console"
+
+
+def test_environment_wins_over_the_file_and_database_url_is_read(tmp_path: Path) -> None:
+    config = tmp_path / "kontod.toml"
+    config.write_text('timezone = "Asia/Tokyo"\nlisten = "127.0.0.1:9999"\nlog_level = "debug"\n')
+    s = load_settings(
+        {
+            "KONTOD_CONFIG": str(config),
+            "KONTOD_TIMEZONE": "Europe/Paris",
+            "DATABASE_URL": "postgresql://u:p@db/konto",
+            "STATE_DIRECTORY": "/var/lib/kontod",
+        }
+    )
+    assert (s.timezone, s.listen_port, s.log_level) == ("Europe/Paris", 9999, "debug")
+    assert s.database_url == "postgresql://u:p@db/konto"
+    assert s.state_dir == Path("/var/lib/kontod")
+
+
+def test_secrets_from_systemd_credentials(tmp_path: Path) -> None:
+    (tmp_path / "admin_token").write_text("tok\n")
+    (tmp_path / "database_url").write_text("postgresql://k:pw@db/konto\n")
+    s = load_settings({"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert (s.admin_token, s.database_url) == ("tok", "postgresql://k:pw@db/konto")
+    assert "tok" not in repr(s)
+
+
+def test_durations_and_provider_url() -> None:
+    s = load_settings({"KONTOD_STALE_AFTER": "12h", "KONTOD_POWENS_DOMAIN": "konto.biapi.pro"})
+    assert s.stale_after == 12 * 3600
+    assert s.powens_url == "https://konto.biapi.pro/2.0"
+
+
+BAD = [
+    ("KONTOD_TIMEZONE", "Mars/Olympus", "IANA time zone"),
+    ("KONTOD_SNAPSHOT_SCHEDULE", "0 25 * * *", "cron expression"),
+    ("KONTOD_SNAPSHOT_SCHEDULE", "every day", "cron expression"),
+    ("KONTOD_REFRESH_SCHEDULE", "* * *", "5 fields, or 6"),
+    ("KONTOD_DATABASE_URL", "mysql://db/konto", "postgresql://"),
+    ("KONTOD_DATABASE_URL", "postgresql://u:hunter2@db:port/konto", "postgresql://"),
+    ("KONTOD_LISTEN", "localhost", "host:port"),
+    ("KONTOD_LISTEN", "127.0.0.1:99999", "between 0 and 65535"),
+    ("KONTOD_LOG_FORMAT", "xml", "json, console"),
+    ("KONTOD_LOG_LEVEL", "loud", "debug, info"),
+    ("KONTOD_SHUTDOWN_TIMEOUT", "-1", "greater than 0"),
+    ("KONTOD_SNAPSHOT_BATCH_SIZE", "0", "at least 1"),
+    ("KONTOD_STALE_AFTER", "soon", "7d"),
+    ("KONTOD_POWENS_URL", "ftp://bank", "http"),
+    ("KONTOD_ADMIN_TOKEN", "   ", "non-empty"),
+]
+
+
+@pytest.mark.parametrize(("var", "value", "accepted"), BAD)
+def test_bad_value_is_named_with_what_is_accepted(var: str, value: str, accepted: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings({var: value})
+    assert err.value.setting == var
+    assert accepted in str(err.value)
+
+
+@pytest.mark.parametrize(("var", "value", "accepted"), BAD)
+def test_bad_value_exits_2_with_one_line(var: str, value: str, accepted: str) -> None:
+    result = kontod("migrate", env={var: value})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert var in lines[0] and accepted in lines[0]
+    assert "hunter2" not in result.stderr
+
+
+def test_toml_syntax_error_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('timezone = "Europe/Paris"\nlisten = \n')
+    result = kontod("run", env={"KONTOD_CONFIG": str(config)})
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"kontod: invalid KONTOD_CONFIG='{config}': not valid TOML")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_value_in_the_file_names_the_key_and_file(tmp_path: Path) -> None:
+    config = tmp_path / "kontod.toml"
+    config.write_text('timezone = "Nowhere/Land"\n')
+    result = kontod("run", env={"KONTOD_CONFIG": str(config)})
+    assert result.returncode == 2
+    assert f"timezone in {config}" in result.stderr
+
+
+def test_unknown_key_in_the_file_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "kontod.toml"
+    config.write_text('time_zone = "Europe/Paris"\n')
+    with pytest.raises(ConfigError, match="unknown key 'time_zone'"):
+        load_settings({"KONTOD_CONFIG": str(config)})

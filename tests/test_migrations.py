@@ -1,0 +1,82 @@
+"""Migrations against a real PostgreSQL: types, idempotence, and existing Konto data kept."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import asyncpg
+
+from kontod import db
+
+
+async def test_migrate_creates_tables_in_proper_types(empty_dsn: str) -> None:
+    conn = await asyncpg.connect(empty_dsn)
+    try:
+        applied = await db.migrate(conn)
+        assert applied[:2] == ["0001_konto_tables", "0002_kontod_runs"]
+        types = {
+            (r["table_name"], r["column_name"]): r["data_type"]
+            for r in await conn.fetch(
+                "SELECT table_name, column_name, data_type FROM information_schema.columns"
+                " WHERE table_schema = 'public'"
+            )
+        }
+        assert types[("bank_accounts", "balance")] == "numeric"
+        assert types[("bank_accounts", "hidden")] == "boolean"
+        assert types[("bank_accounts", "last_sync")] == "timestamp with time zone"
+        assert types[("patrimoine_snapshots", "date")] == "date"
+        assert types[("patrimoine_snapshots", "total_value")] == "numeric"
+        assert types[("assets", "current_value")] == "numeric"
+        assert types[("kontod_runs", "scheduled_for")] == "timestamp with time zone"
+        assert await db.migrate(conn) == []
+    finally:
+        await conn.close()
+
+
+async def test_existing_konto_tables_keep_every_row(empty_dsn: str) -> None:
+    conn = await asyncpg.connect(empty_dsn)
+    try:
+        # Konto's tables as an older deployment made them: floats and 0/1 flags.
+        await conn.execute(
+            """
+            CREATE TABLE users (id integer PRIMARY KEY, email text, name text,
+                                created_at timestamptz DEFAULT now());
+            CREATE TABLE bank_accounts (id integer PRIMARY KEY, user_id integer REFERENCES users,
+                company_id integer, provider text, provider_account_id text, name text,
+                balance double precision, hidden integer DEFAULT 0, last_sync timestamptz,
+                type text, usage text, subtype text, currency text DEFAULT 'EUR');
+            CREATE TABLE patrimoine_snapshots (id serial PRIMARY KEY, date date, user_id integer,
+                category text, total_value real, created_at timestamptz DEFAULT now(),
+                UNIQUE (date, user_id, category));
+            INSERT INTO users VALUES (1, 'a@example.org', 'A', now());
+            INSERT INTO bank_accounts (id, user_id, name, balance, hidden, type)
+                VALUES (1, 1, 'Courant', 1234.56, 0, 'checking'), (2, 1, 'Vieux', 0.1, 1, NULL);
+            INSERT INTO patrimoine_snapshots (date, user_id, category, total_value)
+                VALUES ('2026-01-01', 1, 'total', 1234.5);
+            """
+        )
+        await db.migrate(conn)
+        rows = await conn.fetch("SELECT id, balance, hidden FROM bank_accounts ORDER BY id")
+        assert [(r["id"], r["balance"], r["hidden"]) for r in rows] == [
+            (1, Decimal("1234.56"), False),
+            (2, Decimal("0.1"), True),
+        ]
+        assert await conn.fetchval("SELECT count(*) FROM users") == 1
+        assert await conn.fetchval("SELECT total_value FROM patrimoine_snapshots") == Decimal(
+            "1234.5"
+        )
+    finally:
+        await conn.close()
+
+
+async def test_two_processes_migrating_together_do_not_race(empty_dsn: str) -> None:
+    import asyncio
+
+    conns = [await asyncpg.connect(empty_dsn) for _ in range(3)]
+    try:
+        results = await asyncio.gather(*(db.migrate(c) for c in conns))
+        applied = [name for names in results for name in names]
+        assert sorted(applied) == sorted(f"{m.version:04d}_{m.name}" for m in db.migrations())
+    finally:
+        for c in conns:
+            await c.close()

@@ -1,0 +1,283 @@
+"""The runner against a real PostgreSQL: overlap, timeout, catch-up, replicas, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import asyncpg
+
+from kontod import runs
+from kontod.job import RunContext
+from kontod.runner import Skipped, Started
+from tests.helpers import close, runner_on, spec, wait_for
+
+SUMMER_9AM = datetime(2026, 6, 10, 7, tzinfo=UTC)  # 09:00 in Paris; the 02:00 tick was 7 h ago
+TICK = datetime(2026, 6, 10, 0, tzinfo=UTC)
+
+
+async def statuses(dsn: str, job: str = "test-job") -> list[tuple[str, str]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT trigger, status FROM kontod_runs WHERE job = $1 ORDER BY id", job
+        )
+    finally:
+        await conn.close()
+    return [(r["trigger"], r["status"]) for r in rows]
+
+
+async def test_a_run_is_recorded_with_its_counts(dsn: str) -> None:
+    runner, events = await runner_on(dsn, [spec()])
+    try:
+        outcome = await runner.trigger("test-job", "manual")
+        assert isinstance(outcome, Started)
+        assert await outcome.task == "success"
+        [record] = await runs.recent_runs(runner.pool, "test-job", 5)
+        assert (record.status, record.trigger, record.scheduled_for) == ("success", "manual", None)
+        assert record.counts == {"items_done": 1}
+        assert record.finished_at is not None
+        assert events.finished == [("test-job", "success")]
+    finally:
+        await close(runner)
+
+
+async def test_a_raising_job_is_recorded_as_error_and_the_runner_lives_on(dsn: str) -> None:
+    async def boom(ctx: RunContext) -> None:
+        raise ValueError("bank exploded")
+
+    runner, _ = await runner_on(dsn, [spec(body=boom)])
+    try:
+        first = await runner.trigger("test-job", "manual")
+        assert isinstance(first, Started)
+        assert await first.task == "error"
+        [record] = await runs.recent_runs(runner.pool, "test-job", 5)
+        assert record.error == "ValueError: bank exploded"
+        second = await runner.trigger("test-job", "manual")
+        assert isinstance(second, Started)
+        assert await second.task == "error"
+    finally:
+        await close(runner)
+
+
+async def test_maximum_run_time_cancels_and_records_timeout(dsn: str) -> None:
+    cancelled = asyncio.Event()
+
+    async def slow(ctx: RunContext) -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    runner, _ = await runner_on(dsn, [spec(body=slow, max_runtime=0.3)])
+    try:
+        outcome = await runner.trigger("test-job", "manual")
+        assert isinstance(outcome, Started)
+        assert await outcome.task == "timeout"
+        assert cancelled.is_set()
+        [record] = await runs.recent_runs(runner.pool, "test-job", 1)
+        assert record.error == "exceeded its maximum run time of 0.3 s"
+    finally:
+        await close(runner)
+
+
+async def test_a_tick_while_running_is_skipped_and_counted(dsn: str) -> None:
+    release = asyncio.Event()
+
+    async def held(ctx: RunContext) -> None:
+        await release.wait()
+
+    # Every second, a job that holds until released: the ticks meanwhile are skipped.
+    job = spec(body=held, schedule="* * * * * *", catchup=0)
+    runner, events = await runner_on(dsn, [job])
+    try:
+        await runner.start()
+        await wait_for(lambda: _true(events.skipped[("test-job", "overlap")] >= 2), timeout=10)
+        assert await statuses(dsn) == [("schedule", "running")]
+        release.set()
+        await wait_for(lambda: _true(len(events.finished) >= 2), timeout=10)
+    finally:
+        await close(runner)
+    assert (await statuses(dsn))[:2] == [("schedule", "success"), ("schedule", "success")]
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_manual_run_while_running_is_refused(dsn: str) -> None:
+    release = asyncio.Event()
+
+    async def held(ctx: RunContext) -> None:
+        await release.wait()
+
+    runner, _ = await runner_on(dsn, [spec(body=held)])
+    try:
+        first = await runner.trigger("test-job", "manual")
+        assert isinstance(first, Started)
+        assert await runner.trigger("test-job", "manual") == Skipped("overlap")
+        release.set()
+        assert await first.task == "success"
+    finally:
+        await close(runner)
+
+
+async def test_two_runners_on_one_database_run_each_tick_once(dsn: str) -> None:
+    async def quick(ctx: RunContext) -> None:
+        await asyncio.sleep(0.05)
+
+    jobs = [spec(body=quick, schedule="* * * * * *")]
+    (a, ev_a), (b, ev_b) = await runner_on(dsn, jobs), await runner_on(dsn, jobs)
+    try:
+        await asyncio.gather(a.start(), b.start())
+        await asyncio.sleep(4.5)
+    finally:
+        await asyncio.gather(close(a), close(b))
+    conn = await asyncpg.connect(dsn)
+    try:
+        per_tick = await conn.fetch(
+            "SELECT scheduled_for, count(*) AS n FROM kontod_runs GROUP BY scheduled_for"
+        )
+    finally:
+        await conn.close()
+    assert len(per_tick) >= 3
+    assert all(r["n"] == 1 for r in per_tick)
+    # Both saw every tick; the one that lost the insert counted a skip.
+    lost = ev_a.skipped[("test-job", "claimed")] + ev_b.skipped[("test-job", "claimed")]
+    lost += ev_a.skipped[("test-job", "overlap")] + ev_b.skipped[("test-job", "overlap")]
+    assert lost >= len(per_tick) - 1
+
+
+async def test_concurrent_claims_of_one_tick_start_one_run(dsn: str) -> None:
+    jobs = [spec()]
+    runners = [await runner_on(dsn, jobs) for _ in range(4)]
+    try:
+        outcomes = await asyncio.gather(
+            *(r.trigger("test-job", "schedule", TICK) for r, _ in runners)
+        )
+        assert sum(isinstance(o, Started) for o in outcomes) == 1
+        for o in outcomes:
+            if isinstance(o, Started):
+                await o.task
+    finally:
+        await asyncio.gather(*(close(r) for r, _ in runners))
+
+
+async def test_catch_up_runs_a_missed_tick_within_the_window(dsn: str) -> None:
+    runner, _ = await runner_on(dsn, [spec()], clock=lambda: SUMMER_9AM)
+    try:
+        await runner.start()
+        await wait_for(lambda: _done(dsn))
+        conn = await asyncpg.connect(dsn)
+        try:
+            row = await conn.fetchrow("SELECT trigger, scheduled_for, status FROM kontod_runs")
+        finally:
+            await conn.close()
+        assert row is not None
+        assert (row["trigger"], row["scheduled_for"], row["status"]) == ("catchup", TICK, "success")
+    finally:
+        await close(runner)
+
+
+async def _done(dsn: str) -> bool:
+    return any(status == "success" for _, status in await statuses(dsn))
+
+
+async def test_no_catch_up_outside_the_window_or_for_a_done_tick(dsn: str) -> None:
+    late = datetime(2026, 6, 10, 22, 30, tzinfo=UTC)  # 22.5 h after the tick, window is 20 h
+    runner, _ = await runner_on(dsn, [spec()], clock=lambda: late)
+    try:
+        await runner.start()
+        await asyncio.sleep(0.3)
+        assert await statuses(dsn) == []
+    finally:
+        await close(runner)
+    runner, _ = await runner_on(dsn, [spec()], clock=lambda: SUMMER_9AM)
+    try:
+        await runs.claim(runner.pool, "test-job", "schedule", TICK, runner.owner)
+        await runs.reap_orphans(runner.pool)  # our own session is alive: nothing to reap
+        await runner.start()
+        await asyncio.sleep(0.3)
+        assert await statuses(dsn) == [("schedule", "running")]
+    finally:
+        await close(runner)
+
+
+async def test_runs_of_a_dead_process_become_interrupted_and_are_made_up(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO kontod_runs (job, trigger, scheduled_for, owner)"
+            " VALUES ('test-job', 'schedule', $1, 'kontod-deadbeef0000')",
+            TICK,
+        )
+    finally:
+        await conn.close()
+    runner, _ = await runner_on(dsn, [spec()], clock=lambda: SUMMER_9AM)
+    try:
+        await runner.start()
+        await wait_for(lambda: _done(dsn))
+        assert await statuses(dsn) == [("schedule", "interrupted"), ("catchup", "success")]
+    finally:
+        await close(runner)
+
+
+async def test_a_live_replicas_run_is_not_interrupted(dsn: str) -> None:
+    release = asyncio.Event()
+
+    async def held(ctx: RunContext) -> None:
+        await release.wait()
+
+    a, _ = await runner_on(dsn, [spec(body=held)])
+    b, _ = await runner_on(dsn, [spec(body=held)])
+    try:
+        started = await a.trigger("test-job", "manual")
+        assert isinstance(started, Started)
+        await b.prepare()
+        assert await b.trigger("test-job", "manual") == Skipped("overlap")
+        assert await statuses(dsn) == [("manual", "running")]
+        release.set()
+        await started.task
+    finally:
+        await asyncio.gather(close(a), close(b))
+
+
+async def test_history_survives_a_restart(dsn: str) -> None:
+    outcomes = iter([None, RuntimeError("down"), None])
+
+    async def flaky(ctx: RunContext) -> None:
+        error = next(outcomes)
+        if error:
+            raise error
+
+    runner, _ = await runner_on(dsn, [spec(body=flaky)])
+    try:
+        await runner.prepare()
+        for _ in range(3):
+            started = await runner.trigger("test-job", "manual")
+            assert isinstance(started, Started)
+            await started.task
+        before = (await runner.refresh_stats())["test-job"]
+    finally:
+        await close(runner)
+    fresh, _ = await runner_on(dsn, [spec(body=flaky)])
+    try:
+        await fresh.prepare()
+        after = fresh.stats["test-job"]
+    finally:
+        await close(fresh)
+    assert (after.runs, after.errors, after.last_status) == (3, 1, "success")
+    assert after.last_success_at == before.last_success_at
+    assert after.last_success_at is not None
+
+
+async def test_stop_waits_for_a_run_then_interrupts_it(dsn: str) -> None:
+    async def slow(ctx: RunContext) -> None:
+        await asyncio.sleep(30)
+
+    runner, _ = await runner_on(dsn, [spec(body=slow)])
+    started = await runner.trigger("test-job", "manual")
+    assert isinstance(started, Started)
+    await close(runner, grace_s=0.2)
+    assert await statuses(dsn) == [("manual", "interrupted")]

@@ -1,0 +1,68 @@
+"""Cron maths: ticks in a zone, with cron's rules at daylight-saving changes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from kontod.schedule import next_tick, previous_tick, ticks_between
+from tests.helpers import PARIS
+
+
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
+
+
+def local(ticks: list[datetime]) -> list[str]:
+    return [t.astimezone(PARIS).isoformat() for t in ticks]
+
+
+@pytest.mark.parametrize(
+    ("expr", "start", "end", "expected"),
+    [
+        # 2026-03-29: Paris jumps from 02:00 to 03:00. A 02:30 tick runs once, right after.
+        ("30 2 * * *", utc(2026, 3, 28, 12), utc(2026, 3, 29, 12), ["2026-03-29T03:00:00+02:00"]),
+        ("0 2 * * *", utc(2026, 3, 28, 12), utc(2026, 3, 29, 12), ["2026-03-29T03:00:00+02:00"]),
+        # Ticks outside the gap keep their wall-clock time.
+        ("0 2 * * *", utc(2026, 3, 29, 12), utc(2026, 3, 30, 12), ["2026-03-30T02:00:00+02:00"]),
+        # 2026-10-25: 02:00-03:00 happens twice. A 02:30 tick runs once, not twice.
+        ("30 2 * * *", utc(2026, 10, 24, 12), utc(2026, 10, 25, 12), ["2026-10-25T02:30:00+02:00"]),
+        ("0 2 * * *", utc(2026, 10, 24, 12), utc(2026, 10, 25, 12), ["2026-10-25T02:00:00+02:00"]),
+        # Every six hours across both changes: local hours 0, 6, 12, 18.
+        (
+            "0 */6 * * *",
+            utc(2026, 3, 28, 20),
+            utc(2026, 3, 29, 13),
+            ["2026-03-29T00:00:00+01:00", "2026-03-29T06:00:00+02:00", "2026-03-29T12:00:00+02:00"],
+        ),
+        (
+            "0 */6 * * *",
+            utc(2026, 10, 24, 20),
+            utc(2026, 10, 25, 12),
+            ["2026-10-25T00:00:00+02:00", "2026-10-25T06:00:00+01:00", "2026-10-25T12:00:00+01:00"],
+        ),
+    ],
+)
+def test_ticks_at_daylight_saving_changes(
+    expr: str, start: datetime, end: datetime, expected: list[str]
+) -> None:
+    assert local(ticks_between(expr, PARIS, start, end)) == expected
+
+
+def test_six_fields_have_seconds_first() -> None:
+    assert next_tick("*/15 * * * * *", PARIS, utc(2026, 1, 1, 0, 0, 1)) == utc(2026, 1, 1, 0, 0, 15)
+
+
+def test_next_is_strictly_after_and_previous_is_inclusive() -> None:
+    tick = utc(2026, 6, 1, 0)  # 02:00 in Paris (summer)
+    assert next_tick("0 2 * * *", PARIS, tick) == utc(2026, 6, 2, 0)
+    assert previous_tick("0 2 * * *", PARIS, tick) == tick
+    assert previous_tick("0 2 * * *", PARIS, utc(2026, 6, 1, 7)) == tick
+    assert previous_tick("0 2 * * *", PARIS, utc(2026, 5, 31, 23, 59, 59)) == utc(2026, 5, 31, 0)
+
+
+def test_previous_tick_in_the_skipped_hour_is_when_it_really_fired() -> None:
+    assert previous_tick("30 2 * * *", PARIS, utc(2026, 3, 29, 6)) == utc(2026, 3, 29, 1)
