@@ -131,6 +131,11 @@ class Daemon:
         assert self.runner is not None
         assert self.metrics is not None
         assert self.pool is not None
+        try:
+            for run_id, job in await runs.reap_orphans(self.pool):
+                log.warning("run.interrupted_found", job=job, run_id=run_id)
+        except Exception as exc:  # the next refresh tries again
+            log.warning("stats.reap_failed", error=f"{type(exc).__name__}: {exc}")
         await self.runner.refresh_stats()
         try:
             self.metrics.latest_snapshot = await runs.latest_snapshot_date(self.pool)

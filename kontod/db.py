@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.resources
 import platform
 import re
@@ -37,9 +38,22 @@ async def create_pool(dsn: str, instance: str, *, max_size: int = 10) -> asyncpg
         max_size=max_size,
         server_settings={"application_name": instance},
         command_timeout=None,
+        init=_check_client_while_busy,
     )
     assert pool is not None
     return pool
+
+
+async def _check_client_while_busy(conn: asyncpg.Connection) -> None:
+    """Make the server end a statement whose client died (PostgreSQL 14 and later).
+
+    Without it, the session of a killed kontod lives until its statement ends, and its run
+    could not be told apart from a live one.
+    """
+    # On an older server the setting is unknown: a dead process's session then lingers until
+    # its statement ends.
+    with contextlib.suppress(asyncpg.UndefinedObjectError):
+        await conn.execute("SET client_connection_check_interval = '2s'")
 
 
 @dataclass(frozen=True)

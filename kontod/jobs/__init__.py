@@ -9,8 +9,9 @@ import aiohttp
 import asyncpg
 
 from kontod.config import Settings
-from kontod.job import JobSpec, RunContext
-from kontod.jobs import snapshots
+from kontod.job import JobBody, JobSpec, RunContext
+from kontod.jobs import refresh, snapshots
+from kontod.powens import PowensClient
 
 SNAPSHOTS = "daily-snapshots"
 REFRESH = "refresh-stale-connections"
@@ -23,6 +24,7 @@ def declare_jobs(
     observe_request: Callable[[str, str, float], None] | None = None,
 ) -> list[JobSpec]:
     """Both jobs, wired to the database and the settings."""
+    refresh_body, refresh_not_configured = _refresh_wiring(settings, pool, http, observe_request)
     return [
         JobSpec(
             name=SNAPSHOTS,
@@ -36,14 +38,41 @@ def declare_jobs(
         JobSpec(
             name=REFRESH,
             schedule=settings.refresh_schedule,
-            body=_idle,
+            body=refresh_body,
             grace=timedelta(minutes=30),
             max_runtime=timedelta(hours=5),
             catchup_window=timedelta(hours=5),
             description="refresh of stale bank connections through Powens",
-            not_configured="the refresh job's body is not built yet",
+            not_configured=refresh_not_configured,
         ),
     ]
+
+
+def _refresh_wiring(
+    settings: Settings,
+    pool: asyncpg.Pool,
+    http: aiohttp.ClientSession | None,
+    observe_request: Callable[[str, str, float], None] | None,
+) -> tuple[JobBody, str | None]:
+    """The refresh body, or an idle one with the reason when no provider is configured."""
+    if settings.powens_url is None:
+        return _idle, "no provider configured (set KONTOD_POWENS_URL or KONTOD_POWENS_DOMAIN)"
+    if http is None:
+        raise ValueError("the refresh job needs an aiohttp.ClientSession when a provider is set")
+    client = PowensClient(
+        http,
+        settings.powens_url,
+        timeout=settings.provider_timeout,
+        attempts=settings.provider_attempts,
+        observe=observe_request,
+    )
+    body = refresh.make_body(
+        pool,
+        client,
+        stale_after=timedelta(seconds=settings.stale_after),
+        concurrency=settings.refresh_concurrency,
+    )
+    return body, None
 
 
 async def _idle(ctx: RunContext) -> None:

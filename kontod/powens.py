@@ -1,0 +1,407 @@
+"""A client for the two Powens API 2.0 endpoints the refresh job needs, with timeouts and retries.
+
+It runs on an ``aiohttp.ClientSession`` shared by the whole process. Transient failures
+(connection errors, timeouts, 5xx, 429) are retried with exponential backoff and jitter,
+honouring ``Retry-After``; every other failure raises a typed ``ProviderError`` whose message
+is safe to log and store: the user's token never appears in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import Decimal, InvalidOperation
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+# (endpoint label, status code as text or "timeout"/"connection_error", seconds), once per attempt.
+Observer = Callable[[str, str, float], None]
+Sleep = Callable[[float], Awaitable[None]]
+
+ACCOUNTS = "accounts"
+TRANSACTIONS = "transactions"
+TIMEOUT = "timeout"
+CONNECTION_ERROR = "connection_error"
+
+
+class ProviderError(Exception):
+    """The provider did not give a usable answer; ``str()`` says what and where, without secrets.
+
+    ``status``, ``code``, ``description`` and ``request_id`` come from the HTTP answer and the
+    Powens error body (``{code, description, message, request_id}``) when there was one.
+    """
+
+    kind = "provider_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        endpoint: str,
+        status: int | None = None,
+        code: str | None = None,
+        description: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+        self.status = status
+        self.code = code
+        self.description = description
+        self.request_id = request_id
+
+
+class ProviderAuthError(ProviderError):
+    """The token was refused (401 or 403): expired or revoked; the user must reconnect."""
+
+    kind = "auth"
+
+
+class ProviderBadResponse(ProviderError):
+    """The answer was a success but its body cannot be used (not JSON, missing fields)."""
+
+    kind = "bad_response"
+
+
+class ProviderUnavailable(ProviderError):
+    """Every attempt hit a transient failure (timeout, connection error, 5xx, 429)."""
+
+    kind = "unavailable"
+
+
+@dataclass(frozen=True)
+class ProviderAccount:
+    """One account as the provider reports it; ``balance`` is 0 when the provider gives none."""
+
+    id: str
+    name: str | None
+    type: str | None
+    usage: str | None
+    balance: Decimal
+    connection_id: str | None
+
+
+@dataclass(frozen=True)
+class ProviderTransaction:
+    """One transaction; ``id`` is the provider's, stable across imports."""
+
+    id: str
+    date: date | None
+    amount: Decimal | None
+    label: str | None
+    category: str | None
+
+
+def retry_after_seconds(value: str | None, now: datetime) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (seconds or HTTP date); None if unusable."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+def backoff_seconds(attempt: int, *, base: float, cap: float, jitter: float) -> float:
+    """Delay after failed attempt ``attempt`` (1-based): exponential, capped, half of it jittered.
+
+    ``jitter`` is a number in [0, 1). Keeping half the delay fixed means a retry never comes
+    right away, while the random half spreads workers that failed together.
+    """
+    full = min(cap, base * 2.0 ** (attempt - 1))
+    return full / 2 + jitter * full / 2
+
+
+class PowensClient:
+    """Reads a user's accounts and transactions from Powens API 2.0 with the user's token."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        *,
+        timeout: float = 30.0,
+        attempts: int = 4,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        max_retry_after: float = 120.0,
+        observe: Observer | None = None,
+        sleep: Sleep = asyncio.sleep,
+        jitter: Callable[[], float] = random.random,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        self._session = session
+        self._base = base_url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout_s = timeout
+        self._attempts = attempts
+        self._backoff = backoff
+        self._max_backoff = max_backoff
+        # A provider asking for a longer pause than this is treated as down for this user now,
+        # rather than holding one of the few concurrency slots for minutes.
+        self._max_retry_after = max_retry_after
+        self._observe = observe
+        self._sleep = sleep
+        self._jitter = jitter
+        self._now = now
+
+    async def accounts(self, token: str) -> list[ProviderAccount]:
+        """``GET /users/me/accounts``: every account the token gives access to."""
+        url = f"{self._base}/users/me/accounts"
+        body = await self._get_json(token, ACCOUNTS, ACCOUNTS, url, None)
+        items = body.get("accounts") if isinstance(body, dict) else None
+        if not isinstance(items, list):
+            raise ProviderBadResponse(
+                "accounts: the answer has no 'accounts' list", endpoint=ACCOUNTS, status=200
+            )
+        return [_account(item) for item in items]
+
+    async def transactions(
+        self, token: str, account_id: str, *, limit: int = 100
+    ) -> list[ProviderTransaction]:
+        """``GET /users/me/accounts/{id}/transactions``: the newest ``limit`` transactions."""
+        url = f"{self._base}/users/me/accounts/{quote(account_id, safe='')}/transactions"
+        what = f"transactions of account {account_id}"
+        body = await self._get_json(token, TRANSACTIONS, what, url, {"limit": str(limit)})
+        items = body.get("transactions") if isinstance(body, dict) else None
+        if not isinstance(items, list):
+            raise ProviderBadResponse(
+                f"{what}: the answer has no 'transactions' list",
+                endpoint=TRANSACTIONS,
+                status=200,
+            )
+        return [_transaction(item, account_id) for item in items]
+
+    async def _get_json(
+        self, token: str, endpoint: str, what: str, url: str, params: Mapping[str, str] | None
+    ) -> Any:
+        """The decoded JSON of a 2xx answer, retrying transient failures.
+
+        ``endpoint`` labels the attempt for the observer (few values); ``what`` names the
+        request in error messages.
+        """
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        last: ProviderUnavailable | None = None
+        for attempt in range(1, self._attempts + 1):
+            retry_after: float | None = None
+            started = time.monotonic()
+            try:
+                # Redirects are not followed: the bearer token must only go to the configured host.
+                async with self._session.get(
+                    url,
+                    headers=headers,
+                    params=params,
+                    timeout=self._timeout,
+                    allow_redirects=False,
+                ) as resp:
+                    status = resp.status
+                    body = await resp.read()
+                    retry_header = resp.headers.get("Retry-After")
+            except TimeoutError:
+                self._report(endpoint, TIMEOUT, started)
+                last = ProviderUnavailable(
+                    f"{what}: no answer within {self._timeout_s:g} s after {attempt} attempt(s)",
+                    endpoint=endpoint,
+                )
+            except aiohttp.ClientError as exc:
+                self._report(endpoint, CONNECTION_ERROR, started)
+                detail = _scrub(str(exc) or type(exc).__name__, token)
+                last = ProviderUnavailable(
+                    f"{what}: connection failed after {attempt} attempt(s) ({detail})",
+                    endpoint=endpoint,
+                )
+            else:
+                self._report(endpoint, str(status), started)
+                if 200 <= status < 300:
+                    return _parse_json(body, endpoint, what, token)
+                error = _error_from_body(endpoint, what, status, body, token)
+                if status != 429 and status < 500:
+                    raise error
+                retry_after = retry_after_seconds(retry_header, self._now())
+                too_long = retry_after is not None and retry_after > self._max_retry_after
+                note = (
+                    f" (Retry-After {retry_after:g} s is longer than the"
+                    f" {self._max_retry_after:g} s kontod waits)"
+                    if too_long and retry_after is not None
+                    else ""
+                )
+                last = ProviderUnavailable(
+                    f"{error} after {attempt} attempt(s){note}",
+                    endpoint=endpoint,
+                    status=status,
+                    code=error.code,
+                    description=error.description,
+                    request_id=error.request_id,
+                )
+                if too_long:
+                    raise last
+            if attempt == self._attempts:
+                break
+            delay = backoff_seconds(
+                attempt, base=self._backoff, cap=self._max_backoff, jitter=self._jitter()
+            )
+            await self._sleep(max(delay, retry_after or 0.0))
+        assert last is not None
+        raise last
+
+    def _report(self, endpoint: str, outcome: str, started: float) -> None:
+        if self._observe is not None:
+            self._observe(endpoint, outcome, time.monotonic() - started)
+
+
+def _scrub(text: str, token: str) -> str:
+    """Text from outside (error bodies, library messages) with the token blotted out."""
+    return text.replace(token, "***") if token else text
+
+
+def _parse_json(body: bytes, endpoint: str, what: str, token: str) -> Any:
+    try:
+        # parse_float keeps money exact; NaN and Infinity are not amounts.
+        return json.loads(body, parse_float=Decimal, parse_constant=_reject_constant)
+    except ValueError as exc:
+        raise ProviderBadResponse(
+            f"{what}: the answer is not valid JSON ({_scrub(str(exc), token)})",
+            endpoint=endpoint,
+            status=200,
+        ) from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number kontod accepts")
+
+
+def _error_from_body(
+    endpoint: str, what: str, status: int, body: bytes, token: str
+) -> ProviderError:
+    """The error an HTTP failure stands for, with the fields of a Powens error body if any."""
+    fields: dict[str, str] = {}
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        for key in ("code", "description", "message", "request_id"):
+            value = parsed.get(key)
+            if isinstance(value, str | int) and not isinstance(value, bool):
+                fields[key] = _scrub(str(value), token)[:300]
+    code = fields.get("code")
+    description = fields.get("description") or fields.get("message")
+    detail = ": ".join(part for part in (code, description) if part)
+    message = f"{what}: HTTP {status}" + (f" ({detail})" if detail else "")
+    if fields.get("request_id"):
+        message += f" [request_id {fields['request_id']}]"
+    cls = ProviderAuthError if status in (401, 403) else ProviderError
+    return cls(
+        message,
+        endpoint=endpoint,
+        status=status,
+        code=code,
+        description=description,
+        request_id=fields.get("request_id"),
+    )
+
+
+def _bad(endpoint: str, what: str) -> ProviderBadResponse:
+    return ProviderBadResponse(f"{endpoint}: {what}", endpoint=endpoint, status=200)
+
+
+def _show(value: object) -> str:
+    """A short rendering of a bad value for a message: enough to recognise it, no more."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _identifier(value: object, endpoint: str, what: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | str) or str(value) == "":
+        raise _bad(endpoint, f"{what} has no usable 'id' ({_show(value)})")
+    return str(value)
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value != "" else None
+
+
+def _decimal(value: object, endpoint: str, what: str) -> Decimal | None:
+    """An exact amount from a JSON number (already a Decimal or int) or a numeric string."""
+    if value is None:
+        return None
+    amount: Decimal | None = None
+    if isinstance(value, Decimal):
+        amount = value
+    elif isinstance(value, int) and not isinstance(value, bool):
+        amount = Decimal(value)
+    elif isinstance(value, str):
+        try:
+            amount = Decimal(value.strip())
+        except InvalidOperation:
+            amount = None
+    if amount is None or not amount.is_finite():
+        raise _bad(endpoint, f"{what} is not a number ({_show(value)})")
+    return amount
+
+
+def _date(value: object, endpoint: str, what: str) -> date | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            # Powens sends "YYYY-MM-DD", sometimes followed by a time.
+            return date.fromisoformat(value[:10])
+        except ValueError:
+            pass
+    raise _bad(endpoint, f"{what} is not a date ({_show(value)})")
+
+
+def _account(item: object) -> ProviderAccount:
+    if not isinstance(item, dict):
+        raise _bad(ACCOUNTS, f"an entry of 'accounts' is not an object ({type(item).__name__})")
+    account_id = _identifier(item.get("id"), ACCOUNTS, "an account")
+    balance = _decimal(item.get("balance"), ACCOUNTS, f"the balance of account {account_id}")
+    connection = item.get("id_connection")
+    return ProviderAccount(
+        id=account_id,
+        name=_text(item.get("name")) or _text(item.get("original_name")),
+        type=_text(item.get("type")),
+        usage=_text(item.get("usage")),
+        balance=balance if balance is not None else Decimal(0),
+        connection_id=None if connection is None else str(connection),
+    )
+
+
+def _transaction(item: object, account_id: str) -> ProviderTransaction:
+    where = f"a transaction of account {account_id}"
+    if not isinstance(item, dict):
+        raise _bad(TRANSACTIONS, f"{where} is not an object ({type(item).__name__})")
+    tx_id = _identifier(item.get("id"), TRANSACTIONS, where)
+    where = f"transaction {tx_id} of account {account_id}"
+    raw_date = item.get("date") or item.get("rdate")
+    raw_amount = item.get("value") if item.get("value") is not None else item.get("amount")
+    category = item.get("category")
+    return ProviderTransaction(
+        id=tx_id,
+        date=_date(raw_date, TRANSACTIONS, f"the date of {where}"),
+        amount=_decimal(raw_amount, TRANSACTIONS, f"the amount of {where}"),
+        label=_text(item.get("original_wording")) or _text(item.get("wording")),
+        category=_text(category.get("name")) if isinstance(category, dict) else _text(category),
+    )

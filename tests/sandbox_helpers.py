@@ -1,0 +1,78 @@
+"""Shared pieces for tests against the sandbox bank: a fast client and matching local rows."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from kontod.powens import Observer, PowensClient
+from kontod.sandbox import demo_accounts, token_for
+
+
+def fast_client(
+    http: aiohttp.ClientSession,
+    base_url: str,
+    *,
+    timeout: float = 2.0,
+    attempts: int = 3,
+    observe: Observer | None = None,
+    **kwargs: Any,
+) -> PowensClient:
+    """A client with short timeouts and backoffs, so failing paths stay quick."""
+    kwargs.setdefault("backoff", 0.01)
+    kwargs.setdefault("max_backoff", 0.05)
+    return PowensClient(
+        http, base_url, timeout=timeout, attempts=attempts, observe=observe, **kwargs
+    )
+
+
+async def seed_user(
+    pool: asyncpg.Pool,
+    user: int,
+    *,
+    last_sync: datetime | None = None,
+    status: str | None = "active",
+    with_transactions: bool = False,
+    company_id: int | None = None,
+) -> int | None:
+    """Insert sandbox user ``user`` with its five Powens accounts (balance 0); return the
+    connection id (None when ``status`` is None: no connection at all)."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO users (id, email, name) VALUES ($1, $2, $3)",
+            user,
+            f"user{user}@example.org",
+            f"User {user}",
+        )
+        ids = await conn.fetch(
+            """INSERT INTO bank_accounts
+                   (user_id, company_id, provider, provider_account_id, name, balance, last_sync)
+               SELECT $1, $2, 'powens', pid, name, 0, $5
+                 FROM unnest($3::text[], $4::text[]) AS t (pid, name)
+               RETURNING id""",
+            user,
+            company_id,
+            [str(a.id) for a in demo_accounts(user)],
+            [a.name for a in demo_accounts(user)],
+            last_sync,
+        )
+        if with_transactions:
+            await conn.execute(
+                """INSERT INTO transactions (bank_account_id, date, amount, label)
+                   SELECT unnest($1::bigint[]), '2026-01-01', -1, 'old'""",
+                [r["id"] for r in ids],
+            )
+        if status is None:
+            return None
+        connection_id: int = await conn.fetchval(
+            """INSERT INTO bank_connections (user_id, powens_connection_id, powens_token, status)
+               VALUES ($1, $2, $3, $4) RETURNING id""",
+            user,
+            str(user),
+            token_for(user),
+            status,
+        )
+        return connection_id

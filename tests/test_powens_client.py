@@ -1,0 +1,355 @@
+"""The Powens client against the sandbox bank over loopback HTTP: parsing, retries, failures."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+
+import aiohttp
+import pytest
+
+from kontod.powens import (
+    ProviderAuthError,
+    ProviderBadResponse,
+    ProviderError,
+    ProviderUnavailable,
+    backoff_seconds,
+    retry_after_seconds,
+)
+from kontod.sandbox import Fault, Sandbox, demo_accounts, demo_transactions, token_for
+from tests.sandbox_helpers import fast_client
+
+TOKEN = token_for(1)
+
+
+@dataclass
+class Bank:
+    sandbox: Sandbox
+    url: str
+
+
+@pytest.fixture
+async def bank() -> AsyncIterator[Bank]:
+    sandbox = Sandbox()
+    async with sandbox.serve() as url:
+        yield Bank(sandbox, url)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+class Calls:
+    """An observer that remembers what the client reported."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, float]] = []
+
+    def __call__(self, endpoint: str, outcome: str, seconds: float) -> None:
+        self.seen.append((endpoint, outcome, seconds))
+
+    @property
+    def outcomes(self) -> list[str]:
+        return [outcome for _, outcome, _ in self.seen]
+
+
+async def test_accounts_and_transactions_are_parsed_with_exact_decimals(
+    bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    calls = Calls()
+    client = fast_client(http, bank.url, observe=calls)
+
+    accounts = await client.accounts(TOKEN)
+
+    expected = demo_accounts(1)
+    assert [a.id for a in accounts] == [str(a.id) for a in expected]
+    assert [a.balance for a in accounts] == [a.balance for a in expected]
+    assert all(isinstance(a.balance, Decimal) for a in accounts)
+    assert accounts[1].type == "ldds"
+    assert accounts[4].usage == "ORGA"
+    assert accounts[0].name == "Compte chèques"
+    assert accounts[0].connection_id == "1"
+
+    txs = await client.transactions(TOKEN, accounts[0].id, limit=2)
+    demo = demo_transactions(expected[0].id)[:2]
+    assert [t.id for t in txs] == [str(t.id) for t in demo]
+    assert [t.amount for t in txs] == [t.value for t in demo]
+    assert [t.date for t in txs] == [t.date for t in demo]
+    assert [t.label for t in txs] == [t.wording for t in demo]
+    assert [t.category for t in txs] == [t.category for t in demo]
+    assert calls.outcomes == ["200", "200"]
+    assert [endpoint for endpoint, _, _ in calls.seen] == ["accounts", "transactions"]
+    assert all(seconds >= 0 for _, _, seconds in calls.seen)
+
+
+async def test_amounts_given_as_strings_are_the_same_decimals(
+    bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    bank.sandbox.behave(TOKEN, amounts_as_strings=True)
+    client = fast_client(http, bank.url)
+
+    accounts = await client.accounts(TOKEN)
+    txs = await client.transactions(TOKEN, accounts[3].id)
+
+    assert [a.balance for a in accounts] == [a.balance for a in demo_accounts(1)]
+    assert [t.amount for t in txs] == [t.value for t in demo_transactions(demo_accounts(1)[3].id)]
+
+
+async def test_429_waits_for_retry_after_then_succeeds(
+    bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    bank.sandbox.behave(TOKEN, Fault(status=429, retry_after="1", times=1))
+    calls = Calls()
+    client = fast_client(http, bank.url, observe=calls)
+
+    accounts = await client.accounts(TOKEN)
+
+    assert len(accounts) == 5
+    assert calls.outcomes == ["429", "200"]
+    first, second = bank.sandbox.arrivals[TOKEN]
+    # Measured at the server: the retry came no sooner than Retry-After allowed.
+    assert second - first >= 0.95
+
+
+async def test_retry_after_longer_than_the_client_waits_gives_up_at_once(
+    bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    bank.sandbox.behave(TOKEN, Fault(status=429, retry_after="3600"))
+    client = fast_client(http, bank.url, max_retry_after=5.0)
+
+    with pytest.raises(ProviderUnavailable, match="Retry-After 3600 s") as caught:
+        await client.accounts(TOKEN)
+
+    assert caught.value.status == 429
+    assert caught.value.code == "rateLimiting"
+    assert bank.sandbox.requests["accounts"] == 1
+
+
+async def test_500_then_success(bank: Bank, http: aiohttp.ClientSession) -> None:
+    bank.sandbox.behave(TOKEN, Fault(status=500, times=1))
+    calls = Calls()
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    client = fast_client(
+        http, bank.url, observe=calls, sleep=sleep, backoff=0.4, max_backoff=10, jitter=lambda: 0.5
+    )
+
+    accounts = await client.accounts(TOKEN)
+
+    assert len(accounts) == 5
+    assert calls.outcomes == ["500", "200"]
+    assert slept == [pytest.approx(0.3)]
+
+
+async def test_5xx_every_time_gives_up_after_the_attempts(
+    bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    bank.sandbox.behave(TOKEN, Fault(status=503))
+    calls = Calls()
+    client = fast_client(http, bank.url, attempts=3, observe=calls)
+
+    with pytest.raises(ProviderUnavailable, match=r"HTTP 503 .* after 3 attempt") as caught:
+        await client.accounts(TOKEN)
+
+    assert caught.value.status == 503
+    assert caught.value.code == "serviceUnavailable"
+    assert caught.value.request_id is not None
+    assert calls.outcomes == ["503", "503", "503"]
+    assert bank.sandbox.requests["accounts"] == 3
+
+
+async def test_a_hang_is_cut_by_the_timeout(bank: Bank, http: aiohttp.ClientSession) -> None:
+    bank.sandbox.behave(TOKEN, Fault(kind="hang"))
+    calls = Calls()
+    client = fast_client(http, bank.url, timeout=0.3, attempts=2, observe=calls)
+
+    with pytest.raises(ProviderUnavailable, match=r"no answer within 0.3 s after 2 attempt"):
+        await client.accounts(TOKEN)
+
+    assert calls.outcomes == ["timeout", "timeout"]
+    assert all(seconds >= 0.3 for _, _, seconds in calls.seen)
+    assert bank.sandbox.requests["accounts"] == 2
+
+
+async def test_a_single_hang_is_retried(bank: Bank, http: aiohttp.ClientSession) -> None:
+    bank.sandbox.behave(TOKEN, Fault(kind="hang", times=1, endpoint="transactions"))
+    calls = Calls()
+    client = fast_client(http, bank.url, timeout=0.3, observe=calls)
+
+    txs = await client.transactions(TOKEN, "1")
+
+    assert len(txs) == 3
+    assert calls.outcomes == ["timeout", "200"]
+
+
+async def test_connection_errors_are_retried_then_reported(http: aiohttp.ClientSession) -> None:
+    async with Sandbox().serve() as url:
+        pass  # nothing listens on that port any more
+    calls = Calls()
+    client = fast_client(http, url, attempts=2, observe=calls)
+
+    with pytest.raises(ProviderUnavailable, match="connection failed after 2 attempt"):
+        await client.accounts(TOKEN)
+
+    assert calls.outcomes == ["connection_error", "connection_error"]
+
+
+async def test_401_is_not_retried_and_the_token_stays_out_of_the_message(
+    bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    # A provider echoing the token in its error body must not leak it through kontod.
+    body = {
+        "code": "invalidToken",
+        "description": f"Token {TOKEN} has been revoked",
+        "message": f"Token {TOKEN} has been revoked",
+        "request_id": "req-42",
+    }
+    bank.sandbox.behave(TOKEN, Fault(status=401, body=body))
+    client = fast_client(http, bank.url)
+
+    with pytest.raises(ProviderAuthError) as caught:
+        await client.accounts(TOKEN)
+
+    error = caught.value
+    assert bank.sandbox.requests["accounts"] == 1
+    assert (error.status, error.code, error.request_id) == (401, "invalidToken", "req-42")
+    assert "HTTP 401" in str(error)
+    assert "invalidToken" in str(error)
+    assert TOKEN not in str(error)
+    assert TOKEN not in repr(error)
+    assert TOKEN not in (error.description or "")
+
+
+async def test_unknown_token_is_refused(bank: Bank, http: aiohttp.ClientSession) -> None:
+    with pytest.raises(ProviderAuthError, match="HTTP 401"):
+        await fast_client(http, bank.url).accounts("not-a-sandbox-token")
+
+
+async def test_other_4xx_are_not_retried_and_carry_the_error_body(
+    bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    client = fast_client(http, bank.url)
+
+    with pytest.raises(ProviderError) as caught:
+        await client.transactions(TOKEN, "999999")
+
+    error = caught.value
+    assert not isinstance(error, ProviderAuthError | ProviderUnavailable)
+    assert (error.status, error.code, error.endpoint) == (404, "accountNotFound", "transactions")
+    assert error.description == "No such account for this user."
+    assert bank.sandbox.requests["transactions"] == 1
+
+
+async def test_malformed_json_is_a_bad_response(bank: Bank, http: aiohttp.ClientSession) -> None:
+    bank.sandbox.behave(TOKEN, Fault(kind="malformed"))
+
+    with pytest.raises(ProviderBadResponse, match="not valid JSON"):
+        await fast_client(http, bank.url).accounts(TOKEN)
+
+    assert bank.sandbox.requests["accounts"] == 1
+
+
+async def test_missing_accounts_list_is_a_bad_response(
+    bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    bank.sandbox.behave(TOKEN, Fault(kind="missing_list"))
+
+    with pytest.raises(ProviderBadResponse, match="no 'accounts' list"):
+        await fast_client(http, bank.url).accounts(TOKEN)
+
+
+@pytest.mark.parametrize(
+    ("account", "match"),
+    [
+        ({"id": 7, "balance": "12,50"}, "balance of account 7 is not a number"),
+        ({"id": 7, "balance": "NaN"}, "balance of account 7 is not a number"),
+        ({"id": 7, "balance": True}, "balance of account 7 is not a number"),
+        ({"name": "no id"}, "no usable 'id'"),
+    ],
+)
+async def test_unusable_fields_are_a_bad_response(
+    bank: Bank, http: aiohttp.ClientSession, account: dict[str, object], match: str
+) -> None:
+    bank.sandbox.behave(TOKEN, Fault(status=200, body={"accounts": [account]}))
+
+    with pytest.raises(ProviderBadResponse, match=match):
+        await fast_client(http, bank.url).accounts(TOKEN)
+
+
+async def test_missing_balance_is_zero_and_big_numbers_stay_exact(
+    bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    accounts = [{"id": "a1"}, {"id": 2, "balance": 12345678901234567890}]
+    bank.sandbox.behave(TOKEN, Fault(status=200, body={"accounts": accounts}))
+
+    got = await fast_client(http, bank.url).accounts(TOKEN)
+
+    assert [a.balance for a in got] == [Decimal(0), Decimal("12345678901234567890")]
+
+
+async def test_transaction_fields_fall_back_as_konto_does(
+    bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    tx = {"id": 9, "rdate": "2026-02-03", "amount": "-4.20", "wording": "Café", "category": None}
+    bank.sandbox.behave(TOKEN, Fault(status=200, body={"transactions": [tx]}))
+
+    [got] = await fast_client(http, bank.url).transactions(TOKEN, "1")
+
+    assert (got.id, got.date, got.amount, got.label, got.category) == (
+        "9",
+        date(2026, 2, 3),
+        Decimal("-4.20"),
+        "Café",
+        None,
+    )
+
+
+NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("3", 3.0),
+        (" 120 ", 120.0),
+        ("0.25", 0.25),
+        ("0", 0.0),
+        ("-1", None),
+        ("soon", None),
+        ("", None),
+        (None, None),
+        ("Sun, 01 Mar 2026 12:01:30 GMT", 90.0),
+        ("Sun, 01 Mar 2026 11:00:00 GMT", 0.0),
+    ],
+)
+def test_retry_after_seconds(header: str | None, expected: float | None) -> None:
+    assert retry_after_seconds(header, NOW) == expected
+
+
+def test_retry_after_date_is_relative_to_now() -> None:
+    later = NOW + timedelta(seconds=10)
+    assert retry_after_seconds("Sun, 01 Mar 2026 12:01:30 GMT", later) == 80.0
+
+
+@pytest.mark.parametrize(
+    ("attempt", "jitter", "expected"),
+    [
+        (1, 0.0, 0.25),
+        (1, 1.0, 0.5),
+        (2, 0.0, 0.5),
+        (3, 0.5, 1.5),
+        (10, 0.0, 15.0),  # capped at 30 s, half of it fixed
+        (10, 1.0, 30.0),
+    ],
+)
+def test_backoff_doubles_with_jitter_and_a_cap(
+    attempt: int, jitter: float, expected: float
+) -> None:
+    assert backoff_seconds(attempt, base=0.5, cap=30.0, jitter=jitter) == pytest.approx(expected)
