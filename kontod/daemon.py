@@ -112,6 +112,11 @@ class Daemon:
         )
         self.notifier.ready(self.status_line())
 
+    def side_tasks(self) -> list[asyncio.Task[None]]:
+        """The long-lived tasks that must never end while the daemon runs."""
+        loops = self.runner.loops if self.runner is not None else []
+        return [*loops, *self._tasks]
+
     def status_line(self) -> str:
         """What systemd shows: the jobs scheduled and the next tick."""
         assert self.runner is not None
@@ -198,6 +203,18 @@ async def serve(settings: Settings) -> int:
     except BaseException:
         await daemon.stop()
         raise
-    await stop.wait()
+    # Wait for a signal, or for a side task that ended, which would silently stop a schedule
+    # or the watchdog: then exit non-zero and let systemd start a fresh process.
+    stopped = asyncio.create_task(stop.wait(), name="signals")
+    done, _ = await asyncio.wait(
+        [stopped, *daemon.side_tasks()], return_when=asyncio.FIRST_COMPLETED
+    )
+    status = 0
+    for task in done:
+        if task is not stopped:
+            error = task.exception() if not task.cancelled() else None
+            log.error("daemon.task_ended", task=task.get_name(), error=repr(error))
+            status = 1
+    stopped.cancel()
     await daemon.stop()
-    return 0
+    return status

@@ -10,6 +10,7 @@ import sys
 import asyncpg
 import structlog
 
+from kontod import sandbox
 from kontod.config import Settings
 from kontod.daemon import Daemon
 from kontod.runner import Skipped
@@ -56,7 +57,6 @@ async def _seed_once(pool: asyncpg.Pool) -> None:
 
 async def demo(settings: Settings) -> int:
     """Run the demo until Ctrl-C."""
-    from kontod import sandbox
 
     demo_settings = dataclasses.replace(
         settings,
