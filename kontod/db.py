@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.resources
 import platform
 import re
@@ -32,28 +31,27 @@ def new_instance_name() -> str:
 
 async def create_pool(dsn: str, instance: str, *, max_size: int = 10) -> asyncpg.Pool:
     """A pool whose sessions carry ``instance`` as their application_name."""
+    settings = {"application_name": instance}
+    # Have the server end a statement whose client died (PostgreSQL 14 and later). Without it
+    # the session of a killed kontod lives on until its statement ends, and its run cannot be
+    # told apart from a live one. Given at connect time, it survives the RESET ALL the pool
+    # runs when a connection comes back; an older server would refuse the name, so ask first.
+    probe = await asyncpg.connect(dsn)
+    try:
+        version = int(await probe.fetchval("SHOW server_version_num"))
+    finally:
+        await probe.close()
+    if version >= 140000:
+        settings["client_connection_check_interval"] = "2s"
     pool = await asyncpg.create_pool(
         dsn,
         min_size=1,
         max_size=max_size,
-        server_settings={"application_name": instance},
+        server_settings=settings,
         command_timeout=None,
-        init=_check_client_while_busy,
     )
     assert pool is not None
     return pool
-
-
-async def _check_client_while_busy(conn: asyncpg.Connection) -> None:
-    """Make the server end a statement whose client died (PostgreSQL 14 and later).
-
-    Without it, the session of a killed kontod lives until its statement ends, and its run
-    could not be told apart from a live one.
-    """
-    # On an older server the setting is unknown: a dead process's session then lingers until
-    # its statement ends.
-    with contextlib.suppress(asyncpg.UndefinedObjectError):
-        await conn.execute("SET client_connection_check_interval = '2s'")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Migrations against a real PostgreSQL: types, idempotence, and existing Konto data kept."""
+"""The database layer against a real PostgreSQL: migrations, existing data, pool sessions."""
 
 from __future__ import annotations
 
@@ -80,3 +80,14 @@ async def test_two_processes_migrating_together_do_not_race(empty_dsn: str) -> N
     finally:
         for c in conns:
             await c.close()
+
+
+async def test_pool_sessions_keep_their_settings_after_reuse(dsn: str) -> None:
+    pool = await db.create_pool(dsn, "kontod-settings-test", max_size=1)
+    try:
+        for _ in range(2):  # the second checkout comes after the pool's RESET ALL
+            async with pool.acquire() as conn:
+                assert await conn.fetchval("SHOW client_connection_check_interval") == "2s"
+                assert await conn.fetchval("SHOW application_name") == "kontod-settings-test"
+    finally:
+        await pool.close()
