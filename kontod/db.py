@@ -79,12 +79,15 @@ async def migrate(conn: asyncpg.Connection | PoolConnectionProxy) -> list[str]:
     """
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
     try:
-        await conn.execute(
-            """CREATE TABLE IF NOT EXISTS kontod_migrations (
-                   version     integer PRIMARY KEY,
-                   name        text NOT NULL,
-                   applied_at  timestamptz NOT NULL DEFAULT now())"""
-        )
+        # CREATE TABLE IF NOT EXISTS still needs the CREATE privilege; a role that only uses
+        # an already migrated schema must be able to start.
+        if await conn.fetchval("SELECT to_regclass('kontod_migrations')") is None:
+            await conn.execute(
+                """CREATE TABLE kontod_migrations (
+                       version     integer PRIMARY KEY,
+                       name        text NOT NULL,
+                       applied_at  timestamptz NOT NULL DEFAULT now())"""
+            )
         done = {r["version"] for r in await conn.fetch("SELECT version FROM kontod_migrations")}
         applied: list[str] = []
         for mig in migrations():
