@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
@@ -68,15 +68,13 @@ class Settings:
 
 
 def redact_dsn(dsn: str) -> str:
-    """The DSN with its password replaced, safe to print."""
-    try:
-        parts = urlsplit(dsn)
-    except ValueError:
-        return "<unparsable DSN>"
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The DSN with any password replaced by ``***``, safe to print.
+
+    Works on text that does not parse too: a password may hold ``/``, ``#`` or ``?``.
+    """
+    # user:password@ up to the last @ (a password may contain @), then password= parameters.
+    masked = re.sub(r"^([a-z]+://[^:/@]*:)(.*)@", r"\1***@", dsn, flags=re.IGNORECASE | re.DOTALL)
+    return re.sub(r"(password=)[^&]*", r"\1***", masked, flags=re.IGNORECASE)
 
 
 def default_state_dir(env: Mapping[str, str]) -> Path:
@@ -106,10 +104,13 @@ def _parse_dsn(raw: str) -> str:
     if not raw.startswith(("postgresql://", "postgres://")):
         raise ValueError("expected a URL such as postgresql://user:password@host:5432/dbname")
     try:
-        parts = urlsplit(raw)
-        _ = parts.port  # raises on a non-numeric port
-    except ValueError as exc:
-        raise ValueError(f"expected postgresql://user:password@host:port/dbname ({exc})") from None
+        _ = urlsplit(raw).port  # raises on a port that is not a number
+    except ValueError:
+        # The parser's own message may quote part of the password: say it in general terms.
+        raise ValueError(
+            "expected postgresql://user:password@host:port/dbname with a numeric port"
+            " (a password holding / # ? or @ must be percent-encoded)"
+        ) from None
     return raw
 
 
@@ -241,7 +242,12 @@ def load_settings(env: Mapping[str, str] | None = None, *, isatty: bool | None =
         if cred and env.get("CREDENTIALS_DIRECTORY"):
             path = Path(env["CREDENTIALS_DIRECTORY"]) / cred
             if path.is_file():
-                return f"credential {cred}", path.read_text().strip()
+                try:
+                    return f"credential {cred}", path.read_text().strip()
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise ConfigError(
+                        f"credential {cred}", str(path), f"cannot be read as text ({exc})"
+                    ) from None
         return None
 
     def parse(var: str, parser: Callable[[str], T], secret: bool = False) -> T | None:

@@ -137,8 +137,7 @@ class Daemon:
         assert self.metrics is not None
         assert self.pool is not None
         try:
-            for run_id, job in await runs.reap_orphans(self.pool):
-                log.warning("run.interrupted_found", job=job, run_id=run_id)
+            await self.runner.reap()
         except Exception as exc:  # the next refresh tries again
             log.warning("stats.reap_failed", error=f"{type(exc).__name__}: {exc}")
         await self.runner.refresh_stats()

@@ -25,6 +25,7 @@ def assess(
     stats: JobStats,
     now: datetime,
     *,
+    max_runtime: timedelta | None = None,
     not_configured: str | None = None,
 ) -> Verdict:
     """Unhealthy when the last finished run failed, or a tick past its grace has no run.
@@ -39,10 +40,21 @@ def assess(
     if stats.last_status in FAILED_STATUSES:
         return Verdict(False, f"last run ended with {stats.last_status}", last_tick, next_tick)
     if stats.last_status == "running":
+        since = stats.running_since or stats.last_started_at
+        if max_runtime is not None and since is not None and now - since > max_runtime:
+            # kontod stops runs at that limit: one still going means nobody is watching it.
+            return Verdict(
+                False,
+                f"running since {since.isoformat()}, past its maximum run time",
+                last_tick,
+                next_tick,
+            )
         return Verdict(True, None, last_tick, next_tick)
     due = schedule.previous_tick(expr, tz, now - grace)
     expected_since = stats.registered_at or now
-    ran_since_due = stats.last_started_at is not None and stats.last_started_at >= due
+    ran_since_due = (stats.last_tick_run is not None and stats.last_tick_run >= due) or (
+        stats.last_started_at is not None and stats.last_started_at >= due
+    )
     if due >= expected_since and not ran_since_due:
         return Verdict(
             False,

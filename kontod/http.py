@@ -35,7 +35,13 @@ def cron_report(runner: Runner, stats: dict[str, runs.JobStats], now: datetime) 
     for spec in runner.jobs.values():
         st = stats.get(spec.name, runs.JobStats())
         verdict = assess(
-            spec.schedule, runner.tz, spec.grace, st, now, not_configured=spec.not_configured
+            spec.schedule,
+            runner.tz,
+            spec.grace,
+            st,
+            now,
+            max_runtime=spec.max_runtime,
+            not_configured=spec.not_configured,
         )
         uptime = None
         if st.last_started_at is not None:
@@ -89,8 +95,12 @@ def build_app(
         return web.json_response({"status": "healthy", "database": "ok"})
 
     async def health_cron(_: web.Request) -> web.Response:
-        # On a database error this is the last known history, which is still worth showing.
-        stats = await runner.refresh_stats()
+        # On a database error or delay this is the last known history, still worth showing.
+        try:
+            async with asyncio.timeout(5):
+                stats = await runner.refresh_stats()
+        except TimeoutError:
+            stats = runner.stats
         report = cron_report(runner, stats, clock())
         return web.json_response(report, status=200 if report["status"] == "healthy" else 503)
 
@@ -113,6 +123,8 @@ def build_app(
             outcome = await runner.trigger(name, "manual")
         except UnknownJob:
             raise web.HTTPNotFound(text=f"no job named {name!r}\n") from None
+        if isinstance(outcome, Skipped) and outcome.reason == "stopping":
+            return web.json_response({"error": "kontod is stopping"}, status=503)
         if isinstance(outcome, Skipped):
             return web.json_response(
                 {"error": f"{name} is already running", "reason": outcome.reason}, status=409
@@ -131,7 +143,7 @@ def build_app(
         if name not in runner.jobs:
             raise web.HTTPNotFound(text=f"no job named {name!r}\n")
         raw = request.query.get("limit", "20")
-        if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        if not (raw.isascii() and raw.isdecimal()) or not 1 <= int(raw) <= 1000:
             raise web.HTTPBadRequest(
                 text=f"limit must be a whole number from 1 to 1000, not {raw!r}\n"
             )

@@ -179,7 +179,13 @@ class _JobCollector(Collector):
         for spec in self.jobs:
             st = all_stats.get(spec.name, JobStats())
             verdict = assess(
-                spec.schedule, self.tz, spec.grace, st, now, not_configured=spec.not_configured
+                spec.schedule,
+                self.tz,
+                spec.grace,
+                st,
+                now,
+                max_runtime=spec.max_runtime,
+                not_configured=spec.not_configured,
             )
             name = [spec.name]
             runs.add_metric(name, st.runs)

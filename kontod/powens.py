@@ -333,13 +333,16 @@ def _show(value: object) -> str:
 
 
 def _identifier(value: object, endpoint: str, what: str) -> str:
-    if isinstance(value, bool) or not isinstance(value, int | str) or str(value) == "":
+    # PostgreSQL text cannot hold NUL, which JSON can: drop it rather than fail the batch.
+    text = str(value).replace("\x00", "") if isinstance(value, int | str) else ""
+    if isinstance(value, bool) or text == "":
         raise _bad(endpoint, f"{what} has no usable 'id' ({_show(value)})")
-    return str(value)
+    return text
 
 
 def _text(value: object) -> str | None:
-    return value if isinstance(value, str) and value != "" else None
+    text = value.replace("\x00", "") if isinstance(value, str) else ""
+    return text or None
 
 
 def _decimal(value: object, endpoint: str, what: str) -> Decimal | None:

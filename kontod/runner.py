@@ -23,6 +23,7 @@ from kontod import runs, schedule
 from kontod.job import JobSpec, RunContext
 
 RECHECK_S = 30.0
+RECORD_ATTEMPTS = 4  # over about 7 s
 log = structlog.get_logger("kontod.runner")
 
 
@@ -88,6 +89,10 @@ class Runner:
         self.clock = clock
         self.stats: dict[str, runs.JobStats] = {}
         self._active: dict[str, asyncio.Task[str]] = {}
+        # Jobs this process is claiming or running; its own 'running' rows of other jobs
+        # are stale.
+        self._busy: set[str] = set()
+        self._prepared = False
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
 
@@ -96,14 +101,24 @@ class Runner:
     async def prepare(self) -> None:
         """Register the jobs and close the runs of processes that died."""
         await runs.register_jobs(self.pool, self.jobs)
-        for run_id, job in await runs.reap_orphans(self.pool):
-            log.warning("run.interrupted_found", job=job, run_id=run_id)
+        await self.reap()
         await self.refresh_stats()
+        self._prepared = True
+
+    async def reap(self, claiming: str | None = None) -> None:
+        """Mark ``interrupted`` the runs nobody is running any more (see runs.reap_orphans).
+
+        ``claiming`` is the job being claimed: none of its runs is going on in this process.
+        """
+        busy = self._busy - {claiming}
+        for run_id, job in await runs.reap_orphans(self.pool, self.owner, busy):
+            log.warning("run.interrupted_found", job=job, run_id=run_id)
 
     async def start(self) -> None:
         """Catch up on a recently missed tick, then follow each schedule."""
-        await self.prepare()
         now = self.clock()
+        if not self._prepared:
+            await self.prepare()
         for spec in self.jobs.values():
             if spec.not_configured:
                 log.info("job.not_configured", job=spec.name, reason=spec.not_configured)
@@ -116,8 +131,9 @@ class Runner:
                 next_run=schedule.next_tick(spec.schedule, self.tz, now).isoformat(),
             )
             await self._catch_up(spec, now)
+            # Following from the same instant as the catch-up leaves no tick in between.
             self._loops.append(
-                asyncio.create_task(self._follow(spec), name=f"schedule:{spec.name}")
+                asyncio.create_task(self._follow(spec, now), name=f"schedule:{spec.name}")
             )
 
     async def stop(self, grace_s: float) -> None:
@@ -153,8 +169,8 @@ class Runner:
         log.info("tick.catchup", job=spec.name, scheduled_for=tick.isoformat())
         await self.trigger(spec.name, "catchup", tick)
 
-    async def _follow(self, spec: JobSpec) -> None:
-        tick = schedule.next_tick(spec.schedule, self.tz, self.clock())
+    async def _follow(self, spec: JobSpec, start: datetime) -> None:
+        tick = schedule.next_tick(spec.schedule, self.tz, start)
         while await self._sleep_until(tick):
             try:
                 await self.trigger(spec.name, "schedule", tick)
@@ -169,6 +185,7 @@ class Runner:
                 )
             # After a long stall, skip the ticks that passed meanwhile: only the latest counts.
             tick = schedule.next_tick(spec.schedule, self.tz, max(tick, self.clock()))
+            await asyncio.sleep(0)  # never hold the loop, whatever the clock says
 
     async def _sleep_until(self, when: datetime) -> bool:
         """Wait for the wall clock to reach ``when``; False when stopping."""
@@ -189,18 +206,31 @@ class Runner:
         spec = self.jobs.get(name)
         if spec is None:
             raise UnknownJob(name)
-        if name in self._active:
+        if self._stopping.is_set():
+            return self._skip(spec, "stopping", trigger, scheduled_for)
+        if name in self._busy:
             return self._skip(spec, "overlap", trigger, scheduled_for)
-        await runs.reap_orphans(self.pool)
-        run_id = await runs.claim(self.pool, name, trigger, scheduled_for, self.owner)
-        if run_id is None:
-            reason = await runs.why_not_claimed(self.pool, name)
-            return self._skip(spec, reason, trigger, scheduled_for)
+        self._busy.add(name)
+        try:
+            await self.reap(claiming=name)
+            run_id = await runs.claim(self.pool, name, trigger, scheduled_for, self.owner)
+            if run_id is None:
+                reason = await runs.why_not_claimed(self.pool, name)
+                self._busy.discard(name)
+                return self._skip(spec, reason, trigger, scheduled_for)
+        except BaseException:
+            self._busy.discard(name)
+            raise
         task = asyncio.create_task(
             self._execute(spec, run_id, trigger, scheduled_for), name=f"run:{name}:{run_id}"
         )
         self._active[name] = task
-        task.add_done_callback(lambda _: self._active.pop(name, None))
+
+        def done(_: asyncio.Task[str]) -> None:
+            self._active.pop(name, None)
+            self._busy.discard(name)
+
+        task.add_done_callback(done)
         return Started(run_id, task)
 
     def _skip(
@@ -263,11 +293,15 @@ class Runner:
     ) -> None:
         duration = (self.clock() - started).total_seconds()
         counts = dict(ctx.counts)
-        try:
-            await runs.finish(self.pool, run_id, status, error, counts)
-        except Exception as exc:
-            # The row stays 'running'; once this process is gone it is marked interrupted.
-            log.error("run.record_failed", error=_describe(exc))
+        for attempt in range(RECORD_ATTEMPTS):
+            try:
+                await runs.finish(self.pool, run_id, status, error, counts)
+                break
+            except Exception as exc:  # the database may be failing over: try again shortly
+                log.error("run.record_failed", attempt=attempt + 1, error=_describe(exc))
+                if attempt + 1 < RECORD_ATTEMPTS:
+                    await asyncio.sleep(2**attempt)
+        # If every attempt failed the row stays 'running'; the next reap marks it interrupted.
         level = "info" if status == "success" else "error"
         getattr(ctx.log, level)(
             "run.finished", status=status, duration_s=round(duration, 3), error=error, counts=counts

@@ -34,6 +34,9 @@ class JobStats:
     last_counts: Mapping[str, int] = field(default_factory=dict)
     last_success_at: datetime | None = None
     running_since: datetime | None = None
+    # The newest scheduled tick that has a run (not interrupted): decides lateness without
+    # comparing kontod's clock with the database's.
+    last_tick_run: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -57,15 +60,25 @@ async def register_jobs(db: Executor, names: Iterable[str]) -> None:
     )
 
 
-async def reap_orphans(db: Executor) -> list[tuple[int, str]]:
-    """Mark ``interrupted`` the runs whose process has no database session left."""
+async def reap_orphans(
+    db: Executor, owner: str = "", busy: Iterable[str] = ()
+) -> list[tuple[int, str]]:
+    """Mark ``interrupted`` the runs nobody is running any more.
+
+    That is a run whose process has no database session left, or one of ``owner``'s own runs
+    of a job it is not busy with (its end could not be recorded).
+    """
     rows = await db.fetch(
         """UPDATE kontod_runs r
               SET status = 'interrupted', finished_at = now(),
                   error = 'the kontod process running it stopped before it finished'
             WHERE status = 'running'
-              AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.application_name = r.owner)
-        RETURNING id, job"""
+              AND (NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                                WHERE a.application_name = r.owner)
+                   OR (r.owner = $1 AND r.job <> ALL($2::text[])))
+        RETURNING id, job""",
+        owner,
+        list(busy),
     )
     return [(r["id"], r["job"]) for r in rows]
 
@@ -124,7 +137,7 @@ async def job_stats(db: Executor) -> dict[str, JobStats]:
     rows = await db.fetch(
         """
         SELECT j.name, j.registered_at,
-               agg.runs, agg.errors, agg.last_success_at, agg.running_since,
+               agg.runs, agg.errors, agg.last_success_at, agg.running_since, agg.last_tick_run,
                last.started_at, last.status,
                done.started_at AS done_started_at, done.finished_at, done.status AS done_status,
                done.error, done.counts
@@ -134,7 +147,8 @@ async def job_stats(db: Executor) -> dict[str, JobStats]:
                       count(*) FILTER (WHERE status IN ('error', 'timeout', 'interrupted'))
                           AS errors,
                       max(finished_at) FILTER (WHERE status = 'success') AS last_success_at,
-                      max(started_at) FILTER (WHERE status = 'running') AS running_since
+                      max(started_at) FILTER (WHERE status = 'running') AS running_since,
+                      max(scheduled_for) FILTER (WHERE status <> 'interrupted') AS last_tick_run
                  FROM kontod_runs WHERE job = j.name) agg ON true
           LEFT JOIN LATERAL (
                SELECT started_at, status FROM kontod_runs WHERE job = j.name
@@ -163,6 +177,7 @@ async def job_stats(db: Executor) -> dict[str, JobStats]:
             last_counts=_counts(r["counts"]),
             last_success_at=r["last_success_at"],
             running_since=r["running_since"],
+            last_tick_run=r["last_tick_run"],
         )
     return out
 

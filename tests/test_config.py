@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kontod.config import ConfigError, load_settings
+from kontod.config import ConfigError, load_settings, redact_dsn
 
 
 def kontod(
@@ -75,6 +75,7 @@ BAD = [
     ("KONTOD_REFRESH_SCHEDULE", "* * *", "5 fields, or 6"),
     ("KONTOD_DATABASE_URL", "mysql://db/konto", "postgresql://"),
     ("KONTOD_DATABASE_URL", "postgresql://u:hunter2@db:port/konto", "postgresql://"),
+    ("KONTOD_DATABASE_URL", "postgresql://u:hunter2/x@db:5432/konto", "percent-encoded"),
     ("KONTOD_LISTEN", "localhost", "host:port"),
     ("KONTOD_LISTEN", "127.0.0.1:99999", "between 0 and 65535"),
     ("KONTOD_LOG_FORMAT", "xml", "json, console"),
@@ -127,3 +128,26 @@ def test_unknown_key_in_the_file_is_refused(tmp_path: Path) -> None:
     config.write_text('time_zone = "Europe/Paris"\n')
     with pytest.raises(ConfigError, match="unknown key 'time_zone'"):
         load_settings({"KONTOD_CONFIG": str(config)})
+
+
+@pytest.mark.parametrize(
+    ("dsn", "shown"),
+    [
+        ("postgresql://kontod:hunter2@db:5432/konto", "postgresql://kontod:***@db:5432/konto"),
+        ("postgresql://kontod:hun/ter#2@db/konto", "postgresql://kontod:***@db/konto"),
+        ("postgresql://kontod:p@ss@db/konto", "postgresql://kontod:***@db/konto"),
+        (
+            "postgresql://kontod@db/konto?password=hunter2&sslmode=require",
+            "postgresql://kontod@db/konto?password=***&sslmode=require",
+        ),
+        ("postgresql://kontod@db/konto", "postgresql://kontod@db/konto"),
+    ],
+)
+def test_redacted_dsn_never_shows_the_password(dsn: str, shown: str) -> None:
+    assert redact_dsn(dsn) == shown
+
+
+def test_unreadable_credential_is_a_setting_error(tmp_path: Path) -> None:
+    (tmp_path / "admin_token").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="credential admin_token"):
+        load_settings({"CREDENTIALS_DIRECTORY": str(tmp_path)})

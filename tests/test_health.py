@@ -68,3 +68,20 @@ def test_reason_names_the_missed_tick() -> None:
     verdict = assess(DAILY, PARIS, GRACE, JobStats(INSTALLED), at(10, 2))
     assert verdict.reason is not None
     assert "2026-06-10T00:00:00+00:00" in verdict.reason
+
+
+def test_a_run_of_the_tick_counts_even_if_the_database_clock_is_behind() -> None:
+    # The run of the 00:00 tick started, by the database's clock, 5 ms before kontod's tick.
+    stats = JobStats(
+        INSTALLED, 1, 0, at(10, 0) - timedelta(milliseconds=5), "success", last_tick_run=at(10, 0)
+    )
+    assert assess(DAILY, PARIS, GRACE, stats, at(10, 5)).healthy
+
+
+def test_a_run_going_past_its_maximum_run_time_is_unhealthy() -> None:
+    stats = JobStats(INSTALLED, 0, 0, at(10, 0), "running", running_since=at(10, 0))
+    limit = timedelta(hours=2)
+    assert assess(DAILY, PARIS, GRACE, stats, at(10, 1), max_runtime=limit).healthy
+    verdict = assess(DAILY, PARIS, GRACE, stats, at(10, 3), max_runtime=limit)
+    assert not verdict.healthy
+    assert "past its maximum run time" in (verdict.reason or "")

@@ -174,6 +174,7 @@ async def test_manual_trigger_409_while_running_and_runs_listing(dsn: str) -> No
         assert run["startedAt"].endswith("Z") and run["finishedAt"].endswith("Z")
         assert run["counts"] == {"items_done": 2}
         assert (await get(base + "/jobs/daily-snapshots/runs?limit=zero"))[0] == 400
+        assert (await get(base + "/jobs/daily-snapshots/runs?limit=%C2%B2"))[0] == 400
         assert (await get(base + "/jobs/nope/runs"))[0] == 404
 
 

@@ -353,3 +353,19 @@ def test_backoff_doubles_with_jitter_and_a_cap(
     attempt: int, jitter: float, expected: float
 ) -> None:
     assert backoff_seconds(attempt, base=0.5, cap=30.0, jitter=jitter) == pytest.approx(expected)
+
+
+async def test_nul_characters_the_database_cannot_store_are_dropped(
+    bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    body = {
+        "transactions": [
+            {"id": "7\u00008", "date": "2026-01-02", "value": "-4.20", "wording": "caf\u0000é"}
+        ]
+    }
+    bank.sandbox.behave(TOKEN, Fault(status=200, body=body, endpoint="transactions"))
+    client = fast_client(http, bank.url)
+
+    [tx] = await client.transactions(TOKEN, "1")
+
+    assert (tx.id, tx.label, tx.amount) == ("78", "café", Decimal("-4.20"))

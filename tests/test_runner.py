@@ -195,11 +195,12 @@ async def test_no_catch_up_outside_the_window_or_for_a_done_tick(dsn: str) -> No
         await close(runner)
     runner, _ = await runner_on(dsn, [spec()], clock=lambda: SUMMER_9AM)
     try:
-        await runs.claim(runner.pool, "test-job", "schedule", TICK, runner.owner)
-        await runs.reap_orphans(runner.pool)  # our own session is alive: nothing to reap
+        run_id = await runs.claim(runner.pool, "test-job", "schedule", TICK, runner.owner)
+        assert run_id is not None
+        await runs.finish(runner.pool, run_id, "error", "failed earlier", {})
         await runner.start()
         await asyncio.sleep(0.3)
-        assert await statuses(dsn) == [("schedule", "running")]
+        assert await statuses(dsn) == [("schedule", "error")]
     finally:
         await close(runner)
 
@@ -281,3 +282,37 @@ async def test_stop_waits_for_a_run_then_interrupts_it(dsn: str) -> None:
     assert isinstance(started, Started)
     await close(runner, grace_s=0.2)
     assert await statuses(dsn) == [("manual", "interrupted")]
+
+
+async def test_own_run_left_running_after_a_failed_record_is_closed(dsn: str) -> None:
+    runner, _ = await runner_on(dsn, [spec()])
+    try:
+        await runner.prepare()
+        # As if recording the end of an earlier run had failed: our own row, still 'running'.
+        await runs.claim(runner.pool, "test-job", "manual", None, runner.owner)
+        started = await runner.trigger("test-job", "manual")
+        assert isinstance(started, Started)
+        assert await started.task == "success"
+        assert await statuses(dsn) == [("manual", "interrupted"), ("manual", "success")]
+    finally:
+        await close(runner)
+
+
+async def test_no_run_starts_once_stopping(dsn: str) -> None:
+    release = asyncio.Event()
+
+    async def held(ctx: RunContext) -> None:
+        await release.wait()
+
+    runner, _ = await runner_on(dsn, [spec(body=held), spec("other")])
+    try:
+        first = await runner.trigger("test-job", "manual")
+        assert isinstance(first, Started)
+        stopping = asyncio.create_task(runner.stop(5))
+        await asyncio.sleep(0.1)
+        assert await runner.trigger("other", "manual") == Skipped("stopping")
+        release.set()
+        await stopping
+    finally:
+        await close(runner)
+    assert await statuses(dsn) == [("manual", "success")]

@@ -66,3 +66,40 @@ def test_next_is_strictly_after_and_previous_is_inclusive() -> None:
 
 def test_previous_tick_in_the_skipped_hour_is_when_it_really_fired() -> None:
     assert previous_tick("30 2 * * *", PARIS, utc(2026, 3, 29, 6)) == utc(2026, 3, 29, 1)
+
+
+@pytest.mark.parametrize("expr", ["30 2 * * *", "0 2 * * *", "0 30 2 * * *", "0 0 2 * * *"])
+@pytest.mark.parametrize(
+    "start",
+    [
+        utc(2026, 10, 24, 20),  # before the change
+        utc(2026, 10, 25, 0, 45),  # 02:45, first pass
+        utc(2026, 10, 25, 1, 5),  # 02:05, second pass
+    ],
+)
+def test_fixed_time_tick_in_the_repeated_hour_fires_once(expr: str, start: datetime) -> None:
+    ticks = ticks_between(expr, PARIS, start, utc(2026, 10, 26, 12))
+    assert all(t > start for t in ticks)
+    wall = [t.astimezone(PARIS).strftime("%d %H:%M") for t in ticks]
+    assert len(wall) == len(set(wall))
+    assert wall[-1].startswith("26 ")
+
+
+def test_wildcard_hour_fires_in_both_passes() -> None:
+    ticks = ticks_between("0 * * * *", PARIS, utc(2026, 10, 24, 23, 30), utc(2026, 10, 25, 1, 30))
+    assert local(ticks) == ["2026-10-25T02:00:00+02:00", "2026-10-25T02:00:00+01:00"]
+
+
+@pytest.mark.parametrize(
+    ("expr", "at", "expected"),
+    [
+        # From inside the repeated hour, the last tick is the first-pass one, not yesterday's.
+        ("30 2 * * *", utc(2026, 10, 25, 1, 5), utc(2026, 10, 25, 0, 30)),
+        ("*/15 * * * *", utc(2026, 10, 25, 1, 5), utc(2026, 10, 25, 1, 0)),
+        ("*/15 * * * *", utc(2026, 10, 25, 0, 50), utc(2026, 10, 25, 0, 45)),
+    ],
+)
+def test_previous_tick_inside_the_repeated_hour(
+    expr: str, at: datetime, expected: datetime
+) -> None:
+    assert previous_tick(expr, PARIS, at) == expected

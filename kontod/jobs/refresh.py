@@ -27,6 +27,7 @@ COUNT_KEYS = (
     "items_skipped",
     "accounts_updated",
     "transactions_inserted",
+    "accounts_not_returned",
 )
 # Reasons stored on a connection are cut to this many characters.
 MAX_REASON = 1000

@@ -22,11 +22,12 @@ WITH batch AS (
     SELECT id FROM users WHERE id > $1 ORDER BY id LIMIT $2
 ),
 parts AS (
-    SELECT a.user_id, coalesce(a.type, 'checking') AS category, coalesce(a.balance, 0) AS value
+    SELECT a.user_id, coalesce(nullif(a.type, ''), 'checking') AS category,
+           coalesce(a.balance, 0) AS value
       FROM bank_accounts a JOIN batch b ON b.id = a.user_id
-     WHERE NOT a.hidden
+     WHERE a.hidden IS NOT TRUE
     UNION ALL
-    SELECT s.user_id, coalesce(s.type, 'other'),
+    SELECT s.user_id, coalesce(nullif(s.type, ''), 'other'),
            coalesce(s.current_value, s.purchase_price, 0)
       FROM assets s JOIN batch b ON b.id = s.user_id
 ),
