@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 
+import aiohttp
 import asyncpg
 import pytest
 
+from kontod.sandbox import Sandbox
 from tests import pg
+from tests.sandbox_helpers import Bank
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +53,17 @@ async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
         yield p
     finally:
         await p.close()
+
+
+@pytest.fixture
+async def bank() -> AsyncIterator[Bank]:
+    """The sandbox bank on loopback, with its counters and fault injection."""
+    sandbox = Sandbox()
+    async with sandbox.serve() as url:
+        yield Bank(sandbox, url)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session

@@ -19,6 +19,16 @@ from kontod.runner import Runner, utcnow
 
 PARIS = ZoneInfo("Europe/Paris")
 
+LEGACY_TABLES = """
+CREATE TABLE users (id integer PRIMARY KEY, email text, name text,
+                    created_at timestamptz DEFAULT now());
+CREATE TABLE bank_accounts (id integer PRIMARY KEY, user_id integer REFERENCES users,
+    company_id integer, provider text, provider_account_id text, name text,
+    balance double precision, hidden integer DEFAULT 0, last_sync timestamptz,
+    type text, usage text, subtype text, currency text DEFAULT 'EUR');
+"""
+"""Konto's users and bank_accounts as an older deployment made them: floats and 0/1 flags."""
+
 
 def spec(
     name: str = "test-job",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -9,7 +10,15 @@ import aiohttp
 import asyncpg
 
 from kontod.powens import Observer, PowensClient
-from kontod.sandbox import demo_accounts, token_for
+from kontod.sandbox import Sandbox, demo_accounts, token_for
+
+
+@dataclass
+class Bank:
+    """A running sandbox bank and its base URL (the ``bank`` fixture)."""
+
+    sandbox: Sandbox
+    url: str
 
 
 def fast_client(

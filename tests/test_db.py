@@ -7,6 +7,7 @@ from decimal import Decimal
 import asyncpg
 
 from kontod import db
+from tests.helpers import LEGACY_TABLES
 
 
 async def test_migrate_creates_tables_in_proper_types(empty_dsn: str) -> None:
@@ -36,15 +37,9 @@ async def test_migrate_creates_tables_in_proper_types(empty_dsn: str) -> None:
 async def test_existing_konto_tables_keep_every_row(empty_dsn: str) -> None:
     conn = await asyncpg.connect(empty_dsn)
     try:
-        # Konto's tables as an older deployment made them: floats and 0/1 flags.
+        await conn.execute(LEGACY_TABLES)
         await conn.execute(
             """
-            CREATE TABLE users (id integer PRIMARY KEY, email text, name text,
-                                created_at timestamptz DEFAULT now());
-            CREATE TABLE bank_accounts (id integer PRIMARY KEY, user_id integer REFERENCES users,
-                company_id integer, provider text, provider_account_id text, name text,
-                balance double precision, hidden integer DEFAULT 0, last_sync timestamptz,
-                type text, usage text, subtype text, currency text DEFAULT 'EUR');
             CREATE TABLE patrimoine_snapshots (id serial PRIMARY KEY, date date, user_id integer,
                 category text, total_value real, created_at timestamptz DEFAULT now(),
                 UNIQUE (date, user_id, category));

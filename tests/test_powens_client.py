@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
@@ -19,28 +17,9 @@ from kontod.powens import (
     retry_after_seconds,
 )
 from kontod.sandbox import Fault, Sandbox, demo_accounts, demo_transactions, token_for
-from tests.sandbox_helpers import fast_client
+from tests.sandbox_helpers import Bank, fast_client
 
 TOKEN = token_for(1)
-
-
-@dataclass
-class Bank:
-    sandbox: Sandbox
-    url: str
-
-
-@pytest.fixture
-async def bank() -> AsyncIterator[Bank]:
-    sandbox = Sandbox()
-    async with sandbox.serve() as url:
-        yield Bank(sandbox, url)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 class Calls:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -23,28 +21,10 @@ from kontod.jobs.refresh import RefreshFailed, make_body
 from kontod.powens import PowensClient
 from kontod.sandbox import Fault, Sandbox, demo_accounts, demo_transactions, token_for
 from tests import pg
-from tests.sandbox_helpers import fast_client, seed_user
+from tests.helpers import LEGACY_TABLES
+from tests.sandbox_helpers import Bank, fast_client, seed_user
 
 WEEK = timedelta(days=7)
-
-
-@dataclass
-class Bank:
-    sandbox: Sandbox
-    url: str
-
-
-@pytest.fixture
-async def bank() -> AsyncIterator[Bank]:
-    sandbox = Sandbox()
-    async with sandbox.serve() as url:
-        yield Bank(sandbox, url)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def new_ctx(run_id: int = 1) -> RunContext:
@@ -454,14 +434,9 @@ async def test_migration_keeps_existing_connections_and_transactions(empty_dsn: 
     conn = await asyncpg.connect(empty_dsn)
     try:
         # Konto's tables as the web app made them, with the duplicates the old job left.
+        await conn.execute(LEGACY_TABLES)
         await conn.execute(
             """
-            CREATE TABLE users (id integer PRIMARY KEY, email text, name text,
-                                created_at timestamptz DEFAULT now());
-            CREATE TABLE bank_accounts (id integer PRIMARY KEY, user_id integer REFERENCES users,
-                company_id integer, provider text, provider_account_id text, name text,
-                balance double precision, hidden integer DEFAULT 0, last_sync timestamptz,
-                type text, usage text, subtype text, currency text DEFAULT 'EUR');
             CREATE TABLE bank_connections (id integer PRIMARY KEY, user_id integer,
                 company_id integer, powens_connection_id text, powens_token text NOT NULL,
                 powens_refresh_token text, status text DEFAULT 'pending', last_sync timestamptz);
