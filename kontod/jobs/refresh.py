@@ -170,27 +170,30 @@ def make_body(
             concurrency=concurrency,
         )
         tally = _Tally()
-        slots = asyncio.Semaphore(concurrency)
+        todo: list[tuple[StaleUser, Connection]] = []
+        for user in users:
+            if user.connection is None:
+                ctx.counts["items_skipped"] += 1
+                ctx.log.info(
+                    "refresh.user_skipped",
+                    user_id=user.user_id,
+                    reason="no_active_connection",
+                    stale_accounts=user.stale_accounts,
+                )
+            else:
+                todo.append((user, user.connection))
+        queue = iter(todo)
 
-        async def one(user: StaleUser, connection: Connection) -> None:
-            async with slots:
+        async def worker() -> None:
+            # Workers share one iterator: each user is taken once, and at most ``concurrency``
+            # users are in flight, with as many tasks whatever the number of users.
+            for user, connection in queue:
                 await _refresh_user(pool, client, ctx, user, connection, tally, transactions_limit)
 
         try:
             async with asyncio.TaskGroup() as group:
-                for user in users:
-                    if user.connection is None:
-                        ctx.counts["items_skipped"] += 1
-                        ctx.log.info(
-                            "refresh.user_skipped",
-                            user_id=user.user_id,
-                            reason="no_active_connection",
-                            stale_accounts=user.stale_accounts,
-                        )
-                        continue
-                    group.create_task(
-                        one(user, user.connection), name=f"refresh-user-{user.user_id}"
-                    )
+                for n in range(min(concurrency, len(todo))):
+                    group.create_task(worker(), name=f"refresh-worker-{n}")
         except ExceptionGroup as errors:
             # A failure that is not the provider's (the database, a bug) ends the run; the
             # first one is the cause worth reporting, not the group around it.
