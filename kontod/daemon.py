@@ -202,8 +202,15 @@ async def serve(settings: Settings) -> int:
     except BaseException:
         await daemon.stop()
         raise
-    # Wait for a signal, or for a side task that ended, which would silently stop a schedule
-    # or the watchdog: then exit non-zero and let systemd start a fresh process.
+    return await run_until_stopped(daemon, stop)
+
+
+async def run_until_stopped(daemon: Daemon, stop: asyncio.Event) -> int:
+    """Serve until ``stop`` is set (0), or until a side task ends (1); then stop the daemon.
+
+    A side task that ends would silently stop a schedule or the watchdog: exiting non-zero
+    lets systemd start a fresh process.
+    """
     stopped = asyncio.create_task(stop.wait(), name="signals")
     done, _ = await asyncio.wait(
         [stopped, *daemon.side_tasks()], return_when=asyncio.FIRST_COMPLETED
