@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from kontod import schedule
+from kontod.job import JobSpec
 from kontod.runs import FAILED_STATUSES, JobStats
 
 
@@ -64,3 +65,16 @@ def assess(
             next_tick,
         )
     return Verdict(True, None, last_tick, next_tick)
+
+
+def assess_job(spec: JobSpec, tz: ZoneInfo, stats: JobStats, now: datetime) -> Verdict:
+    """``assess`` with the schedule and limits a job declares."""
+    return assess(
+        spec.schedule,
+        tz,
+        spec.grace,
+        stats,
+        now,
+        max_runtime=spec.max_runtime,
+        not_configured=spec.not_configured,
+    )

@@ -14,7 +14,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.registry import CollectorRegistry
 
 from kontod import runs
-from kontod.health import assess
+from kontod.health import assess_job
 from kontod.runner import Runner, Skipped, UnknownJob
 
 log = structlog.get_logger("kontod.http")
@@ -34,15 +34,7 @@ def cron_report(runner: Runner, stats: dict[str, runs.JobStats], now: datetime) 
     jobs = []
     for spec in runner.jobs.values():
         st = stats.get(spec.name, runs.JobStats())
-        verdict = assess(
-            spec.schedule,
-            runner.tz,
-            spec.grace,
-            st,
-            now,
-            max_runtime=spec.max_runtime,
-            not_configured=spec.not_configured,
-        )
+        verdict = assess_job(spec, runner.tz, st, now)
         uptime = None
         if st.last_started_at is not None:
             uptime = int((now - st.last_started_at).total_seconds() * 1000)

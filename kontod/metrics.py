@@ -25,7 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kontod import __version__
-from kontod.health import assess
+from kontod.health import assess_job
 from kontod.job import JobSpec
 from kontod.runs import JobStats
 
@@ -178,15 +178,7 @@ class _JobCollector(Collector):
         )
         for spec in self.jobs:
             st = all_stats.get(spec.name, JobStats())
-            verdict = assess(
-                spec.schedule,
-                self.tz,
-                spec.grace,
-                st,
-                now,
-                max_runtime=spec.max_runtime,
-                not_configured=spec.not_configured,
-            )
+            verdict = assess_job(spec, self.tz, st, now)
             name = [spec.name]
             runs.add_metric(name, st.runs)
             errors.add_metric(name, st.errors)
