@@ -116,7 +116,11 @@ class EmbeddedPostgres:
     async def start(self) -> str:
         """Start (or reuse) the server; return its DSN."""
         try:
-            import pgserver.postgres_server as pgserver
+            with warnings.catch_warnings():
+                # pgserver warns, on import and start, when XDG_RUNTIME_DIR is unset; it then
+                # uses /tmp, which is fine.
+                warnings.simplefilter("ignore")
+                import pgserver.postgres_server as pgserver
         except ImportError:
             raise EmbeddedUnavailable(
                 "no KONTOD_DATABASE_URL is set and the embedded PostgreSQL is not installed: "
@@ -136,8 +140,7 @@ class EmbeddedPostgres:
 
 def _start_pgserver(module: Any, data_dir: Path) -> Any:
     with warnings.catch_warnings():
-        # pgserver warns when XDG_RUNTIME_DIR is unset and then picks /tmp, which is fine.
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # see EmbeddedPostgres.start
         return module.get_server(str(data_dir), cleanup_mode="stop")
 
 
