@@ -89,9 +89,10 @@ class Runner:
         self.clock = clock
         self.stats: dict[str, runs.JobStats] = {}
         self._active: dict[str, asyncio.Task[str]] = {}
-        # Jobs this process is claiming or running; its own 'running' rows of other jobs
-        # are stale.
+        # Jobs this process is claiming or running.
         self._busy: set[str] = set()
+        # Runs of this process that ended but whose end could not be recorded.
+        self._unrecorded: set[int] = set()
         self._prepared = False
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -105,13 +106,10 @@ class Runner:
         await self.refresh_stats()
         self._prepared = True
 
-    async def reap(self, claiming: str | None = None) -> None:
-        """Mark ``interrupted`` the runs nobody is running any more (see runs.reap_orphans).
-
-        ``claiming`` is the job being claimed: none of its runs is going on in this process.
-        """
-        busy = self._busy - {claiming}
-        for run_id, job in await runs.reap_orphans(self.pool, self.owner, busy):
+    async def reap(self) -> None:
+        """Mark ``interrupted`` the runs nobody is running any more (see runs.reap_orphans)."""
+        for run_id, job in await runs.reap_orphans(self.pool, self.owner, set(self._unrecorded)):
+            self._unrecorded.discard(run_id)
             log.warning("run.interrupted_found", job=job, run_id=run_id)
 
     async def start(self) -> None:
@@ -212,12 +210,17 @@ class Runner:
             return self._skip(spec, "overlap", trigger, scheduled_for)
         self._busy.add(name)
         try:
-            await self.reap(claiming=name)
+            await self.reap()
             run_id = await runs.claim(self.pool, name, trigger, scheduled_for, self.owner)
             if run_id is None:
                 reason = await runs.why_not_claimed(self.pool, name)
                 self._busy.discard(name)
                 return self._skip(spec, reason, trigger, scheduled_for)
+            if self._stopping.is_set():
+                # stop() began during the claim and will not wait for this run: give it back.
+                await runs.finish(self.pool, run_id, "interrupted", "kontod was stopping", {})
+                self._busy.discard(name)
+                return self._skip(spec, "stopping", trigger, scheduled_for)
         except BaseException:
             self._busy.discard(name)
             raise
@@ -301,7 +304,9 @@ class Runner:
                 log.error("run.record_failed", attempt=attempt + 1, error=_describe(exc))
                 if attempt + 1 < RECORD_ATTEMPTS:
                     await asyncio.sleep(2**attempt)
-        # If every attempt failed the row stays 'running'; the next reap marks it interrupted.
+        else:
+            # The row stays 'running'; the next reap marks it interrupted so it blocks nothing.
+            self._unrecorded.add(run_id)
         level = "info" if status == "success" else "error"
         getattr(ctx.log, level)(
             "run.finished", status=status, duration_s=round(duration, 3), error=error, counts=counts

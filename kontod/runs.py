@@ -61,12 +61,12 @@ async def register_jobs(db: Executor, names: Iterable[str]) -> None:
 
 
 async def reap_orphans(
-    db: Executor, owner: str = "", busy: Iterable[str] = ()
+    db: Executor, owner: str = "", unrecorded: Iterable[int] = ()
 ) -> list[tuple[int, str]]:
     """Mark ``interrupted`` the runs nobody is running any more.
 
-    That is a run whose process has no database session left, or one of ``owner``'s own runs
-    of a job it is not busy with (its end could not be recorded).
+    That is a run whose process has no database session left, or one of ``owner``'s runs
+    listed in ``unrecorded``: finished, but its end could not be recorded.
     """
     rows = await db.fetch(
         """UPDATE kontod_runs r
@@ -75,10 +75,10 @@ async def reap_orphans(
             WHERE status = 'running'
               AND (NOT EXISTS (SELECT 1 FROM pg_stat_activity a
                                 WHERE a.application_name = r.owner)
-                   OR (r.owner = $1 AND r.job <> ALL($2::text[])))
+                   OR (r.owner = $1 AND r.id = ANY($2::bigint[])))
         RETURNING id, job""",
         owner,
-        list(busy),
+        list(unrecorded),
     )
     return [(r["id"], r["job"]) for r in rows]
 

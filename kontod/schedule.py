@@ -60,8 +60,13 @@ def previous_tick(expr: str, tz: ZoneInfo, at: datetime) -> datetime:
     # cronsim's reverse iteration gives a nearby earlier tick (at an imaginary time inside a
     # skipped hour, or one pass too early in a repeated hour); stepping forward from just before
     # it with next_tick's rules finds the real last tick.
-    local = (at.astimezone(tz) + timedelta(seconds=1)).replace(microsecond=0)
-    candidate = next(CronSim(expr, local, reverse=True)).astimezone(UTC)
+    # One second later in absolute time (adding it to a wall-clock time could cross into the
+    # second pass of a repeated hour).
+    local = (at.astimezone(UTC) + timedelta(seconds=1)).astimezone(tz).replace(microsecond=0)
+    candidate = next(CronSim(expr, local, reverse=True))
+    if is_fixed_time(expr):
+        candidate = candidate.replace(fold=0)  # a repeated wall-clock time fires in its first pass
+    candidate = candidate.astimezone(UTC)
     last = tick = next_tick(expr, tz, min(candidate, at) - timedelta(seconds=1))
     while tick <= at:
         last = tick

@@ -141,6 +141,10 @@ def test_unknown_key_in_the_file_is_refused(tmp_path: Path) -> None:
             "postgresql://kontod@db/konto?password=***&sslmode=require",
         ),
         ("postgresql://kontod@db/konto", "postgresql://kontod@db/konto"),
+        ("postgresql+asyncpg://u:hunter2@db/konto", "postgresql+asyncpg://u:***@db/konto"),
+        (" postgresql://u:hunter2@db/konto", " postgresql://u:***@db/konto"),
+        ("postgresql://me@corp:hunter2@db/konto", "postgresql://me@corp:***@db/konto"),
+        ("host=db password = hunter2 dbname=konto", "host=db password = *** dbname=konto"),
     ],
 )
 def test_redacted_dsn_never_shows_the_password(dsn: str, shown: str) -> None:

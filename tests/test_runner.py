@@ -289,7 +289,9 @@ async def test_own_run_left_running_after_a_failed_record_is_closed(dsn: str) ->
     try:
         await runner.prepare()
         # As if recording the end of an earlier run had failed: our own row, still 'running'.
-        await runs.claim(runner.pool, "test-job", "manual", None, runner.owner)
+        stuck = await runs.claim(runner.pool, "test-job", "manual", None, runner.owner)
+        assert stuck is not None
+        runner._unrecorded.add(stuck)  # what _record does after its last failed attempt
         started = await runner.trigger("test-job", "manual")
         assert isinstance(started, Started)
         assert await started.task == "success"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -103,3 +104,40 @@ def test_previous_tick_inside_the_repeated_hour(
     expr: str, at: datetime, expected: datetime
 ) -> None:
     assert previous_tick(expr, PARIS, at) == expected
+
+
+@pytest.mark.parametrize("zone", ["Europe/Paris", "America/New_York", "Australia/Lord_Howe"])
+@pytest.mark.parametrize(
+    "expr", ["30 2 * * *", "0 30 2 * * *", "* * * * *", "*/15 * * * *", "0 */6 * * *"]
+)
+@pytest.mark.parametrize("month", [3, 4, 10, 11])
+def test_previous_and_next_tick_agree_around_every_change(zone: str, expr: str, month: int) -> None:
+    tz = ZoneInfo(zone)
+    at = datetime(2026, month, 1, tzinfo=UTC)
+    for _ in range(31 * 24):  # every hour and 7 seconds of the month, and the minutes next to it
+        for probe in (
+            at,
+            at + timedelta(minutes=29, seconds=59),
+            at + timedelta(minutes=59, seconds=59),
+        ):
+            prev = previous_tick(expr, tz, probe)
+            assert prev <= probe
+            assert next_tick(expr, tz, prev) > probe
+        at += timedelta(hours=1, seconds=7)
+
+
+@pytest.mark.parametrize(
+    ("zone", "expr", "at", "expected"),
+    [
+        # The last second before the clock goes back: the tick is a minute ago, not an hour on.
+        ("Europe/Paris", "* * * * *", utc(2026, 10, 25, 0, 59, 59), utc(2026, 10, 25, 0, 59)),
+        # Lord Howe goes back by 30 minutes.
+        ("Australia/Lord_Howe", "30 * * * *", utc(2026, 4, 4, 14, 59, 59), utc(2026, 4, 4, 14, 30)),
+        # A 6-field fixed-time schedule later on the day the clock went back.
+        ("Europe/Paris", "0 30 2 * * *", utc(2026, 10, 25, 11), utc(2026, 10, 25, 0, 30)),
+    ],
+)
+def test_previous_tick_just_before_and_after_the_clock_goes_back(
+    zone: str, expr: str, at: datetime, expected: datetime
+) -> None:
+    assert previous_tick(expr, ZoneInfo(zone), at) == expected
