@@ -2,73 +2,44 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-import tempfile
-import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from kontod import db
+from tests import pg
 
 URL_VARIABLE = "KONTOD_TEST_DATABASE_URL"
-
-
-def with_database(dsn: str, name: str) -> str:
-    """The same server DSN pointing at another database."""
-    return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
+# The same server and per-database helpers as the test suite's.
+with_database = pg.with_database
+drop_database = pg.drop_database
 
 
 @contextmanager
 def server() -> Iterator[tuple[str, str]]:
     """The admin DSN of a server for the whole run, and a line saying which server it is."""
-    url = os.environ.get(URL_VARIABLE)
-    if url:
-        yield url, f"{URL_VARIABLE} (databases kontod_bench_* are created and dropped)"
-        return
-    folder = tempfile.mkdtemp(prefix="kontod-bench-pg-")
-    with warnings.catch_warnings():
-        # pgserver warns when XDG_RUNTIME_DIR is unset and then picks /tmp, which is fine.
-        warnings.simplefilter("ignore")
-        import pgserver.postgres_server as pgserver
-
-        srv: Any = pgserver.get_server(folder, cleanup_mode="delete")
-    try:
-        yield str(srv.get_uri()), f"embedded PostgreSQL (pgserver) in {folder}, deleted at the end"
-    finally:
-        srv.cleanup()
+    where = (
+        f"{URL_VARIABLE} (databases kontod_bench_* are created and dropped)"
+        if os.environ.get(URL_VARIABLE)
+        else "embedded PostgreSQL (pgserver) in a temporary folder, deleted at the end"
+    )
+    if not os.environ.get(URL_VARIABLE):
+        with warnings.catch_warnings():
+            # pgserver warns on import when XDG_RUNTIME_DIR is unset, then picks /tmp: fine.
+            warnings.simplefilter("ignore")
+            import pgserver.postgres_server  # noqa: F401
+    with pg.server() as admin_dsn:
+        yield admin_dsn, where
 
 
 async def create_database(admin_dsn: str, *, template: str | None = None) -> str:
     """A new database (a copy of ``template`` when given); return its name."""
-    name = f"kontod_bench_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        copy = f' TEMPLATE "{template}"' if template else ""
-        await conn.execute(f'CREATE DATABASE "{name}"{copy}')
-    finally:
-        await conn.close()
-    return name
-
-
-async def drop_database(admin_dsn: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        for _ in range(50):
-            try:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-                return
-            except asyncpg.ObjectInUseError:
-                await asyncio.sleep(0.1)
-    finally:
-        await conn.close()
+    return await pg.create_database(admin_dsn, template=template, prefix="kontod_bench")
 
 
 async def settle(conn: asyncpg.Connection | PoolConnectionProxy) -> None:

@@ -56,11 +56,15 @@ async def build_template(admin_dsn: str) -> None:
         await conn.close()
 
 
-async def create_database(admin_dsn: str, *, template: str = TEMPLATE) -> str:
-    name = f"kontod_test_{uuid.uuid4().hex[:12]}"
+async def create_database(
+    admin_dsn: str, *, template: str | None = TEMPLATE, prefix: str = "kontod_test"
+) -> str:
+    """A new database (a copy of ``template`` when given); return its name."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    copy = f' TEMPLATE "{template}"' if template else ""
     conn = await asyncpg.connect(admin_dsn)
     try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        await conn.execute(f'CREATE DATABASE "{name}"{copy}')
     finally:
         await conn.close()
     return name
