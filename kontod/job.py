@@ -7,7 +7,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import asyncpg
 import structlog
+from asyncpg.pool import PoolConnectionProxy
+
+Connection = asyncpg.Connection | PoolConnectionProxy
+
+
+class ClaimLost(Exception):
+    """The run no longer holds its claim: it must write nothing more and stop."""
+
+
+Fence = Callable[[Connection], Awaitable[None]]
+
+
+async def _no_fence(conn: Connection) -> None:
+    """The fence of a run that nothing can take over (tests that build a RunContext by hand)."""
 
 
 @dataclass
@@ -26,6 +41,21 @@ class RunContext:
     started_at: datetime
     log: structlog.typing.FilteringBoundLogger
     counts: Counter[str] = field(default_factory=Counter)
+    # Set by the runner: checks, inside the caller's transaction, that this run still holds
+    # its claim, and raises ClaimLost otherwise.
+    fence: Fence = _no_fence
+    # Progress as the job last reported it (per batch, never per row).
+    progress_done: int = 0
+    progress_expected: int | None = None
+
+    async def check_claim(self, conn: Connection) -> None:
+        """Call inside every write transaction: raises ClaimLost when the run lost its claim."""
+        await self.fence(conn)
+
+    def report_progress(self, done: int, expected: int | None) -> None:
+        """Record how many items are done and how many are expected (None: not known yet)."""
+        self.progress_done = done
+        self.progress_expected = expected
 
     @property
     def at(self) -> datetime:
