@@ -125,7 +125,7 @@ def history_days(days: int) -> list[date]:
 
 
 def shape_fingerprint() -> str:
-    return fingerprint([*SEED_SQL, *RATES_SQL, *floor.FLOOR_SQL, HISTORY_END.isoformat()])
+    return fingerprint([*SEED_SQL, *RATES_SQL, *floor.HISTORY_SQL, HISTORY_END.isoformat()])
 
 
 async def sizes(conn: asyncpg.Connection) -> Sizes:
@@ -192,7 +192,7 @@ async def _generate(conn: asyncpg.Connection, users: int, days: int, progress: P
         if n == 1 or n % 10 == 0:
             progress(f"history: day {n} of {days} ({day.isoformat()})")
         async with conn.transaction():
-            for sql in floor.FLOOR_SQL:
+            for sql in floor.HISTORY_SQL:
                 await conn.execute(sql, day)
     progress("history: rebuilding the snapshot tables' indexes")
     await conn.execute("SET maintenance_work_mem = '512MB'")

@@ -49,6 +49,10 @@ SELECT $1::date, user_id, category, total_value FROM fresh
 """,
 )
 
+# The history the data sets start with: the floor's rows in user order, laid out in the table as
+# kontod's batches (each one range of users) leave them, not in the floor's hash order.
+HISTORY_SQL: tuple[str, ...] = tuple(sql.rstrip() + " ORDER BY user_id\n" for sql in FLOOR_SQL)
+
 # The aggregate: the same rows, counted and summed so that none is skipped, nothing written
 # ($1: the date, which the rows do not depend on until rates are looked up by date).
 AGGREGATE_SQL = (

@@ -47,13 +47,13 @@ class Latencies:
 
     requests: int
     errors: int
+    # From the time each request was due; and from the time it was actually sent, which
+    # leaves out any delay of the load generator itself (the two differ when it lagged).
     seconds: list[float] = field(repr=False)
+    service_seconds: list[float] = field(repr=False)
 
     def quantile(self, q: float) -> float | None:
-        if not self.seconds:
-            return None
-        ordered = sorted(self.seconds)
-        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+        return _quantile(self.seconds, q)
 
     @property
     def p50(self) -> float | None:
@@ -88,6 +88,14 @@ class ServiceResult:
         return self.idle_cpu_seconds * 60 / self.idle_cpu_window_s
 
 
+def _quantile(values: list[float], q: float) -> float | None:
+    """The nearest-rank quantile ``q`` of ``values``."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -109,10 +117,12 @@ async def load(
     """Request every endpoint ``rate`` times a second until ``done()``; latencies by endpoint."""
     interval = 1 / rate
     found: dict[str, list[float]] = {e: [] for e in ENDPOINTS}
+    served: dict[str, list[float]] = {e: [] for e in ENDPOINTS}
     errors: dict[str, int] = dict.fromkeys(ENDPOINTS, 0)
     pending: set[asyncio.Task[None]] = set()
 
     async def one(endpoint: str, due: float) -> None:
+        sent = time.perf_counter()
         try:
             async with http.get(base + endpoint) as r:
                 await r.read()
@@ -121,7 +131,9 @@ async def load(
         except aiohttp.ClientError:
             errors[endpoint] += 1
             return
-        found[endpoint].append(time.perf_counter() - due)
+        now = time.perf_counter()
+        found[endpoint].append(now - due)
+        served[endpoint].append(now - sent)
 
     start = time.perf_counter()
     n = 0
@@ -137,7 +149,9 @@ async def load(
         n += 1
     if pending:
         await asyncio.gather(*pending)
-    return {e: Latencies(len(found[e]) + errors[e], errors[e], found[e]) for e in ENDPOINTS}
+    return {
+        e: Latencies(len(found[e]) + errors[e], errors[e], found[e], served[e]) for e in ENDPOINTS
+    }
 
 
 async def run(
@@ -266,6 +280,8 @@ def summary(latencies: dict[str, Latencies]) -> dict[str, Any]:
             "p99_ms": _ms(v.p99),
             "max_ms": _ms(v.max),
             "mean_ms": _ms(statistics.fmean(v.seconds) if v.seconds else None),
+            "from_sending_p99_ms": _ms(_quantile(v.service_seconds, 0.99)),
+            "from_sending_max_ms": _ms(max(v.service_seconds) if v.service_seconds else None),
         }
         for endpoint, v in latencies.items()
     }
