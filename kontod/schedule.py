@@ -84,8 +84,8 @@ def is_fixed_time(expr: str) -> bool:
     A ``*``, a range or a step in either field makes it a wildcard schedule. The seconds of a
     6-field expression do not count: ``*/10 30 2 * * *`` is fixed-time (02:30).
     """
-    minute, hour = _fields(expr)[:2]
-    return bool(_PLAIN.fullmatch(minute) and _PLAIN.fullmatch(hour))
+    fields = _fields(expr)
+    return len(fields) >= 2 and all(_PLAIN.fullmatch(field) for field in fields[:2])
 
 
 # -- resolving a wall-clock time against the zone ----------------------------------------------
