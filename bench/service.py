@@ -2,7 +2,7 @@
 
 ``kontod run`` starts as a process of its own on an external database (the benchmark's working
 copy), listening on a free loopback port with a manual-trigger token, with its snapshot schedule
-set to a day that has no recent tick (29 February), so that only the benchmark starts a run.
+set to once a year, two days ago, so that only the benchmark starts a run.
 
 - **Start to ready**: from the process's start to the first ``GET /health`` answered 200.
 - **Idle**: resident memory (``VmRSS``) once ready, and the CPU seconds (user + system, from
@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -36,8 +37,6 @@ from bench.state import ROOT
 
 ENDPOINTS = ("/metrics", "/health/cron")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-# A schedule with no tick within the catch-up window of any day but 29 February.
-QUIET_SCHEDULE = "0 2 29 2 *"
 RUN_STATUS_SQL = "SELECT status FROM kontod_runs WHERE id = $1"
 
 
@@ -86,6 +85,12 @@ class ServiceResult:
     @property
     def idle_cpu_per_minute(self) -> float:
         return self.idle_cpu_seconds * 60 / self.idle_cpu_window_s
+
+
+def quiet_schedule(now: datetime) -> str:
+    """A yearly schedule whose last tick was two days ago: nothing to catch up, nothing due."""
+    day = now - timedelta(days=2)
+    return f"0 2 {day.day} {day.month} *"
 
 
 def _quantile(values: list[float], q: float) -> float | None:
@@ -170,7 +175,7 @@ async def run(
     env.update(
         KONTOD_LISTEN=f"127.0.0.1:{port}",
         KONTOD_ADMIN_TOKEN=token,
-        KONTOD_SNAPSHOT_SCHEDULE=QUIET_SCHEDULE,
+        KONTOD_SNAPSHOT_SCHEDULE=quiet_schedule(datetime.now(UTC)),
         KONTOD_LOG_LEVEL="warning",
     )
     base = f"http://127.0.0.1:{port}"
