@@ -20,6 +20,7 @@ far it was from being the bottleneck.
 from __future__ import annotations
 
 import asyncio
+import resource
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -75,6 +76,8 @@ class RefreshPass:
     failed: int
     never_synced_after: int
     sandbox_cpu_seconds: float
+    # The CPU time of this process, which runs the job (and nothing else during the pass).
+    job_cpu_seconds: float
 
     @property
     def ideal_seconds(self) -> float:
@@ -93,6 +96,11 @@ class RefreshPass:
     def sandbox_busy(self) -> float:
         """The share of one core the sandbox used during the pass."""
         return self.sandbox_cpu_seconds / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def job_busy(self) -> float:
+        """The share of one core the job's process used during the pass."""
+        return self.job_cpu_seconds / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -222,9 +230,11 @@ async def one_pass(
                 log=structlog.get_logger("bench.refresh"),
             )
             before = await sandbox.stats()
+            cpu_before = _cpu_seconds()
             started = time.perf_counter()
             await spec.body(ctx)
             seconds = time.perf_counter() - started
+            job_cpu = _cpu_seconds() - cpu_before
             after = await sandbox.stats()
         never_synced = await pool.fetchval(NEVER_SYNCED_SQL)
     finally:
@@ -239,7 +249,13 @@ async def one_pass(
         failed=ctx.counts["items_failed"],
         never_synced_after=never_synced,
         sandbox_cpu_seconds=after["cpu_seconds"] - before["cpu_seconds"],
+        job_cpu_seconds=job_cpu,
     )
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 async def run(

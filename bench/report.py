@@ -210,8 +210,8 @@ def markdown(r: Results) -> str:
             " CPU-ms each):",
             "",
             "| concurrency | users | requests | time | ideal | share of ideal | in flight"
-            " | sandbox req/s | sandbox CPU |",
-            "|---|---|---|---|---|---|---|---|---|",
+            " | sandbox req/s | sandbox CPU | kontod CPU |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for p in [*f.passes, *([f.serial] if f.serial else [])]:
             out.append(_refresh_row(p, f.serial is p))
@@ -254,7 +254,7 @@ def _refresh_row(p: RefreshPass, serial: bool) -> str:
     return (
         f"| {label} | {_n(p.users)} | {_n(p.requests)} | {_s(p.seconds)} | {_s(p.ideal_seconds)}"
         f" | {p.share_of_ideal:.0%} | {p.max_in_flight} | {_n(p.requests / p.seconds)}"
-        f" | {p.sandbox_busy:.0%} of a core |"
+        f" | {p.sandbox_busy:.0%} of a core | {p.job_busy:.0%} of a core |"
     )
 
 
@@ -320,6 +320,7 @@ def _refresh_json(f: RefreshResult) -> dict[str, Any]:
             "ideal_seconds": round(p.ideal_seconds, 3),
             "share_of_ideal": round(p.share_of_ideal, 4),
             "sandbox_busy": round(p.sandbox_busy, 4),
+            "job_busy": round(p.job_busy, 4),
             "complete": p.complete,
         }
 
