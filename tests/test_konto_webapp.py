@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 import structlog
 
-from kontod import db, konto_schema
+from kontod import db, demo, konto_schema
 from kontod.job import RunContext
 from kontod.jobs import REFRESH, SNAPSHOTS
 from kontod.jobs import snapshots as snapshots_job
@@ -239,3 +239,24 @@ async def test_schema_errors_name_what_is_wrong(webapp: asyncpg.Connection) -> N
     await webapp.execute("DROP TABLE holding_snapshots, patrimoine_snapshots")
     with pytest.raises(konto_schema.KontoSchemaError, match="patrimoine_snapshots does not exist"):
         await konto_schema.load(webapp)
+
+
+async def test_the_demo_stores_its_token_encrypted_and_refreshes_with_it(
+    pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    assert await demo.seed(pool)
+    stored = await pool.fetchval("SELECT powens_token FROM bank_connections")
+    assert stored != token_for(2)
+    assert decrypt(stored, demo.DEMO_KEY) == token_for(2)
+
+    ctx = ctx_for(REFRESH)
+    body = make_body(
+        pool,
+        fast_client(http, bank.url),
+        stale_after=timedelta(days=7),
+        concurrency=1,
+        key=demo.DEMO_KEY,
+    )
+    await body(ctx)
+
+    assert (ctx.counts["items_refreshed"], ctx.counts["accounts_updated"]) == (1, 3)
