@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 import aiohttp
 import asyncpg
@@ -315,7 +317,7 @@ async def test_a_connection_needing_the_user_stays_stale_and_is_left_alone(
 
     # The state reaches /metrics, from the run's stored counts.
     stats = {REFRESH: JobStats(last_counts=dict(ctx.counts))}
-    metrics = Metrics([], UTC, lambda: stats, lambda: now)  # type: ignore[arg-type]
+    metrics = Metrics([], ZoneInfo("UTC"), lambda: stats, lambda: now)
     sample = metrics.registry.get_sample_value
     assert sample("kontod_provider_connections", {"state": "SCARequired"}) == 1
     assert sample("kontod_provider_connections", {"state": "wrongpass"}) == 0
@@ -477,7 +479,13 @@ async def test_a_403_is_a_setup_error(
         await run(body_for(pool, fast_client(http, bank.url)))
 
     row = await kontod_connection(pool, conn_1)
-    assert (row["error_kind"], row["held_until"]) == ("setup_error", None)
+    assert (row["error_kind"], row["error_code"], row["held_until"]) == (
+        "setup_error",
+        "forbidden",
+        None,
+    )
+    kinds = await pool.fetch("SELECT error_kind FROM kontod_connections")
+    assert Counter(r["error_kind"] for r in kinds) == {"setup_error": 1}
     [failed] = [e for e in logs if e["event"] == "refresh.connection_failed"]
     assert (failed["kind"], failed["status"], failed["code"]) == ("setup_error", 403, "forbidden")
 

@@ -26,6 +26,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 import asyncpg
 
@@ -333,6 +334,43 @@ class Fetched:
         return None if self.failure is None else self.failure.kind
 
 
+class ConnectionRecord(NamedTuple):
+    """One kontod_connections row to write, in the order of the statement's parameters."""
+
+    connection_id: int
+    ok: bool
+    error_kind: str | None
+    error: str | None
+    error_code: str | None
+    powens_state: str | None
+    powens_error_message: str | None
+    powens_last_update: datetime | None
+    powens_next_try: datetime | None
+    token_fingerprint: str
+    held_until: datetime | None
+    needs_user_streak: int | None
+
+    @classmethod
+    def failed(
+        cls, connection: BankConnection, kind: str, error: str, code: str | None = None
+    ) -> ConnectionRecord:
+        """A failed attempt: what Powens said before is kept; a 401 is held in SQL."""
+        return cls(
+            connection.id,
+            False,
+            kind,
+            error[:MAX_REASON],
+            code,
+            None,
+            None,
+            None,
+            None,
+            connection.fingerprint,
+            None,
+            None,
+        )
+
+
 @dataclass
 class _Tally:
     refreshed: int = 0
@@ -352,18 +390,19 @@ def make_body(
 ) -> JobBody:
     """The job body: refresh every user owning a stale account, ``concurrency`` at a time.
 
-    ``key`` is the web app's token encryption key; ``schema`` the Konto schema read at start
-    (read at the first run when None).
+    ``key`` is the web app's token encryption key. Konto's schema is read again at each run
+    unless ``schema`` is given, so a change the web app makes to its tables is seen at the
+    next run rather than at kontod's next start.
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
-    known: list[KontoSchema] = [schema] if schema is not None else []
 
     async def body(ctx: RunContext) -> None:
-        if not known:
+        current = schema
+        if current is None:
             async with pool.acquire() as conn:
-                known.append(await konto_schema.load(conn))
-        job = _Refresh(pool, client, known[0], ctx, key)
+                current = await konto_schema.load(conn)
+        job = _Refresh(pool, client, current, ctx, key)
         await job.run(ctx.started_at - stale_after, concurrency)
 
     return body
@@ -533,7 +572,9 @@ class _Refresh:
             )
             async with self.pool.acquire() as conn, conn.transaction():
                 await ctx.check_claim(conn)
-                await self.record(conn, [_failed(f.connection, kind, reason) for f in fetched])
+                await self.record(
+                    conn, [ConnectionRecord.failed(f.connection, kind, reason) for f in fetched]
+                )
             self._count_user(user, failure=reason)
             return
         failures = [f for f in fetched if f.failure is not None]
@@ -595,10 +636,13 @@ class _Refresh:
         tx_rows: list[tuple[int, ProviderTransaction]] = []
         tx_gone: list[tuple[int, str]] = []
         returned: set[str] = set()
-        records = []
+        records: list[ConnectionRecord] = []
         for f in fetched:
             if f.failure is not None:
-                records.append(_failed(f.connection, f.failure.kind, str(f.failure)))
+                code = getattr(f.failure, "code", None)
+                records.append(
+                    ConnectionRecord.failed(f.connection, f.failure.kind, str(f.failure), code)
+                )
                 continue
             records.append(self._succeeded(f))
             for remote in f.accounts:
@@ -637,17 +681,14 @@ class _Refresh:
             ctx.counts["transactions_deleted"] += int(status.split()[-1])
         await self._record_accounts(conn, states, fetched)
         await self.record(conn, records)
-        if any(f.failure is None for f in fetched):
-            missing = [a.id for a in user.accounts if a.provider_id not in returned]
-            if missing and all(f.failure is None for f in fetched):
-                # Linked through a connection that is not active, or closed at the bank:
-                # worth seeing, not a failure.
-                ctx.counts["accounts_not_returned"] += len(missing)
-                ctx.log.info(
-                    "refresh.accounts_not_returned", user_id=user.user_id, account_ids=missing
-                )
+        missing = [a.id for a in user.accounts if a.provider_id not in returned]
+        if missing and all(f.failure is None for f in fetched):
+            # Linked through a connection that is not active, or closed at the bank: worth
+            # seeing, not a failure.
+            ctx.counts["accounts_not_returned"] += len(missing)
+            ctx.log.info("refresh.accounts_not_returned", user_id=user.user_id, account_ids=missing)
 
-    def _succeeded(self, f: Fetched) -> tuple[object, ...]:
+    def _succeeded(self, f: Fetched) -> ConnectionRecord:
         remote = f.remote
         state = remote.state if remote else None
         streak = f.connection.streak + 1 if state in NEEDS_USER else 0
@@ -657,7 +698,7 @@ class _Refresh:
             held_until = self.now + needs_user_hold(streak)
             if remote is not None and remote.next_try is not None:
                 held_until = max(held_until, remote.next_try)
-        return (
+        return ConnectionRecord(
             f.connection.id,
             True,
             None,
@@ -736,7 +777,7 @@ class _Refresh:
             self.now,
         )
 
-    async def record(self, conn: Connection, records: list[tuple[object, ...]]) -> None:
+    async def record(self, conn: Connection, records: list[ConnectionRecord]) -> None:
         """Upsert one kontod_connections row per connection tried."""
         if not records:
             return
@@ -754,26 +795,9 @@ class _Refresh:
         for r in reasons:
             counts[STALE_COUNT + r["reason"]] = r["accounts"]
         counts["stale_accounts_after"] = sum(r["accounts"] for r in reasons)
+        counts[STATE_COUNT + "ok"] = 0  # present even with no connection: the metric exists
         for r in states:
             counts[STATE_COUNT + r["state"]] = r["connections"]
-
-
-def _failed(connection: BankConnection, kind: str, error: str) -> tuple[object, ...]:
-    """The kontod_connections record of a failed attempt (a 401 is held in SQL)."""
-    return (
-        connection.id,
-        False,
-        kind,
-        error[:MAX_REASON],
-        None,
-        None,
-        None,
-        None,
-        None,
-        connection.fingerprint,
-        None,
-        None,
-    )
 
 
 def _pick(remote: list[ProviderConnection], powens_id: str | None) -> ProviderConnection | None:
