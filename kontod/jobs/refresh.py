@@ -329,10 +329,6 @@ class Fetched:
     accounts: list[ProviderAccount] = field(default_factory=list)
     transactions: dict[str, list[ProviderTransaction]] = field(default_factory=dict)
 
-    @property
-    def kind(self) -> str | None:
-        return None if self.failure is None else self.failure.kind
-
 
 class ConnectionRecord(NamedTuple):
     """One kontod_connections row to write, in the order of the statement's parameters."""
