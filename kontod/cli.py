@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from kontod import __version__, db
+from kontod import __version__, db, konto_schema
 from kontod.config import ConfigError, Settings, load_settings
 from kontod.logs import configure
 
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure(settings.log_format, settings.log_level)
     try:
         return asyncio.run(_dispatch(args, settings))
-    except db.EmbeddedUnavailable as exc:
+    except (db.EmbeddedUnavailable, konto_schema.KontoSchemaError) as exc:
         print(f"kontod: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -97,6 +97,7 @@ async def _database(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
         try:
             async with pool.acquire() as conn:
                 applied = await db.migrate(conn)
+                await konto_schema.load(conn)
             if applied:
                 log.info("database.migrated", applied=applied)
             yield pool
