@@ -176,10 +176,12 @@ async def _history(settings: Settings, days: int) -> int:
         return 2
     async with _database(settings) as pool:
         rows = await pool.fetch(
-            """SELECT date, count(*) AS snapshot_rows, count(DISTINCT user_id) AS users
+            # date::date: Konto's web app stores the date as ISO text.
+            """SELECT date::date AS date, count(*) AS snapshot_rows,
+                      count(DISTINCT user_id) AS users
                  FROM patrimoine_snapshots
-                WHERE date > (now() AT TIME ZONE $2)::date - $1::int
-                GROUP BY date ORDER BY date DESC""",
+                WHERE date::date > (now() AT TIME ZONE $2)::date - $1::int
+                GROUP BY 1 ORDER BY 1 DESC""",
             days,
             settings.timezone,
         )

@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 import structlog
 
-from kontod import db, demo, konto_schema
+from kontod import db, demo, konto_schema, runs
 from kontod.job import RunContext
 from kontod.jobs import REFRESH, SNAPSHOTS
 from kontod.jobs import snapshots as snapshots_job
@@ -260,3 +260,29 @@ async def test_the_demo_stores_its_token_encrypted_and_refreshes_with_it(
     await body(ctx)
 
     assert (ctx.counts["items_refreshed"], ctx.counts["accounts_updated"]) == (1, 3)
+
+
+async def test_history_and_latest_date_read_the_web_apps_text_dates(
+    webapp: asyncpg.Connection, empty_dsn: str
+) -> None:
+    await db.migrate(webapp)
+    await webapp.execute("INSERT INTO users (id, email) VALUES (1, 'u1@example.org')")
+    today = datetime.now(UTC).date()
+    for days_ago, category in ((0, "total"), (0, "checking"), (2, "total"), (30, "total")):
+        await webapp.execute(
+            "INSERT INTO patrimoine_snapshots (date, user_id, category, total_value)"
+            " VALUES ($1, 1, $2, 1.5)",
+            (today - timedelta(days=days_ago)).isoformat(),
+            category,
+        )
+
+    assert await runs.latest_snapshot_date(webapp) == today
+    code, out = await kontod(
+        "history", "--days", "7", env={"KONTOD_DATABASE_URL": empty_dsn, "KONTOD_TIMEZONE": "UTC"}
+    )
+    assert code == 0, out
+    lines = [line.split() for line in out.strip().splitlines() if not line.startswith("{")]
+    assert lines[1:] == [
+        [today.isoformat(), "2", "1"],
+        [(today - timedelta(days=2)).isoformat(), "1", "1"],
+    ]
