@@ -13,14 +13,17 @@ import aiohttp
 import asyncpg
 import pytest
 import structlog
+from prometheus_client.parser import text_string_to_metric_families
 
 from kontod import db, rates
 from kontod.config import ConfigError, load_settings
+from kontod.daemon import Daemon
 from kontod.job import RunContext
 from kontod.jobs.snapshots import Conversion, take_snapshots
 from kontod.rates_sandbox import DEMO_DAY, RateSandbox, urls
 from tests import pg
-from tests.helpers import PARIS, snapshot_rows
+from tests.daemon_harness import TOKEN, running_daemon, settings_for
+from tests.helpers import PARIS, snapshot_rows, wait_for
 
 AT = datetime(2026, 6, 10, 0, 0, tzinfo=UTC)  # 02:00 in Paris, June 10th
 DAY = date(2026, 6, 10)
@@ -585,3 +588,44 @@ def test_rate_settings() -> None:
     assert s.manual_rates == {"XAU": Decimal("2210.50")}
     assert rates.crypto_map(s.crypto_ids)["XBT"] == "bitcoin"
     assert load_settings({"HOME": "/nonexistent"}).base_currency == "EUR"
+
+
+async def test_metrics_export_unconverted_accounts_and_rate_ages(dsn: str) -> None:
+    sandbox = RateSandbox(timeout_s=5)
+    sandbox.fail("ecb", "http_500")
+    async with sandbox.serve() as root:
+        fiat, crypto = urls(root)
+        settings = settings_for(
+            dsn,
+            fiat_rates_url=fiat,
+            crypto_prices_url=crypto,
+            provider_timeout=1.0,
+            provider_attempts=1,
+        )
+        async with running_daemon(settings) as (daemon, base):
+            assert daemon.pool is not None
+            await user_with(daemon.pool, [("checking", "5", "USD"), ("investment", "1", "BTC")])
+            await wait_for(lambda: _idle(daemon))  # a catch-up run of the day, if any
+            async with aiohttp.ClientSession() as http:
+                auth = {"Authorization": f"Bearer {TOKEN}"}
+                async with http.post(f"{base}/jobs/daily-snapshots/run", headers=auth) as resp:
+                    assert resp.status == 202
+                await wait_for(lambda: _idle(daemon))
+                await daemon._refresh_stats()
+                async with http.get(f"{base}/metrics") as resp:
+                    text = await resp.text()
+    found = {
+        (s.name, s.labels.get("currency")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith("kontod_snapshot_")
+    }
+    assert found[("kontod_snapshot_unconverted_accounts", "USD")] == 1
+    assert found[("kontod_snapshot_rate_age_seconds", "BTC")] == 0
+    assert ("kontod_snapshot_rate_age_seconds", "USD") not in found
+    assert 'kontod_job_items_total{job_name="daily-snapshots",outcome="unconverted"}' in text
+
+
+async def _idle(daemon: Daemon) -> bool:
+    assert daemon.runner is not None
+    return all(daemon.runner.active(name) is None for name in daemon.runner.jobs)
