@@ -108,14 +108,13 @@ async def test_history_lists_rows_per_date(dsn: str) -> None:
             )
     finally:
         await conn.close()
-    code, out, _ = await kontod(
-        "history", "--days", "7", env={"KONTOD_DATABASE_URL": dsn, "KONTOD_TIMEZONE": "UTC"}
-    )
+    env = {"KONTOD_DATABASE_URL": dsn, "KONTOD_TIMEZONE": "UTC", "KONTOD_BASE_CURRENCY": "CHF"}
+    code, out, _ = await kontod("history", "--days", "7", env=env)
     assert code == 0
     lines = out.strip().splitlines()
-    assert lines[0].split() == ["DATE", "ROWS", "USERS"]
-    assert lines[1].split() == [today.isoformat(), "2", "1"]
-    assert lines[2].split() == [(today - timedelta(days=1)).isoformat(), "1", "1"]
+    assert lines[0].split() == ["DATE", "ROWS", "USERS", "TOTAL", "CHF"]
+    assert lines[1].split() == [today.isoformat(), "2", "1", "1.00"]
+    assert lines[2].split() == [(today - timedelta(days=1)).isoformat(), "1", "1", "1.00"]
     assert len(lines) == 3
 
 
