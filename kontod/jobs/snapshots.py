@@ -124,6 +124,11 @@ _BATCH_SQL = """
 WITH batch AS (
     SELECT id FROM users WHERE id > $1 ORDER BY id LIMIT $2
 ),
+-- The batch is every user id in ($1, last]: each table is read by that range, which its
+-- user_id (or date, user_id) index answers, instead of being scanned whole for each batch.
+last AS (
+    SELECT max(id) AS id FROM batch
+),
 rates AS (
     -- The divisor gets at least 24 decimals, so that the quotient does too before it is
     -- rounded to 8: one rounding, not two.
@@ -137,8 +142,8 @@ accounts AS (
     SELECT a.user_id, a.id, a.name, coalesce(nullif(a.type, ''), 'checking') AS type,
            coalesce(nullif(upper(btrim(a.currency)), ''), 'EUR') AS currency,
            coalesce(a.balance::numeric, 0) AS amount
-      FROM bank_accounts a JOIN batch b ON b.id = a.user_id
-     WHERE {visible}
+      FROM bank_accounts a
+     WHERE a.user_id > $1 AND a.user_id <= (SELECT id FROM last) AND {visible}
 ),
 converted AS (
     SELECT c.*,
@@ -153,7 +158,8 @@ holdings AS (
     UNION ALL
     SELECT s.user_id, 'asset:' || s.id, 'asset', s.id, s.name, coalesce(nullif(s.type, ''), 'other'),
            coalesce(s.current_value::numeric, s.purchase_price::numeric, 0), NULL, NULL
-      FROM assets s JOIN batch b ON b.id = s.user_id
+      FROM assets s
+     WHERE s.user_id > $1 AND s.user_id <= (SELECT id FROM last)
 ),
 categories AS (
     SELECT user_id, type AS category, sum(value) AS total_value
@@ -175,8 +181,8 @@ changed AS (
 ),
 removed AS (
     DELETE FROM patrimoine_snapshots p
-     USING batch b
-     WHERE p.user_id = b.id AND p.date = {snapshot_day}
+     WHERE p.date = {snapshot_day}
+       AND p.user_id > $1 AND p.user_id <= (SELECT id FROM last)
        AND NOT EXISTS (SELECT 1 FROM fresh f
                         WHERE f.user_id = p.user_id AND f.category = p.category)
     RETURNING 1
@@ -204,8 +210,8 @@ holdings_changed AS (
 ),
 holdings_removed AS (
     DELETE FROM holding_snapshots o
-     USING batch b
-     WHERE o.user_id = b.id AND o.date = {holding_day}
+     WHERE o.date = {holding_day}
+       AND o.user_id > $1 AND o.user_id <= (SELECT id FROM last)
        AND NOT EXISTS (SELECT 1 FROM holdings h
                         WHERE h.user_id = o.user_id AND h.holding_key = o.holding_key)
     RETURNING 1
@@ -224,7 +230,7 @@ unconverted AS (
     SELECT currency, count(*) AS accounts FROM converted WHERE value IS NULL GROUP BY currency
 )
 SELECT (SELECT count(*) FROM batch) AS users,
-       (SELECT max(id) FROM batch) AS last_id,
+       (SELECT id FROM last) AS last_id,
        (SELECT count(*) FROM fresh) AS fresh_rows,
        (SELECT count(*) FROM written) AS written,
        (SELECT count(*) FROM removed) AS removed,
