@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import structlog
 from asyncpg.pool import PoolConnectionProxy
 
 from kontod.powens import backoff_seconds, retry_after_seconds
@@ -312,7 +313,7 @@ async def update(
     crypto_ids: Mapping[str, str],
     manual: Mapping[str, Decimal],
     now: datetime,
-    log: Any,
+    log: structlog.typing.FilteringBoundLogger,
     before_write: Callable[[Connection], Awaitable[None]],
 ) -> RateReport:
     """Ask each source once for the currencies the accounts use, store what they give for

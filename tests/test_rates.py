@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kontod import db, rates
 from kontod.config import ConfigError, load_settings
 from kontod.daemon import Daemon
-from kontod.job import RunContext
+from kontod.job import ClaimLost, Connection, RunContext
 from kontod.jobs.snapshots import Conversion, take_snapshots
 from kontod.rates_sandbox import DEMO_DAY, RateSandbox, urls
 from tests import pg
@@ -407,12 +407,13 @@ async def test_konto_web_app_schema_is_read_and_written_in_its_own_types(
 ) -> None:
     pool = webapp_pool
     await pool.execute(WEBAPP_SCHEMA)
+    before = [tuple(r) for r in await pool.fetch(COLUMN_TYPES_SQL)]
     # kontod's own migrations after the first (which is about Konto's tables): the rates
     # table, and holding_snapshots only where it is absent.
     for mig in db.migrations():
         if mig.version >= 2:
             await pool.execute(mig.sql)
-    before = [tuple(r) for r in await pool.fetch(COLUMN_TYPES_SQL)]
+    assert [tuple(r) for r in await pool.fetch(COLUMN_TYPES_SQL)] == before
     uid: int = await pool.fetchval(
         "INSERT INTO users (email) VALUES ('w@example.org') RETURNING id"
     )
@@ -629,3 +630,25 @@ async def test_metrics_export_unconverted_accounts_and_rate_ages(dsn: str) -> No
 async def _idle(daemon: Daemon) -> bool:
     assert daemon.runner is not None
     return all(daemon.runner.active(name) is None for name in daemon.runner.jobs)
+
+
+async def test_a_run_that_lost_its_claim_writes_nothing(
+    pool: asyncpg.Pool, sources: Sources
+) -> None:
+    await user_with(pool, [("checking", "1", "USD")])
+    c = ctx()
+    checks = 0
+
+    async def fence(conn: Connection) -> None:
+        nonlocal checks
+        checks += 1
+        assert conn.is_in_transaction()
+        if checks == 2:  # the rates are written, then the first batch finds the claim gone
+            raise ClaimLost("taken over")
+
+    c.fence = fence
+    with pytest.raises(ClaimLost):
+        await take_snapshots(pool, c, PARIS, 100, sources=sources.client)
+    assert await pool.fetchval("SELECT count(*) FROM patrimoine_snapshots") == 0
+    assert await pool.fetchval("SELECT count(*) FROM holding_snapshots") == 0
+    assert (c.progress_done, c.progress_expected) == (0, 1)
