@@ -96,10 +96,7 @@ def _pick(choices: Mapping[str, str], types: Mapping[tuple[str, str], str], col:
 async def columns(conn: Connection) -> Columns:
     """Look up, in one query, the types of the columns the snapshot reads and writes."""
     types = {(r["tbl"], r["col"]): r["type"] for r in await conn.fetch(_COLUMNS_SQL)}
-    has_amount = ("holding_snapshots", "currency") in types and (
-        "holding_snapshots",
-        "amount",
-    ) in types
+    has_amount = {("holding_snapshots", "currency"), ("holding_snapshots", "amount")} <= set(types)
     return Columns(
         visible=_pick(_VISIBLE, types, "bank_accounts.hidden"),
         snapshot_day=_pick(_DAY, types, "patrimoine_snapshots.date"),
