@@ -79,6 +79,7 @@ class Settings:
     crypto_ids: Mapping[str, str] = field(default_factory=dict)
     # currency -> value of one unit in the base currency
     manual_rates: Mapping[str, Decimal] = field(default_factory=dict)
+    crypto_api_key: str | None = field(default=None, repr=False)
 
     @property
     def tz(self) -> ZoneInfo:
@@ -315,10 +316,15 @@ _SPEC: list[tuple[str, str, Callable[[str], Any], bool]] = [
     ("crypto_prices_url", "KONTOD_CRYPTO_PRICES_URL", _parse_source_url, False),
     ("crypto_ids", "KONTOD_CRYPTO_IDS", _parse_crypto_ids, False),
     ("manual_rates", "KONTOD_MANUAL_RATES", _parse_manual_rates, False),
+    ("crypto_api_key", "KONTOD_CRYPTO_API_KEY", _parse_token, True),
 ]
 
 # Secrets may also come from systemd credentials: $CREDENTIALS_DIRECTORY/<file>.
-_CREDENTIALS = {"KONTOD_DATABASE_URL": "database_url", "KONTOD_ADMIN_TOKEN": "admin_token"}
+_CREDENTIALS = {
+    "KONTOD_DATABASE_URL": "database_url",
+    "KONTOD_ADMIN_TOKEN": "admin_token",
+    "KONTOD_CRYPTO_API_KEY": "crypto_api_key",
+}
 
 
 def load_settings(env: Mapping[str, str] | None = None, *, isatty: bool | None = None) -> Settings:

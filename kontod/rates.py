@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -38,6 +39,8 @@ CRYPTO = "crypto"
 MANUAL = "manual"
 # An answer larger than this is not a rate file (the ECB's daily file is about 2 kB).
 MAX_BODY = 2 * 1024 * 1024
+DEMO_KEY_HEADER = "x-cg-demo-api-key"
+PRO_KEY_HEADER = "x-cg-pro-api-key"
 
 # Symbols as crypto providers store them in bank_accounts.currency -> CoinGecko coin ids.
 # KONTOD_CRYPTO_IDS adds to it or overrides it.
@@ -236,6 +239,7 @@ class RateSources:
         backoff: float = 0.5,
         max_backoff: float = 30.0,
         max_retry_after: float = 60.0,
+        api_key: str | None = None,
         sleep: Sleep = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -254,25 +258,43 @@ class RateSources:
         self._sleep = sleep
         self._jitter = jitter
         self._now = now
+        # CoinGecko takes a Demo plan key on api.coingecko.com and a paid plan's key on
+        # pro-api.coingecko.com, each in a header of its own.
+        self._headers: dict[str, str] = {}
+        if api_key:
+            pro = (urlsplit(crypto_url).hostname or "").startswith("pro-api.")
+            self._headers[PRO_KEY_HEADER if pro else DEMO_KEY_HEADER] = api_key
 
     async def ecb(self) -> dict[date, dict[str, Decimal]]:
         """The ECB reference rates file, parsed."""
-        return parse_ecb(await self._get(ECB, self.fiat_url, None))
+        return parse_ecb(await self._get(ECB, self.fiat_url, None, {}))
 
     async def crypto(self, ids: Iterable[str], vs: str) -> dict[str, Decimal]:
         """Prices of the given coin ids in ``vs`` (lower case), in one request."""
         wanted = sorted(set(ids))
         params = {"ids": ",".join(wanted), "vs_currencies": vs, "precision": "full"}
-        return parse_simple_price(await self._get(CRYPTO, self.crypto_url, params), wanted, vs)
+        body = await self._get(CRYPTO, self.crypto_url, params, self._headers)
+        return parse_simple_price(body, wanted, vs)
 
-    async def _get(self, source: str, url: str, params: Mapping[str, str] | None) -> bytes:
+    async def _get(
+        self,
+        source: str,
+        url: str,
+        params: Mapping[str, str] | None,
+        headers: Mapping[str, str],
+    ) -> bytes:
         """The body of a 2xx answer, retrying timeouts, connection errors, 429 and 5xx."""
         last = ""
         for attempt in range(1, self._attempts + 1):
             retry_after: float | None = None
             try:
                 async with self._session.get(
-                    url, params=params, timeout=self._timeout, allow_redirects=True
+                    url,
+                    params=params,
+                    headers=headers,
+                    timeout=self._timeout,
+                    # An API key goes to the configured host only, never where a redirect points.
+                    allow_redirects=not headers,
                 ) as resp:
                     status = resp.status
                     body = await resp.content.read(MAX_BODY + 1)

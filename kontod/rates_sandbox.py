@@ -68,6 +68,8 @@ class RateSandbox:
     requests: Counter[str] = field(default_factory=Counter)
     last_query: dict[str, dict[str, str]] = field(default_factory=dict)
     timeout_s: float = 30.0
+    # When set, the price endpoint wants it in x-cg-demo-api-key, as CoinGecko's Demo plan.
+    api_key: str | None = None
 
     def fail(self, source: str, kind: str, times: int | None = None) -> None:
         self.faults[source] = Fault(kind, times)
@@ -117,6 +119,14 @@ class RateSandbox:
         fault = self._next_fault(CRYPTO)
         if fault is not None:
             return await self._fault(fault, xml=False)
+        if self.api_key is not None:
+            given = request.headers.get("x-cg-demo-api-key")
+            if given != self.api_key:
+                code, text = (
+                    (10002, "API Key Missing") if given is None else (10011, "Invalid API Key")
+                )
+                body = {"status": {"error_code": code, "error_message": text}}
+                return web.json_response(body, status=401)
         for param in ("ids", "vs_currencies"):
             if not request.query.get(param):
                 return web.json_response({"error": f"Missing parameter {param}"}, status=400)

@@ -652,3 +652,25 @@ async def test_a_run_that_lost_its_claim_writes_nothing(
     assert await pool.fetchval("SELECT count(*) FROM patrimoine_snapshots") == 0
     assert await pool.fetchval("SELECT count(*) FROM holding_snapshots") == 0
     assert (c.progress_done, c.progress_expected) == (0, 1)
+
+
+async def test_the_price_api_key_goes_in_its_header_and_never_in_an_error() -> None:
+    sandbox = RateSandbox(api_key="cg-secret-123")
+    async with sandbox.serve() as root, aiohttp.ClientSession() as http:
+        fiat, crypto = urls(root)
+
+        def client(key: str | None) -> rates.RateSources:
+            return rates.RateSources(
+                http, fiat_url=fiat, crypto_url=crypto, attempts=3, api_key=key, sleep=_no_sleep
+            )
+
+        with pytest.raises(rates.RateSourceError, match=r"HTTP 401 \(10002: API Key Missing\)"):
+            await client(None).crypto(["bitcoin"], "eur")
+        with pytest.raises(rates.RateSourceError) as err:
+            await client("cg-wrong-456").crypto(["bitcoin"], "eur")
+        assert "10011" in str(err.value) and "cg-wrong-456" not in str(err.value)
+        assert sandbox.requests["crypto"] == 2  # a 401 is not retried
+        assert await client("cg-secret-123").crypto(["bitcoin"], "eur") == {"bitcoin": BTC_EUR}
+    settings = load_settings({"HOME": "/nonexistent", "KONTOD_CRYPTO_API_KEY": " cg-secret-123 "})
+    assert settings.crypto_api_key == "cg-secret-123"
+    assert "cg-secret-123" not in repr(settings)

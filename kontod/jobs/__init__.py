@@ -40,6 +40,7 @@ def declare_jobs(
                     crypto_url=settings.crypto_prices_url,
                     timeout=settings.provider_timeout,
                     attempts=settings.provider_attempts,
+                    crypto_api_key=settings.crypto_api_key,
                 ),
                 http,
             ),

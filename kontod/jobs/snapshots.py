@@ -377,6 +377,7 @@ class SourceSettings:
     crypto_url: str
     timeout: float = 30.0
     attempts: int = 4
+    crypto_api_key: str | None = field(default=None, repr=False)
 
 
 def make_body(
@@ -418,5 +419,6 @@ async def _with_sources(
         crypto_url=settings.crypto_url,
         timeout=settings.timeout,
         attempts=settings.attempts,
+        api_key=settings.crypto_api_key,
     )
     await take_snapshots(pool, ctx, tz, batch_size, conversion=conversion, sources=sources)
