@@ -6,11 +6,12 @@ import asyncio
 import dataclasses
 import signal
 import sys
+from datetime import date, timedelta
 
 import asyncpg
 import structlog
 
-from kontod import sandbox, tokens
+from kontod import rates_sandbox, sandbox, tokens
 from kontod.config import Settings
 from kontod.daemon import Daemon
 from kontod.runner import Skipped
@@ -31,6 +32,9 @@ VALUES
     (2, 'powens', '1001', 'Compte chèques', 0, false, NULL),
     (2, 'powens', '1002', 'LDDS', 0, false, NULL),
     (2, 'powens', '1003', 'PEA', 0, false, NULL);
+INSERT INTO bank_accounts (user_id, provider, name, balance, type, subtype, currency) VALUES
+    (1, 'blockchain', 'Ledger BTC', 0.35, 'investment', 'crypto', 'BTC'),
+    (1, NULL, 'Chase checking (USD)', 1520.40, 'checking', NULL, 'USD');
 INSERT INTO assets (user_id, type, name, purchase_price, current_value) VALUES
     (1, 'real_estate', 'Appartement', 210000.00, 248500.00),
     (1, 'vehicle', 'Voiture', 18000.00, NULL),
@@ -58,6 +62,27 @@ async def seed(pool: asyncpg.Pool, key: bytes = DEMO_KEY) -> bool:
     return True
 
 
+async def converted_summary(pool: asyncpg.Pool, base: str) -> str:
+    """Alice's newest snapshot: her holdings in other currencies as converted, and her total."""
+    rows = await pool.fetch(
+        """SELECT h.name, h.amount, h.currency, h.value, t.total_value
+             FROM holding_snapshots h
+             JOIN patrimoine_snapshots t
+               ON t.user_id = h.user_id AND t.date = h.date AND t.category = 'total'
+            WHERE h.user_id = 1 AND h.currency IS DISTINCT FROM $1 AND h.kind = 'account'
+              AND h.date = (SELECT max(date) FROM holding_snapshots WHERE user_id = 1)
+            ORDER BY h.name""",
+        base,
+    )
+    if not rows:
+        return "\nno converted holding yet (see the daily-snapshots run's counts)"
+    lines = [f"\nAlice's snapshot, in {base}:"]
+    for r in rows:
+        lines.append(f"  {r['name']}: {r['amount']} {r['currency']} = {r['value']:,.2f} {base}")
+    lines.append(f"  total: {rows[0]['total_value']:,.2f} {base}")
+    return "\n".join(lines)
+
+
 async def demo(settings: Settings) -> int:
     """Run the demo until Ctrl-C."""
 
@@ -73,8 +98,16 @@ async def demo(settings: Settings) -> int:
         if await seed(pool, key):
             log.info("demo.seeded", users=3)
 
-    async with sandbox.serve() as bank_url:
-        demo_settings = dataclasses.replace(demo_settings, powens_url=bank_url)
+    # The rate sources' sandbox serves yesterday's reference rates, as the ECB would at 02:00.
+    rate_sources = rates_sandbox.RateSandbox(ecb_day=date.today() - timedelta(days=1))
+    async with sandbox.serve() as bank_url, rate_sources.serve() as rates_root:
+        fiat_url, crypto_url = rates_sandbox.urls(rates_root)
+        demo_settings = dataclasses.replace(
+            demo_settings,
+            powens_url=bank_url,
+            fiat_rates_url=fiat_url,
+            crypto_prices_url=crypto_url,
+        )
         daemon = Daemon(demo_settings, on_migrated=seed_once)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -93,6 +126,8 @@ async def demo(settings: Settings) -> int:
                 if task is not None:
                     started.append(task)
             await asyncio.gather(*started)
+            assert daemon.pool is not None
+            print(await converted_summary(daemon.pool, settings.base_currency), file=sys.stderr)
             base = f"http://{demo_settings.listen_host}:{daemon.port}"
             print(
                 "\nkontod demo is running; open:\n"
@@ -101,6 +136,7 @@ async def demo(settings: Settings) -> int:
                 f"  {base}/jobs/daily-snapshots/runs\n"
                 f"  {base}/jobs/refresh-stale-connections/runs\n"
                 f"sandbox bank: {bank_url}\n"
+                f"sandbox rates: {fiat_url}\n               {crypto_url}\n"
                 "Ctrl-C stops it.\n",
                 file=sys.stderr,
                 flush=True,
