@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg
 
 from bench import dataset, refresh, report, scale, service, state
-from kontod import logs
+from kontod import logs, rates_sandbox
 
 RESULTS = state.ROOT / "bench" / "results"
 README_BEGIN = "<!-- bench:begin -->"
@@ -169,39 +169,9 @@ async def _drop_stale_templates(admin_dsn: str, progress: scale.Progress) -> Non
 
 async def _run(admin_dsn: str, args: argparse.Namespace, p: Profile) -> report.Results:
     say = _say(time.perf_counter())
-    sizes = args.sizes or p.sizes
-    days = args.history_days or p.history_days
-    reps = args.repetitions or p.repetitions
-    old_up_to = p.old_up_to if args.old_up_to is None else args.old_up_to
     await _drop_stale_templates(admin_dsn, say)
-    snapshots: list[scale.ScaleResult] = []
-    svc: service.ServiceResult | None = None
-    for users in sizes:
-        async with scale.working_data(admin_dsn, users, days, say) as data:
-            old = users <= old_up_to
-            snapshots.append(
-                await scale.measure(
-                    data,
-                    repetitions=reps,
-                    batch_size=args.batch_size,
-                    old=old,
-                    old_note=None
-                    if old
-                    else f"not run above {old_up_to} users (one pass would take"
-                    f" about {users * 0.0025 / 60:.0f} min at 2.5 ms per user)",
-                    progress=say,
-                )
-            )
-            if users == max(sizes) and not args.no_daemon:
-                svc = await service.run(
-                    data.dsn,
-                    users,
-                    batch_size=args.batch_size,
-                    rate=p.rate,
-                    idle_load_s=p.idle_load_s,
-                    idle_cpu_s=p.idle_cpu_s,
-                    progress=say,
-                )
+    async with rates_sandbox.RateSandbox().serve() as rates_root:
+        snapshots, svc = await _snapshots(admin_dsn, args, p, rates_root, say)
     fresh = None
     if not args.no_refresh:
         fresh = await refresh.run(
@@ -215,6 +185,47 @@ async def _run(admin_dsn: str, args: argparse.Namespace, p: Profile) -> report.R
         )
     run_table = await _run_table(admin_dsn, p.run_table_rows, say)
     return report.Results({}, snapshots, fresh, svc, run_table)
+
+
+async def _snapshots(
+    admin_dsn: str, args: argparse.Namespace, p: Profile, rates_root: str, say: scale.Progress
+) -> tuple[list[scale.ScaleResult], service.ServiceResult | None]:
+    """Every size's snapshot variants; the daemon's figures on the largest."""
+    sizes = args.sizes or p.sizes
+    days = args.history_days or p.history_days
+    reps = args.repetitions or p.repetitions
+    old_up_to = p.old_up_to if args.old_up_to is None else args.old_up_to
+    snapshots: list[scale.ScaleResult] = []
+    svc: service.ServiceResult | None = None
+    for users in sizes:
+        async with scale.working_data(admin_dsn, users, days, say) as data:
+            old = users <= old_up_to
+            snapshots.append(
+                await scale.measure(
+                    data,
+                    repetitions=reps,
+                    batch_size=args.batch_size,
+                    rates_root=rates_root,
+                    old=old,
+                    old_note=None
+                    if old
+                    else f"not run above {old_up_to} users (one pass would take"
+                    f" about {users * 0.0025 / 60:.0f} min at 2.5 ms per user)",
+                    progress=say,
+                )
+            )
+            if users == max(sizes) and not args.no_daemon:
+                svc = await service.run(
+                    data.dsn,
+                    users,
+                    batch_size=args.batch_size,
+                    rates_root=rates_root,
+                    rate=p.rate,
+                    idle_load_s=p.idle_load_s,
+                    idle_cpu_s=p.idle_cpu_s,
+                    progress=say,
+                )
+    return snapshots, svc
 
 
 async def _run_table(admin_dsn: str, rows: int, progress: scale.Progress) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
+from decimal import Decimal
 
 import asyncpg
 
@@ -31,7 +32,7 @@ from bench.state import (
     template_name,
     with_database,
 )
-from kontod import db
+from kontod import db, rates_sandbox
 
 # The history's days end long before any date the benchmark writes, so every timed pass writes
 # the newest date of the table, as the daily job does.
@@ -82,9 +83,19 @@ SELECT u, 'asset ' || k,
 """,
 )
 
-# Statements for the currencies the accounts use, once conversion needs rates ($1: first day,
-# $2: last day). Empty while the job sums balances as they are.
-RATES_SQL: tuple[str, ...] = ()
+# A rate for every currency the accounts use on every day the benchmark may write ($1: first
+# day, $2: last day), in kontod's table: the same figures every day, the ones the rate sandbox
+# serves (kontod.rates_sandbox), so a run that fetches them stores nothing new and every date's
+# rows are comparable with every other's.
+RATES_SQL: tuple[str, ...] = (
+    """
+INSERT INTO kontod_rates (base, currency, day, currency_amount, base_amount, source)
+SELECT 'EUR', q.currency, d::date, q.currency_amount, q.base_amount, q.source
+  FROM generate_series($1::date, $2::date, interval '1 day') d,
+       unnest($3::text[], $4::numeric[], $5::numeric[], $6::text[])
+           AS q (currency, currency_amount, base_amount, source)
+""",
+)
 
 SIZES_SQL = """
 SELECT (SELECT count(*) FROM users) AS users,
@@ -93,6 +104,7 @@ SELECT (SELECT count(*) FROM users) AS users,
        (SELECT count(*) FROM bank_accounts WHERE currency <> 'EUR') AS foreign_accounts,
        (SELECT count(*) FROM assets) AS assets,
        (SELECT count(*) FROM patrimoine_snapshots) AS snapshot_rows,
+       (SELECT count(*) FROM holding_snapshots) AS holding_rows,
        pg_database_size(current_database()) AS bytes
 """
 
@@ -106,6 +118,11 @@ SELECT i.indexrelid::regclass::text AS name, pg_get_indexdef(i.indexrelid) AS de
  WHERE i.indrelid = $1::regclass AND NOT i.indisprimary
 """
 
+# The currencies of the generated accounts other than EUR, and the price API's ids of the crypto
+# ones (those kontod ships: kontod.rates.SHIPPED_CRYPTO_IDS).
+FIAT = ("USD", "CHF", "GBP")
+CRYPTO = {"BTC": "bitcoin", "ETH": "ethereum"}
+
 Progress = Callable[[str], None]
 
 
@@ -117,7 +134,25 @@ class Sizes:
     foreign_accounts: int
     assets: int
     snapshot_rows: int
+    holding_rows: int
     bytes: int
+
+
+def rate_quotes() -> tuple[list[str], list[Decimal], list[Decimal], list[str]]:
+    """(currency, units of it, worth in EUR, source) of each currency the data set uses, as the
+    rate sandbox quotes them."""
+    fiat = [(cur, rates_sandbox.DEMO_ECB_RATES[cur], Decimal(1), "ecb") for cur in FIAT]
+    crypto = [
+        (cur, Decimal(1), rates_sandbox.DEMO_PRICES[coin]["eur"], "crypto")
+        for cur, coin in CRYPTO.items()
+    ]
+    rows = fiat + crypto
+    return (
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        [r[2] for r in rows],
+        [r[3] for r in rows],
+    )
 
 
 def history_days(days: int) -> list[date]:
@@ -125,7 +160,9 @@ def history_days(days: int) -> list[date]:
 
 
 def shape_fingerprint() -> str:
-    return fingerprint([*SEED_SQL, *RATES_SQL, *floor.HISTORY_SQL, HISTORY_END.isoformat()])
+    return fingerprint(
+        [*SEED_SQL, *RATES_SQL, floor.HISTORY_SQL, repr(rate_quotes()), HISTORY_END.isoformat()]
+    )
 
 
 async def sizes(conn: asyncpg.Connection) -> Sizes:
@@ -170,8 +207,11 @@ async def _generate(conn: asyncpg.Connection, users: int, days: int, progress: P
         for sql in SEED_SQL:
             await conn.execute(sql, users)
         days_list = history_days(days)
+        currencies, amounts, bases, sources = rate_quotes()
         for sql in RATES_SQL:
-            await conn.execute(sql, days_list[0], date(2027, 12, 31))
+            await conn.execute(
+                sql, days_list[0], date(2027, 12, 31), currencies, amounts, bases, sources
+            )
     await conn.execute("ANALYZE")
     tables = [table for table, _ in floor.SNAPSHOT_TABLES]
     rebuild: list[str] = []
@@ -192,8 +232,7 @@ async def _generate(conn: asyncpg.Connection, users: int, days: int, progress: P
         if n == 1 or n % 10 == 0:
             progress(f"history: day {n} of {days} ({day.isoformat()})")
         async with conn.transaction():
-            for sql in floor.HISTORY_SQL:
-                await conn.execute(sql, day)
+            await conn.execute(floor.HISTORY_SQL, day, floor.BASE_CURRENCY, floor.RATE_MAX_AGE_DAYS)
     progress("history: rebuilding the snapshot tables' indexes")
     await conn.execute("SET maintenance_work_mem = '512MB'")
     for sql in rebuild:

@@ -187,7 +187,7 @@ def markdown(r: Results) -> str:
             equal = "yes" if s.same_rows else "NO"
             out.append(
                 f"| {_n(s.users)} | {_n(s.sizes.accounts)} | {_n(rows_day)}"
-                f" | {_n(s.sizes.snapshot_rows)} ({s.history_days} days)"
+                f" | {_n(s.sizes.snapshot_rows + s.sizes.holding_rows)} ({s.history_days} days)"
                 f" | {_spread(s.seconds('kontod'))} | {_spread(s.seconds('rerun'))}"
                 f" | {_spread(s.seconds('floor'))} | {_spread(s.seconds('aggregate'))}"
                 f" | {_spread(s.seconds('old'))}"

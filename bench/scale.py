@@ -39,6 +39,7 @@ import asyncpg
 from bench import dataset, floor
 from bench.snapshots import old_snapshots
 from bench.state import ROOT, working_copy
+from kontod import rates_sandbox
 
 # The timed passes write the days from here on, one each, all newer than the history.
 FIRST_DAY = date(2026, 1, 1)
@@ -151,8 +152,10 @@ async def settle(conn: asyncpg.Connection) -> None:
         await conn.execute("CHECKPOINT")
 
 
-def job_environment(dsn: str, batch_size: int) -> dict[str, str]:
-    """The environment of a kontod process on the benchmark's database."""
+def job_environment(dsn: str, batch_size: int, rates_root: str) -> dict[str, str]:
+    """The environment of a kontod process on the benchmark's database, asking the rate
+    sandbox served at ``rates_root`` (nothing leaves loopback)."""
+    fiat_url, crypto_url = rates_sandbox.urls(rates_root)
     env = {k: v for k, v in os.environ.items() if not k.startswith("KONTOD_")}
     env.update(
         KONTOD_DATABASE_URL=dsn,
@@ -160,11 +163,15 @@ def job_environment(dsn: str, batch_size: int) -> dict[str, str]:
         KONTOD_LOG_FORMAT="json",
         KONTOD_LOG_LEVEL="warning",
         KONTOD_SNAPSHOT_BATCH_SIZE=str(batch_size),
+        KONTOD_FIAT_RATES_URL=fiat_url,
+        KONTOD_CRYPTO_PRICES_URL=crypto_url,
     )
     return env
 
 
-async def kontod_pass(conn: asyncpg.Connection, dsn: str, tick: datetime, batch_size: int) -> Pass:
+async def kontod_pass(
+    conn: asyncpg.Connection, dsn: str, tick: datetime, batch_size: int, rates_root: str
+) -> Pass:
     """One scheduled run in a process of its own; its time is the run's recorded duration."""
     started = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
@@ -174,7 +181,7 @@ async def kontod_pass(conn: asyncpg.Connection, dsn: str, tick: datetime, batch_
         "--tick",
         tick.isoformat(),
         cwd=ROOT,
-        env=job_environment(dsn, batch_size),
+        env=job_environment(dsn, batch_size, rates_root),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -203,17 +210,18 @@ async def kontod_pass(conn: asyncpg.Connection, dsn: str, tick: datetime, batch_
 
 async def floor_pass(conn: asyncpg.Connection, day: date) -> tuple[float, int]:
     started = time.perf_counter()
-    rows = 0
     async with conn.transaction():
-        for sql in floor.FLOOR_SQL:
-            status = await conn.execute(sql, day)
-            rows += int(status.split()[-1])
+        rows: int = await conn.fetchval(
+            floor.FLOOR_SQL, day, floor.BASE_CURRENCY, floor.RATE_MAX_AGE_DAYS
+        )
     return time.perf_counter() - started, rows
 
 
 async def aggregate_pass(conn: asyncpg.Connection, day: date) -> tuple[float, int]:
     started = time.perf_counter()
-    row = await conn.fetchrow(floor.AGGREGATE_SQL, day)
+    row = await conn.fetchrow(
+        floor.AGGREGATE_SQL, day, floor.BASE_CURRENCY, floor.RATE_MAX_AGE_DAYS
+    )
     assert row is not None
     return time.perf_counter() - started, int(row["rows"])
 
@@ -250,6 +258,7 @@ async def measure(
     *,
     repetitions: int,
     batch_size: int,
+    rates_root: str,
     old: bool,
     old_note: str | None,
     progress: Progress,
@@ -282,11 +291,13 @@ async def measure(
                 if variant == "kontod":
                     kontod_day = day
                     tick = datetime(day.year, day.month, day.day, 2, tzinfo=UTC)
-                    first = await kontod_pass(conn, data.dsn, tick, batch_size)
+                    first = await kontod_pass(conn, data.dsn, tick, batch_size, rates_root)
                     result.passes.append(_at(first, "kontod", rep))
                     await settle(conn)
                     progress(f"snapshots: {data.users} users, pass {rep + 1}, rerun")
-                    again = await kontod_pass(conn, data.dsn, tick + timedelta(hours=1), batch_size)
+                    again = await kontod_pass(
+                        conn, data.dsn, tick + timedelta(hours=1), batch_size, rates_root
+                    )
                     result.passes.append(_at(again, "rerun", rep))
                     continue
                 timed: Callable[[asyncpg.Connection, date], Awaitable[tuple[float, int]]] = {

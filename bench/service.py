@@ -164,6 +164,7 @@ async def run(
     users: int,
     *,
     batch_size: int,
+    rates_root: str,
     rate: float,
     idle_load_s: float,
     idle_cpu_s: float,
@@ -171,7 +172,7 @@ async def run(
 ) -> ServiceResult:
     port = _free_port()
     token = secrets.token_hex(16)
-    env = job_environment(dsn, batch_size)
+    env = job_environment(dsn, batch_size, rates_root)
     env.update(
         KONTOD_LISTEN=f"127.0.0.1:{port}",
         KONTOD_ADMIN_TOKEN=token,
