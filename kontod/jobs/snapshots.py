@@ -53,6 +53,10 @@ SELECT c.relname::text AS tbl, a.attname::text AS col, format_type(a.atttypid, N
 """
 
 
+# Runs of one batch at most, when other writers keep inserting its rows under it.
+BATCH_ATTEMPTS = 3
+
+
 class SchemaError(Exception):
     """A column the snapshot reads or writes has a type it does not handle."""
 
@@ -115,7 +119,8 @@ async def columns(conn: Connection) -> Columns:
 # - one holding row per converted account and per asset, one row per non-zero category and a
 #   total, all sums in exact numeric arithmetic;
 # - rows of that date that no longer apply deleted, rows that differ from what is stored
-#   upserted, rows already right left untouched, so a re-run with nothing new writes nothing.
+#   updated, missing rows inserted, rows already right left untouched, so a re-run with
+#   nothing new writes nothing.
 # The parts see the same snapshot and touch disjoint rows.
 _BATCH_SQL = """
 WITH batch AS (
@@ -170,26 +175,38 @@ fresh AS (
       FROM batch b LEFT JOIN categories c ON c.user_id = b.id AND c.category <> 'total'
      GROUP BY b.id
 ),
-changed AS (
-    SELECT f.* FROM fresh f
-      LEFT JOIN patrimoine_snapshots p
-        ON p.date = {snapshot_day} AND p.user_id = f.user_id AND p.category = f.category
-     WHERE p.total_value IS DISTINCT FROM f.total_value
+-- What the date already holds for the batch, read by the batch's range of the (date, user_id,
+-- ...) index, then set against what it should hold in one full join: a hash or merge join
+-- over two in-memory sets, never a look-up per row.
+stored AS (
+    SELECT user_id, category, total_value FROM patrimoine_snapshots
+     WHERE date = {snapshot_day} AND user_id > $1 AND user_id <= (SELECT id FROM last)
+),
+diff AS (
+    SELECT coalesce(f.user_id, s.user_id) AS user_id, coalesce(f.category, s.category) AS category,
+           f.total_value, s.user_id IS NOT NULL AS stored, f.user_id IS NOT NULL AS wanted,
+           f.total_value IS DISTINCT FROM s.total_value AS differs
+      FROM fresh f FULL JOIN stored s ON s.user_id = f.user_id AND s.category = f.category
 ),
 removed AS (
     DELETE FROM patrimoine_snapshots p
-     WHERE p.date = {snapshot_day}
-       AND p.user_id > $1 AND p.user_id <= (SELECT id FROM last)
-       AND NOT EXISTS (SELECT 1 FROM fresh f
-                        WHERE f.user_id = p.user_id AND f.category = p.category)
+     USING diff d
+     WHERE NOT d.wanted
+       AND p.date = {snapshot_day} AND p.user_id = d.user_id AND p.category = d.category
     RETURNING 1
 ),
-written AS (
-    INSERT INTO patrimoine_snapshots AS p (date, user_id, category, total_value)
-    SELECT {snapshot_day}, user_id, category, total_value FROM changed
-    ON CONFLICT (date, user_id, category) DO UPDATE
-       SET total_value = EXCLUDED.total_value{created_at}
-     WHERE p.total_value IS DISTINCT FROM EXCLUDED.total_value
+updated AS (
+    UPDATE patrimoine_snapshots p SET total_value = d.total_value{created_at}
+      FROM diff d
+     WHERE d.wanted AND d.stored AND d.differs
+       AND p.date = {snapshot_day} AND p.user_id = d.user_id AND p.category = d.category
+    RETURNING 1
+),
+-- A plain insert: the rows are known to be absent. A row another writer inserts meanwhile
+-- makes it fail with a unique violation, and the batch is run again (take_snapshots).
+inserted AS (
+    INSERT INTO patrimoine_snapshots (date, user_id, category, total_value)
+    SELECT {snapshot_day}, user_id, category, total_value FROM diff WHERE NOT stored
     RETURNING 1
 ),
 holding_rows AS (
@@ -197,30 +214,43 @@ holding_rows AS (
            value::{holding_money} AS value{amount_select}
       FROM holdings
 ),
-holdings_changed AS (
-    SELECT n.* FROM holding_rows n
-      LEFT JOIN holding_snapshots o
-        ON o.date = {holding_day} AND o.user_id = n.user_id AND o.holding_key = n.holding_key
-     WHERE o.holding_key IS NULL
-        OR (o.kind, o.ref_id, o.name, o.type, o.value{amount_old})
-           IS DISTINCT FROM (n.kind, n.ref_id, n.name, n.type, n.value{amount_new})
+holdings_stored AS (
+    SELECT user_id, holding_key, kind, ref_id, name, type, value{amount_columns}
+      FROM holding_snapshots
+     WHERE date = {holding_day} AND user_id > $1 AND user_id <= (SELECT id FROM last)
+),
+holdings_diff AS (
+    SELECT coalesce(n.user_id, o.user_id) AS user_id,
+           coalesce(n.holding_key, o.holding_key) AS holding_key,
+           n.kind, n.ref_id, n.name, n.type, n.value{amount_new},
+           o.holding_key IS NOT NULL AS stored, n.holding_key IS NOT NULL AS wanted,
+           (o.kind, o.ref_id, o.name, o.type, o.value{amount_old})
+               IS DISTINCT FROM (n.kind, n.ref_id, n.name, n.type, n.value{amount_new})
+               AS differs
+      FROM holding_rows n
+      FULL JOIN holdings_stored o ON o.user_id = n.user_id AND o.holding_key = n.holding_key
 ),
 holdings_removed AS (
     DELETE FROM holding_snapshots o
-     WHERE o.date = {holding_day}
-       AND o.user_id > $1 AND o.user_id <= (SELECT id FROM last)
-       AND NOT EXISTS (SELECT 1 FROM holdings h
-                        WHERE h.user_id = o.user_id AND h.holding_key = o.holding_key)
+     USING holdings_diff d
+     WHERE NOT d.wanted
+       AND o.date = {holding_day} AND o.user_id = d.user_id AND o.holding_key = d.holding_key
     RETURNING 1
 ),
-holdings_written AS (
-    INSERT INTO holding_snapshots AS o
+holdings_updated AS (
+    UPDATE holding_snapshots o
+       SET kind = d.kind, ref_id = d.ref_id, name = d.name, type = d.type,
+           value = d.value{amount_set}
+      FROM holdings_diff d
+     WHERE d.wanted AND d.stored AND d.differs
+       AND o.date = {holding_day} AND o.user_id = d.user_id AND o.holding_key = d.holding_key
+    RETURNING 1
+),
+holdings_inserted AS (
+    INSERT INTO holding_snapshots
            (date, user_id, holding_key, kind, ref_id, name, type, value{amount_columns})
     SELECT {holding_day}, user_id, holding_key, kind, ref_id, name, type, value{amount_columns}
-      FROM holdings_changed
-    ON CONFLICT (date, user_id, holding_key) DO UPDATE
-       SET kind = EXCLUDED.kind, ref_id = EXCLUDED.ref_id, name = EXCLUDED.name,
-           type = EXCLUDED.type, value = EXCLUDED.value{amount_set}
+      FROM holdings_diff WHERE NOT stored
     RETURNING 1
 ),
 unconverted AS (
@@ -229,10 +259,11 @@ unconverted AS (
 SELECT (SELECT count(*) FROM batch) AS users,
        (SELECT id FROM last) AS last_id,
        (SELECT count(*) FROM fresh) AS fresh_rows,
-       (SELECT count(*) FROM written) AS written,
+       (SELECT count(*) FROM inserted) + (SELECT count(*) FROM updated) AS written,
        (SELECT count(*) FROM removed) AS removed,
        (SELECT count(*) FROM holdings) AS holdings,
-       (SELECT count(*) FROM holdings_written) AS holdings_written,
+       (SELECT count(*) FROM holdings_inserted) + (SELECT count(*) FROM holdings_updated)
+           AS holdings_written,
        (SELECT count(*) FROM holdings_removed) AS holdings_removed,
        (SELECT array_agg(currency ORDER BY currency) FROM unconverted) AS unconverted_currencies,
        (SELECT array_agg(accounts ORDER BY currency) FROM unconverted) AS unconverted_accounts
@@ -253,7 +284,7 @@ def batch_sql(cols: Columns) -> str:
         amount_old=", o.currency, o.amount" if amount else "",
         amount_new=", n.currency, n.amount" if amount else "",
         amount_columns=", currency, amount" if amount else "",
-        amount_set=", currency = EXCLUDED.currency, amount = EXCLUDED.amount" if amount else "",
+        amount_set=", currency = d.currency, amount = d.amount" if amount else "",
     )
 
 
@@ -319,12 +350,9 @@ async def take_snapshots(
         expected: int = await conn.fetchval("SELECT count(*) FROM users")
         ctx.report_progress(0, expected)
         while True:
-            async with conn.transaction():
-                await ctx.check_claim(conn)
-                row = await conn.fetchrow(
-                    sql, last_id, batch_size, day, conv.base, conv.max_age_days
-                )
-            assert row is not None
+            row = await _run_batch(
+                conn, ctx, sql, last_id, batch_size, day, conv.base, conv.max_age_days
+            )
             if row["users"] == 0:
                 break
             last_id = row["last_id"]
@@ -349,6 +377,33 @@ async def take_snapshots(
         holdings_written=ctx.counts["holdings_written"],
         unconverted=ctx.counts["items_unconverted"],
     )
+
+
+async def _run_batch(
+    conn: Connection,
+    ctx: RunContext,
+    sql: str,
+    last_id: int,
+    batch_size: int,
+    day: date,
+    base: str,
+    max_age_days: int,
+) -> asyncpg.Record:
+    """One batch in one transaction, run again when another writer inserted one of its rows
+    between the statement's snapshot and its insert (a unique violation rolls it back whole)."""
+    for attempt in range(1, BATCH_ATTEMPTS + 1):
+        try:
+            async with conn.transaction():
+                await ctx.check_claim(conn)
+                row = await conn.fetchrow(sql, last_id, batch_size, day, base, max_age_days)
+        except asyncpg.UniqueViolationError:
+            if attempt == BATCH_ATTEMPTS:
+                raise
+            ctx.log.info("snapshots.batch_retried", after_user_id=last_id, attempt=attempt)
+            continue
+        assert row is not None
+        return row
+    raise AssertionError("unreachable")
 
 
 def _count_batch(ctx: RunContext, row: asyncpg.Record) -> None:
