@@ -170,8 +170,9 @@ async def _drop_stale_templates(admin_dsn: str, progress: scale.Progress) -> Non
 async def _run(admin_dsn: str, args: argparse.Namespace, p: Profile) -> report.Results:
     say = _say(time.perf_counter())
     await _drop_stale_templates(admin_dsn, say)
-    async with rates_sandbox.RateSandbox().serve() as rates_root:
-        snapshots, svc = await _snapshots(admin_dsn, args, p, rates_root, say)
+    rates = rates_sandbox.RateSandbox()
+    async with rates.serve() as rates_root:
+        snapshots, svc = await _snapshots(admin_dsn, args, p, rates, rates_root, say)
     fresh = None
     if not args.no_refresh:
         fresh = await refresh.run(
@@ -188,7 +189,12 @@ async def _run(admin_dsn: str, args: argparse.Namespace, p: Profile) -> report.R
 
 
 async def _snapshots(
-    admin_dsn: str, args: argparse.Namespace, p: Profile, rates_root: str, say: scale.Progress
+    admin_dsn: str,
+    args: argparse.Namespace,
+    p: Profile,
+    rates: rates_sandbox.RateSandbox,
+    rates_root: str,
+    say: scale.Progress,
 ) -> tuple[list[scale.ScaleResult], service.ServiceResult | None]:
     """Every size's snapshot variants; the daemon's figures on the largest."""
     sizes = args.sizes or p.sizes
@@ -205,6 +211,7 @@ async def _snapshots(
                     data,
                     repetitions=reps,
                     batch_size=args.batch_size,
+                    rates=rates,
                     rates_root=rates_root,
                     old=old,
                     old_note=None
@@ -219,6 +226,7 @@ async def _snapshots(
                     data.dsn,
                     users,
                     batch_size=args.batch_size,
+                    rates=rates,
                     rates_root=rates_root,
                     rate=p.rate,
                     idle_load_s=p.idle_load_s,

@@ -258,6 +258,7 @@ async def measure(
     *,
     repetitions: int,
     batch_size: int,
+    rates: rates_sandbox.RateSandbox,
     rates_root: str,
     old: bool,
     old_note: str | None,
@@ -290,6 +291,8 @@ async def measure(
                 progress(f"snapshots: {data.users} users, pass {rep + 1}, {variant}")
                 if variant == "kontod":
                     kontod_day = day
+                    # The ECB publishes the day's rates: the run fetches and stores them.
+                    rates.ecb_day = day
                     tick = datetime(day.year, day.month, day.day, 2, tzinfo=UTC)
                     first = await kontod_pass(conn, data.dsn, tick, batch_size, rates_root)
                     result.passes.append(_at(first, "kontod", rep))

@@ -34,6 +34,7 @@ import asyncpg
 from bench.job_process import memory_kib
 from bench.scale import job_environment
 from bench.state import ROOT
+from kontod import rates_sandbox
 
 ENDPOINTS = ("/metrics", "/health/cron")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -164,12 +165,14 @@ async def run(
     users: int,
     *,
     batch_size: int,
+    rates: rates_sandbox.RateSandbox,
     rates_root: str,
     rate: float,
     idle_load_s: float,
     idle_cpu_s: float,
     progress: Callable[[str], None],
 ) -> ServiceResult:
+    rates.ecb_day = datetime.now(UTC).date()
     port = _free_port()
     token = secrets.token_hex(16)
     env = job_environment(dsn, batch_size, rates_root)
