@@ -81,6 +81,7 @@ async def take_snapshots(
     async with pool.acquire() as conn:
         while True:
             async with conn.transaction():
+                await ctx.check_claim(conn)
                 row = await conn.fetchrow(BATCH_SQL, last_id, batch_size, day)
             assert row is not None
             if row["users"] == 0:
