@@ -150,8 +150,10 @@ async def fence(
 ) -> bool:
     """Inside the caller's transaction: whether the run still holds its lease.
 
-    The row is locked ``FOR SHARE`` until the transaction ends, so a reaper waits for the
-    write to commit or roll back: a write happens under a valid lease or not at all. The
+    The row is locked ``FOR KEY SHARE`` until the transaction ends. The reaper locks it
+    ``FOR UPDATE``, which waits for that lock, so a write commits or rolls back before its run
+    can be reaped: a write happens under a valid lease or not at all. Lease renewals are plain
+    updates, which that lock lets through, so a long write does not starve its own lease. The
     transaction also gets server-side limits (local to it, so a pooler in transaction mode
     keeps them to it): a frozen client's statement and idle transaction are ended by the
     server, and release the lock.
@@ -162,7 +164,7 @@ async def fence(
              FROM kontod_runs
             WHERE id = $1 AND status = 'running' AND instance = $2
               AND lease_until > clock_timestamp()
-              FOR SHARE""",
+              FOR KEY SHARE""",
         run_id,
         instance,
         str(statement_ms),
@@ -203,15 +205,21 @@ async def finish(
 async def reap_expired(db: Executor) -> list[Reaped]:
     """Mark ``interrupted`` every running run whose lease has expired, naming its owner."""
     rows = await db.fetch(
-        """WITH gone AS (
-               UPDATE kontod_runs
-                  SET status = 'interrupted', finished_at = now(),
-                      error = 'abandoned: instance ' || instance
-                              || ' stopped renewing its lease (last heartbeat '
-                              || to_char(heartbeat_at AT TIME ZONE 'UTC',
-                                         'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') || ')'
+        """WITH expired AS (
+               -- FOR UPDATE waits for a fenced write in progress (see fence).
+               SELECT id FROM kontod_runs
                 WHERE status = 'running' AND lease_until < now()
-            RETURNING id, job, instance, heartbeat_at),
+                  FOR UPDATE),
+           gone AS (
+               UPDATE kontod_runs r
+                  SET status = 'interrupted', finished_at = now(),
+                      error = 'abandoned: instance ' || r.instance
+                              || ' stopped renewing its lease (last heartbeat '
+                              || to_char(r.heartbeat_at AT TIME ZONE 'UTC',
+                                         'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') || ')'
+                 FROM expired e
+                WHERE r.id = e.id
+            RETURNING r.id, r.job, r.instance, r.heartbeat_at),
            counted AS (
                UPDATE kontod_jobs j SET runs = j.runs + g.n, errors = j.errors + g.n
                  FROM (SELECT job, count(*) AS n FROM gone GROUP BY job) g
