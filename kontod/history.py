@@ -167,9 +167,12 @@ class History:
         return list(self._tasks)
 
     async def stop(self) -> None:
+        """Cancel the loops; one stuck on a database that does not answer is left to the
+        closing of the pool."""
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=1.0)
 
     async def _prune_once(self) -> None:
         try:

@@ -187,10 +187,15 @@ class Runner:
         unfinished: list[asyncio.Task[Any]] = [*active, *self._pending.values()]
         if unfinished:
             await asyncio.wait(unfinished, timeout=RECORD_GRACE_S)
-        left: list[asyncio.Task[Any]] = [*active, *self._pending.values()]
+        left: list[asyncio.Task[Any]] = [
+            t for t in [*active, *self._pending.values()] if not t.done()
+        ]
         for task in left:
             task.cancel()
-        await asyncio.gather(*left, return_exceptions=True)
+        if left:
+            # A task still there after this waits on a database that does not answer (a
+            # rollback, say); closing the pool, the daemon's next step, ends it.
+            await asyncio.wait(left, timeout=1.0)
         await self.history.stop()
 
     @property

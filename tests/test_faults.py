@@ -9,8 +9,13 @@ the instance named ``victim`` (kontod names its sessions after its instance).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib
 import json
+import os
+import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -21,13 +26,12 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-import psutil
 import pytest
 
 from kontod import db
 from tests import pg
 from tests.helpers import add_user
-from tests.test_signals import JOB, START_TIMEOUT_S, Kontod, kontod, snapshot_categories
+from tests.test_signals import JOB, START_TIMEOUT_S, TOKEN, Kontod, kontod, snapshot_categories
 
 LEASE_S = 5
 FAST = {"KONTOD_LEASE_SECONDS": str(LEASE_S), "KONTOD_SHUTDOWN_TIMEOUT": "2"}
@@ -59,15 +63,17 @@ async def database(admin_dsn: str) -> AsyncIterator[tuple[str, asyncpg.Pool]]:
         await pg.drop_database(admin_dsn, name)
 
 
-async def slow_for_victim(pool: asyncpg.Pool, after_user: int, seconds: float = 2) -> None:
-    """Writing each row of every user after ``after_user`` sleeps, in the victim's sessions
-    only. Each sleep stays under the statement timeout a run's transaction carries (the
-    lease): with one user per batch the victim's run is slow, not failing."""
+async def slow_for_victim(
+    pool: asyncpg.Pool, after_user: int, seconds: float = 2, also: str = "victim"
+) -> None:
+    """Writing each row of every user after ``after_user`` sleeps, in the sessions of the
+    victim (and of ``also``) only. Each sleep stays under the statement timeout a run's
+    transaction carries (the lease): with one user per batch the run is slow, not failing."""
     await pool.execute(
         f"""CREATE FUNCTION test_slow() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN
                 IF NEW.user_id > {int(after_user)}
-                   AND current_setting('application_name') = 'victim' THEN
+                   AND current_setting('application_name') IN ('victim', '{also}') THEN
                     PERFORM pg_sleep({float(seconds)});
                 END IF;
                 RETURN NEW;
@@ -84,9 +90,7 @@ async def seed(pool: asyncpg.Pool, n: int = 3) -> list[int]:
     ]
 
 
-async def wait_until(
-    check: Any, what: str, procs: list[Kontod], timeout: float
-) -> float:
+async def wait_until(check: Any, what: str, procs: list[Kontod], timeout: float) -> float:
     """Poll ``check`` (async, returns bool); the seconds it took. Fails with the logs."""
     began = time.monotonic()
     while not await check():
@@ -169,7 +173,9 @@ async def test_three_replicas_run_every_tick_exactly_once(
     assert missing == [], missing
     doubled = {t: len(rs) for t, rs in per_tick.items() if len(rs) > 1}
     assert doubled == {}
-    failed = [dict(rs[0]) for t, rs in per_tick.items() if t in expected and rs[0]["status"] != "success"]
+    failed = [
+        dict(rs[0]) for t, rs in per_tick.items() if t in expected and rs[0]["status"] != "success"
+    ]
     assert failed == []
     # The runs were spread over the replicas, each named in the rows and in its logs.
     instances = {rs[0]["instance"] for rs in per_tick.values()}
@@ -180,9 +186,7 @@ async def test_three_replicas_run_every_tick_exactly_once(
                 assert event["instance"] == k.log_path.stem, event
 
 
-async def takeover_scenario(
-    admin_dsn: str, tmp_path: Path, freeze: bool
-) -> dict[str, float]:
+async def takeover_scenario(admin_dsn: str, tmp_path: Path, freeze: bool) -> dict[str, float]:
     """The victim runs a tick and is killed (or frozen) in its slow batch; two replicas live."""
     async with database(admin_dsn) as (dsn, pool):
         users = await seed(pool, 12)
@@ -263,9 +267,10 @@ async def takeover_scenario(
                     assert second["started_at"] <= r["created_at"] <= second["finished_at"], r
                 for uid in users:
                     assert await snapshot_categories(pool, uid) == {"checking", "total"}
-                assert await pool.fetchval(
-                    "SELECT count(*) FROM kontod_runs WHERE status = 'running'"
-                ) == 0
+                assert (
+                    await pool.fetchval("SELECT count(*) FROM kontod_runs WHERE status = 'running'")
+                    == 0
+                )
 
                 # Every live replica reports the same history, and the database's.
                 async def agree() -> bool:
@@ -288,7 +293,7 @@ async def test_a_killed_or_frozen_replica_is_taken_over_by_a_live_one(
     )
     record_property("takeover_after_sigkill_s", round(killed["takeover_s"], 2))
     record_property("takeover_after_sigstop_s", round(frozen["takeover_s"], 2))
-    print(f"takeover: SIGKILL {killed}, SIGSTOP {frozen}")  # noqa: T201 - the measured figures
+    print(f"takeover: SIGKILL {killed}, SIGSTOP {frozen}")
 
 
 async def fault_scenario(admin_dsn: str, tmp_path: Path, heal_after: int | None) -> list[Any]:
@@ -320,7 +325,8 @@ async def fault_scenario(admin_dsn: str, tmp_path: Path, heal_after: int | None)
         async with kontod(dsn, tmp_path, name, settings) as k:
 
             async def failures(n: int) -> bool:
-                return sum(r["status"] == "error" for r in await rows(pool, tick)) >= n
+                errors = sum(r["status"] == "error" for r in await rows(pool, tick))
+                return bool(errors >= n)
 
             await wait_until(lambda: failures(1), "the first failure", [k], START_TIMEOUT_S)
             seen: list[Any] = []
@@ -390,24 +396,53 @@ def private_server() -> Iterator[tuple[str, Any]]:
         srv.cleanup()
 
 
+def pgserver_module(name: str) -> Any:
+    """A module of pgserver (it ships no type information)."""
+    return importlib.import_module(f"pgserver.{name}")
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # pid (comm) state ppid ...: comm may hold spaces, so split after its ')'.
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
 def with_children(srv: Any, signum: signal.Signals) -> None:
     """Send ``signum`` to the postmaster and every backend of ``srv``."""
     pid = srv.get_pid()
     if pid is None:
         return
-    main = psutil.Process(pid)
-    for proc in [main, *main.children(recursive=True)]:
-        try:
-            proc.send_signal(signum)
-        except psutil.NoSuchProcess:
-            pass
+    for proc in [pid, *children(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc, signum)
+
+
+def exited(pid: int) -> bool:
+    """Whether ``pid`` is gone or a zombie (it exited; whoever adopted it has not reaped it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
 
 
 def restart(srv: Any) -> None:
-    from pgserver._commands import pg_ctl
-
-    pg_ctl(["-w", "-m", "fast", "-l", str(srv.log), "restart"], pgdata=srv.pgdata,
-           user=srv.system_user, timeout=30)
+    """``pg_ctl restart`` of a pgserver server; pgserver then follows the new postmaster, so
+    that its clean-up stops it."""
+    pg_ctl = pgserver_module("_commands").pg_ctl
+    info = pgserver_module("postgres_server").PostmasterInfo
+    pg_ctl(
+        ["-w", "-m", "fast", "-l", str(srv.log), "restart"],
+        pgdata=srv.pgdata,
+        user=srv.system_user,
+        timeout=30,
+    )
+    srv._postmaster_info = info.read_from_pgdata(srv.pgdata)
 
 
 async def migrated_pool(uri: str) -> asyncpg.Pool:
@@ -425,7 +460,7 @@ async def test_a_postgresql_restart_mid_run_loses_no_tick(tmp_path: Path) -> Non
     with private_server() as (uri, srv):
         pool = await migrated_pool(uri)
         users = await seed(pool)
-        await slow_for_victim(pool, users[0], seconds=1)
+        await slow_for_victim(pool, users[0], seconds=1, also="replica")
         settings = FAST | {"KONTOD_SNAPSHOT_SCHEDULE": "*/15 * * * * *", "KONTOD_RETRY_DELAY": "1s"}
         try:
             async with (
@@ -436,15 +471,16 @@ async def test_a_postgresql_restart_mid_run_loses_no_tick(tmp_path: Path) -> Non
                     await k.wait_logged("job.registered", job=JOB, timeout=START_TIMEOUT_S)
 
                 async def in_a_run() -> bool:
-                    return bool(await pool.fetchval(
-                        """SELECT count(*) FROM pg_stat_activity
-                            WHERE application_name = 'victim' AND wait_event = 'PgSleep'"""
-                    ))
+                    return bool(
+                        await pool.fetchval(
+                            """SELECT count(*) FROM pg_stat_activity
+                            WHERE application_name IN ('victim', 'replica')
+                              AND wait_event = 'PgSleep'"""
+                        )
+                    )
 
                 await wait_until(in_a_run, "a run in its slow batch", [a, b], 40)
-                cut = await pool.fetchval(
-                    "SELECT id FROM kontod_runs WHERE status = 'running'"
-                )
+                cut = await pool.fetchval("SELECT id FROM kontod_runs WHERE status = 'running'")
                 await pool.close()
                 await asyncio.to_thread(restart, srv)
                 restarted = time.monotonic()
@@ -452,7 +488,9 @@ async def test_a_postgresql_restart_mid_run_loses_no_tick(tmp_path: Path) -> Non
                 assert pool is not None
 
                 async def ended() -> bool:
-                    status = await pool.fetchval("SELECT status FROM kontod_runs WHERE id = $1", cut)
+                    status: str = await pool.fetchval(
+                        "SELECT status FROM kontod_runs WHERE id = $1", cut
+                    )
                     return status != "running"
 
                 await wait_until(ended, "the cut run recorded", [a, b], LEASE_S + 10)
@@ -479,9 +517,10 @@ async def test_a_postgresql_restart_mid_run_loses_no_tick(tmp_path: Path) -> Non
             )
             assert doubled == []
             assert cut_row["status"] in ("error", "interrupted"), dict(cut_row)
-            assert await pool.fetchval(
-                "SELECT count(*) FROM kontod_runs WHERE status = 'running'"
-            ) == 0
+            assert (
+                await pool.fetchval("SELECT count(*) FROM kontod_runs WHERE status = 'running'")
+                == 0
+            )
         finally:
             await pool.close()
 
@@ -511,4 +550,81 @@ async def test_sigterm_with_the_database_frozen_exits_within_the_bound(
         assert elapsed <= 2 + 10, (elapsed, k.log())
         assert k.logged("daemon.stopped") is not None, k.log()
         record_property("shutdown_with_database_frozen_s", round(elapsed, 2))
-        print(f"shutdown with the database frozen: {elapsed:.2f} s")  # noqa: T201
+        print(f"shutdown with the database frozen: {elapsed:.2f} s")
+
+
+async def test_a_signal_during_start_aborts_it_without_ready(tmp_path: Path) -> None:
+    from tests.test_lifecycle import kind
+    from tests.test_systemd_notify import Receiver
+
+    # A server that accepts connections and never answers: the start waits on it.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    folder = tempfile.mkdtemp(prefix="kontod-abort-")  # AF_UNIX paths stop at 107 bytes
+    receiver = Receiver(f"{folder}/notify").start()
+    try:
+        port = silent.getsockname()[1]
+        settings = {
+            "KONTOD_DATABASE_URL": f"postgresql://kontod@127.0.0.1:{port}/konto",
+            "NOTIFY_SOCKET": f"{folder}/notify",
+        }
+        async with kontod("unused", tmp_path, "starting", settings) as k:
+            await k.wait_logged("database.external", timeout=START_TIMEOUT_S)
+            await asyncio.sleep(0.5)
+            sent = time.monotonic()
+            k.proc.send_signal(signal.SIGTERM)
+            code = await k.wait_exit(10)
+            elapsed = time.monotonic() - sent
+        assert code == 0, k.log()
+        assert elapsed < 6, elapsed  # not the 10 s connect timeout
+        assert k.logged("daemon.start_aborted") is not None, k.log()
+        kinds = [kind(d) for d in receiver.got()]
+        assert "READY" not in kinds, kinds
+        assert "STOPPING" in kinds, kinds
+    finally:
+        receiver.close()
+        silent.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def test_a_second_signal_still_stops_the_embedded_database(tmp_path: Path) -> None:
+    postmaster_info = pgserver_module("postgres_server").PostmasterInfo
+    state = Path(tempfile.mkdtemp(prefix="kontod-emb-"))  # short: the socket lives in pgdata
+    try:
+        settings = {
+            "KONTOD_STATE_DIR": str(state),
+            "KONTOD_SHUTDOWN_TIMEOUT": "60",
+            "KONTOD_SNAPSHOT_SCHEDULE": "0 12 1 1 *",
+        }
+        async with kontod("", tmp_path, "victim", settings) as k:
+            await k.wait_logged("job.registered", job=JOB, timeout=START_TIMEOUT_S)
+            info = postmaster_info.read_from_pgdata(state / "pgdata")
+            assert info is not None
+            uri = f"postgresql://postgres@/postgres?host={info.socket_dir}"
+            pool = await asyncpg.create_pool(uri, min_size=1, max_size=2)
+            assert pool is not None
+            try:
+                users = await seed(pool, 6)
+                await slow_for_victim(pool, users[0])
+            finally:
+                await pool.close()
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(
+                    f"http://127.0.0.1:{k.port}/jobs/{JOB}/run",
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                ) as resp,
+            ):
+                assert resp.status == 202, await resp.text()
+            await k.wait_logged("snapshots.started")
+            k.proc.send_signal(signal.SIGTERM)
+            await k.wait_logged("runner.waiting")
+            k.proc.send_signal(signal.SIGTERM)
+            assert await k.wait_exit(30) == 130, k.log()
+        assert k.logged("daemon.forced_exit") is not None, k.log()
+        # The embedded server was stopped by kontod on its way out, not left behind.
+        assert exited(info.pid)
+        assert not (state / "pgdata" / "postmaster.pid").exists()  # a clean shutdown
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
