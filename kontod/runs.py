@@ -242,14 +242,9 @@ async def tick_state(db: Executor, job: str, tick: datetime) -> TickState | None
     return TickState(tick, row["attempt"], row["status"], row["finished_at"])
 
 
-async def job_stats(db: Executor) -> dict[str, JobStats]:
-    """Per job: counters, last run, last success, the run in progress and the newest tick.
-
-    One statement of index look-ups (``LIMIT 1`` on the run table's indexes): its cost does
-    not grow with the number of runs kept.
-    """
-    rows = await db.fetch(
-        """
+# Per job, one index look-up each (``LIMIT 1`` on the run table's indexes), whatever the
+# number of runs kept; the counters come from kontod_jobs.
+JOB_STATS_SQL = """
         SELECT j.name, j.registered_at, j.runs, j.errors,
                last.started_at, last.status,
                done.started_at AS done_started_at, done.finished_at, done.status AS done_status,
@@ -282,7 +277,15 @@ async def job_stats(db: Executor) -> dict[str, JobStats]:
                 WHERE job = j.name AND scheduled_for IS NOT NULL
                 ORDER BY scheduled_for DESC, attempt DESC LIMIT 1) newest ON true
         """
-    )
+
+
+async def job_stats(db: Executor) -> dict[str, JobStats]:
+    """Per job: counters, last run, last success, the run in progress and the newest tick.
+
+    One statement of index look-ups (``LIMIT 1`` on the run table's indexes): its cost does
+    not grow with the number of runs kept.
+    """
+    rows = await db.fetch(JOB_STATS_SQL)
     out: dict[str, JobStats] = {}
     for r in rows:
         duration = None
