@@ -628,3 +628,41 @@ async def test_a_second_signal_still_stops_the_embedded_database(tmp_path: Path)
         assert not (state / "pgdata" / "postmaster.pid").exists()  # a clean shutdown
     finally:
         shutil.rmtree(state, ignore_errors=True)
+
+
+async def test_an_outcome_known_while_the_database_is_frozen_is_written_later() -> None:
+    from structlog.testing import capture_logs
+
+    from kontod.job import RunContext
+    from kontod.runner import Started
+    from tests.helpers import close, runner_on, spec
+
+    with private_server() as (uri, srv):
+        pool = await migrated_pool(uri)
+        await pool.close()
+
+        async def ends_as_the_database_freezes(ctx: RunContext) -> None:
+            ctx.counts["items_done"] += 7
+            with_children(srv, signal.SIGSTOP)
+            # Frozen for longer than a bookkeeping statement may wait (3 s), shorter than the
+            # lease (9 s): the first writes of the outcome fail, a later one succeeds.
+            asyncio.get_running_loop().call_later(5, with_children, srv, signal.SIGCONT)
+
+        runner, _ = await runner_on(uri, [spec(body=ends_as_the_database_freezes)], lease_s=9)
+        try:
+            with capture_logs() as logs:
+                started = await runner.trigger("test-job", "manual")
+                assert isinstance(started, Started)
+                assert await asyncio.wait_for(started.task, timeout=30) == "success"
+            record = await runner.pool.fetchrow(
+                "SELECT status, counts, finished_at FROM kontod_runs"
+            )
+        finally:
+            with_children(srv, signal.SIGCONT)
+            await close(runner)
+        assert record is not None
+        assert record["status"] == "success"
+        assert json.loads(record["counts"]) == {"items_done": 7}
+        events = [e["event"] for e in logs]
+        assert "run.record_failed" in events, events
+        assert "run.record_lost" not in events and "run.unrecorded" not in events, events
