@@ -242,15 +242,20 @@ class Runner:
         if not on_time and now - tick > spec.catchup_window:
             return None
         try:
-            state = await self.history.bounded(
+            state, busy = await self.history.bounded(
                 runs.tick_state(self.pool, spec.name, tick), self.bookkeeping_s
             )
         except Exception as exc:  # the database may be briefly away: the next wake retries
             log.warning("tick.state_failed", job=spec.name, error=describe(exc))
             return None
-        return retries.next_attempt(
+        plan = retries.next_attempt(
             state, tick, now, spec.catchup_window, self.retry, on_time=on_time
         )
+        if plan is not None and busy and plan.trigger in ("takeover", "retry"):
+            # Another run of the job goes on (a manual one, say): the attempt waits for its
+            # end rather than being skipped as an overlap.
+            return None
+        return plan
 
     async def _run_planned(self, spec: JobSpec, plan: retries.Planned) -> None:
         if plan.trigger == "catchup":

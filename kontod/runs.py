@@ -229,17 +229,25 @@ async def reap_expired(db: Executor) -> list[Reaped]:
     return [Reaped(r["id"], r["job"], r["instance"], r["heartbeat_at"]) for r in rows]
 
 
-async def tick_state(db: Executor, job: str, tick: datetime) -> TickState | None:
-    """The newest attempt at ``tick``, or None when the tick has no run."""
+async def tick_state(db: Executor, job: str, tick: datetime) -> tuple[TickState | None, bool]:
+    """The newest attempt at ``tick`` (None when the tick has no run), and whether a run of
+    the job is going right now, on any replica."""
     row = await db.fetchrow(
-        """SELECT attempt, status, finished_at FROM kontod_runs
-            WHERE job = $1 AND scheduled_for = $2 ORDER BY attempt DESC LIMIT 1""",
+        """SELECT t.attempt, t.status, t.finished_at,
+                  EXISTS (SELECT 1 FROM kontod_runs WHERE job = $1 AND status = 'running')
+                      AS busy
+             FROM (SELECT 1) AS one
+             LEFT JOIN LATERAL (
+                  SELECT attempt, status, finished_at FROM kontod_runs
+                   WHERE job = $1 AND scheduled_for = $2
+                   ORDER BY attempt DESC LIMIT 1) t ON true""",
         job,
         tick,
     )
-    if row is None:
-        return None
-    return TickState(tick, row["attempt"], row["status"], row["finished_at"])
+    assert row is not None
+    if row["attempt"] is None:
+        return None, row["busy"]
+    return TickState(tick, row["attempt"], row["status"], row["finished_at"]), row["busy"]
 
 
 # Per job, one index look-up each (``LIMIT 1`` on the run table's indexes), whatever the

@@ -385,3 +385,40 @@ async def test_no_run_starts_once_stopping(dsn: str) -> None:
     finally:
         await close(runner)
     assert await statuses(dsn) == [("manual", "success")]
+
+
+async def test_a_takeover_waits_for_another_run_of_the_job_to_end(dsn: str) -> None:
+    release = asyncio.Event()
+
+    async def held(ctx: RunContext) -> None:
+        if ctx.trigger == "manual":
+            await release.wait()
+
+    runner, events = await runner_on(dsn, [spec(body=held)], clock=lambda: SUMMER_9AM)
+    try:
+        manual = await runner.trigger("test-job", "manual")
+        assert isinstance(manual, Started)
+        await runner.pool.execute(
+            """INSERT INTO kontod_runs (job, trigger, scheduled_for, instance, lease_until,
+                                        status, finished_at, error)
+               VALUES ('test-job', 'schedule', $1, 'gone:1', now(), 'interrupted', now(),
+                       'abandoned')""",
+            TICK,
+        )
+        await runner.start()
+        await asyncio.sleep(0.3)
+        assert await statuses(dsn) == [("manual", "running"), ("schedule", "interrupted")]
+        release.set()
+        await wait_for(lambda: _status_count(dsn, "success", 2))
+        assert await statuses(dsn) == [
+            ("manual", "success"),
+            ("schedule", "interrupted"),
+            ("takeover", "success"),
+        ]
+        assert sum(events.skipped.values()) == 0  # it waited; it was not skipped
+    finally:
+        await close(runner)
+
+
+async def _status_count(dsn: str, status: str, n: int) -> bool:
+    return sum(s == status for _, s in await statuses(dsn)) >= n
