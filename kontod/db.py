@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.resources
 import platform
 import re
@@ -118,6 +119,7 @@ class EmbeddedPostgres:
     def __init__(self, state_dir: Path) -> None:
         self.data_dir = state_dir / "pgdata"
         self._server: Any = None
+        self._starting: asyncio.Future[Any] | None = None
 
     async def start(self) -> str:
         """Start (or reuse) the server; return its DSN."""
@@ -133,12 +135,20 @@ class EmbeddedPostgres:
                 + _embedded_hint()
             ) from None
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        # pgserver runs initdb and pg_ctl, which block: keep them off the event loop.
-        self._server = await asyncio.to_thread(_start_pgserver, pgserver, self.data_dir)
+        # pgserver runs initdb and pg_ctl, which block: keep them off the event loop. A start
+        # that is cancelled (a signal) goes on in its thread; stop() waits for it, then stops
+        # the server, so that none is left behind.
+        self._starting = asyncio.ensure_future(
+            asyncio.to_thread(_start_pgserver, pgserver, self.data_dir)
+        )
+        self._server = await asyncio.shield(self._starting)
         uri: str = self._server.get_uri()
         return uri
 
     async def stop(self) -> None:
+        if self._server is None and self._starting is not None:
+            with contextlib.suppress(Exception):
+                self._server = await self._starting
         if self._server is not None:
             server, self._server = self._server, None
             await asyncio.to_thread(server.cleanup)

@@ -666,3 +666,19 @@ async def test_an_outcome_known_while_the_database_is_frozen_is_written_later() 
         events = [e["event"] for e in logs]
         assert "run.record_failed" in events, events
         assert "run.record_lost" not in events and "run.unrecorded" not in events, events
+
+
+async def test_a_signal_while_the_embedded_database_starts_leaves_no_server(
+    tmp_path: Path,
+) -> None:
+    state = Path(tempfile.mkdtemp(prefix="kontod-emb-"))  # short: the socket lives in pgdata
+    try:
+        async with kontod("", tmp_path, "starting", {"KONTOD_STATE_DIR": str(state)}) as k:
+            await k.wait_logged("database.embedded", timeout=START_TIMEOUT_S)
+            k.proc.send_signal(signal.SIGTERM)  # initdb and pg_ctl are still at work
+            assert await k.wait_exit(60) == 0, k.log()
+        assert k.logged("daemon.start_aborted") is not None, k.log()
+        assert k.logged("job.registered") is None, k.log()
+        assert not (state / "pgdata" / "postmaster.pid").exists(), k.log()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
