@@ -223,6 +223,10 @@ async def takeover_scenario(admin_dsn: str, tmp_path: Path, freeze: bool) -> dic
 
                 victim.proc.send_signal(signal.SIGSTOP if freeze else signal.SIGKILL)
                 stopped_at = time.monotonic()
+                # New balances: a re-run rewrites only rows whose value changed, so the
+                # takeover now rewrites every row, and a late write by the victim would carry
+                # the old values.
+                await pool.execute("UPDATE bank_accounts SET balance = balance + 1")
 
                 async def taken_over() -> bool:
                     return len(await rows(pool, tick)) == 2
@@ -267,6 +271,12 @@ async def takeover_scenario(admin_dsn: str, tmp_path: Path, freeze: bool) -> dic
                     assert second["started_at"] <= r["created_at"] <= second["finished_at"], r
                 for uid in users:
                     assert await snapshot_categories(pool, uid) == {"checking", "total"}
+                totals = await pool.fetch(
+                    """SELECT p.user_id, p.total_value = sum(a.balance) AS right
+                         FROM patrimoine_snapshots p JOIN bank_accounts a USING (user_id)
+                        WHERE p.category = 'total' GROUP BY p.user_id, p.total_value"""
+                )
+                assert len(totals) == len(users) and all(r["right"] for r in totals), totals
                 assert (
                     await pool.fetchval("SELECT count(*) FROM kontod_runs WHERE status = 'running'")
                     == 0
