@@ -93,7 +93,7 @@ async def _database(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
         log.info("database.embedded", data_dir=str(embedded.data_dir))
         dsn = await embedded.start()
     try:
-        pool = await db.create_pool(dsn, db.new_instance_name(), max_size=4)
+        pool = await db.create_pool(dsn, settings.instance, max_size=4)
         try:
             async with pool.acquire() as conn:
                 applied = await db.migrate(conn)
@@ -126,14 +126,16 @@ async def _run_job(settings: Settings, name: str) -> int:
         if name not in names:
             print(f"kontod: no job named {name!r}; jobs: {', '.join(names)}", file=sys.stderr)
             return 2
-        instance = await pool.fetchval("SELECT current_setting('application_name')")
-        runner = Runner(pool, jobs, settings.tz, instance)
+        runner = Runner(pool, jobs, settings.tz, settings.instance, lease_s=settings.lease_seconds)
         await runner.prepare()
-        outcome = await runner.trigger(name, "manual")
-        if isinstance(outcome, Skipped):
-            print(f"kontod: {name} is already running", file=sys.stderr)
-            return 1
-        status = await outcome.task
+        try:
+            outcome = await runner.trigger(name, "manual")
+            if isinstance(outcome, Skipped):
+                print(f"kontod: {name} is already running", file=sys.stderr)
+                return 1
+            status = await outcome.task
+        finally:
+            await runner.stop(settings.shutdown_timeout)
         print(f"{name}: run {outcome.run_id} {status}")
         return 0 if status == "success" else 1
 
