@@ -29,6 +29,7 @@ from bench.state import (
     database_exists,
     drop_database,
     fingerprint,
+    migration_digests,
     template_name,
     with_database,
 )
@@ -110,6 +111,8 @@ SELECT (SELECT count(*) FROM users) AS users,
 
 # The secondary indexes and unique constraints of a table, to drop before a bulk load and
 # rebuild after it (the primary key stays: appending to it is cheap).
+BUILT_WITH_SQL = "SELECT version, digest FROM kontod_bench_migrations"
+
 INDEXES_SQL = """
 SELECT i.indexrelid::regclass::text AS name, pg_get_indexdef(i.indexrelid) AS definition,
        c.conname AS constraint_name, pg_get_constraintdef(c.oid) AS constraint_definition
@@ -178,7 +181,10 @@ async def ensure_template(
     generating it, or None when it was cached)."""
     name = template_name(users, days, shape_fingerprint())
     if await database_exists(admin_dsn, name):
-        return name, None
+        if await _migrations_still_apply(with_database(admin_dsn, name)):
+            return name, None
+        progress(f"{name}: a migration it was built with has changed since; generating it again")
+        await drop_database(admin_dsn, name)
     started = time.perf_counter()
     building = f"{name[:40]}_tmp_{uuid.uuid4().hex[:8]}"
     await create_database(admin_dsn, building)
@@ -200,8 +206,31 @@ async def ensure_template(
     return name, time.perf_counter() - started
 
 
+async def _migrations_still_apply(dsn: str) -> bool:
+    """Whether every migration the template was built with still has the same SQL (migrations
+    added since are applied to each copy)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        if await conn.fetchval("SELECT to_regclass('kontod_bench_migrations')") is None:
+            return False
+        built = {r["version"]: r["digest"] for r in await conn.fetch(BUILT_WITH_SQL)}
+    finally:
+        await conn.close()
+    now = migration_digests()
+    return all(now.get(version) == digest for version, digest in built.items())
+
+
 async def _generate(conn: asyncpg.Connection, users: int, days: int, progress: Progress) -> None:
     await db.migrate(conn)
+    digests = migration_digests()
+    await conn.execute(
+        "CREATE TABLE kontod_bench_migrations (version integer PRIMARY KEY, digest text NOT NULL)"
+    )
+    await conn.execute(
+        "INSERT INTO kontod_bench_migrations SELECT * FROM unnest($1::int[], $2::text[])",
+        list(digests),
+        list(digests.values()),
+    )
     progress(f"generating {users} users with accounts and assets")
     async with conn.transaction():
         for sql in SEED_SQL:

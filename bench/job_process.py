@@ -42,13 +42,16 @@ async def _run(tick: datetime) -> dict[str, object]:
     settings = load_settings()
     configure(settings.log_format, settings.log_level)
     async with _database(settings) as pool, aiohttp.ClientSession() as http:
-        instance = await pool.fetchval("SELECT current_setting('application_name')")
-        runner = Runner(pool, declare_jobs(settings, pool, http), settings.tz, instance)
+        jobs = declare_jobs(settings, pool, http)
+        runner = Runner(pool, jobs, settings.tz, settings.instance, lease_s=settings.lease_seconds)
         await runner.prepare()
-        outcome = await runner.trigger(SNAPSHOTS, "schedule", tick)
-        if isinstance(outcome, Skipped):
-            return {"skipped": outcome.reason}
-        status = await outcome.task
+        try:
+            outcome = await runner.trigger(SNAPSHOTS, "schedule", tick)
+            if isinstance(outcome, Skipped):
+                return {"skipped": outcome.reason}
+            status = await outcome.task
+        finally:
+            await runner.stop(settings.shutdown_timeout)
         return {"run_id": outcome.run_id, "status": status, **memory_kib()}
 
 

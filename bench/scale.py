@@ -39,7 +39,7 @@ import asyncpg
 from bench import dataset, floor
 from bench.snapshots import old_snapshots
 from bench.state import ROOT, working_copy
-from kontod import rates_sandbox
+from kontod import db, rates_sandbox
 
 # The timed passes write the days from here on, one each, all newer than the history.
 FIRST_DAY = date(2026, 1, 1)
@@ -140,6 +140,8 @@ async def working_data(
     async with working_copy(admin_dsn, template) as dsn:
         conn = await asyncpg.connect(dsn)
         try:
+            # Migrations added since the template was built (their tables start empty).
+            await db.migrate(conn)
             sizes = await dataset.sizes(conn)
         finally:
             await conn.close()
