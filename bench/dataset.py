@@ -111,6 +111,7 @@ SELECT (SELECT count(*) FROM users) AS users,
 
 # The secondary indexes and unique constraints of a table, to drop before a bulk load and
 # rebuild after it (the primary key stays: appending to it is cheap).
+BUILDING_PREFIX = "kontod_bench_building"
 BUILT_WITH_SQL = "SELECT version, digest FROM kontod_bench_migrations"
 
 INDEXES_SQL = """
@@ -186,7 +187,8 @@ async def ensure_template(
         progress(f"{name}: a migration it was built with has changed since; generating it again")
         await drop_database(admin_dsn, name)
     started = time.perf_counter()
-    building = f"{name[:40]}_tmp_{uuid.uuid4().hex[:8]}"
+    # Not under the templates' prefix, so that no other run takes it for a stale template.
+    building = f"{BUILDING_PREFIX}_u{users}_{uuid.uuid4().hex[:8]}"
     await create_database(admin_dsn, building)
     try:
         conn = await asyncpg.connect(with_database(admin_dsn, building))
