@@ -122,7 +122,7 @@ async def columns(conn: Connection) -> Columns:
 #   updated, missing rows inserted, rows already right left untouched, so a re-run with
 #   nothing new writes nothing.
 # The parts see the same snapshot and touch disjoint rows.
-_BATCH_SQL = """
+_ROWS_SQL = """
 WITH batch AS (
     SELECT id FROM users WHERE id > $1 ORDER BY id LIMIT $2
 ),
@@ -175,6 +175,9 @@ fresh AS (
       FROM batch b LEFT JOIN categories c ON c.user_id = b.id AND c.category <> 'total'
      GROUP BY b.id
 ),
+"""
+
+_COMPARE_SQL = """
 -- What the date already holds for the batch, read by the batch's range of the (date, user_id,
 -- ...) index, then set against what it should hold in one full join: a hash or merge join
 -- over two in-memory sets, never a look-up per row.
@@ -187,27 +190,6 @@ diff AS (
            f.total_value, s.user_id IS NOT NULL AS stored, f.user_id IS NOT NULL AS wanted,
            f.total_value IS DISTINCT FROM s.total_value AS differs
       FROM fresh f FULL JOIN stored s ON s.user_id = f.user_id AND s.category = f.category
-),
-removed AS (
-    DELETE FROM patrimoine_snapshots p
-     USING diff d
-     WHERE NOT d.wanted
-       AND p.date = {snapshot_day} AND p.user_id = d.user_id AND p.category = d.category
-    RETURNING 1
-),
-updated AS (
-    UPDATE patrimoine_snapshots p SET total_value = d.total_value{created_at}
-      FROM diff d
-     WHERE d.wanted AND d.stored AND d.differs
-       AND p.date = {snapshot_day} AND p.user_id = d.user_id AND p.category = d.category
-    RETURNING 1
-),
--- A plain insert: the rows are known to be absent. A row another writer inserts meanwhile
--- makes it fail with a unique violation, and the batch is run again (take_snapshots).
-inserted AS (
-    INSERT INTO patrimoine_snapshots (date, user_id, category, total_value)
-    SELECT {snapshot_day}, user_id, category, total_value FROM diff WHERE NOT stored
-    RETURNING 1
 ),
 holding_rows AS (
     SELECT user_id, holding_key, kind, ref_id, name, type,
@@ -229,6 +211,33 @@ holdings_diff AS (
                AS differs
       FROM holding_rows n
       FULL JOIN holdings_stored o ON o.user_id = n.user_id AND o.holding_key = n.holding_key
+),
+unconverted AS (
+    SELECT currency, count(*) AS accounts FROM converted WHERE value IS NULL GROUP BY currency
+)
+"""
+
+_WRITES_SQL = """
+removed AS (
+    DELETE FROM patrimoine_snapshots p
+     USING diff d
+     WHERE NOT d.wanted
+       AND p.date = {snapshot_day} AND p.user_id = d.user_id AND p.category = d.category
+    RETURNING 1
+),
+updated AS (
+    UPDATE patrimoine_snapshots p SET total_value = d.total_value{created_at}
+      FROM diff d
+     WHERE d.wanted AND d.stored AND d.differs
+       AND p.date = {snapshot_day} AND p.user_id = d.user_id AND p.category = d.category
+    RETURNING 1
+),
+-- A plain insert: the rows are known to be absent. A row another writer inserts meanwhile
+-- makes it fail with a unique violation, and the batch is run again (take_snapshots).
+inserted AS (
+    INSERT INTO patrimoine_snapshots (date, user_id, category, total_value)
+    SELECT {snapshot_day}, user_id, category, total_value FROM diff WHERE NOT stored
+    RETURNING 1
 ),
 holdings_removed AS (
     DELETE FROM holding_snapshots o
@@ -252,10 +261,10 @@ holdings_inserted AS (
     SELECT {holding_day}, user_id, holding_key, kind, ref_id, name, type, value{amount_columns}
       FROM holdings_diff WHERE NOT stored
     RETURNING 1
-),
-unconverted AS (
-    SELECT currency, count(*) AS accounts FROM converted WHERE value IS NULL GROUP BY currency
 )
+"""
+
+_WRITTEN_SQL = """
 SELECT (SELECT count(*) FROM batch) AS users,
        (SELECT id FROM last) AS last_id,
        (SELECT count(*) FROM fresh) AS fresh_rows,
@@ -269,11 +278,56 @@ SELECT (SELECT count(*) FROM batch) AS users,
        (SELECT array_agg(accounts ORDER BY currency) FROM unconverted) AS unconverted_accounts
 """
 
+# What a batch whose date already holds rows would change, nothing written: the comparison
+# alone, so that in a re-run where nothing changed a batch reads and compares, and runs no write.
+_CHECK_SQL = """
+SELECT (SELECT count(*) FROM batch) AS users,
+       (SELECT id FROM last) AS last_id,
+       (SELECT count(*) FROM fresh) AS fresh_rows,
+       0 AS written,
+       0 AS removed,
+       (SELECT count(*) FROM holdings) AS holdings,
+       0 AS holdings_written,
+       0 AS holdings_removed,
+       (SELECT count(*) FROM diff WHERE NOT (stored AND wanted AND NOT differs))
+     + (SELECT count(*) FROM holdings_diff WHERE NOT (stored AND wanted AND NOT differs))
+           AS changes,
+       (SELECT array_agg(currency ORDER BY currency) FROM unconverted) AS unconverted_currencies,
+       (SELECT array_agg(accounts ORDER BY currency) FROM unconverted) AS unconverted_accounts
+"""
+
+# The batch statement, and the comparison alone.
+_BATCH_SQL = _ROWS_SQL + _COMPARE_SQL.rstrip() + ",\n" + _WRITES_SQL + _WRITTEN_SQL
+_BATCH_CHECK_SQL = _ROWS_SQL + _COMPARE_SQL + _CHECK_SQL
+
+# Whether the date holds any row already ($1: the date; a fresh date needs no comparison first).
+_DAY_HELD_SQL = """
+SELECT EXISTS (SELECT 1 FROM patrimoine_snapshots WHERE date = {snapshot_day})
+    OR EXISTS (SELECT 1 FROM holding_snapshots WHERE date = {holding_day})
+"""
+
 
 def batch_sql(cols: Columns) -> str:
     """The batch statement for these column types."""
+    return _BATCH_SQL.format(**_fragments(cols))
+
+
+def check_sql(cols: Columns) -> str:
+    """The batch's comparison alone, for these column types: what it would change."""
+    return _BATCH_CHECK_SQL.format(**_fragments(cols))
+
+
+def day_held_sql(cols: Columns) -> str:
+    """Whether the date already holds rows, for these column types ($1: the date)."""
+    return _DAY_HELD_SQL.format(
+        snapshot_day=cols.snapshot_day.replace("$3", "$1"),
+        holding_day=cols.holding_day.replace("$3", "$1"),
+    )
+
+
+def _fragments(cols: Columns) -> dict[str, str]:
     amount = cols.holding_amount
-    return _BATCH_SQL.format(
+    return dict(
         visible=cols.visible,
         snapshot_day=cols.snapshot_day,
         snapshot_money=cols.snapshot_money,
@@ -346,13 +400,23 @@ async def take_snapshots(
     _record_rates(ctx, report)
     last_id = 0
     async with pool.acquire() as conn:
-        sql = batch_sql(await columns(conn))
+        cols = await columns(conn)
+        sql, check = batch_sql(cols), check_sql(cols)
+        # On a date that already holds rows (a re-run), each batch is compared first and written
+        # only when something differs; a new date goes straight to the writes.
+        held: bool = await conn.fetchval(day_held_sql(cols), day)
         expected: int = await conn.fetchval("SELECT count(*) FROM users")
         ctx.report_progress(0, expected)
+        params = (batch_size, day, conv.base, conv.max_age_days)
         while True:
-            row = await _run_batch(
-                conn, ctx, sql, last_id, batch_size, day, conv.base, conv.max_age_days
-            )
+            row = None
+            if held:
+                row = await conn.fetchrow(check, last_id, *params)
+                assert row is not None
+                if row["users"] and row["changes"]:
+                    row = None
+            if row is None:
+                row = await _run_batch(conn, ctx, sql, last_id, *params)
             if row["users"] == 0:
                 break
             last_id = row["last_id"]
