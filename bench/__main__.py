@@ -172,7 +172,7 @@ async def _run(admin_dsn: str, args: argparse.Namespace, p: Profile) -> report.R
     await _drop_stale_templates(admin_dsn, say)
     rates = rates_sandbox.RateSandbox()
     async with rates.serve() as rates_root:
-        snapshots, svc = await _snapshots(admin_dsn, args, p, rates, rates_root, say)
+        snapshots, svc, skipped = await _snapshots(admin_dsn, args, p, rates, rates_root, say)
     fresh = None
     if not args.no_refresh:
         fresh = await refresh.run(
@@ -185,7 +185,7 @@ async def _run(admin_dsn: str, args: argparse.Namespace, p: Profile) -> report.R
             progress=say,
         )
     run_table = await _run_table(admin_dsn, p.run_table_rows, say)
-    return report.Results({}, snapshots, fresh, svc, run_table)
+    return report.Results({}, snapshots, fresh, svc, run_table, skipped)
 
 
 async def _snapshots(
@@ -195,7 +195,7 @@ async def _snapshots(
     rates: rates_sandbox.RateSandbox,
     rates_root: str,
     say: scale.Progress,
-) -> tuple[list[scale.ScaleResult], service.ServiceResult | None]:
+) -> tuple[list[scale.ScaleResult], service.ServiceResult | None, list[dict[str, Any]]]:
     """Every size's snapshot variants; the daemon's figures on the largest."""
     sizes = args.sizes or p.sizes
     days = args.history_days or p.history_days
@@ -203,7 +203,14 @@ async def _snapshots(
     old_up_to = p.old_up_to if args.old_up_to is None else args.old_up_to
     snapshots: list[scale.ScaleResult] = []
     svc: service.ServiceResult | None = None
+    skipped: list[dict[str, Any]] = []
     for users in sizes:
+        too_big = await _no_room(admin_dsn, users, days)
+        if too_big is not None:
+            say(f"snapshots: {users} users skipped: {too_big}")
+            skipped.append({"users": users, "reason": too_big})
+    measured = [u for u in sizes if u not in {k["users"] for k in skipped}]
+    for users in measured:
         async with scale.working_data(admin_dsn, users, days, say) as data:
             old = users <= old_up_to
             snapshots.append(
@@ -221,7 +228,8 @@ async def _snapshots(
                     progress=say,
                 )
             )
-            if users == max(sizes) and not args.no_daemon:
+            # The daemon's figures come from the largest size measured.
+            if users == max(measured) and not args.no_daemon:
                 svc = await service.run(
                     data.dsn,
                     users,
@@ -233,7 +241,26 @@ async def _snapshots(
                     idle_cpu_s=p.idle_cpu_s,
                     progress=say,
                 )
-    return snapshots, svc
+    return snapshots, svc, skipped
+
+
+async def _no_room(admin_dsn: str, users: int, days: int) -> str | None:
+    """Why a size cannot be measured here (the disk cannot hold it and its working copy)."""
+    free = state.free_bytes()
+    if free is None:
+        return None
+    size = dataset.estimated_bytes(users, days)
+    cached = await state.database_exists(
+        admin_dsn, state.template_name(users, days, dataset.shape_fingerprint())
+    )
+    # The working copy, the template unless it is cached, and room for the WAL.
+    needed = size * (1 if cached else 2) + 4 * 2**30
+    if free >= needed:
+        return None
+    return (
+        f"needs about {needed / 2**30:.0f} GiB free for its data set and working copy"
+        f" ({size / 2**30:.0f} GiB each), {free / 2**30:.0f} GiB free"
+    )
 
 
 async def _run_table(admin_dsn: str, rows: int, progress: scale.Progress) -> dict[str, Any]:

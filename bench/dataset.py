@@ -159,6 +159,12 @@ def rate_quotes() -> tuple[list[str], list[Decimal], list[Decimal], list[str]]:
     )
 
 
+def estimated_bytes(users: int, days: int) -> int:
+    """The size of a generated data set: about 3 KiB per user and 1.6 KiB per user and day of
+    history, indexes included (measured: 4.85 GiB for 100 000 users with 30 days)."""
+    return users * (3 * 1024 + days * 1640)
+
+
 def history_days(days: int) -> list[date]:
     return [HISTORY_END - timedelta(days=n) for n in range(days - 1, -1, -1)]
 

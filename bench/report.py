@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench.refresh import RefreshPass, RefreshResult
@@ -33,6 +33,8 @@ class Results:
     refresh: RefreshResult | None
     service: ServiceResult | None
     run_table: dict[str, Any]
+    # Sizes asked for but not measured, with why.
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _n(value: float) -> str:
@@ -72,12 +74,18 @@ def targets(r: Results) -> list[Target]:
     found: list[Target] = []
     for users in TARGET_SIZES:
         s = _size(r.snapshots, users)
-        found.append(_ratio_target(s, users, "snapshot kontod/floor", "kontod", "floor", 1.0, "≤"))
         found.append(
-            _ratio_target(s, users, "re-run unchanged / aggregate", "rerun", "aggregate", 1.5, "≤")
+            _ratio_target(s, users, "snapshot kontod/floor", "kontod", "floor", 1.0, "≤", r.skipped)
+        )
+        found.append(
+            _ratio_target(
+                s, users, "re-run unchanged / aggregate", "rerun", "aggregate", 1.5, "≤", r.skipped
+            )
         )
     s = _size(r.snapshots, 100_000)
-    found.append(_ratio_target(s, 100_000, "snapshot old/kontod", "old", "kontod", 20.0, "≥"))
+    found.append(
+        _ratio_target(s, 100_000, "snapshot old/kontod", "old", "kontod", 20.0, "≥", r.skipped)
+    )
     largest = max(r.snapshots, key=lambda x: x.users) if r.snapshots else None
     peak = largest.peak_rss_kib if largest else None
     found.append(
@@ -151,13 +159,23 @@ def targets(r: Results) -> list[Target]:
 
 
 def _ratio_target(
-    s: ScaleResult | None, users: int, label: str, top: str, bottom: str, bound: float, op: str
+    s: ScaleResult | None,
+    users: int,
+    label: str,
+    top: str,
+    bottom: str,
+    bound: float,
+    op: str,
+    skipped: list[dict[str, Any]],
 ) -> Target:
     ratio = s.ratio(top, bottom) if s else None
     met = None if ratio is None else (ratio <= bound if op == "≤" else ratio >= bound)
     note = ""
     if s is None:
         note = "size not measured in this run"
+        why = next((k["reason"] for k in skipped if k["users"] == users), None)
+        if why:
+            note = why
     elif ratio is None:
         note = s.old_note or f"{top} not measured"
     return Target(f"{label}, {_n(users)} users", f"{op} {bound:g}", _x(ratio), met, note)
@@ -195,6 +213,8 @@ def markdown(r: Results) -> str:
                 f" | {_x(s.ratio('old', 'kontod'))} | {equal} | {_mib(s.peak_rss_kib)} |"
             )
         notes = [f"{_n(s.users)} users: {s.old_note}" for s in r.snapshots if s.old_note]
+        for k in r.skipped:
+            out += ["", f"{_n(k['users'])} users: not measured, {k['reason']}."]
         rewritten = [f"{_n(s.users)} users: {_n(s.rerun_rows_written)} rows" for s in r.snapshots]
         out += [
             "",
@@ -268,6 +288,7 @@ def as_json(r: Results) -> dict[str, Any]:
         "refresh": None if r.refresh is None else _refresh_json(r.refresh),
         "service": None if r.service is None else _service_json(r.service),
         "run_table": r.run_table,
+        "skipped_sizes": r.skipped,
         "targets": [asdict(t) for t in targets(r)],
     }
 

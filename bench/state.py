@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator
@@ -64,6 +65,15 @@ def server() -> Iterator[tuple[str, str]]:
         yield str(srv.get_uri()), f"embedded PostgreSQL (pgserver) in {folder}, kept between runs"
     finally:
         srv.cleanup()
+
+
+def free_bytes() -> int | None:
+    """Free space where the embedded server keeps its data; None on an external server."""
+    if os.environ.get(URL_VARIABLE):
+        return None
+    folder = state_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return shutil.disk_usage(folder).free
 
 
 def fingerprint(parts: Iterable[str]) -> str:
