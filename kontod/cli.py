@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure(settings.log_format, settings.log_level)
     try:
         return asyncio.run(_dispatch(args, settings))
-    except db.EmbeddedUnavailable as exc:
+    except (db.EmbeddedUnavailable, ConfigError) as exc:
         print(f"kontod: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

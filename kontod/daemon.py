@@ -17,7 +17,8 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from kontod import db, runs, schedule
+from kontod import db, pings, runs, schedule, suspicion
+from kontod.board import Board
 from kontod.config import Settings, redact_dsn
 from kontod.http import build_app
 from kontod.job import JobSpec
@@ -54,6 +55,8 @@ class Daemon:
         self.http: aiohttp.ClientSession | None = None
         self.runner: Runner | None = None
         self.metrics: Metrics | None = None
+        self.board: Board | None = None
+        self.pinger: pings.Pinger | None = None
         self.site_runner: web.AppRunner | None = None
         self.port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -92,10 +95,21 @@ class Daemon:
         )
         metrics_ref.append(self.metrics)
         self.runner.events = self.metrics
+        names = [spec.name for spec in jobs]
+        self.board = Board(self.pool, jobs, s.tz, suspicion.from_settings(names, s.suspicious))
+        self.pinger = pings.Pinger(
+            self.http,
+            pings.ping_urls(names, s.ping_urls, s.ping_base_url),
+            observe=self.metrics.ping,
+        )
+        self.runner.observers += [self.board, self.pinger]
+        self.metrics.watch_board(self.board)
         await self.runner.prepare()
         await self._refresh_stats()
 
-        app = build_app(self.runner, self.metrics.registry, s.admin_token, self.clock)
+        app = build_app(
+            self.runner, self.metrics.registry, s.admin_token, self.clock, board=self.board
+        )
         self.site_runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.site_runner.setup()
         site = web.TCPSite(self.site_runner, s.listen_host, s.listen_port)
@@ -141,6 +155,8 @@ class Daemon:
         except Exception as exc:  # the next refresh tries again
             log.warning("stats.reap_failed", error=f"{type(exc).__name__}: {exc}")
         await self.runner.refresh_stats()
+        if self.board is not None:
+            await self.board.refresh(self.clock(), force=True)
         try:
             self.metrics.latest_snapshot = await runs.latest_snapshot_date(self.pool)
         except Exception as exc:  # the metric keeps its last value; the next refresh retries
@@ -159,6 +175,8 @@ class Daemon:
         log.info("daemon.stopping", timeout_s=self.settings.shutdown_timeout)
         if self.runner is not None:
             await self.runner.stop(self.settings.shutdown_timeout)
+        if self.pinger is not None:
+            await self.pinger.drain(pings.DRAIN_S)
         self._stop_watchdog.set()
         for task in self._tasks:
             task.cancel()

@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import structlog
 
-from kontod import runs, schedule
+from kontod import pauses, runlist, runs, schedule
 from kontod.job import JobSpec, RunContext
 
 RECHECK_S = 30.0
@@ -39,6 +39,16 @@ class RunEvents(Protocol):
     ) -> None: ...
 
     def tick_skipped(self, job: str, reason: str) -> None: ...
+
+
+class RunObserver(Protocol):
+    """Follows each run of this process from its start (pings, progress)."""
+
+    def run_started(self, ctx: RunContext) -> None: ...
+
+    def run_ended(
+        self, ctx: RunContext, status: str, error: str | None, duration_s: float
+    ) -> None: ...
 
 
 class _NoEvents:
@@ -88,6 +98,7 @@ class Runner:
         self.events: RunEvents = events or _NoEvents()
         self.clock = clock
         self.stats: dict[str, runs.JobStats] = {}
+        self.observers: list[RunObserver] = []
         self._active: dict[str, asyncio.Task[str]] = {}
         # Jobs this process is claiming or running.
         self._busy: set[str] = set()
@@ -198,7 +209,13 @@ class Runner:
     # -- running ---------------------------------------------------------------------------
 
     async def trigger(
-        self, name: str, trigger: str, scheduled_for: datetime | None = None
+        self,
+        name: str,
+        trigger: str,
+        scheduled_for: datetime | None = None,
+        *,
+        requested_by: str | None = None,
+        reason: str | None = None,
     ) -> Started | Skipped:
         """Claim a run of ``name`` and start it in the background."""
         spec = self.jobs.get(name)
@@ -206,6 +223,9 @@ class Runner:
             raise UnknownJob(name)
         if self._stopping.is_set():
             return self._skip(spec, "stopping", trigger, scheduled_for)
+        # Read from the database at every tick, so a pause made on any replica holds here.
+        if trigger != "manual" and await pauses.current(self.pool, name, self.clock()):
+            return self._skip(spec, "paused", trigger, scheduled_for)
         if name in self._busy:
             return self._skip(spec, "overlap", trigger, scheduled_for)
         self._busy.add(name)
@@ -221,6 +241,8 @@ class Runner:
                 await runs.finish(self.pool, run_id, "interrupted", "kontod was stopping", {})
                 self._busy.discard(name)
                 return self._skip(spec, "stopping", trigger, scheduled_for)
+            if requested_by is not None:
+                await self._record_request(run_id, requested_by, reason)
         except BaseException:
             self._busy.discard(name)
             raise
@@ -235,6 +257,12 @@ class Runner:
 
         task.add_done_callback(done)
         return Started(run_id, task)
+
+    async def _record_request(self, run_id: int, by: str, reason: str | None) -> None:
+        try:
+            await runlist.record_request(self.pool, run_id, by, reason)
+        except Exception as exc:  # who asked is worth keeping, not worth losing the run over
+            log.warning("run.request_not_recorded", run_id=run_id, error=_describe(exc))
 
     def _skip(
         self, spec: JobSpec, reason: str, trigger: str, scheduled_for: datetime | None
@@ -264,6 +292,8 @@ class Runner:
             trigger=trigger,
             scheduled_for=scheduled_for.isoformat() if scheduled_for else None,
         )
+        for observer in self.observers:
+            observer.run_started(ctx)
         status, error = "success", None
         limit = asyncio.timeout(spec.max_runtime.total_seconds())
         try:
@@ -312,6 +342,8 @@ class Runner:
             "run.finished", status=status, duration_s=round(duration, 3), error=error, counts=counts
         )
         self.events.run_finished(spec.name, status, duration, counts)
+        for observer in self.observers:
+            observer.run_ended(ctx, status, error, duration)
         await self.refresh_stats()
 
     async def refresh_stats(self) -> dict[str, runs.JobStats]:
