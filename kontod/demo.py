@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shlex
 import signal
 import sys
 
@@ -55,6 +56,20 @@ async def _seed_once(pool: asyncpg.Pool) -> None:
         log.info("demo.seeded", users=3)
 
 
+def demo_env(settings: Settings) -> str:
+    """What to put before a ``kontod`` command so that it opens the demo's database and bank.
+
+    The demo keeps its embedded database apart from the default one (in
+    ``KONTOD_STATE_DIR/demo``), so the other commands need to be told where it is.
+    """
+    parts = []
+    if settings.database_url is None:
+        parts.append(f"KONTOD_STATE_DIR={shlex.quote(str(settings.state_dir))}")
+    if settings.powens_url is not None:
+        parts.append(f"KONTOD_POWENS_URL={shlex.quote(settings.powens_url)}")
+    return "".join(part + " " for part in parts)
+
+
 async def demo(settings: Settings) -> int:
     """Run the demo until Ctrl-C."""
 
@@ -78,19 +93,28 @@ async def demo(settings: Settings) -> int:
             for name in daemon.runner.jobs:
                 task = daemon.runner.active(name)
                 if task is None:
-                    outcome = await daemon.runner.trigger(name, "manual")
+                    outcome = await daemon.runner.trigger(
+                        name, "manual", requested_by="demo", reason="kontod demo start"
+                    )
                     task = None if isinstance(outcome, Skipped) else outcome.task
                 if task is not None:
                     started.append(task)
             await asyncio.gather(*started)
             base = f"http://{demo_settings.listen_host}:{daemon.port}"
+            env = demo_env(demo_settings)
             print(
                 "\nkontod demo is running; open:\n"
+                f"  {base}/\n"
                 f"  {base}/health/cron\n"
                 f"  {base}/metrics\n"
                 f"  {base}/jobs/daily-snapshots/runs\n"
                 f"  {base}/jobs/refresh-stale-connections/runs\n"
                 f"sandbox bank: {bank_url}\n"
+                "and try, in another terminal (same database):\n"
+                f"  {env}kontod history\n"
+                f"  {env}kontod runs daily-snapshots\n"
+                f"  {env}kontod jobs run daily-snapshots\n"
+                f"  {env}kontod jobs pause refresh-stale-connections --reason 'bank maintenance' --until 2h\n"
                 "Ctrl-C stops it.\n",
                 file=sys.stderr,
                 flush=True,

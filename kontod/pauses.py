@@ -44,13 +44,12 @@ class AlreadyPaused(Exception):
 # The pause in force per job ($1 = now), and the end of the most recent pause that is over.
 STATE_SQL = """
 SELECT j.name AS job, p.reason, p.paused_by, p.paused_at, p.until, ended.at AS last_ended_at
-  FROM kontod_jobs j
+  FROM unnest($2::text[]) AS j(name)
   LEFT JOIN kontod_pauses p
          ON p.job = j.name AND p.resumed_at IS NULL AND (p.until IS NULL OR p.until > $1)
   LEFT JOIN LATERAL (
        SELECT max(coalesce(resumed_at, until)) AS at FROM kontod_pauses q
         WHERE q.job = j.name AND coalesce(q.resumed_at, q.until) <= $1) ended ON true
- WHERE j.name = ANY($2::text[])
 """
 
 
