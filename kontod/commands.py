@@ -52,9 +52,10 @@ async def print_runs(
     status: str | None,
     tz: ZoneInfo,
     now: datetime,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> None:
     """The newest runs of ``job`` as a table, newest first."""
+    out = out or sys.stdout
     found = await runlist.runs_of(pool, job, limit, status)
     if not found:
         print(f"(no {status + ' ' if status else ''}run of {job} yet)", file=out)
@@ -139,10 +140,11 @@ def skipped_ticks(expr: str, tz: ZoneInfo, start: datetime, end: datetime) -> li
 
 
 def print_next(
-    job: str, expr: str, tz: ZoneInfo, now: datetime, count: int, out: TextIO = sys.stdout
+    job: str, expr: str, tz: ZoneInfo, now: datetime, count: int, out: TextIO | None = None
 ) -> None:
     """The next ``count`` ticks in local time and UTC, marking those a DST change moved, and
     the wall-clock times it skipped."""
+    out = out or sys.stdout
     ticks = upcoming_ticks(expr, tz, now, count)
     print(f"{job}: {expr} in {tz.key}", file=out)
     rows: list[tuple[tuple[datetime, int], tuple[str, str, str]]] = []
@@ -210,14 +212,16 @@ async def pause_job(
     until: datetime | None,
     tz: ZoneInfo,
     now: datetime,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> None:
     held = await pauses.pause(pool, job, reason, requester(), now, until)
     end = f" until {_local(held.until, tz)}" if held.until else " until resumed"
     print(f"{job}: paused{end} by {held.by}: {held.reason}", file=out)
 
 
-async def resume_job(pool: asyncpg.Pool, job: str, now: datetime, out: TextIO = sys.stdout) -> None:
+async def resume_job(
+    pool: asyncpg.Pool, job: str, now: datetime, out: TextIO | None = None
+) -> None:
     ended = await pauses.resume(pool, job, requester(), now)
     print(f"{job}: {'resumed' if ended else 'was not paused'}", file=out)
 
