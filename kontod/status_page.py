@@ -22,10 +22,10 @@ COLOURS = {
     "interrupted": "#ef6c00",
     "running": "#1565c0",
 }
-BAR_W, BAR_GAP, CHART_H = 10, 3, 48
+BAR_W, BAR_GAP, CHART_H = 7, 2, 44
 
 STYLE = """
-body{font:15px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:70rem;padding:0 1rem;
+body{font:14px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:84rem;padding:0 2rem;
 color:#1d2330;background:#fafbfc}
 h1{font-size:1.4rem;margin:0 0 .2rem}h1 small{font-weight:normal;color:#5b6474;font-size:.9rem}
 nav a{margin-right:1rem}
@@ -35,6 +35,7 @@ th{font-size:.8rem;text-transform:uppercase;letter-spacing:.04em;color:#5b6474}
 .ok{color:#2e7d32;font-weight:600}.bad{color:#c62828;font-weight:600}
 .paused{color:#8a5a00;font-weight:600}.warn{color:#8a5a00}
 .muted{color:#5b6474;font-size:.85rem}
+.nowrap{white-space:nowrap}td.status{min-width:9rem;max-width:18rem}
 progress{width:9rem;vertical-align:middle}
 .legend span{display:inline-block;margin-right:.9rem}
 .legend i{display:inline-block;width:.8rem;height:.8rem;margin-right:.3rem;vertical-align:-1px}
@@ -82,7 +83,7 @@ def _row(v: JobView, tz: ZoneInfo, now: datetime) -> str:
     elif v.spec.not_configured:
         status = f'<span class="muted">not configured: {escape(v.spec.not_configured)}</span>'
     else:
-        status = f'<span class="ok">healthy</span> <span class="muted">last: {escape(v.stats.last_status or "never run")}</span>'
+        status = f'<span class="ok">healthy</span><br><span class="muted">last run: {escape(v.stats.last_status or "never run")}</span>'
     if v.suspicion.suspicious:
         status += f'<br><span class="warn">suspicious: {escape(v.suspicion.reason or "")}</span>'
     if v.pause is None:
@@ -95,10 +96,11 @@ def _row(v: JobView, tz: ZoneInfo, now: datetime) -> str:
         )
     next_run = "-" if v.spec.not_configured else escape(_local(v.verdict.next_tick, tz))
     return (
-        f'<tr id="job-{name}"><td><strong>{name}</strong><br>'
+        f'<tr id="job-{name}"><td class="nowrap"><strong>{name}</strong><br>'
         f'<a class="muted" href="/jobs/{name}/runs">runs</a></td>'
-        f"<td>{status}</td><td>{escape(_local(v.stats.last_success_at, tz))}</td>"
-        f"<td>{next_run}</td><td>{paused}</td><td>{_progress(v, tz)}</td>"
+        f'<td class="status">{status}</td>'
+        f'<td class="nowrap">{escape(_local(v.stats.last_success_at, tz))}</td>'
+        f'<td class="nowrap">{next_run}</td><td>{paused}</td><td>{_progress(v, tz)}</td>'
         f"<td>{_bars(v.spec.name, v.runs, now)}</td></tr>"
     )
 

@@ -1,7 +1,7 @@
 """Suspicious success: a run that succeeded but did far less, or took far less time, than usual.
 
-A successful run is compared with the median of the job's previous successful runs (up to
-``HISTORY``): below ``duration`` times the median duration, or below ``items`` times the median
+A successful scheduled run is compared with the median of the job's previous successful
+scheduled runs (up to ``HISTORY``): below ``duration`` times the median duration, or below ``items`` times the median
 number of items, it is suspicious. The verdict is a pure function; ``latest`` reads what it
 needs for every job in one statement.
 """
@@ -93,12 +93,14 @@ def assess(run: Sample, previous: Sequence[Sample], thresholds: Thresholds) -> S
     )
 
 
-# Per job: its last finished run and, when that run succeeded, the successes before it.
+# Per job: its last finished run and, when that run succeeded on schedule, the scheduled
+# successes before it. A manual run is not judged: a re-run after a scheduled one often has
+# less to do (the refresh finds fewer stale accounts), and that is no sign of trouble.
 LATEST_SQL = """
-SELECT j.name, last.id, last.status, last.duration_s, last.counts, prev.runs
+SELECT j.name, last.id, last.status, last.trigger, last.duration_s, last.counts, prev.runs
   FROM kontod_jobs j
   LEFT JOIN LATERAL (
-       SELECT id, status, started_at, counts,
+       SELECT id, status, trigger, started_at, counts,
               extract(epoch FROM finished_at - started_at)::float8 AS duration_s
          FROM kontod_runs WHERE job = j.name AND status <> 'running'
         ORDER BY started_at DESC, id DESC LIMIT 1) last ON true
@@ -106,7 +108,8 @@ SELECT j.name, last.id, last.status, last.duration_s, last.counts, prev.runs
        SELECT jsonb_agg(jsonb_build_object('d', s.duration_s, 'c', s.counts)) AS runs
          FROM (SELECT extract(epoch FROM finished_at - started_at)::float8 AS duration_s, counts
                  FROM kontod_runs
-                WHERE job = j.name AND status = 'success' AND last.status = 'success'
+                WHERE job = j.name AND status = 'success' AND trigger <> 'manual'
+                  AND last.status = 'success' AND last.trigger <> 'manual'
                   AND started_at < last.started_at
                 ORDER BY started_at DESC LIMIT $2) s) prev ON true
  WHERE j.name = ANY($1::text[])
@@ -120,7 +123,7 @@ async def latest(
     rows = await db.fetch(LATEST_SQL, list(thresholds) or [], HISTORY)
     out: dict[str, Suspicion] = {}
     for r in rows:
-        if r["status"] != "success":
+        if r["status"] != "success" or r["trigger"] == "manual":
             out[r["name"]] = Suspicion(run_id=r["id"])
             continue
         run = Sample(r["duration_s"], items_of(_counts(r["counts"])))
