@@ -2,7 +2,8 @@
 
 Every setting has an environment variable ``KONTOD_<NAME>``; the TOML file named by
 ``KONTOD_CONFIG`` may hold the same settings as lower-case keys without the prefix
-(``timezone = "Europe/Paris"``). The environment wins. This module imports nothing of kontod.
+(``timezone = "Europe/Paris"``). The environment wins. Of kontod this module imports only the
+schedule maths (a pure module that imports nothing of kontod), to check schedules in the zone.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
+
+from kontod import schedule
 
 DEFAULT_LISTEN = "127.0.0.1:8435"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -279,10 +283,20 @@ _SPEC: list[tuple[str, str, Callable[[str], Any], bool]] = [
 _CREDENTIALS = {"KONTOD_DATABASE_URL": "database_url", "KONTOD_ADMIN_TOKEN": "admin_token"}
 
 
-def load_settings(env: Mapping[str, str] | None = None, *, isatty: bool | None = None) -> Settings:
-    """Read and check every setting; raise ConfigError naming the first bad one."""
+def load_settings(
+    env: Mapping[str, str] | None = None,
+    *,
+    isatty: bool | None = None,
+    now: datetime | None = None,
+) -> Settings:
+    """Read and check every setting; raise ConfigError naming the first bad one.
+
+    Schedules are checked in the configured zone for the year after ``now`` (default: the
+    clock): one that does not fire in it, or that cannot be computed, is refused.
+    """
     env = os.environ if env is None else env
     file_values = _read_toml(env)
+    labels: dict[str, str] = {}
 
     def raw(var: str) -> tuple[str, str] | None:
         """(label for errors, raw text) of a setting, environment first."""
@@ -308,6 +322,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, isatty: bool | None =
         if found is None:
             return None
         label, text = found
+        labels[var] = label
         try:
             return parser(text)
         except ValueError as exc:
@@ -354,10 +369,31 @@ def load_settings(env: Mapping[str, str] | None = None, *, isatty: bool | None =
 
     values.setdefault("state_dir", default_state_dir(env))
     values.setdefault("timezone", system_timezone())
+    _check_schedules(values, labels, datetime.now(UTC) if now is None else now)
     if "log_format" not in values:
         tty = sys.stderr.isatty() if isatty is None else isatty
         values["log_format"] = "console" if tty else "json"
     return Settings(**values)
+
+
+def _check_schedules(values: Mapping[str, Any], labels: Mapping[str, str], now: datetime) -> None:
+    """Refuse a configured schedule that has no tick in the next year of the configured zone,
+    or whose ticks around that year's clock changes cannot be computed."""
+    tz = ZoneInfo(values["timezone"])
+    for attr, var in (
+        ("snapshot_schedule", "KONTOD_SNAPSHOT_SCHEDULE"),
+        ("refresh_schedule", "KONTOD_REFRESH_SCHEDULE"),
+    ):
+        if attr not in values:
+            continue  # the defaults fire every day in every zone
+        try:
+            schedule.check(values[attr], tz, now)
+        except schedule.ScheduleError as exc:
+            raise ConfigError(
+                labels.get(var, var),
+                values[attr],
+                f"expected a cron expression that fires at least once a year in {tz.key} ({exc})",
+            ) from None
 
 
 def _read_toml(env: Mapping[str, str]) -> dict[str, Any]:
