@@ -8,13 +8,11 @@ import getpass
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TextIO
+from typing import TextIO
 from zoneinfo import ZoneInfo
 
 import asyncpg
-from cronsim import CronSim
 
 from kontod import pauses, runlist, schedule
 from kontod.board import progress_of
@@ -84,68 +82,13 @@ async def print_runs(
 # -- kontod jobs next -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Tick:
-    """One upcoming tick: the instant (UTC), its local time, the wall-clock time the schedule
-    names, and a note (None, ``moved`` by a gap, or ``repeated`` in a second pass)."""
-
-    at: datetime
-    local: datetime
-    nominal: datetime
-    note: str | None
-
-
-# Temporary: the schedule module is gaining upcoming() and skipped_between() with these
-# signatures; until it has them, these local versions stand in (then they go away).
-def _upcoming(expr: str, tz: ZoneInfo, after: datetime, count: int) -> list[Tick]:
-    ticks: list[Tick] = []
-    at = after
-    for _ in range(count):
-        at = schedule.next_tick(expr, tz, at)
-        local = at.astimezone(tz)
-        wall = local.replace(tzinfo=None)
-        nominal, note = wall, None
-        if next(CronSim(expr, wall - timedelta(seconds=1))) != wall:
-            # The local time is not one the schedule names: a gap moved the tick here.
-            nominal, note = next(CronSim(expr, wall, reverse=True)), "moved"
-        elif local.fold and local.replace(fold=0).utcoffset() != local.utcoffset():
-            note = "repeated"
-        ticks.append(Tick(at, local, nominal, note))
-    return ticks
-
-
-def _skipped_between(expr: str, tz: ZoneInfo, start: datetime, end: datetime) -> list[datetime]:
-    """Wall-clock times the schedule names that a gap removed and that no tick stood for."""
-    moved = {t.nominal for t in _upcoming(expr, tz, start, 10_000) if t.at <= end and t.note}
-    wall = start.astimezone(tz).replace(tzinfo=None)
-    last = end.astimezone(tz).replace(tzinfo=None)
-    out = []
-    for nominal in CronSim(expr, wall):
-        if nominal > last:
-            break
-        back = nominal.replace(tzinfo=tz).astimezone(UTC).astimezone(tz).replace(tzinfo=None)
-        if back != nominal and nominal not in moved:
-            out.append(nominal)
-    return out
-
-
-def upcoming_ticks(expr: str, tz: ZoneInfo, after: datetime, count: int) -> list[Any]:
-    found: Callable[..., list[Any]] = getattr(schedule, "upcoming", _upcoming)
-    return found(expr, tz, after, count)
-
-
-def skipped_ticks(expr: str, tz: ZoneInfo, start: datetime, end: datetime) -> list[datetime]:
-    found: Callable[..., list[datetime]] = getattr(schedule, "skipped_between", _skipped_between)
-    return found(expr, tz, start, end)
-
-
 def print_next(
     job: str, expr: str, tz: ZoneInfo, now: datetime, count: int, out: TextIO | None = None
 ) -> None:
     """The next ``count`` ticks in local time and UTC, marking those a DST change moved, and
     the wall-clock times it skipped."""
     out = out or sys.stdout
-    ticks = upcoming_ticks(expr, tz, now, count)
+    ticks = schedule.upcoming(expr, tz, now, count)
     print(f"{job}: {expr} in {tz.key}", file=out)
     rows: list[tuple[tuple[datetime, int], tuple[str, str, str]]] = []
     for t in ticks:
@@ -165,7 +108,7 @@ def print_next(
             )
         )
     if ticks:
-        for nominal in skipped_ticks(expr, tz, now, ticks[-1].at):
+        for nominal in schedule.skipped_between(expr, tz, now, ticks[-1].at):
             at = nominal.replace(tzinfo=tz).astimezone(UTC)
             text = (
                 f"skipped: {nominal.strftime('%Y-%m-%d %H:%M')} does not exist (clocks go forward)"
