@@ -264,7 +264,7 @@ def _status(settings: Settings, url: str | None) -> int:
                 job["lastStatus"],
                 job["lastRun"] or "-",
                 job.get("nextRun") or "-",
-                "yes" if job["healthy"] else f"NO: {job.get('reason') or ''}".strip(),
+                _health_cell(job),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -272,6 +272,16 @@ def _status(settings: Settings, url: str | None) -> int:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r[:4])) + "  " + r[4])
     print(f"overall: {report['status']}")
     return 0 if report["status"] == "healthy" else 1
+
+
+def _health_cell(job: dict[str, Any]) -> str:
+    if not job["healthy"]:
+        return f"NO: {job.get('reason') or ''}".strip()
+    if job.get("paused"):
+        return f"yes, paused by {job.get('pausedBy')}: {job.get('pausedReason')}"
+    if job.get("suspicious"):
+        return f"yes, but suspicious: {job.get('suspiciousReason')}"
+    return "yes"
 
 
 async def _history(settings: Settings, days: int) -> int:

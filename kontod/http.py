@@ -167,7 +167,8 @@ def build_app(
     def authorize(request: web.Request) -> None:
         if admin_token is None:
             raise web.HTTPForbidden(
-                text="manual triggers are disabled: set KONTOD_ADMIN_TOKEN to enable them\n"
+                text="manual triggers and pauses over HTTP are disabled: set KONTOD_ADMIN_TOKEN"
+                " to enable them\n"
             )
         given = request.headers.get("Authorization", "")
         expected = f"Bearer {admin_token}"
