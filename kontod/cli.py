@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from kontod import __version__, commands, db
+from kontod import __version__, commands, db, konto_schema
 from kontod.config import ConfigError, Settings, load_settings
 from kontod.jobs import REFRESH, SNAPSHOTS
 from kontod.logs import configure
@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure(settings.log_format, settings.log_level)
     try:
         return asyncio.run(_dispatch(args, settings))
-    except (db.EmbeddedUnavailable, ConfigError) as exc:
+    except (db.EmbeddedUnavailable, konto_schema.KontoSchemaError, ConfigError) as exc:
         print(f"kontod: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -130,6 +130,7 @@ async def _database(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
         try:
             async with pool.acquire() as conn:
                 applied = await db.migrate(conn)
+                await konto_schema.load(conn)
             if applied:
                 log.info("database.migrated", applied=applied)
             yield pool
@@ -290,10 +291,12 @@ async def _history(settings: Settings, days: int) -> int:
         return 2
     async with _database(settings) as pool:
         rows = await pool.fetch(
-            """SELECT date, count(*) AS snapshot_rows, count(DISTINCT user_id) AS users
+            # date::date: Konto's web app stores the date as ISO text.
+            """SELECT date::date AS date, count(*) AS snapshot_rows,
+                      count(DISTINCT user_id) AS users
                  FROM patrimoine_snapshots
-                WHERE date > (now() AT TIME ZONE $2)::date - $1::int
-                GROUP BY date ORDER BY date DESC""",
+                WHERE date::date > (now() AT TIME ZONE $2)::date - $1::int
+                GROUP BY 1 ORDER BY 1 DESC""",
             days,
             settings.timezone,
         )

@@ -60,6 +60,9 @@ class Settings:
     refresh_concurrency: int = 8
     provider_timeout: float = 30.0
     provider_attempts: int = 4
+    provider_rate: float = 10.0
+    # The web app's DB_ENCRYPTION_KEY (32 bytes), to read the bank tokens it stores encrypted.
+    db_encryption_key: bytes | None = field(default=None, repr=False)
     # Per job name: a Healthchecks-style ping URL, and suspicious-success thresholds.
     ping_urls: Mapping[str, str] = field(default_factory=dict)
     ping_base_url: str | None = None
@@ -179,6 +182,16 @@ def _parse_positive_float(raw: str) -> float:
     return value
 
 
+def _parse_rate(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise ValueError("expected a number of requests per second greater than 0, such as 10")
+    return value
+
+
 def _parse_positive_int(raw: str) -> int:
     if not re.fullmatch(r"\s*\d+\s*", raw) or int(raw) < 1:
         raise ValueError("expected a whole number of at least 1")
@@ -256,6 +269,13 @@ def _per_job(
     return found
 
 
+def _parse_encryption_key(raw: str) -> bytes:
+    text = raw.strip()
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        raise ValueError("expected 64 hexadecimal characters (a 32-byte key)")
+    return bytes.fromhex(text)
+
+
 def _parse_token(raw: str) -> str:
     if not raw.strip():
         raise ValueError("expected a non-empty token")
@@ -277,10 +297,15 @@ _SPEC: list[tuple[str, str, Callable[[str], Any], bool]] = [
     ("refresh_concurrency", "KONTOD_REFRESH_CONCURRENCY", _parse_positive_int, False),
     ("provider_timeout", "KONTOD_PROVIDER_TIMEOUT", _parse_positive_float, False),
     ("provider_attempts", "KONTOD_PROVIDER_ATTEMPTS", _parse_positive_int, False),
+    ("provider_rate", "KONTOD_PROVIDER_RATE", _parse_rate, False),
 ]
 
 # Secrets may also come from systemd credentials: $CREDENTIALS_DIRECTORY/<file>.
-_CREDENTIALS = {"KONTOD_DATABASE_URL": "database_url", "KONTOD_ADMIN_TOKEN": "admin_token"}
+_CREDENTIALS = {
+    "KONTOD_DATABASE_URL": "database_url",
+    "KONTOD_ADMIN_TOKEN": "admin_token",
+    "KONTOD_DB_ENCRYPTION_KEY": "db_encryption_key",
+}
 
 
 def load_settings(
@@ -340,6 +365,10 @@ def load_settings(
         dsn = parse("DATABASE_URL", _parse_dsn)
     values["database_url"] = dsn
     values["admin_token"] = parse("KONTOD_ADMIN_TOKEN", _parse_token, secret=True)
+    key = parse("KONTOD_DB_ENCRYPTION_KEY", _parse_encryption_key, secret=True)
+    if key is None and env.get("DB_ENCRYPTION_KEY"):
+        key = parse("DB_ENCRYPTION_KEY", _parse_encryption_key, secret=True)
+    values["db_encryption_key"] = key
 
     listen = parse("KONTOD_LISTEN", _parse_listen)
     if listen is not None:
@@ -414,6 +443,7 @@ def _read_toml(env: Mapping[str, str]) -> dict[str, Any]:
     known = {var.removeprefix("KONTOD_").lower() for _, var, _, _ in _SPEC} | {
         "database_url",
         "admin_token",
+        "db_encryption_key",
         "listen",
         "powens_url",
         "powens_domain",

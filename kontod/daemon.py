@@ -17,7 +17,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from kontod import db, pings, runs, schedule, suspicion
+from kontod import db, konto_schema, pings, runs, schedule, suspicion
 from kontod.board import Board
 from kontod.config import Settings, redact_dsn
 from kontod.http import build_app
@@ -74,6 +74,7 @@ class Daemon:
         self.pool = await db.create_pool(dsn, self.instance)
         async with self.pool.acquire() as conn:
             applied = await db.migrate(conn)
+            await konto_schema.load(conn)  # KontoSchemaError: exit 2, naming the column
         if applied:
             log.info("database.migrated", applied=applied)
         if self._on_migrated is not None:

@@ -11,7 +11,7 @@ import sys
 import asyncpg
 import structlog
 
-from kontod import sandbox
+from kontod import sandbox, tokens
 from kontod.config import Settings
 from kontod.daemon import Daemon
 from kontod.runner import Skipped
@@ -36,24 +36,27 @@ INSERT INTO assets (user_id, type, name, purchase_price, current_value) VALUES
     (1, 'real_estate', 'Appartement', 210000.00, 248500.00),
     (1, 'vehicle', 'Voiture', 18000.00, NULL),
     (2, 'valuable', 'Montre', NULL, NULL);
-INSERT INTO bank_connections (user_id, powens_connection_id, powens_token, status)
-VALUES (2, '77', 'sandbox-user-2', 'active');
 SELECT setval(pg_get_serial_sequence('users', 'id'), 3);
 """
 
 
-async def seed(pool: asyncpg.Pool) -> bool:
+# The demo's token encryption key, used when no KONTOD_DB_ENCRYPTION_KEY is set: public, so
+# that the demo database looks like the web app's (tokens stored encrypted).
+DEMO_KEY = bytes.fromhex("6b6f6e746f642064656d6f206b6579" + "00" * 17)
+
+
+async def seed(pool: asyncpg.Pool, key: bytes = DEMO_KEY) -> bool:
     """Insert the demo data into an empty database; False when users already exist."""
     async with pool.acquire() as conn, conn.transaction():
         if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM users)"):
             return False
         await conn.execute(DEMO_SQL)
+        await conn.execute(
+            """INSERT INTO bank_connections (user_id, powens_connection_id, powens_token, status)
+               VALUES (2, '2', $1, 'active')""",
+            tokens.encrypt(sandbox.token_for(2), key),
+        )
     return True
-
-
-async def _seed_once(pool: asyncpg.Pool) -> None:
-    if await seed(pool):
-        log.info("demo.seeded", users=3)
 
 
 def demo_env(settings: Settings) -> str:
@@ -67,20 +70,30 @@ def demo_env(settings: Settings) -> str:
         parts.append(f"KONTOD_STATE_DIR={shlex.quote(str(settings.state_dir))}")
     if settings.powens_url is not None:
         parts.append(f"KONTOD_POWENS_URL={shlex.quote(settings.powens_url)}")
+    if settings.db_encryption_key == DEMO_KEY:
+        # The demo's own key is public; a key of the user's own is a secret and never printed.
+        parts.append(f"KONTOD_DB_ENCRYPTION_KEY={DEMO_KEY.hex()}")
     return "".join(part + " " for part in parts)
 
 
 async def demo(settings: Settings) -> int:
     """Run the demo until Ctrl-C."""
 
+    key = settings.db_encryption_key or DEMO_KEY
     demo_settings = dataclasses.replace(
         settings,
         database_url=settings.database_url,
         state_dir=settings.state_dir / "demo",
+        db_encryption_key=key,
     )
+
+    async def seed_once(pool: asyncpg.Pool) -> None:
+        if await seed(pool, key):
+            log.info("demo.seeded", users=3)
+
     async with sandbox.serve() as bank_url:
         demo_settings = dataclasses.replace(demo_settings, powens_url=bank_url)
-        daemon = Daemon(demo_settings, on_migrated=_seed_once)
+        daemon = Daemon(demo_settings, on_migrated=seed_once)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -28,6 +28,7 @@ from kontod import __version__
 from kontod.board import Board
 from kontod.health import Verdict, assess_job
 from kontod.job import JobSpec
+from kontod.jobs.refresh import NEEDS_USER, STALE_COUNT, STALE_REASONS, STATE_COUNT
 from kontod.runs import JobStats
 
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 21600)
@@ -127,6 +128,44 @@ class Metrics:
         self.provider_duration.labels(endpoint).observe(seconds)
 
 
+def _refresh_families(all_stats: Mapping[str, JobStats]) -> Iterator[GaugeMetricFamily]:
+    """Connections by state and stale accounts by reason, as of the last finished refresh.
+
+    Read from the run's stored counts, so every replica exports the same values after a
+    restart; the states that need the user and every reason are exported even at 0, so that
+    rules comparing with an hour or a day ago always have both sides.
+    """
+    connections = GaugeMetricFamily(
+        "kontod_provider_connections",
+        "Active bank connections by Powens state (ok: synced fine) or kontod's error kind,"
+        " as of the last refresh",
+        labels=["state"],
+    )
+    stale = GaugeMetricFamily(
+        "kontod_refresh_stale_accounts",
+        "Bank accounts still stale after the last refresh, by reason",
+        labels=["reason"],
+    )
+    last: Mapping[str, int] = {}
+    for stats in all_stats.values():
+        if any(key.startswith(STATE_COUNT) for key in stats.last_counts):
+            last = stats.last_counts
+    if last:
+        by_state = dict.fromkeys(("ok", *sorted(NEEDS_USER)), 0)
+        by_reason = dict.fromkeys(STALE_REASONS, 0)
+        for key, value in last.items():
+            if key.startswith(STATE_COUNT):
+                by_state[key.removeprefix(STATE_COUNT)] = value
+            elif key.startswith(STALE_COUNT):
+                by_reason[key.removeprefix(STALE_COUNT)] = value
+        for state, value in sorted(by_state.items()):
+            connections.add_metric([state], value)
+        for reason, value in sorted(by_reason.items()):
+            stale.add_metric([reason], value)
+    yield connections
+    yield stale
+
+
 class _Forward(Collector):
     """Serves one of prometheus_client's stock collectors from our registry."""
 
@@ -221,10 +260,12 @@ class _JobCollector(Collector):
             configured.add_metric(name, 0.0 if spec.not_configured else 1.0)
             healthy.add_metric(name, 1.0 if verdict.healthy else 0.0)
             for key, value in sorted(st.last_counts.items()):
-                counts.add_metric([spec.name, key], value)
+                if not key.startswith((STATE_COUNT, STALE_COUNT)):
+                    counts.add_metric([spec.name, key], value)
         yield from (runs, errors, last_success, last_finished, last_ok, running, running_since)
         yield from (last_tick, next_tick, grace, max_runtime, registered, configured, healthy)
         yield counts
+        yield from _refresh_families(all_stats)
 
         info = GaugeMetricFamily(
             "kontod_build_info", "kontod version and Python", labels=["version", "python"]

@@ -1,6 +1,10 @@
-"""A client for the two Powens API 2.0 endpoints the refresh job needs, with timeouts and retries.
+"""A client for the Powens API 2.0 endpoints the refresh job reads, with timeouts, retries and a rate.
 
-It runs on an ``aiohttp.ClientSession`` shared by the whole process. Transient failures
+It runs on an ``aiohttp.ClientSession`` shared by the whole process: ``GET /users/me/connections``
+(state of each bank connection), ``GET /users/me/accounts?all`` (deleted and disabled accounts
+included) and ``GET /users/me/accounts/{id}/transactions`` (``limit=1000``, pages followed
+through ``_links.next.href`` as given). Every request, retries included, first takes a token
+from a bucket shared by the process (``rate`` requests per second). Transient failures
 (connection errors, timeouts, 5xx, 429) are retried with exponential backoff and jitter,
 honouring ``Retry-After``; every other failure raises a typed ``ProviderError`` whose message
 is safe to log and store: the user's token never appears in it.
@@ -19,7 +23,7 @@ from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
 
@@ -27,8 +31,13 @@ import aiohttp
 Observer = Callable[[str, str, float], None]
 Sleep = Callable[[float], Awaitable[None]]
 
+CONNECTIONS = "connections"
 ACCOUNTS = "accounts"
 TRANSACTIONS = "transactions"
+# Powens' maximum page size for transactions; the parameter is required.
+PAGE_LIMIT = 1000
+# A transaction list longer than this many pages is taken for a loop in the provider's links.
+MAX_PAGES = 10_000
 TIMEOUT = "timeout"
 CONNECTION_ERROR = "connection_error"
 
@@ -61,9 +70,15 @@ class ProviderError(Exception):
 
 
 class ProviderAuthError(ProviderError):
-    """The token was refused (401 or 403): expired or revoked; the user must reconnect."""
+    """401: the token is wrong or revoked; the connection needs a new token."""
 
-    kind = "auth"
+    kind = "token_rejected"
+
+
+class ProviderSetupError(ProviderError):
+    """403: the token lacks a scope, a problem of the Powens client set-up, not of the user."""
+
+    kind = "setup_error"
 
 
 class ProviderBadResponse(ProviderError):
@@ -79,26 +94,88 @@ class ProviderUnavailable(ProviderError):
 
 
 @dataclass(frozen=True)
+class ProviderConnection:
+    """A bank connection as Powens reports it; ``state`` None means the last sync went well."""
+
+    id: str
+    state: str | None
+    error_message: str | None
+    last_update: datetime | None
+    next_try: datetime | None
+
+
+@dataclass(frozen=True)
 class ProviderAccount:
-    """One account as the provider reports it; ``balance`` is 0 when the provider gives none."""
+    """One account as the provider reports it; ``balance`` None when the provider has none.
+
+    ``last_update`` is when Powens last got the account's data from the bank.
+    """
 
     id: str
     name: str | None
     type: str | None
     usage: str | None
-    balance: Decimal
+    balance: Decimal | None
     connection_id: str | None
+    currency: str | None = None
+    last_update: datetime | None = None
+    deleted: bool = False
+    disabled: bool = False
 
 
 @dataclass(frozen=True)
 class ProviderTransaction:
-    """One transaction; ``id`` is the provider's, stable across imports."""
+    """One transaction; ``id`` is the provider's, stable across imports.
+
+    ``category`` is the code of the first of Powens' ``categories``; ``coming`` is a pending
+    transaction, not booked yet; ``deleted`` one Powens has removed.
+    """
 
     id: str
     date: date | None
     amount: Decimal | None
     label: str | None
     category: str | None
+    coming: bool = False
+    deleted: bool = False
+    last_update: datetime | None = None
+
+
+class RateLimiter:
+    """A token bucket: at most ``rate`` requests per second on average, bursts up to ``burst``.
+
+    One instance is shared by every request of the process, whatever the worker.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        burst: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be greater than 0")
+        self.rate = rate
+        self.burst = burst if burst is not None else max(1.0, rate)
+        self._tokens = self.burst
+        self._clock = clock
+        self._sleep = sleep
+        self._last = clock()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        """Wait for a token; callers are served in the order they arrive."""
+        async with self._lock:
+            while True:
+                now = self._clock()
+                self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+                self._last = now
+                if self._tokens >= 1:
+                    self._tokens -= 1
+                    return
+                await self._sleep((1 - self._tokens) / self.rate)
 
 
 def retry_after_seconds(value: str | None, now: datetime) -> float | None:
@@ -132,7 +209,7 @@ def backoff_seconds(attempt: int, *, base: float, cap: float, jitter: float) -> 
 
 
 class PowensClient:
-    """Reads a user's accounts and transactions from Powens API 2.0 with the user's token."""
+    """Reads a user's connections, accounts and transactions from Powens API 2.0 with the user's token."""
 
     def __init__(
         self,
@@ -148,6 +225,7 @@ class PowensClient:
         sleep: Sleep = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        rate: float | RateLimiter = 10.0,
     ) -> None:
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
@@ -165,33 +243,57 @@ class PowensClient:
         self._sleep = sleep
         self._jitter = jitter
         self._now = now
+        self.limiter = rate if isinstance(rate, RateLimiter) else RateLimiter(rate)
+        base = urlsplit(self._base)
+        self._origin = (base.scheme, base.netloc)
+
+    async def connections(self, token: str) -> list[ProviderConnection]:
+        """``GET /users/me/connections``: the token's bank connections and their sync state."""
+        url = f"{self._base}/users/me/connections"
+        body = await self._get_json(token, CONNECTIONS, CONNECTIONS, url, None)
+        return [_connection(item) for item in _list(body, CONNECTIONS, CONNECTIONS)]
 
     async def accounts(self, token: str) -> list[ProviderAccount]:
-        """``GET /users/me/accounts``: every account the token gives access to."""
+        """``GET /users/me/accounts?all``: every account of the token, deleted and disabled too."""
         url = f"{self._base}/users/me/accounts"
-        body = await self._get_json(token, ACCOUNTS, ACCOUNTS, url, None)
-        items = body.get("accounts") if isinstance(body, dict) else None
-        if not isinstance(items, list):
-            raise ProviderBadResponse(
-                "accounts: the answer has no 'accounts' list", endpoint=ACCOUNTS, status=200
-            )
-        return [_account(item) for item in items]
+        body = await self._get_json(token, ACCOUNTS, ACCOUNTS, url, {"all": "true"})
+        return [_account(item) for item in _list(body, ACCOUNTS, ACCOUNTS)]
 
     async def transactions(
-        self, token: str, account_id: str, *, limit: int = 100
+        self,
+        token: str,
+        account_id: str,
+        *,
+        since: datetime | None = None,
+        limit: int = PAGE_LIMIT,
     ) -> list[ProviderTransaction]:
-        """``GET /users/me/accounts/{id}/transactions``: the newest ``limit`` transactions."""
+        """Every transaction of an account changed since ``since`` (all when None), every page.
+
+        Deleted transactions are included (``all``), so that they can be removed locally.
+        """
         url = f"{self._base}/users/me/accounts/{quote(account_id, safe='')}/transactions"
         what = f"transactions of account {account_id}"
-        body = await self._get_json(token, TRANSACTIONS, what, url, {"limit": str(limit)})
-        items = body.get("transactions") if isinstance(body, dict) else None
-        if not isinstance(items, list):
-            raise ProviderBadResponse(
-                f"{what}: the answer has no 'transactions' list",
-                endpoint=TRANSACTIONS,
-                status=200,
-            )
-        return [_transaction(item, account_id) for item in items]
+        first = {"limit": str(limit), "all": "true", "expand": "categories"}
+        if since is not None:
+            first["last_update"] = since.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+        params: dict[str, str] | None = first
+        out: list[ProviderTransaction] = []
+        seen: set[str] = set()
+        for _ in range(MAX_PAGES):
+            body = await self._get_json(token, TRANSACTIONS, what, url, params)
+            out.extend(_transaction(item, account_id) for item in _list(body, TRANSACTIONS, what))
+            href = _next_href(body)
+            if href is None:
+                return out
+            # The link is followed as given (it carries the limit and filters); only its host
+            # is checked, since the bearer token goes with it.
+            url, params = urljoin(url, href), None
+            if (urlsplit(url).scheme, urlsplit(url).netloc) != self._origin:
+                raise _bad_page(f"{what}: the next page is on another host")
+            if url in seen:
+                raise _bad_page(f"{what}: the next page link repeats itself")
+            seen.add(url)
+        raise _bad_page(f"{what}: more than {MAX_PAGES} pages")
 
     async def _get_json(
         self, token: str, endpoint: str, what: str, url: str, params: Mapping[str, str] | None
@@ -205,6 +307,7 @@ class PowensClient:
         last: ProviderUnavailable | None = None
         for attempt in range(1, self._attempts + 1):
             retry_after: float | None = None
+            await self.limiter.acquire()
             started = time.monotonic()
             try:
                 # Redirects are not followed: the bearer token must only go to the configured host.
@@ -311,7 +414,7 @@ def _error_from_body(
     message = f"{what}: HTTP {status}" + (f" ({detail})" if detail else "")
     if fields.get("request_id"):
         message += f" [request_id {fields['request_id']}]"
-    cls = ProviderAuthError if status in (401, 403) else ProviderError
+    cls = {401: ProviderAuthError, 403: ProviderSetupError}.get(status, ProviderError)
     return cls(
         message,
         endpoint=endpoint,
@@ -376,19 +479,78 @@ def _date(value: object, endpoint: str, what: str) -> date | None:
     raise _bad(endpoint, f"{what} is not a date ({_show(value)})")
 
 
+def _list(body: Any, key: str, what: str) -> list[Any]:
+    items = body.get(key) if isinstance(body, dict) else None
+    if not isinstance(items, list):
+        raise ProviderBadResponse(
+            f"{what}: the answer has no '{key}' list", endpoint=key, status=200
+        )
+    return items
+
+
+def _bad_page(message: str) -> ProviderBadResponse:
+    return ProviderBadResponse(message, endpoint=TRANSACTIONS, status=200)
+
+
+def _next_href(body: Any) -> str | None:
+    links = body.get("_links") if isinstance(body, dict) else None
+    nxt = links.get("next") if isinstance(links, dict) else None
+    href = nxt.get("href") if isinstance(nxt, dict) else None
+    return href if isinstance(href, str) and href else None
+
+
+def _datetime(value: object, endpoint: str, what: str) -> datetime | None:
+    """A Powens time: ``YYYY-MM-DD HH:MM:SS`` in UTC, or ISO 8601 with an offset."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.strip())
+        except ValueError:
+            pass
+        else:
+            return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    raise _bad(endpoint, f"{what} is not a date and time ({_show(value)})")
+
+
+def _flag(value: object) -> bool:
+    """Powens marks ``deleted``/``disabled`` with a time (or true); null or false is not set."""
+    return value is not None and value is not False and value != ""
+
+
+def _connection(item: object) -> ProviderConnection:
+    if not isinstance(item, dict):
+        raise _bad(CONNECTIONS, f"an entry of 'connections' is not an object ({_show(item)})")
+    cid = _identifier(item.get("id"), CONNECTIONS, "a connection")
+    where = f"connection {cid}"
+    return ProviderConnection(
+        id=cid,
+        state=_text(item.get("state")),
+        error_message=_text(item.get("error_message")),
+        last_update=_datetime(item.get("last_update"), CONNECTIONS, f"last_update of {where}"),
+        next_try=_datetime(item.get("next_try"), CONNECTIONS, f"next_try of {where}"),
+    )
+
+
 def _account(item: object) -> ProviderAccount:
     if not isinstance(item, dict):
         raise _bad(ACCOUNTS, f"an entry of 'accounts' is not an object ({type(item).__name__})")
     account_id = _identifier(item.get("id"), ACCOUNTS, "an account")
-    balance = _decimal(item.get("balance"), ACCOUNTS, f"the balance of account {account_id}")
+    where = f"account {account_id}"
+    balance = _decimal(item.get("balance"), ACCOUNTS, f"the balance of {where}")
     connection = item.get("id_connection")
+    currency = item.get("currency")
     return ProviderAccount(
         id=account_id,
         name=_text(item.get("name")) or _text(item.get("original_name")),
         type=_text(item.get("type")),
         usage=_text(item.get("usage")),
-        balance=balance if balance is not None else Decimal(0),
+        balance=balance,
         connection_id=None if connection is None else str(connection),
+        currency=_text(currency.get("id")) if isinstance(currency, dict) else _text(currency),
+        last_update=_datetime(item.get("last_update"), ACCOUNTS, f"last_update of {where}"),
+        deleted=_flag(item.get("deleted")),
+        disabled=_flag(item.get("disabled")),
     )
 
 
@@ -400,11 +562,15 @@ def _transaction(item: object, account_id: str) -> ProviderTransaction:
     where = f"transaction {tx_id} of account {account_id}"
     raw_date = item.get("date") or item.get("rdate")
     raw_amount = item.get("value") if item.get("value") is not None else item.get("amount")
-    category = item.get("category")
+    categories = item.get("categories")
+    first = categories[0] if isinstance(categories, list) and categories else None
     return ProviderTransaction(
         id=tx_id,
         date=_date(raw_date, TRANSACTIONS, f"the date of {where}"),
         amount=_decimal(raw_amount, TRANSACTIONS, f"the amount of {where}"),
         label=_text(item.get("original_wording")) or _text(item.get("wording")),
-        category=_text(category.get("name")) if isinstance(category, dict) else _text(category),
+        category=_text(first.get("code")) if isinstance(first, dict) else None,
+        coming=item.get("coming") is True,
+        deleted=_flag(item.get("deleted")),
+        last_update=_datetime(item.get("last_update"), TRANSACTIONS, f"last_update of {where}"),
     )

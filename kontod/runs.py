@@ -207,8 +207,12 @@ async def recent_runs(db: Executor, job: str, limit: int) -> list[RunRecord]:
 
 
 async def latest_snapshot_date(db: Executor) -> date | None:
-    """The newest date in patrimoine_snapshots (an index-only look-up)."""
-    value: date | None = await db.fetchval("SELECT max(date) FROM patrimoine_snapshots")
+    """The newest date in patrimoine_snapshots (an index-only look-up).
+
+    The cast is outside max(): Konto's web app stores the date as ISO text, whose order is
+    the dates' order, and the index on the column still serves max().
+    """
+    value: date | None = await db.fetchval("SELECT max(date)::date FROM patrimoine_snapshots")
     return value
 
 

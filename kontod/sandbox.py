@@ -1,10 +1,18 @@
-"""A sandbox bank aggregator: the two Powens API 2.0 endpoints kontod reads, with demo data.
+"""A sandbox bank aggregator speaking the Powens API 2.0 endpoints kontod reads, with demo data.
 
-Tokens are ``sandbox-user-<n>`` (n >= 1); each sees the same deterministic accounts and
-transactions every time (see ``demo_accounts``), so ``kontod demo`` and the tests can create
-matching local rows. Per token, the sandbox can add latency and inject faults (error statuses,
-``Retry-After``, hangs, malformed bodies, amounts as strings); it counts requests and the
-highest number answered at once, so a test can check a concurrency bound at the server.
+Served: ``GET /2.0/users/me/connections`` (``state``, ``error_message``, ``last_update``,
+``next_try``; ``expand=accounts``), ``GET /2.0/users/me/accounts`` (deleted and disabled
+accounts only with ``all``; ``balance`` may be null; ``currency`` objects) and
+``GET /2.0/users/me/accounts/{id}/transactions`` (``limit`` required, at most 1000, else 400 with
+a Powens error body; pages linked by ``_links.next.href``; filters ``last_update``,
+``min_date``, ``max_date``, ``all``; ``categories`` with ``expand=categories``; ``coming`` and
+``deleted`` transactions).
+
+Each token is one Powens user. Tokens ``sandbox-user-<n>`` (n >= 1) get deterministic demo data
+(see ``demo_accounts``) the first time they are used; a test may change that data through
+``Sandbox.user(token)`` or register a user of its own with ``Sandbox.add_user``. Per token, the
+sandbox can add latency and inject faults (error statuses, ``Retry-After``, hangs, malformed
+bodies, amounts as strings); it counts requests and the highest number answered at once.
 
 Run it alone with ``python -m kontod.sandbox --listen 127.0.0.1:8436``.
 """
@@ -18,10 +26,10 @@ import json
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -29,8 +37,10 @@ from aiohttp import web
 
 TOKEN_PREFIX = "sandbox-user-"  # noqa: S105 (public demo tokens, not a secret)
 API_PREFIX = "/2.0"
+CONNECTIONS = "connections"
 ACCOUNTS = "accounts"
 TRANSACTIONS = "transactions"
+MAX_LIMIT = 1000
 
 _TOKEN = re.compile(re.escape(TOKEN_PREFIX) + r"([1-9]\d{0,8})")
 
@@ -43,14 +53,15 @@ _ACCOUNT_TEMPLATES: tuple[tuple[str, str, str, Decimal], ...] = (
     ("Compte courant pro", "checking", "ORGA", Decimal("4310.90")),
 )
 ACCOUNTS_PER_USER = len(_ACCOUNT_TEMPLATES)
+# (label, category code, parent category code), Powens' ``categories`` shape.
 _LABELS = (
-    ("CB CARREFOUR MARKET", "Alimentation"),
-    ("PRLV SEPA EDF", "Énergie"),
-    ("VIR SALAIRE", "Revenus"),
-    ("CB SNCF INTERNET", "Transports"),
-    ("RETRAIT DAB", "Retraits"),
+    ("CB CARREFOUR MARKET", "groceries", "food"),
+    ("PRLV SEPA EDF", "electricity", "housing"),
+    ("VIR SALAIRE", "salaries", "income"),
+    ("CB SNCF INTERNET", "train", "transport"),
+    ("RETRAIT DAB", "withdrawals", "cash"),
 )
-_CATEGORY_IDS = {category: n for n, (_, category) in enumerate(_LABELS, start=1)}
+_PARENTS = {code: parent for _, code, parent in _LABELS}
 TRANSACTIONS_PER_ACCOUNT = 3
 
 
@@ -110,7 +121,7 @@ def demo_transactions(account_id: int) -> list[DemoTransaction]:
     """The transactions of a demo account, newest first."""
     out = []
     for i in range(TRANSACTIONS_PER_ACCOUNT):
-        label, category = _LABELS[(account_id + i) % len(_LABELS)]
+        label, category, _ = _LABELS[(account_id + i) % len(_LABELS)]
         cents = (account_id * 7919 + i * 104729) % 50000 + 1
         value = Decimal(cents) / 100
         out.append(
@@ -140,7 +151,7 @@ class Fault:
     status: int = 500
     retry_after: str | None = None
     body: Any = None
-    endpoint: Literal["accounts", "transactions"] | None = None
+    endpoint: Literal["connections", "accounts", "transactions"] | None = None
     times: int | None = None
 
 
@@ -165,19 +176,134 @@ class Behaviour:
         return None
 
 
-class Sandbox:
-    """The sandbox's state: behaviours by token and what it has seen."""
+@dataclass
+class SandboxConnection:
+    """A Powens connection: ``state`` None after a good sync, else why syncing stopped."""
 
-    def __init__(self, *, latency: float = 0.0) -> None:
+    id: int
+    last_update: datetime | None
+    state: str | None = None
+    error_message: str | None = None
+    next_try: datetime | None = None
+
+
+@dataclass
+class SandboxAccount:
+    """A Powens bank account; ``balance`` None is what Powens sends when it has none."""
+
+    id: int
+    id_connection: int
+    name: str
+    type: str
+    usage: str | None
+    balance: Decimal | None
+    last_update: datetime | None
+    currency: str = "EUR"
+    deleted: datetime | None = None
+    disabled: datetime | None = None
+
+
+@dataclass
+class SandboxTransaction:
+    """A Powens transaction; ``coming`` not booked yet, ``deleted`` removed by Powens."""
+
+    id: int
+    id_account: int
+    date: date
+    value: Decimal | None
+    wording: str
+    category: str | None
+    last_update: datetime
+    coming: bool = False
+    deleted: datetime | None = None
+
+
+@dataclass
+class PowensUser:
+    """What one token (one Powens user) sees; tests change it in place."""
+
+    connections: list[SandboxConnection]
+    accounts: list[SandboxAccount]
+    transactions: dict[int, list[SandboxTransaction]] = field(default_factory=dict)
+
+    def account(self, account_id: int) -> SandboxAccount:
+        return next(a for a in self.accounts if a.id == account_id)
+
+
+def demo_user(user: int, synced_at: datetime) -> PowensUser:
+    """Demo user ``user``: one connection (id ``user``), five accounts, three transactions each."""
+    accounts = [
+        SandboxAccount(
+            id=a.id,
+            id_connection=user,
+            name=a.name,
+            type=a.type,
+            usage=a.usage,
+            balance=a.balance,
+            last_update=synced_at,
+        )
+        for a in demo_accounts(user)
+    ]
+    transactions = {
+        a.id: [
+            SandboxTransaction(
+                id=t.id,
+                id_account=a.id,
+                date=t.date,
+                value=t.value,
+                wording=t.wording,
+                category=t.category,
+                last_update=synced_at,
+            )
+            for t in demo_transactions(a.id)
+        ]
+        for a in accounts
+    }
+    return PowensUser([SandboxConnection(id=user, last_update=synced_at)], accounts, transactions)
+
+
+RequestHook = Callable[[str, str], Awaitable[None]]
+
+
+class Sandbox:
+    """The sandbox's state: Powens users and behaviours by token, and what it has seen.
+
+    ``synced_at`` is when the demo data was last "synced from the bank": an hour before the
+    sandbox was made, unless given.
+    """
+
+    def __init__(self, *, latency: float = 0.0, synced_at: datetime | None = None) -> None:
         self.default = Behaviour(latency=latency)
         self.behaviours: dict[str, Behaviour] = {}
+        self.synced_at = synced_at or (
+            datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+        )
+        self.users: dict[str, PowensUser] = {}
         self.requests: Counter[str] = Counter()
         self.requests_by_token: Counter[str] = Counter()
+        self.requests_by_endpoint_token: Counter[tuple[str, str]] = Counter()
         self.arrivals: defaultdict[str, list[float]] = defaultdict(list)
+        self.queries: list[tuple[str, dict[str, str]]] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        # Awaited before each answer with (token, endpoint): lets a test act mid-run.
+        self.on_request: RequestHook | None = None
         self._request_ids = itertools.count(1)
         self._stopping = asyncio.Event()
+
+    def user(self, token: str) -> PowensUser | None:
+        """The Powens user behind ``token`` (demo data for sandbox tokens), None if unknown."""
+        found = self.users.get(token)
+        if found is None:
+            n = user_of(token)
+            if n is None:
+                return None
+            found = self.users[token] = demo_user(n, self.synced_at)
+        return found
+
+    def add_user(self, token: str, user: PowensUser) -> None:
+        """Serve ``user`` to ``token`` from now on."""
+        self.users[token] = user
 
     def behave(
         self,
@@ -194,8 +320,9 @@ class Sandbox:
         )
 
     def app(self) -> web.Application:
-        """The aiohttp application serving ``/2.0/users/me/accounts[/{id}/transactions]``."""
+        """The aiohttp application serving the three endpoints under ``/2.0``."""
         app = web.Application()
+        app.router.add_get(f"{API_PREFIX}/users/me/connections", self._connections)
         app.router.add_get(f"{API_PREFIX}/users/me/accounts", self._accounts)
         app.router.add_get(
             f"{API_PREFIX}/users/me/accounts/{{account_id}}/transactions", self._transactions
@@ -220,6 +347,9 @@ class Sandbox:
             self._stopping.set()
             await runner.cleanup()
 
+    async def _connections(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, CONNECTIONS)
+
     async def _accounts(self, request: web.Request) -> web.StreamResponse:
         return await self._answer(request, ACCOUNTS)
 
@@ -230,32 +360,109 @@ class Sandbox:
         token = _bearer(request)
         self.requests[endpoint] += 1
         self.requests_by_token[token] += 1
+        self.requests_by_endpoint_token[(endpoint, token)] += 1
         self.arrivals[token].append(time.monotonic())
+        self.queries.append((request.path, dict(request.query)))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             behaviour = self.behaviours.get(token, self.default)
             if behaviour.latency > 0:
                 await asyncio.sleep(behaviour.latency)
+            if self.on_request is not None:
+                await self.on_request(token, endpoint)
             fault = behaviour.next_fault(endpoint)
             if fault is not None:
                 return await self._fault(fault)
-            user = user_of(token)
+            user = self.user(token)
             if user is None:
                 return self._error(401, "invalidToken", "The access token is invalid or revoked.")
+            if endpoint == CONNECTIONS:
+                return self._connections_answer(request, user, behaviour)
             if endpoint == ACCOUNTS:
-                return _json(
-                    {"accounts": _accounts_body(user, behaviour), "total": ACCOUNTS_PER_USER}
-                )
-            account = request.match_info["account_id"]
-            owned = {str(a.id) for a in demo_accounts(user)}
-            if account not in owned:
-                return self._error(404, "accountNotFound", "No such account for this user.")
-            limit = _limit(request.query.get("limit"))
-            rows = _transactions_body(int(account), behaviour)[:limit]
-            return _json({"transactions": rows, "first_date": None, "last_date": None})
+                return self._accounts_answer(request, user, behaviour)
+            return self._transactions_answer(request, user, behaviour)
         finally:
             self.in_flight -= 1
+
+    def _connections_answer(
+        self, request: web.Request, user: PowensUser, behaviour: Behaviour
+    ) -> web.Response:
+        expand = "accounts" in request.query.get("expand", "").split(",")
+        out = []
+        for c in user.connections:
+            item = _connection_body(c)
+            if expand:
+                item["accounts"] = [
+                    _account_body(a, behaviour)
+                    for a in user.accounts
+                    if a.id_connection == c.id and a.deleted is None and a.disabled is None
+                ]
+            out.append(item)
+        return _json({"connections": out, "total": len(out)})
+
+    def _accounts_answer(
+        self, request: web.Request, user: PowensUser, behaviour: Behaviour
+    ) -> web.Response:
+        every = _truthy(request.query.get("all"))
+        shown = [a for a in user.accounts if every or (a.deleted is None and a.disabled is None)]
+        balances: dict[str, Decimal] = defaultdict(Decimal)
+        for a in shown:
+            if a.balance is not None and a.deleted is None and a.disabled is None:
+                balances[a.currency] += a.balance
+        return _json(
+            {
+                "accounts": [_account_body(a, behaviour) for a in shown],
+                "balances": {k: _amount(v, behaviour) for k, v in balances.items()},
+                "total": len(shown),
+            }
+        )
+
+    def _transactions_answer(
+        self, request: web.Request, user: PowensUser, behaviour: Behaviour
+    ) -> web.Response:
+        query = request.query
+        raw_id = request.match_info["account_id"]
+        if not raw_id.isdigit() or not any(a.id == int(raw_id) for a in user.accounts):
+            return self._error(404, "accountNotFound", "No such account for this user.")
+        if "limit" not in query:
+            return self._error(400, "missingParameter", "The parameter 'limit' is required.")
+        limit = query["limit"]
+        if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIMIT:
+            return self._error(400, "invalidValue", "'limit' must be between 1 and 1000.")
+        try:
+            since = _parse_time(query.get("last_update"))
+            min_date = _parse_day(query.get("min_date"))
+            max_date = _parse_day(query.get("max_date"))
+            offset = int(query.get("offset", "0"))
+        except ValueError as exc:
+            return self._error(400, "invalidValue", str(exc))
+        every = _truthy(query.get("all"))
+        rows = [
+            t
+            for t in user.transactions.get(int(raw_id), [])
+            if (every or t.deleted is None)
+            and (since is None or t.last_update >= since)
+            and (min_date is None or t.date >= min_date)
+            and (max_date is None or t.date <= max_date)
+        ]
+        rows.sort(key=lambda t: (t.date, t.id), reverse=True)
+        page = rows[offset : offset + int(limit)]
+        categories = "categories" in query.get("expand", "").split(",")
+        links: dict[str, Any] = {"self": {"href": str(request.url)}}
+        if offset + int(limit) < len(rows):
+            # An opaque link to the next page, as Powens gives it: the client follows it as is.
+            links["next"] = {"href": str(request.url.update_query(offset=offset + int(limit)))}
+        return _json(
+            {
+                "transactions": [_transaction_body(t, behaviour, categories) for t in page],
+                "first_date": rows[-1].date.isoformat() if rows else None,
+                "last_date": rows[0].date.isoformat() if rows else None,
+                "result_min_date": page[-1].date.isoformat() if page else None,
+                "result_max_date": page[0].date.isoformat() if page else None,
+                "_links": links,
+            }
+        )
 
     async def _fault(self, fault: Fault) -> web.StreamResponse:
         if fault.kind == "hang":
@@ -279,13 +486,14 @@ class Sandbox:
         body = {
             "code": code,
             "description": description,
-            "message": description,
-            "request_id": f"sandbox-{next(self._request_ids)}",
+            "message": None,
+            "request_id": next(self._request_ids),
         }
         return web.json_response(body, status=status, headers=headers)
 
 
 _DEFAULT_ERRORS = {
+    400: ("invalidValue", "The request is invalid."),
     401: ("invalidToken", "The access token is invalid or revoked."),
     403: ("forbidden", "This token may not read this resource."),
     429: ("rateLimiting", "Too many requests."),
@@ -301,52 +509,92 @@ def _bearer(request: web.Request) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-def _limit(raw: str | None) -> int:
-    if raw is None or not raw.isdigit():
-        return 1000
-    return max(1, int(raw))
+def _truthy(raw: str | None) -> bool:
+    return raw is not None and raw.lower() in ("", "1", "true", "yes")
 
 
-def _amount(value: Decimal, behaviour: Behaviour) -> Any:
+def _parse_time(raw: str | None) -> datetime | None:
+    if raw is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(raw)
+    except ValueError:
+        raise ValueError(f"'last_update' is not a date and time: {raw!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _parse_day(raw: str | None) -> date | None:
+    if raw is None:
+        return None
+    try:
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise ValueError(f"not a date: {raw!r}") from None
+
+
+def _powens_time(value: datetime | None) -> str | None:
+    """Powens' time format: ``YYYY-MM-DD HH:MM:SS``, UTC."""
+    return None if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _amount(value: Decimal | None, behaviour: Behaviour) -> Any:
     # Two-decimal amounts survive float's shortest repr, so the JSON number is exact.
+    if value is None:
+        return None
     return str(value) if behaviour.amounts_as_strings else float(value)
 
 
-def _accounts_body(user: int, behaviour: Behaviour) -> list[dict[str, Any]]:
-    return [
-        {
-            "id": a.id,
-            "id_connection": user,
-            "id_user": user,
-            "name": a.name,
-            "original_name": a.name.upper(),
-            "type": a.type,
-            "usage": a.usage,
-            "balance": _amount(a.balance, behaviour),
-            "coming": _amount(Decimal(0), behaviour),
-            "currency": {"id": "EUR", "symbol": "€"},
-            "last_update": "2026-03-01 06:00:00",
-            "deleted": None,
-            "disabled": None,
-        }
-        for a in demo_accounts(user)
-    ]
+def _connection_body(c: SandboxConnection) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "id_connector": 59,
+        "state": c.state,
+        "error": c.state,
+        "error_message": c.error_message,
+        "last_update": _powens_time(c.last_update),
+        "next_try": _powens_time(c.next_try),
+        "active": True,
+    }
 
 
-def _transactions_body(account_id: int, behaviour: Behaviour) -> list[dict[str, Any]]:
-    return [
-        {
-            "id": t.id,
-            "id_account": account_id,
-            "date": t.date.isoformat(),
-            "rdate": t.date.isoformat(),
-            "value": _amount(t.value, behaviour),
-            "original_wording": t.wording,
-            "wording": t.wording.title(),
-            "category": {"id": _CATEGORY_IDS[t.category], "name": t.category},
-        }
-        for t in demo_transactions(account_id)
-    ]
+def _account_body(a: SandboxAccount, behaviour: Behaviour) -> dict[str, Any]:
+    return {
+        "id": a.id,
+        "id_connection": a.id_connection,
+        "name": a.name,
+        "original_name": a.name.upper(),
+        "type": a.type,
+        "usage": a.usage,
+        "balance": _amount(a.balance, behaviour),
+        "coming": _amount(Decimal(0), behaviour),
+        "currency": {"id": a.currency, "name": a.currency, "symbol": a.currency, "precision": 2},
+        "last_update": _powens_time(a.last_update),
+        "deleted": _powens_time(a.deleted),
+        "disabled": _powens_time(a.disabled),
+        "error": None,
+    }
+
+
+def _transaction_body(
+    t: SandboxTransaction, behaviour: Behaviour, categories: bool
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": t.id,
+        "id_account": t.id_account,
+        "date": t.date.isoformat(),
+        "rdate": t.date.isoformat(),
+        "value": _amount(t.value, behaviour),
+        "original_wording": t.wording,
+        "wording": t.wording.title(),
+        "coming": t.coming,
+        "deleted": _powens_time(t.deleted),
+        "last_update": _powens_time(t.last_update),
+    }
+    if categories:
+        body["categories"] = (
+            [{"code": t.category, "parent_code": _PARENTS.get(t.category)}] if t.category else []
+        )
+    return body
 
 
 def _json(body: dict[str, Any]) -> web.Response:

@@ -29,6 +29,64 @@ CREATE TABLE bank_accounts (id integer PRIMARY KEY, user_id integer REFERENCES u
 """
 """Konto's users and bank_accounts as an older deployment made them: floats and 0/1 flags."""
 
+WEBAPP_SCHEMA = """
+CREATE TABLE users (id serial PRIMARY KEY, email text UNIQUE NOT NULL, name text,
+    created_at text DEFAULT (now()::text));
+CREATE TABLE bank_accounts (id serial PRIMARY KEY,
+    user_id integer NOT NULL REFERENCES users(id) ON DELETE CASCADE, company_id integer,
+    provider text, provider_account_id text, name text, balance double precision DEFAULT 0,
+    hidden integer DEFAULT 0, last_sync text, type text DEFAULT 'checking',
+    usage text DEFAULT 'personal', subtype text, currency text DEFAULT 'EUR');
+CREATE TABLE assets (id serial PRIMARY KEY,
+    user_id integer NOT NULL REFERENCES users(id) ON DELETE CASCADE, type text, name text,
+    purchase_price double precision, current_value double precision);
+CREATE TABLE bank_connections (id serial PRIMARY KEY,
+    user_id integer NOT NULL REFERENCES users(id) ON DELETE CASCADE, company_id integer,
+    powens_connection_id text, powens_token text NOT NULL, powens_refresh_token text,
+    status text DEFAULT 'pending', last_sync text);
+CREATE TABLE transactions (id serial PRIMARY KEY,
+    bank_account_id integer NOT NULL REFERENCES bank_accounts(id) ON DELETE CASCADE,
+    date text, amount double precision, label text, category text, tx_hash text,
+    UNIQUE (bank_account_id, tx_hash));
+CREATE TABLE patrimoine_snapshots (id serial PRIMARY KEY, date text NOT NULL,
+    user_id integer NOT NULL REFERENCES users(id) ON DELETE CASCADE, category text NOT NULL,
+    total_value double precision NOT NULL, created_at text DEFAULT (now()::text),
+    UNIQUE (date, user_id, category));
+CREATE TABLE holding_snapshots (id serial PRIMARY KEY, date text NOT NULL,
+    user_id integer NOT NULL REFERENCES users(id) ON DELETE CASCADE, holding_key text NOT NULL,
+    kind text NOT NULL, ref_id integer, name text, type text, value double precision NOT NULL,
+    UNIQUE (date, user_id, holding_key));
+"""
+"""Konto's tables exactly as its web app creates them: text dates, float money, 0/1 flags."""
+
+SCHEMA_SQL = """
+SELECT c.table_name::text, c.column_name::text, c.data_type::text, c.column_default::text,
+       c.is_nullable::text
+  FROM information_schema.columns c
+ WHERE c.table_schema = 'public' AND c.table_name = ANY($1::text[])
+ ORDER BY 1, 2
+"""
+INDEXES_SQL = """
+SELECT tablename::text, indexname::text, indexdef::text FROM pg_indexes
+ WHERE schemaname = 'public' AND tablename = ANY($1::text[]) ORDER BY 1, 2
+"""
+KONTO_TABLES = [
+    "users",
+    "bank_accounts",
+    "assets",
+    "bank_connections",
+    "transactions",
+    "patrimoine_snapshots",
+    "holding_snapshots",
+]
+
+
+async def konto_schema_of(db_: asyncpg.Pool | asyncpg.Connection) -> list[tuple[str, ...]]:
+    """Every column (type, default, nullability) and index of Konto's tables."""
+    columns = [tuple(r) for r in await db_.fetch(SCHEMA_SQL, KONTO_TABLES)]
+    indexes = [tuple(r) for r in await db_.fetch(INDEXES_SQL, KONTO_TABLES)]
+    return columns + indexes
+
 
 def spec(
     name: str = "test-job",

@@ -10,7 +10,7 @@ import aiohttp
 import asyncpg
 
 from kontod.powens import Observer, PowensClient
-from kontod.sandbox import Sandbox, demo_accounts, token_for
+from kontod.sandbox import PowensUser, Sandbox, demo_accounts, token_for
 
 
 @dataclass
@@ -19,6 +19,13 @@ class Bank:
 
     sandbox: Sandbox
     url: str
+
+
+def powens_user(bank: Bank, user: int) -> PowensUser:
+    """The sandbox's data for demo user ``user``, to change in place."""
+    found = bank.sandbox.user(token_for(user))
+    assert found is not None
+    return found
 
 
 def fast_client(
@@ -33,6 +40,7 @@ def fast_client(
     """A client with short timeouts and backoffs, so failing paths stay quick."""
     kwargs.setdefault("backoff", 0.01)
     kwargs.setdefault("max_backoff", 0.05)
+    kwargs.setdefault("rate", 10_000.0)
     return PowensClient(
         http, base_url, timeout=timeout, attempts=attempts, observe=observe, **kwargs
     )

@@ -77,14 +77,17 @@ async def test_jobs_run_records_the_run_and_exits_by_outcome(dsn: str) -> None:
         assert run_lines and all(line["job"] == "daily-snapshots" for line in run_lines)
         assert {"run.started", "run.finished"} <= {line["event"] for line in run_lines}
 
-        # The job fails for real: kontod's database role may no longer write snapshots.
-        await conn.execute("ALTER TABLE patrimoine_snapshots RENAME TO snapshots_away")
+        # The job fails for real: the database refuses every snapshot row. (A missing table
+        # would stop kontod before the run, with exit 2: see test_konto_webapp.)
+        await conn.execute(
+            "ALTER TABLE patrimoine_snapshots ADD CONSTRAINT refuse CHECK (false) NOT VALID"
+        )
         code, out, _ = await kontod(
             "jobs", "run", "daily-snapshots", env={"KONTOD_DATABASE_URL": dsn}
         )
         assert code == 1
         assert "error" in out
-        await conn.execute("ALTER TABLE snapshots_away RENAME TO patrimoine_snapshots")
+        await conn.execute("ALTER TABLE patrimoine_snapshots DROP CONSTRAINT refuse")
 
         code, _, err = await kontod("jobs", "run", "nope", env={"KONTOD_DATABASE_URL": dsn})
         assert code == 2

@@ -155,3 +155,26 @@ def test_unreadable_credential_is_a_setting_error(tmp_path: Path) -> None:
     (tmp_path / "admin_token").write_bytes(b"\xff\xfe")
     with pytest.raises(ConfigError, match="credential admin_token"):
         load_settings({"CREDENTIALS_DIRECTORY": str(tmp_path)})
+
+
+def test_token_key_and_provider_rate() -> None:
+    key = "ab" * 32
+    s = load_settings({"HOME": "/x", "DB_ENCRYPTION_KEY": key.upper()}, isatty=False)
+    assert s.db_encryption_key == bytes.fromhex(key)
+    assert key not in repr(s) and "db_encryption_key" not in repr(s)
+    # kontod's own name wins over the web app's.
+    s = load_settings(
+        {"HOME": "/x", "KONTOD_DB_ENCRYPTION_KEY": "cd" * 32, "DB_ENCRYPTION_KEY": key},
+        isatty=False,
+    )
+    assert s.db_encryption_key == bytes.fromhex("cd" * 32)
+    assert load_settings({"HOME": "/x"}, isatty=False).db_encryption_key is None
+    assert load_settings({"HOME": "/x"}, isatty=False).provider_rate == 10.0
+    assert load_settings({"HOME": "/x", "KONTOD_PROVIDER_RATE": "2.5"}).provider_rate == 2.5
+    for bad in ("0", "-1", "fast", "inf"):
+        with pytest.raises(ConfigError, match="requests per second"):
+            load_settings({"HOME": "/x", "KONTOD_PROVIDER_RATE": bad})
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"HOME": "/x", "KONTOD_DB_ENCRYPTION_KEY": key[:-1]})
+    assert caught.value.setting == "KONTOD_DB_ENCRYPTION_KEY"
+    assert key[:-1] not in str(caught.value)

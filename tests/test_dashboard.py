@@ -45,6 +45,8 @@ KNOWN_METRICS = frozenset(
         "kontod_job_ticks_skipped_total",
         "kontod_snapshot_latest_date_timestamp_seconds",
         "kontod_provider_requests_total",
+        "kontod_provider_connections",
+        "kontod_refresh_stale_accounts",
         "kontod_build_info",
         "process_resident_memory_bytes",
         "process_virtual_memory_bytes",
@@ -69,6 +71,8 @@ REQUIRED_METRICS = frozenset(
         "kontod_job_last_run_counts",  # stale accounts
         "kontod_provider_requests_total",
         "kontod_provider_request_duration_seconds_bucket",
+        "kontod_provider_connections",  # connections by state
+        "kontod_refresh_stale_accounts",  # stale accounts by reason
         "up",
         "process_resident_memory_bytes",
     }

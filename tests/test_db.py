@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
-
 import asyncpg
 
 from kontod import db
-from tests.helpers import LEGACY_TABLES
+from tests.helpers import LEGACY_TABLES, konto_schema_of
 
 
 async def test_migrate_creates_tables_in_proper_types(empty_dsn: str) -> None:
@@ -34,7 +32,7 @@ async def test_migrate_creates_tables_in_proper_types(empty_dsn: str) -> None:
         await conn.close()
 
 
-async def test_existing_konto_tables_keep_every_row(empty_dsn: str) -> None:
+async def test_existing_konto_tables_keep_every_row_and_their_types(empty_dsn: str) -> None:
     conn = await asyncpg.connect(empty_dsn)
     try:
         await conn.execute(LEGACY_TABLES)
@@ -50,16 +48,26 @@ async def test_existing_konto_tables_keep_every_row(empty_dsn: str) -> None:
                 VALUES ('2026-01-01', 1, 'total', 1234.5);
             """
         )
+        before = await konto_schema_of(conn)
         await db.migrate(conn)
+        # Floats stay floats and 0/1 flags stay integers: the web app's schema is its own.
+        existing = {row[0] for row in before}
+        assert [row for row in await konto_schema_of(conn) if row[0] in existing] == before
         rows = await conn.fetch("SELECT id, balance, hidden FROM bank_accounts ORDER BY id")
         assert [(r["id"], r["balance"], r["hidden"]) for r in rows] == [
-            (1, Decimal("1234.56"), False),
-            (2, Decimal("0.1"), True),
+            (1, 1234.56, 0),
+            (2, 0.1, 1),
         ]
         assert await conn.fetchval("SELECT count(*) FROM users") == 1
-        assert await conn.fetchval("SELECT total_value FROM patrimoine_snapshots") == Decimal(
-            "1234.5"
-        )
+        assert await conn.fetchval("SELECT total_value FROM patrimoine_snapshots") == 1234.5
+        # Only the missing tables were created, kontod's own next to them.
+        created = {
+            r["table_name"]
+            for r in await conn.fetch(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+            )
+        }
+        assert {"assets", "bank_connections", "transactions", "kontod_accounts"} <= created
     finally:
         await conn.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
@@ -12,7 +13,9 @@ from kontod.powens import (
     ProviderAuthError,
     ProviderBadResponse,
     ProviderError,
+    ProviderSetupError,
     ProviderUnavailable,
+    RateLimiter,
     backoff_seconds,
     retry_after_seconds,
 )
@@ -52,17 +55,101 @@ async def test_accounts_and_transactions_are_parsed_with_exact_decimals(
     assert accounts[4].usage == "ORGA"
     assert accounts[0].name == "Compte chèques"
     assert accounts[0].connection_id == "1"
+    assert accounts[0].currency == "EUR"
+    assert accounts[0].last_update == bank.sandbox.synced_at
+    assert not accounts[0].deleted and not accounts[0].disabled
 
+    # Pages of two: the second page comes through _links.next, followed as given.
     txs = await client.transactions(TOKEN, accounts[0].id, limit=2)
-    demo = demo_transactions(expected[0].id)[:2]
+    demo = sorted(demo_transactions(expected[0].id), key=lambda t: (t.date, t.id), reverse=True)
     assert [t.id for t in txs] == [str(t.id) for t in demo]
     assert [t.amount for t in txs] == [t.value for t in demo]
     assert [t.date for t in txs] == [t.date for t in demo]
     assert [t.label for t in txs] == [t.wording for t in demo]
     assert [t.category for t in txs] == [t.category for t in demo]
-    assert calls.outcomes == ["200", "200"]
-    assert [endpoint for endpoint, _, _ in calls.seen] == ["accounts", "transactions"]
+    assert all(t.last_update == bank.sandbox.synced_at and not t.coming for t in txs)
+    assert calls.outcomes == ["200", "200", "200"]
+    assert [endpoint for endpoint, _, _ in calls.seen] == [
+        "accounts",
+        "transactions",
+        "transactions",
+    ]
+    [(_, first), (_, second)] = bank.sandbox.queries[1:]
+    assert first == {"limit": "2", "all": "true", "expand": "categories"}
+    assert second == {**first, "offset": "2"}
     assert all(seconds >= 0 for _, _, seconds in calls.seen)
+
+
+async def test_connections_carry_their_state(bank: Bank, http: aiohttp.ClientSession) -> None:
+    user = bank.sandbox.user(TOKEN)
+    assert user is not None
+    user.connections[0].state = "wrongpass"
+    user.connections[0].error_message = "Mot de passe incorrect"
+
+    [connection] = await fast_client(http, bank.url).connections(TOKEN)
+
+    assert (connection.id, connection.state, connection.error_message) == (
+        "1",
+        "wrongpass",
+        "Mot de passe incorrect",
+    )
+    assert connection.last_update == bank.sandbox.synced_at
+    assert connection.next_try is None
+
+
+async def test_the_sandbox_requires_a_limit_as_powens_does(
+    bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    url = f"{bank.url}/users/me/accounts/1/transactions"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    for query, code in (({}, "missingParameter"), ({"limit": "1001"}, "invalidValue")):
+        async with http.get(url, headers=headers, params=query) as resp:
+            assert resp.status == 400
+            body = await resp.json()
+        assert body["code"] == code
+        assert set(body) == {"code", "description", "message", "request_id"}
+
+
+async def test_a_next_page_on_another_host_is_refused(
+    bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    body = {"transactions": [], "_links": {"next": {"href": "https://elsewhere.example/2.0/x"}}}
+    bank.sandbox.behave(TOKEN, Fault(status=200, body=body, endpoint="transactions"))
+
+    with pytest.raises(ProviderBadResponse, match="next page is on another host"):
+        await fast_client(http, bank.url).transactions(TOKEN, "1")
+
+    assert bank.sandbox.requests["transactions"] == 1
+
+
+async def test_a_403_is_a_setup_error_not_a_token_problem(
+    bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    bank.sandbox.behave(TOKEN, Fault(status=403))
+
+    with pytest.raises(ProviderSetupError) as caught:
+        await fast_client(http, bank.url).accounts(TOKEN)
+
+    assert (caught.value.kind, caught.value.status, caught.value.code) == (
+        "setup_error",
+        403,
+        "forbidden",
+    )
+
+
+async def test_the_rate_is_shared_by_every_request_of_the_process(
+    bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    # Two clients (as two workers) on one bucket of 20 requests per second, burst 5.
+    limiter = RateLimiter(20, burst=5)
+    clients = [fast_client(http, bank.url, rate=limiter) for _ in range(2)]
+
+    await asyncio.gather(*(c.connections(token_for(n)) for n in range(1, 11) for c in clients))
+
+    arrivals = sorted(t for times in bank.sandbox.arrivals.values() for t in times)
+    assert len(arrivals) == 20
+    # Measured at the server: after the burst, no more than the rate allows.
+    assert arrivals[-1] - arrivals[0] >= (20 - 5) / 20 * 0.9
 
 
 async def test_amounts_given_as_strings_are_the_same_decimals(
@@ -262,7 +349,7 @@ async def test_unusable_fields_are_a_bad_response(
         await fast_client(http, bank.url).accounts(TOKEN)
 
 
-async def test_missing_balance_is_zero_and_big_numbers_stay_exact(
+async def test_missing_balance_is_none_and_big_numbers_stay_exact(
     bank: Bank, http: aiohttp.ClientSession
 ) -> None:
     accounts = [{"id": "a1"}, {"id": 2, "balance": 12345678901234567890}]
@@ -270,7 +357,7 @@ async def test_missing_balance_is_zero_and_big_numbers_stay_exact(
 
     got = await fast_client(http, bank.url).accounts(TOKEN)
 
-    assert [a.balance for a in got] == [Decimal(0), Decimal("12345678901234567890")]
+    assert [a.balance for a in got] == [None, Decimal("12345678901234567890")]
 
 
 async def test_transaction_fields_fall_back_as_konto_does(

@@ -65,12 +65,14 @@ def _refresh_wiring(
         timeout=settings.provider_timeout,
         attempts=settings.provider_attempts,
         observe=observe_request,
+        rate=settings.provider_rate,
     )
     body = refresh.make_body(
         pool,
         client,
         stale_after=timedelta(seconds=settings.stale_after),
         concurrency=settings.refresh_concurrency,
+        key=settings.db_encryption_key,
     )
     return body, None
 

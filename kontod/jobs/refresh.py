@@ -1,23 +1,46 @@
-"""The ``refresh-stale-connections`` job: fresh balances and first transactions from Powens.
+"""The ``refresh-stale-connections`` job: Konto's Powens accounts brought up to what Powens has.
 
-Stale accounts are Powens accounts never synced, synced longer ago than ``stale_after``, or
-with no transaction at all. Each user owning one is refreshed with the token of one of their
-``active`` connections, at most ``concurrency`` users at a time. A user's failure is logged,
-counted and recorded on the connection; the run fails only when no user could be refreshed.
+A Powens account is stale when its ``last_sync`` (the bank data's own time, Powens'
+``last_update``) is missing or older than ``stale_after``, unless Powens reported it deleted or
+disabled. Each user owning a stale account is refreshed through their active connections (one
+Powens user and token each), at most ``concurrency`` users at a time:
+
+- the connection's state (``GET /users/me/connections``), its accounts, deleted and disabled
+  ones included (``GET /users/me/accounts?all``), and, for each account whose bank data changed
+  since the last import, the transactions changed since then, every page;
+- a connection is not called again while it is held: after a 401 until the stored token
+  changes, and while the bank needs the user (SCA, a password...) for a back-off that doubles
+  from a day up to a week, or until the stored token changes;
+- everything one user brings is written in one transaction; any failure of that user (the
+  provider, a token, the database) is counted and recorded in ``kontod_connections`` and the
+  run goes on. The run fails only when no user could be refreshed, or when it loses its claim.
+
+Konto's columns are written with values of their own types (see ``kontod.konto_schema``); what
+kontod needs to remember lives in ``kontod_connections`` and ``kontod_accounts``.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 import asyncpg
 
+from kontod import konto_schema, tokens
 from kontod.classify import classify
-from kontod.job import JobBody, RunContext
-from kontod.powens import PowensClient, ProviderAccount, ProviderError, ProviderTransaction
+from kontod.job import ClaimLost, Connection, JobBody, RunContext
+from kontod.konto_schema import KontoSchema
+from kontod.powens import (
+    PowensClient,
+    ProviderAccount,
+    ProviderConnection,
+    ProviderError,
+    ProviderTransaction,
+)
 
 COUNT_KEYS = (
     "users",
@@ -25,82 +48,224 @@ COUNT_KEYS = (
     "items_refreshed",
     "items_failed",
     "items_skipped",
+    "connections_called",
+    "connections_held",
+    "connections_failed",
+    "connections_needing_user",
     "accounts_updated",
-    "transactions_inserted",
     "accounts_not_returned",
+    "accounts_deleted",
+    "accounts_disabled",
+    "balances_null_kept",
+    "transactions_inserted",
+    "transactions_updated",
+    "transactions_deleted",
+    "transactions_coming_skipped",
+    "stale_accounts_after",
 )
-# Reasons stored on a connection are cut to this many characters.
+# Powens connection states where syncing waits for the user (SCA, consent, password...).
+NEEDS_USER = frozenset(
+    {
+        "SCARequired",
+        "webauthRequired",
+        "additionalInformationNeeded",
+        "decoupled",
+        "validating",
+        "actionNeeded",
+        "passwordExpired",
+        "wrongpass",
+    }
+)
+# Why a stale account is still stale after a run (the `reason` of the stale-accounts counts).
+STALE_REASONS = (
+    "needs_user",
+    "token_rejected",
+    "provider_error",
+    "no_connection",
+    "never_synced",
+    "bank_data_old",
+)
+STATE_COUNT = "connections_state."
+STALE_COUNT = "stale_accounts_after."
+HOLD_FIRST = timedelta(days=1)
+HOLD_MAX = timedelta(days=7)
+# Errors stored on a connection are cut to this many characters.
 MAX_REASON = 1000
+TX_HASH_PREFIX = "powens_"
 
-# One row per user owning a stale account: the user's Powens accounts as parallel arrays, and
-# one active connection, preferring one whose last refresh did not fail, then the newest.
-STALE_USERS_SQL = """
-WITH acc AS (
-    SELECT a.id, a.user_id, a.provider_account_id, a.name, a.company_id IS NOT NULL AS company,
-           EXISTS (SELECT 1 FROM transactions t WHERE t.bank_account_id = a.id) AS has_tx,
-           a.last_sync
-      FROM bank_accounts a
-     WHERE a.provider = 'powens'
-), per_user AS (
-    SELECT user_id,
-           count(*) FILTER (WHERE last_sync IS NULL OR last_sync < $1 OR NOT has_tx) AS stale,
-           array_agg(id ORDER BY id) AS ids,
-           array_agg(provider_account_id ORDER BY id) AS provider_ids,
-           array_agg(name ORDER BY id) AS names,
-           array_agg(company ORDER BY id) AS companies,
-           array_agg(has_tx ORDER BY id) AS has_txs
-      FROM acc
-     GROUP BY user_id
-    HAVING count(*) FILTER (WHERE last_sync IS NULL OR last_sync < $1 OR NOT has_tx) > 0
-)
-SELECT p.*, c.id AS connection_id, c.powens_token AS token
-  FROM per_user p
-  LEFT JOIN LATERAL (
-       SELECT id, powens_token FROM bank_connections
-        WHERE user_id = p.user_id AND status = 'active'
-        ORDER BY last_refresh_error IS NOT NULL, id DESC
-        LIMIT 1) c ON true
- ORDER BY p.user_id
-"""
 
-STALE_COUNT_SQL = """
-SELECT count(*) FROM bank_accounts a
- WHERE a.provider = 'powens'
-   AND (a.last_sync IS NULL OR a.last_sync < $1
-        OR NOT EXISTS (SELECT 1 FROM transactions t WHERE t.bank_account_id = a.id))
-"""
+def needs_user_hold(streak: int) -> timedelta:
+    """How long a connection needing the user is left alone after its ``streak``-th such answer."""
+    return min(HOLD_MAX, HOLD_FIRST * (1 << min(8, max(0, streak - 1))))
 
-UPDATE_ACCOUNTS_SQL = """
+
+def _stale_filter(schema: KontoSchema) -> str:
+    last_sync = schema.timestamptz("bank_accounts", "last_sync", "a")
+    return f"""a.provider = 'powens'
+       AND k.deleted_at IS NULL AND k.disabled_at IS NULL
+       AND ({last_sync} IS NULL OR {last_sync} < $1)"""
+
+
+def _sql(schema: KontoSchema) -> dict[str, str]:
+    """The job's statements, with each Konto column's own type in its casts."""
+    c = schema.cast
+    stale = _stale_filter(schema)
+    last_sync = schema.timestamptz("bank_accounts", "last_sync", "a")
+    return {
+        # Users owning a stale account, and the connections their stale accounts were last
+        # seen through (NULL: not known yet, so every active connection of the user is asked).
+        "stale_users": f"""
+SELECT a.user_id::bigint AS user_id, count(*) AS stale,
+       array_agg(DISTINCT k.connection_id) FILTER (WHERE k.connection_id IS NOT NULL) AS known,
+       bool_or(k.connection_id IS NULL) AS unknown
+  FROM bank_accounts a LEFT JOIN kontod_accounts k ON k.bank_account_id = a.id
+ WHERE {stale}
+ GROUP BY a.user_id ORDER BY a.user_id""",
+        "connections": """
+SELECT c.id::bigint AS id, c.user_id::bigint AS user_id,
+       c.powens_connection_id::text AS powens_id, c.powens_token::text AS stored,
+       f.fingerprint, k.held_until::text AS held_until,
+       coalesce(k.held_until > $2 AND k.token_fingerprint = f.fingerprint, false) AS held,
+       coalesce(k.needs_user_streak, 0) AS streak
+  FROM bank_connections c
+  LEFT JOIN kontod_connections k ON k.connection_id = c.id
+  CROSS JOIN LATERAL (SELECT encode(sha256(convert_to(c.powens_token::text, 'UTF8')), 'hex')
+                             AS fingerprint) f
+ WHERE c.user_id = ANY($1::bigint[]) AND c.status = 'active'
+ ORDER BY c.user_id, c.id""",
+        "accounts": """
+SELECT a.id::bigint AS id, a.user_id::bigint AS user_id,
+       a.provider_account_id::text AS provider_id, a.name::text AS name,
+       a.company_id IS NOT NULL AS company, k.powens_last_update,
+       k.transactions_last_update, k.transactions_imported_at
+  FROM bank_accounts a LEFT JOIN kontod_accounts k ON k.bank_account_id = a.id
+ WHERE a.provider = 'powens' AND a.user_id = ANY($1::bigint[])
+ ORDER BY a.id""",
+        "update_accounts": f"""
 UPDATE bank_accounts a
-   SET balance = u.balance, last_sync = now(), type = u.type, usage = u.usage,
-       subtype = u.subtype
-  FROM unnest($1::bigint[], $2::numeric[], $3::text[], $4::text[], $5::text[])
-       AS u (id, balance, type, usage, subtype)
- WHERE a.id = u.id
-"""
-
-# ON CONFLICT makes a second import of the same provider transactions insert nothing, even
-# from two runs racing each other.
-INSERT_TRANSACTIONS_SQL = """
-WITH inserted AS (
-    INSERT INTO transactions
-           (bank_account_id, provider_transaction_id, date, amount, label, category)
-    SELECT * FROM unnest($1::bigint[], $2::text[], $3::date[], $4::numeric[], $5::text[],
-                         $6::text[])
-    ON CONFLICT (bank_account_id, provider_transaction_id) DO NOTHING
-    RETURNING 1
+   SET balance = coalesce(u.balance, a.balance),
+       last_sync = coalesce(u.last_sync, a.last_sync),
+       currency = coalesce(u.currency, a.currency),
+       type = u.type, usage = u.usage, subtype = u.subtype
+  FROM unnest($1::bigint[], $2::{c("bank_accounts", "balance")}[],
+              $3::{c("bank_accounts", "last_sync")}[], $4::{c("bank_accounts", "currency")}[],
+              $5::{c("bank_accounts", "type")}[], $6::{c("bank_accounts", "usage")}[],
+              $7::{c("bank_accounts", "subtype")}[])
+       AS u (id, balance, last_sync, currency, type, usage, subtype)
+ WHERE a.id = u.id""",
+        # The web app's key: a row it imported is updated, never doubled. xmax = 0 tells an
+        # inserted row from an updated one; unchanged rows are not touched at all.
+        "upsert_transactions": f"""
+WITH written AS (
+    INSERT INTO transactions AS t (bank_account_id, date, amount, label, category, tx_hash)
+    SELECT * FROM unnest($1::{c("transactions", "bank_account_id")}[],
+                         $2::{c("transactions", "date")}[], $3::{c("transactions", "amount")}[],
+                         $4::{c("transactions", "label")}[],
+                         $5::{c("transactions", "category")}[],
+                         $6::{c("transactions", "tx_hash")}[])
+    ON CONFLICT (bank_account_id, tx_hash) DO UPDATE
+       SET date = EXCLUDED.date, amount = EXCLUDED.amount, label = EXCLUDED.label,
+           category = EXCLUDED.category
+     WHERE (t.date, t.amount, t.label, t.category)
+           IS DISTINCT FROM (EXCLUDED.date, EXCLUDED.amount, EXCLUDED.label, EXCLUDED.category)
+    RETURNING xmax = 0 AS inserted
 )
-SELECT count(*) FROM inserted
-"""
-
-# Only kontod's own columns: `status` and `last_sync` belong to the web app.
-RECORD_OUTCOME_SQL = """
-UPDATE bank_connections
-   SET last_refresh_at = now(),
-       last_refresh_error = $2::text,
-       last_refresh_error_at = CASE WHEN $2::text IS NULL THEN NULL ELSE now() END
- WHERE id = $1
-"""
+SELECT count(*) FILTER (WHERE inserted) AS inserted,
+       count(*) FILTER (WHERE NOT inserted) AS updated
+  FROM written""",
+        "delete_transactions": """
+DELETE FROM transactions t
+ USING unnest($1::bigint[], $2::text[]) AS d (account_id, tx_hash)
+ WHERE t.bank_account_id = d.account_id AND t.tx_hash = d.tx_hash""",
+        "upsert_kontod_accounts": """
+INSERT INTO kontod_accounts AS k
+       (bank_account_id, connection_id, powens_last_update, deleted_at, disabled_at,
+        transactions_last_update, transactions_imported_at, null_balance_at)
+SELECT u.id, u.connection_id, u.last_update,
+       CASE WHEN u.deleted THEN $9::timestamptz END, CASE WHEN u.disabled THEN $9 END,
+       u.tx_last_update, CASE WHEN u.imported THEN $9 END, CASE WHEN u.null_balance THEN $9 END
+  FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::bool[], $5::bool[],
+              $6::timestamptz[], $7::bool[], $8::bool[])
+       AS u (id, connection_id, last_update, deleted, disabled, tx_last_update, imported,
+             null_balance)
+ON CONFLICT (bank_account_id) DO UPDATE SET
+       connection_id = EXCLUDED.connection_id,
+       powens_last_update = coalesce(EXCLUDED.powens_last_update, k.powens_last_update),
+       deleted_at = CASE WHEN EXCLUDED.deleted_at IS NULL THEN NULL
+                         ELSE coalesce(k.deleted_at, EXCLUDED.deleted_at) END,
+       disabled_at = CASE WHEN EXCLUDED.disabled_at IS NULL THEN NULL
+                          ELSE coalesce(k.disabled_at, EXCLUDED.disabled_at) END,
+       transactions_last_update = greatest(k.transactions_last_update,
+                                           EXCLUDED.transactions_last_update),
+       transactions_imported_at = coalesce(EXCLUDED.transactions_imported_at,
+                                           k.transactions_imported_at),
+       null_balance_at = coalesce(EXCLUDED.null_balance_at, k.null_balance_at)""",
+        # One row per connection tried. A failure keeps what Powens said last time.
+        "record_connections": """
+INSERT INTO kontod_connections AS k
+       (connection_id, last_attempt_at, last_success_at, error_kind, error, error_code,
+        powens_state, powens_error_message, powens_last_update, powens_next_try,
+        token_fingerprint, held_until, needs_user_streak)
+SELECT u.id, $13::timestamptz, CASE WHEN u.ok THEN $13 END, u.kind, u.error, u.code, u.state, u.message,
+       u.last_update, u.next_try, u.fingerprint,
+       -- A rejected token is held until the stored token changes, however long that takes.
+       CASE WHEN u.kind = 'token_rejected' THEN 'infinity'::timestamptz ELSE u.held_until END,
+       coalesce(u.streak, 0)
+  FROM unnest($1::bigint[], $2::bool[], $3::text[], $4::text[], $5::text[], $6::text[],
+              $7::text[], $8::timestamptz[], $9::timestamptz[], $10::text[],
+              $11::timestamptz[], $12::int[])
+       AS u (id, ok, kind, error, code, state, message, last_update, next_try, fingerprint,
+             held_until, streak)
+ON CONFLICT (connection_id) DO UPDATE SET
+       last_attempt_at = EXCLUDED.last_attempt_at,
+       last_success_at = coalesce(EXCLUDED.last_success_at, k.last_success_at),
+       error_kind = EXCLUDED.error_kind, error = EXCLUDED.error, error_code = EXCLUDED.error_code,
+       powens_state = CASE WHEN EXCLUDED.last_success_at IS NULL THEN k.powens_state
+                           ELSE EXCLUDED.powens_state END,
+       powens_error_message = CASE WHEN EXCLUDED.last_success_at IS NULL
+                                   THEN k.powens_error_message
+                                   ELSE EXCLUDED.powens_error_message END,
+       powens_last_update = coalesce(EXCLUDED.powens_last_update, k.powens_last_update),
+       powens_next_try = CASE WHEN EXCLUDED.last_success_at IS NULL THEN k.powens_next_try
+                              ELSE EXCLUDED.powens_next_try END,
+       token_fingerprint = EXCLUDED.token_fingerprint,
+       held_until = EXCLUDED.held_until,
+       needs_user_streak = CASE WHEN EXCLUDED.last_success_at IS NULL
+                                THEN k.needs_user_streak
+                                ELSE EXCLUDED.needs_user_streak END""",
+        # After the run: why each stale account is still stale. The account's own connection
+        # when known, else the most troubled active connection of its user.
+        "stale_reasons": f"""
+SELECT CASE
+         WHEN NOT EXISTS (SELECT 1 FROM bank_connections c
+                           WHERE c.user_id = a.user_id AND c.status = 'active')
+           THEN 'no_connection'
+         WHEN kc.error_kind = 'token_rejected' THEN 'token_rejected'
+         WHEN kc.error_kind IS NULL AND kc.powens_state = ANY($2::text[]) THEN 'needs_user'
+         WHEN kc.error_kind IS NOT NULL OR kc.powens_state IS NOT NULL THEN 'provider_error'
+         WHEN {last_sync} IS NULL THEN 'never_synced'
+         ELSE 'bank_data_old'
+       END AS reason, count(*) AS accounts
+  FROM bank_accounts a
+  LEFT JOIN kontod_accounts k ON k.bank_account_id = a.id
+  LEFT JOIN LATERAL (
+       SELECT kc.error_kind, kc.powens_state
+         FROM kontod_connections kc
+         JOIN bank_connections c ON c.id = kc.connection_id AND c.status = 'active'
+        WHERE CASE WHEN k.connection_id IS NOT NULL THEN kc.connection_id = k.connection_id
+                   ELSE c.user_id = a.user_id END
+        ORDER BY (kc.error_kind IS NOT NULL OR kc.powens_state IS NOT NULL) DESC
+        LIMIT 1) kc ON true
+ WHERE {stale}
+ GROUP BY 1""",
+        "connection_states": """
+SELECT coalesce(k.error_kind, k.powens_state,
+                CASE WHEN k.connection_id IS NULL THEN 'never_tried' ELSE 'ok' END) AS state,
+       count(*) AS connections
+  FROM bank_connections c LEFT JOIN kontod_connections k ON k.connection_id = c.id
+ WHERE c.status = 'active'
+ GROUP BY 1""",
+    }
 
 
 class RefreshFailed(Exception):
@@ -109,37 +274,104 @@ class RefreshFailed(Exception):
 
 @dataclass(frozen=True)
 class LocalAccount:
-    """A user's Powens account in Konto's database."""
+    """A user's Powens account in Konto's database, with what kontod remembers of it."""
 
     id: int
     provider_id: str | None
     name: str | None
     has_company: bool
-    has_transactions: bool
+    powens_last_update: datetime | None
+    transactions_last_update: datetime | None
+    transactions_imported: bool
+
+    def wants_transactions(self, remote: ProviderAccount) -> bool:
+        """Never imported, or the bank data changed since kontod last saw it."""
+        return (
+            not self.transactions_imported
+            or remote.last_update is None
+            or self.powens_last_update is None
+            or remote.last_update > self.powens_last_update
+        )
 
 
 @dataclass(frozen=True)
-class Connection:
-    """The active connection whose token refreshes a user; the token is kept out of repr."""
+class BankConnection:
+    """An active bank_connections row; the stored token is kept out of repr."""
 
     id: int
-    token: str = field(repr=False)
+    powens_id: str | None
+    stored: str = field(repr=False)
+    fingerprint: str
+    # Held by a 401 or a needs-user back-off, with the same stored token (decided in SQL).
+    held: bool
+    held_until: str | None
+    streak: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class StaleUser:
-    """A user owning at least one stale account, and the connection to refresh it with."""
+    """A user owning at least one stale account, the connections to ask and those held."""
 
     user_id: int
     stale_accounts: int
     accounts: list[LocalAccount]
-    connection: Connection | None
+    to_call: list[BankConnection]
+    held: list[BankConnection]
+
+
+@dataclass
+class Fetched:
+    """What one connection brought, or why it brought nothing."""
+
+    connection: BankConnection
+    failure: ProviderError | tokens.TokenEncryptedNoKey | None = None
+    remote: ProviderConnection | None = None
+    accounts: list[ProviderAccount] = field(default_factory=list)
+    transactions: dict[str, list[ProviderTransaction]] = field(default_factory=dict)
+
+
+class ConnectionRecord(NamedTuple):
+    """One kontod_connections row to write, in the order of the statement's parameters."""
+
+    connection_id: int
+    ok: bool
+    error_kind: str | None
+    error: str | None
+    error_code: str | None
+    powens_state: str | None
+    powens_error_message: str | None
+    powens_last_update: datetime | None
+    powens_next_try: datetime | None
+    token_fingerprint: str
+    held_until: datetime | None
+    needs_user_streak: int | None
+
+    @classmethod
+    def failed(
+        cls, connection: BankConnection, kind: str, error: str, code: str | None = None
+    ) -> ConnectionRecord:
+        """A failed attempt: what Powens said before is kept; a 401 is held in SQL."""
+        return cls(
+            connection.id,
+            False,
+            kind,
+            error[:MAX_REASON],
+            code,
+            None,
+            None,
+            None,
+            None,
+            connection.fingerprint,
+            None,
+            None,
+        )
 
 
 @dataclass
 class _Tally:
     refreshed: int = 0
     failed: int = 0
+    done: int = 0
     first_failure: str | None = None
 
 
@@ -149,19 +381,57 @@ def make_body(
     *,
     stale_after: timedelta,
     concurrency: int,
-    transactions_limit: int = 100,
+    key: bytes | None = None,
+    schema: KontoSchema | None = None,
 ) -> JobBody:
-    """The job body: refresh every user owning a stale account, ``concurrency`` at a time."""
+    """The job body: refresh every user owning a stale account, ``concurrency`` at a time.
+
+    ``key`` is the web app's token encryption key. Konto's schema is read again at each run
+    unless ``schema`` is given, so a change the web app makes to its tables is seen at the
+    next run rather than at kontod's next start.
+    """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
 
     async def body(ctx: RunContext) -> None:
-        cutoff = ctx.started_at - stale_after
-        users = await stale_users(pool, cutoff)
+        current = schema
+        if current is None:
+            async with pool.acquire() as conn:
+                current = await konto_schema.load(conn)
+        job = _Refresh(pool, client, current, ctx, key)
+        await job.run(ctx.started_at - stale_after, concurrency)
+
+    return body
+
+
+class _Refresh:
+    """One run of the job."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        client: PowensClient,
+        schema: KontoSchema,
+        ctx: RunContext,
+        key: bytes | None,
+    ) -> None:
+        self.pool = pool
+        self.client = client
+        self.schema = schema
+        self.sql = _sql(schema)
+        self.ctx = ctx
+        self.key = key
+        self.now = ctx.started_at
+        self.tally = _Tally()
+
+    async def run(self, cutoff: datetime, concurrency: int) -> None:
+        ctx = self.ctx
+        users = await self.stale_users(cutoff)
         # Zeros are written too, so a run's stored counts always show every outcome.
         ctx.counts.update(dict.fromkeys(COUNT_KEYS, 0))
         ctx.counts["users"] = len(users)
         ctx.counts["stale_accounts"] = sum(u.stale_accounts for u in users)
+        ctx.report_progress(0, len(users))
         ctx.log.info(
             "refresh.started",
             users=len(users),
@@ -169,206 +439,390 @@ def make_body(
             cutoff=cutoff.isoformat(),
             concurrency=concurrency,
         )
-        tally = _Tally()
-        todo: list[tuple[StaleUser, Connection]] = []
-        for user in users:
-            if user.connection is None:
-                ctx.counts["items_skipped"] += 1
-                ctx.log.info(
-                    "refresh.user_skipped",
-                    user_id=user.user_id,
-                    reason="no_active_connection",
-                    stale_accounts=user.stale_accounts,
-                )
-            else:
-                todo.append((user, user.connection))
-        queue = iter(todo)
+        queue = iter(users)
 
         async def worker() -> None:
             # Workers share one iterator: each user is taken once, and at most ``concurrency``
             # users are in flight, with as many tasks whatever the number of users.
-            for user, connection in queue:
-                await _refresh_user(pool, client, ctx, user, connection, tally, transactions_limit)
+            for user in queue:
+                await self.refresh_user(user)
+                self.tally.done += 1
+                ctx.report_progress(self.tally.done, len(users))
 
         try:
             async with asyncio.TaskGroup() as group:
-                for n in range(min(concurrency, len(todo))):
+                for n in range(min(concurrency, len(users))):
                     group.create_task(worker(), name=f"refresh-worker-{n}")
         except ExceptionGroup as errors:
-            # A failure that is not the provider's (the database, a bug) ends the run; the
-            # first one is the cause worth reporting, not the group around it.
+            # What ends the run (a lost claim, a failure to record a failure) is the first
+            # error, not the group around it.
             raise errors.exceptions[0] from None
 
-        ctx.counts["stale_accounts_after"] = await pool.fetchval(STALE_COUNT_SQL, cutoff)
+        await self.count_after(cutoff)
         ctx.log.info(
             "refresh.finished",
-            refreshed=tally.refreshed,
-            failed=tally.failed,
+            refreshed=self.tally.refreshed,
+            failed=self.tally.failed,
             skipped=ctx.counts["items_skipped"],
             accounts_updated=ctx.counts["accounts_updated"],
             transactions_inserted=ctx.counts["transactions_inserted"],
             stale_accounts_after=ctx.counts["stale_accounts_after"],
         )
-        if tally.failed and not tally.refreshed:
+        if self.tally.failed and not self.tally.refreshed:
             raise RefreshFailed(
-                f"all {tally.failed} users with an active connection failed to refresh;"
-                f" first failure: {tally.first_failure}"
+                f"all {self.tally.failed} users with a connection to ask failed to refresh;"
+                f" first failure: {self.tally.first_failure}"
             )
 
-    return body
-
-
-async def stale_users(pool: asyncpg.Pool, cutoff: datetime) -> list[StaleUser]:
-    """Every user owning a Powens account synced before ``cutoff``, never, or without transactions."""
-    rows = await pool.fetch(STALE_USERS_SQL, cutoff)
-    return [
-        StaleUser(
-            user_id=r["user_id"],
-            stale_accounts=r["stale"],
-            accounts=[
-                LocalAccount(*fields)
-                for fields in zip(
-                    r["ids"],
-                    r["provider_ids"],
-                    r["names"],
-                    r["companies"],
-                    r["has_txs"],
-                    strict=True,
+    async def stale_users(self, cutoff: datetime) -> list[StaleUser]:
+        """Every user owning a stale account, with the connections to ask (three statements)."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(self.sql["stale_users"], cutoff)
+            ids = [r["user_id"] for r in rows]
+            connections = await conn.fetch(self.sql["connections"], ids, self.now)
+            accounts = await conn.fetch(self.sql["accounts"], ids)
+        by_user_conn: defaultdict[int, list[BankConnection]] = defaultdict(list)
+        for r in connections:
+            by_user_conn[r["user_id"]].append(
+                BankConnection(
+                    id=r["id"],
+                    powens_id=r["powens_id"],
+                    stored=r["stored"],
+                    fingerprint=r["fingerprint"],
+                    held=r["held"],
+                    held_until=r["held_until"],
+                    streak=r["streak"],
                 )
-            ],
-            connection=None
-            if r["connection_id"] is None
-            else Connection(r["connection_id"], r["token"]),
-        )
-        for r in rows
-    ]
-
-
-async def _refresh_user(
-    pool: asyncpg.Pool,
-    client: PowensClient,
-    ctx: RunContext,
-    user: StaleUser,
-    connection: Connection,
-    tally: _Tally,
-    transactions_limit: int,
-) -> None:
-    failure: ProviderError | None = None
-    updated = inserted = 0
-    try:
-        remote = await client.accounts(connection.token)
-    except ProviderError as exc:
-        failure = exc
-    else:
-        matched = _match(user.accounts, remote)
-        updated = await _update_accounts(pool, matched)
-        new: list[tuple[int, ProviderTransaction]] = []
-        for account, locals_ in matched.items():
-            wanting = [local.id for local in locals_ if not local.has_transactions]
-            if not wanting:
-                continue
-            try:
-                txs = await client.transactions(
-                    connection.token, account.id, limit=transactions_limit
+            )
+        by_user_acc: defaultdict[int, list[LocalAccount]] = defaultdict(list)
+        for r in accounts:
+            by_user_acc[r["user_id"]].append(
+                LocalAccount(
+                    id=r["id"],
+                    provider_id=r["provider_id"],
+                    name=r["name"],
+                    has_company=r["company"],
+                    powens_last_update=r["powens_last_update"],
+                    transactions_last_update=r["transactions_last_update"],
+                    transactions_imported=r["transactions_imported_at"] is not None,
                 )
-            except ProviderError as exc:
-                # Keep what the other accounts gave; this account stays stale for next time.
-                failure = exc
-                break
-            new.extend((local_id, tx) for local_id in wanting for tx in txs)
-        inserted = await _insert_transactions(pool, new)
-        returned = {r.id for r in remote}
-        missing = [a.id for a in user.accounts if a.provider_id not in returned]
-        if missing:
-            # Accounts closed at the bank or linked through another connection: worth seeing,
-            # not a failure.
-            ctx.counts["accounts_not_returned"] += len(missing)
+            )
+        users = []
+        for r in rows:
+            active = by_user_conn[r["user_id"]]
+            known = set(r["known"] or ())
+            # A stale account seen through a connection that is no longer active is as good
+            # as unknown: every active connection is asked.
+            everyone = r["unknown"] or not known <= {c.id for c in active}
+            wanted = [c for c in active if everyone or c.id in known]
+            users.append(
+                StaleUser(
+                    user_id=r["user_id"],
+                    stale_accounts=r["stale"],
+                    accounts=by_user_acc[r["user_id"]],
+                    to_call=[c for c in wanted if not c.held],
+                    held=[c for c in wanted if c.held],
+                )
+            )
+        return users
+
+    async def refresh_user(self, user: StaleUser) -> None:
+        """Fetch every connection of the user, then write all of it in one transaction."""
+        ctx = self.ctx
+        ctx.counts["connections_held"] += len(user.held)
+        for c in user.held:
             ctx.log.info(
-                "refresh.accounts_not_returned",
+                "refresh.connection_held",
+                user_id=user.user_id,
+                connection_id=c.id,
+                until=c.held_until,
+            )
+        if not user.to_call:
+            ctx.counts["items_skipped"] += 1
+            ctx.log.info(
+                "refresh.user_skipped",
+                user_id=user.user_id,
+                reason="connections_held" if user.held else "no_active_connection",
+                stale_accounts=user.stale_accounts,
+            )
+            return
+        fetched = [await self.fetch(user, c) for c in user.to_call]
+        ctx.counts["connections_called"] += len(fetched)
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await ctx.check_claim(conn)
+                await self.write(conn, user, fetched)
+        except ClaimLost:
+            raise
+        except Exception as exc:
+            # The user's own failure (a row the web app deleted meanwhile, a value the table
+            # refuses, a bug): nothing of it was written; it is recorded and the run goes on.
+            kind = "database" if isinstance(exc, asyncpg.PostgresError) else "internal"
+            reason = f"{type(exc).__name__}: {exc}"[:MAX_REASON]
+            ctx.log.warning(
+                "refresh.user_write_failed",
+                user_id=user.user_id,
+                kind=kind,
+                error=reason,
+                exc_info=kind == "internal",
+            )
+            async with self.pool.acquire() as conn, conn.transaction():
+                await ctx.check_claim(conn)
+                await self.record(
+                    conn, [ConnectionRecord.failed(f.connection, kind, reason) for f in fetched]
+                )
+            self._count_user(user, failure=reason)
+            return
+        failures = [f for f in fetched if f.failure is not None]
+        self._count_user(user, failure=str(failures[0].failure) if failures else None)
+
+    def _count_user(self, user: StaleUser, failure: str | None) -> None:
+        if failure is None:
+            self.tally.refreshed += 1
+            self.ctx.counts["items_refreshed"] += 1
+            return
+        self.tally.failed += 1
+        self.tally.first_failure = self.tally.first_failure or failure[:MAX_REASON]
+        self.ctx.counts["items_failed"] += 1
+
+    async def fetch(self, user: StaleUser, connection: BankConnection) -> Fetched:
+        """Everything one connection gives; a provider or token failure is returned, not raised."""
+        out = Fetched(connection)
+        try:
+            token = tokens.decrypt(connection.stored, self.key)
+            remote = await self.client.connections(token)
+            out.remote = _pick(remote, connection.powens_id)
+            out.accounts = await self.client.accounts(token)
+            local = _by_provider_id(user.accounts)
+            for account in out.accounts:
+                if account.deleted or account.disabled:
+                    continue
+                wanting = [a for a in local.get(account.id, []) if a.wants_transactions(account)]
+                if not wanting:
+                    continue
+                since = _min_time(a.transactions_last_update for a in wanting)
+                out.transactions[account.id] = await self.client.transactions(
+                    token, account.id, since=since
+                )
+        except (ProviderError, tokens.TokenEncryptedNoKey) as exc:
+            # A connection brings all or nothing: balances without their transactions would
+            # look fresh and never be asked for the missing transactions.
+            out.failure = exc
+            out.accounts, out.transactions = [], {}
+            self.ctx.counts["connections_failed"] += 1
+            self.ctx.log.warning(
+                "refresh.connection_failed",
                 user_id=user.user_id,
                 connection_id=connection.id,
-                account_ids=missing,
+                kind=exc.kind,
+                endpoint=getattr(exc, "endpoint", None),
+                status=getattr(exc, "status", None),
+                code=getattr(exc, "code", None),
+                request_id=getattr(exc, "request_id", None),
+                reason=str(exc)[:MAX_REASON],
             )
+        return out
 
-    ctx.counts["accounts_updated"] += updated
-    ctx.counts["transactions_inserted"] += inserted
-    reason = None if failure is None else str(failure)[:MAX_REASON]
-    await pool.execute(RECORD_OUTCOME_SQL, connection.id, reason)
-    if failure is None:
-        tally.refreshed += 1
-        ctx.counts["items_refreshed"] += 1
-        ctx.log.debug(
-            "refresh.user_refreshed",
-            user_id=user.user_id,
-            connection_id=connection.id,
-            accounts_updated=updated,
-            transactions_inserted=inserted,
+    async def write(self, conn: Connection, user: StaleUser, fetched: list[Fetched]) -> None:
+        """The user's accounts, transactions and connection records: one transaction."""
+        ctx, schema = self.ctx, self.schema
+        local = _by_provider_id(user.accounts)
+        updates: list[tuple[int, ProviderAccount, LocalAccount]] = []
+        states: list[tuple[int, ProviderAccount, bool]] = []  # (local id, remote, imported)
+        tx_rows: list[tuple[int, ProviderTransaction]] = []
+        tx_gone: list[tuple[int, str]] = []
+        returned: set[str] = set()
+        records: list[ConnectionRecord] = []
+        for f in fetched:
+            if f.failure is not None:
+                code = getattr(f.failure, "code", None)
+                records.append(
+                    ConnectionRecord.failed(f.connection, f.failure.kind, str(f.failure), code)
+                )
+                continue
+            records.append(self._succeeded(f))
+            for remote in f.accounts:
+                returned.add(remote.id)
+                for account in local.get(remote.id, []):
+                    txs = f.transactions.get(remote.id)
+                    states.append((account.id, remote, txs is not None))
+                    if remote.deleted or remote.disabled:
+                        continue
+                    updates.append((account.id, remote, account))
+                    for tx in txs or ():
+                        if tx.deleted:
+                            tx_gone.append((account.id, TX_HASH_PREFIX + tx.id))
+                        elif tx.coming:
+                            ctx.counts["transactions_coming_skipped"] += 1
+                        else:
+                            tx_rows.append((account.id, tx))
+        await self._update_accounts(conn, updates)
+        if tx_rows:
+            row = await conn.fetchrow(
+                self.sql["upsert_transactions"],
+                [a for a, _ in tx_rows],
+                schema.encode("transactions", "date", (tx.date for _, tx in tx_rows)),
+                schema.encode("transactions", "amount", (tx.amount for _, tx in tx_rows)),
+                [tx.label for _, tx in tx_rows],
+                [tx.category for _, tx in tx_rows],
+                [TX_HASH_PREFIX + tx.id for _, tx in tx_rows],
+            )
+            assert row is not None
+            ctx.counts["transactions_inserted"] += row["inserted"]
+            ctx.counts["transactions_updated"] += row["updated"]
+        if tx_gone:
+            status = await conn.execute(
+                self.sql["delete_transactions"], [a for a, _ in tx_gone], [h for _, h in tx_gone]
+            )
+            ctx.counts["transactions_deleted"] += int(status.split()[-1])
+        await self._record_accounts(conn, states, fetched)
+        await self.record(conn, records)
+        missing = [a.id for a in user.accounts if a.provider_id not in returned]
+        if missing and all(f.failure is None for f in fetched):
+            # Linked through a connection that is not active, or closed at the bank: worth
+            # seeing, not a failure.
+            ctx.counts["accounts_not_returned"] += len(missing)
+            ctx.log.info("refresh.accounts_not_returned", user_id=user.user_id, account_ids=missing)
+
+    def _succeeded(self, f: Fetched) -> ConnectionRecord:
+        remote = f.remote
+        state = remote.state if remote else None
+        streak = f.connection.streak + 1 if state in NEEDS_USER else 0
+        held_until = None
+        if state in NEEDS_USER:
+            self.ctx.counts["connections_needing_user"] += 1
+            held_until = self.now + needs_user_hold(streak)
+            if remote is not None and remote.next_try is not None:
+                held_until = max(held_until, remote.next_try)
+        return ConnectionRecord(
+            f.connection.id,
+            True,
+            None,
+            None,
+            None,
+            state,
+            remote.error_message if remote else None,
+            remote.last_update if remote else None,
+            remote.next_try if remote else None,
+            f.connection.fingerprint,
+            held_until,
+            streak,
         )
-        return
-    tally.failed += 1
-    tally.first_failure = tally.first_failure or reason
-    ctx.counts["items_failed"] += 1
-    ctx.log.warning(
-        "refresh.user_failed",
-        user_id=user.user_id,
-        connection_id=connection.id,
-        endpoint=failure.endpoint,
-        kind=failure.kind,
-        status=failure.status,
-        reason=reason,
-        accounts_updated=updated,
-        transactions_inserted=inserted,
-    )
 
-
-def _match(
-    local: list[LocalAccount], remote: list[ProviderAccount]
-) -> dict[ProviderAccount, list[LocalAccount]]:
-    """Each provider account with the local accounts carrying its id (usually one)."""
-    by_id: defaultdict[str, list[LocalAccount]] = defaultdict(list)
-    for account in local:
-        if account.provider_id is not None:
-            by_id[account.provider_id].append(account)
-    return {r: by_id[r.id] for r in remote if r.id in by_id}
-
-
-async def _update_accounts(
-    pool: asyncpg.Pool, matched: dict[ProviderAccount, list[LocalAccount]]
-) -> int:
-    """Balance, last_sync and classification of every matched account, in one statement."""
-    ids, balances, types, usages, subtypes = [], [], [], [], []
-    for remote, locals_ in matched.items():
-        for local in locals_:
-            kind = classify(
+    async def _update_accounts(
+        self, conn: Connection, updates: list[tuple[int, ProviderAccount, LocalAccount]]
+    ) -> None:
+        if not updates:
+            return
+        schema = self.schema
+        kinds = [
+            classify(
                 provider_type=remote.type,
                 name=remote.name or local.name,
                 usage=remote.usage,
                 has_company=local.has_company,
             )
-            ids.append(local.id)
-            balances.append(remote.balance)
-            types.append(kind.type)
-            usages.append(kind.usage)
-            subtypes.append(kind.subtype)
-    if not ids:
-        return 0
-    status = await pool.execute(UPDATE_ACCOUNTS_SQL, ids, balances, types, usages, subtypes)
-    return int(status.split()[-1])
+            for _, remote, local in updates
+        ]
+        nulls = sum(1 for _, remote, _ in updates if remote.balance is None)
+        self.ctx.counts["balances_null_kept"] += nulls
+        status = await conn.execute(
+            self.sql["update_accounts"],
+            [account_id for account_id, _, _ in updates],
+            schema.encode("bank_accounts", "balance", (r.balance for _, r, _ in updates)),
+            schema.encode("bank_accounts", "last_sync", (r.last_update for _, r, _ in updates)),
+            schema.encode("bank_accounts", "currency", (r.currency for _, r, _ in updates)),
+            [k.type for k in kinds],
+            [k.usage for k in kinds],
+            [k.subtype for k in kinds],
+        )
+        self.ctx.counts["accounts_updated"] += int(status.split()[-1])
+
+    async def _record_accounts(
+        self,
+        conn: Connection,
+        states: list[tuple[int, ProviderAccount, bool]],
+        fetched: list[Fetched],
+    ) -> None:
+        if not states:
+            return
+        seen_by = {
+            remote.id: f.connection.id
+            for f in fetched
+            if f.failure is None
+            for remote in f.accounts
+        }
+        tx_last: dict[str, datetime | None] = {}
+        for f in fetched:
+            for account_id, txs in f.transactions.items():
+                tx_last[account_id] = _max_time(tx.last_update for tx in txs)
+        self.ctx.counts["accounts_deleted"] += sum(1 for _, r, _ in states if r.deleted)
+        self.ctx.counts["accounts_disabled"] += sum(
+            1 for _, r, _ in states if r.disabled and not r.deleted
+        )
+        await conn.execute(
+            self.sql["upsert_kontod_accounts"],
+            [account_id for account_id, _, _ in states],
+            [seen_by[r.id] for _, r, _ in states],
+            [r.last_update for _, r, _ in states],
+            [r.deleted for _, r, _ in states],
+            [r.disabled for _, r, _ in states],
+            [tx_last.get(r.id) for _, r, _ in states],
+            [imported for _, _, imported in states],
+            [r.balance is None for _, r, _ in states],
+            self.now,
+        )
+
+    async def record(self, conn: Connection, records: list[ConnectionRecord]) -> None:
+        """Upsert one kontod_connections row per connection tried."""
+        if not records:
+            return
+        columns = list(zip(*records, strict=True))
+        await conn.execute(self.sql["record_connections"], *columns, self.now)
+
+    async def count_after(self, cutoff: datetime) -> None:
+        """Stale accounts by reason and active connections by state, into the run's counts."""
+        async with self.pool.acquire() as conn:
+            reasons = await conn.fetch(self.sql["stale_reasons"], cutoff, sorted(NEEDS_USER))
+            states = await conn.fetch(self.sql["connection_states"])
+        counts = self.ctx.counts
+        for reason in STALE_REASONS:
+            counts[STALE_COUNT + reason] = 0
+        for r in reasons:
+            counts[STALE_COUNT + r["reason"]] = r["accounts"]
+        counts["stale_accounts_after"] = sum(r["accounts"] for r in reasons)
+        counts[STATE_COUNT + "ok"] = 0  # present even with no connection: the metric exists
+        for r in states:
+            counts[STATE_COUNT + r["state"]] = r["connections"]
 
 
-async def _insert_transactions(
-    pool: asyncpg.Pool, rows: list[tuple[int, ProviderTransaction]]
-) -> int:
-    """Insert the transactions not yet known for their account; return how many were new."""
-    if not rows:
-        return 0
-    inserted: int = await pool.fetchval(
-        INSERT_TRANSACTIONS_SQL,
-        [account_id for account_id, _ in rows],
-        [tx.id for _, tx in rows],
-        [tx.date for _, tx in rows],
-        [tx.amount for _, tx in rows],
-        [tx.label for _, tx in rows],
-        [tx.category for _, tx in rows],
-    )
-    return inserted
+def _pick(remote: list[ProviderConnection], powens_id: str | None) -> ProviderConnection | None:
+    """The Powens connection a bank_connections row stands for (by id, else the only one)."""
+    for c in remote:
+        if powens_id is not None and c.id == powens_id:
+            return c
+    if len(remote) == 1:
+        return remote[0]
+    # Several and none matching: the most troubled one speaks for the token.
+    return next((c for c in remote if c.state), remote[0] if remote else None)
+
+
+def _by_provider_id(accounts: list[LocalAccount]) -> dict[str, list[LocalAccount]]:
+    out: defaultdict[str, list[LocalAccount]] = defaultdict(list)
+    for a in accounts:
+        if a.provider_id is not None:
+            out[a.provider_id].append(a)
+    return out
+
+
+def _min_time(values: Iterable[datetime | None]) -> datetime | None:
+    """The earliest time, or None when any is None (an import from the start is needed)."""
+    items = list(values)
+    if not items or any(v is None for v in items):
+        return None
+    return min(v for v in items if v is not None)
+
+
+def _max_time(values: Iterable[datetime | None]) -> datetime | None:
+    items = [v for v in values if v is not None]
+    return max(items) if items else None

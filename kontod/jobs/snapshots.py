@@ -23,12 +23,12 @@ WITH batch AS (
 ),
 parts AS (
     SELECT a.user_id, coalesce(nullif(a.type, ''), 'checking') AS category,
-           coalesce(a.balance, 0) AS value
+           coalesce(a.balance::numeric, 0) AS value
       FROM bank_accounts a JOIN batch b ON b.id = a.user_id
-     WHERE a.hidden IS NOT TRUE
+     WHERE coalesce(a.hidden::text, 'false') IN ('false', '0')
     UNION ALL
     SELECT s.user_id, coalesce(nullif(s.type, ''), 'other'),
-           coalesce(s.current_value, s.purchase_price, 0)
+           coalesce(s.current_value::numeric, s.purchase_price::numeric, 0)
       FROM assets s JOIN batch b ON b.id = s.user_id
 ),
 categories AS (
@@ -45,14 +45,14 @@ fresh AS (
 removed AS (
     DELETE FROM patrimoine_snapshots p
      USING batch b
-     WHERE p.user_id = b.id AND p.date = $3
+     WHERE p.user_id = b.id AND p.date::text = $3::date::text
        AND NOT EXISTS (SELECT 1 FROM fresh f
                         WHERE f.user_id = p.user_id AND f.category = p.category)
     RETURNING 1
 ),
 written AS (
     INSERT INTO patrimoine_snapshots (date, user_id, category, total_value)
-    SELECT $3, user_id, category, total_value FROM fresh
+    SELECT $3::date, user_id, category, total_value FROM fresh
     ON CONFLICT (date, user_id, category)
         DO UPDATE SET total_value = EXCLUDED.total_value, created_at = now()
     RETURNING 1

@@ -1,16 +1,49 @@
--- What the refresh job needs on Konto's tables. Additive only, so it applies to a database
--- where Konto already created them; the web app's own columns (status, last_sync) stay its own.
+-- What the refresh job remembers about connections and accounts, in kontod's own tables.
+-- Konto's tables get no column, index, constraint or trigger from kontod; the rows here refer
+-- to them by id without a foreign key (a foreign key would put a trigger on the web app's
+-- table), and rows whose Konto row is gone are ignored by every join.
 
--- When kontod last tried a connection's token, and why that try failed (both NULL after a
--- success). The web app owns `status`; these say what kontod saw.
-ALTER TABLE bank_connections
-    ADD COLUMN IF NOT EXISTS last_refresh_at        timestamptz,
-    ADD COLUMN IF NOT EXISTS last_refresh_error     text,
-    ADD COLUMN IF NOT EXISTS last_refresh_error_at  timestamptz;
+-- One row per bank_connections row kontod has tried.
+CREATE TABLE kontod_connections (
+    connection_id         bigint PRIMARY KEY,            -- bank_connections.id
+    last_attempt_at       timestamptz NOT NULL,
+    last_success_at       timestamptz,                    -- last time Powens answered
+    error_kind            text,                           -- NULL after a success
+    error                 text,
+    error_code            text,                           -- Powens error body `code`
+    powens_state          text,                           -- connection `state` (NULL: fine)
+    powens_error_message  text,
+    powens_last_update    timestamptz,                    -- connection `last_update`
+    powens_next_try       timestamptz,
+    -- SHA-256 of the stored powens_token of the last attempt: never the token itself.
+    token_fingerprint     text,
+    -- Not called again before held_until, unless the stored token changes (a new
+    -- fingerprint): 'infinity' after a 401, a back-off while the bank needs the user.
+    held_until            timestamptz,
+    needs_user_streak     integer NOT NULL DEFAULT 0
+);
 
--- The provider's own transaction id. Unique per account, it makes a second import of the
--- same transactions insert nothing; rows imported before (NULL) are left as they are. Led by
--- bank_account_id, the index also answers "has this account any transaction?" quickly.
-ALTER TABLE transactions ADD COLUMN IF NOT EXISTS provider_transaction_id text;
-CREATE UNIQUE INDEX IF NOT EXISTS transactions_account_provider_id
-    ON transactions (bank_account_id, provider_transaction_id);
+-- One row per Konto bank account kontod has matched with a Powens account.
+CREATE TABLE kontod_accounts (
+    bank_account_id        bigint PRIMARY KEY,            -- bank_accounts.id
+    connection_id          bigint,                        -- the bank_connections row that sees it
+    powens_last_update     timestamptz,                   -- account `last_update`
+    deleted_at             timestamptz,                   -- Powens `deleted`
+    disabled_at            timestamptz,                   -- Powens `disabled`
+    -- The newest `last_update` among the transactions imported: the next import asks for
+    -- what changed since then.
+    transactions_last_update  timestamptz,
+    transactions_imported_at  timestamptz,
+    null_balance_at        timestamptz                    -- last time Powens gave no balance
+);
+
+-- Konto's web app may keep last_sync as ISO text: read it as a time, NULL when unreadable
+-- (kontod then treats the account as never synced).
+CREATE FUNCTION kontod_try_timestamptz(value text) RETURNS timestamptz
+    LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN nullif(btrim(value), '')::timestamptz;
+EXCEPTION WHEN others THEN
+    RETURN NULL;
+END
+$$;
