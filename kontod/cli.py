@@ -290,19 +290,22 @@ async def _history(settings: Settings, days: int) -> int:
         print("kontod: --days must be at least 1", file=sys.stderr)
         return 2
     async with _database(settings) as pool:
+        # date::date and ::numeric read Konto's web app's text dates and float money too.
         rows = await pool.fetch(
-            # date::date: Konto's web app stores the date as ISO text.
-            """SELECT date::date AS date, count(*) AS snapshot_rows,
-                      count(DISTINCT user_id) AS users
+            """SELECT date::date AS day, count(*) AS snapshot_rows,
+                      count(DISTINCT user_id) AS users,
+                      sum(total_value::numeric) FILTER (WHERE category = 'total') AS total
                  FROM patrimoine_snapshots
                 WHERE date::date > (now() AT TIME ZONE $2)::date - $1::int
                 GROUP BY 1 ORDER BY 1 DESC""",
             days,
             settings.timezone,
         )
-    print(f"{'DATE':<12}{'ROWS':>8}{'USERS':>8}")
+    # The sum of the users' totals, in the base currency the snapshots are written in.
+    print(f"{'DATE':<12}{'ROWS':>8}{'USERS':>8}{'TOTAL ' + settings.base_currency:>20}")
     for r in rows:
-        print(f"{r['date'].isoformat():<12}{r['snapshot_rows']:>8}{r['users']:>8}")
+        total = f"{r['total'] or 0:,.2f}"
+        print(f"{r['day'].isoformat():<12}{r['snapshot_rows']:>8}{r['users']:>8}{total:>20}")
     if not rows:
         print(f"(no snapshot in the last {days} days)")
     return 0

@@ -15,6 +15,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -25,6 +26,20 @@ from cronsim import CronSim, CronSimError
 from kontod import schedule
 
 DEFAULT_LISTEN = "127.0.0.1:8435"
+ECB_DAILY_URL = "https://www.ecb.europa.eu/stats/eurofxref/eurofxref-daily.xml"
+COINGECKO_SIMPLE_PRICE_URL = "https://api.coingecko.com/api/v3/simple/price"
+# ISO 4217 currency codes in use (funds, metals and SDR included; the testing code XTS and
+# "no currency" XXX left out): what KONTOD_BASE_CURRENCY accepts.
+ISO_4217 = frozenset(
+    """AED AFN ALL AMD AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BOV BRL BSD BTN
+    BWP BYN BZD CAD CDF CHE CHF CHW CLF CLP CNY COP COU CRC CUP CVE CZK DJF DKK DOP DZD EGP
+    ERN ETB EUR FJD FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR
+    ISK JMD JOD JPY KES KGS KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA
+    MKD MMK MNT MOP MRU MUR MVR MWK MXN MXV MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK
+    PHP PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP STN SVC
+    SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD USN UYI UYU UYW UZS VED VES VND
+    VUV WST XAF XAG XAU XBA XBB XBC XBD XCD XCG XDR XOF XPD XPF XPT XSU XUA YER ZAR ZMW ZWG""".split()  # noqa: SIM905 (a word list reads best as words)
+)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 T = TypeVar("T")
 
@@ -63,6 +78,15 @@ class Settings:
     provider_rate: float = 10.0
     # The web app's DB_ENCRYPTION_KEY (32 bytes), to read the bank tokens it stores encrypted.
     db_encryption_key: bytes | None = field(default=None, repr=False)
+    base_currency: str = "EUR"
+    rate_max_age_days: int = 7
+    fiat_rates_url: str = ECB_DAILY_URL
+    crypto_prices_url: str = COINGECKO_SIMPLE_PRICE_URL
+    # symbol -> price API id, over the shipped map (kontod/rates.py)
+    crypto_ids: Mapping[str, str] = field(default_factory=dict)
+    # currency -> value of one unit in the base currency
+    manual_rates: Mapping[str, Decimal] = field(default_factory=dict)
+    crypto_api_key: str | None = field(default=None, repr=False)
     # Per job name: a Healthchecks-style ping URL, and suspicious-success thresholds.
     ping_urls: Mapping[str, str] = field(default_factory=dict)
     ping_base_url: str | None = None
@@ -282,6 +306,69 @@ def _parse_token(raw: str) -> str:
     return raw.strip()
 
 
+def _parse_currency(raw: str) -> str:
+    code = raw.strip().upper()
+    if code not in ISO_4217:
+        raise ValueError("expected an ISO 4217 currency code such as EUR, USD or CHF")
+    return code
+
+
+def _parse_days(raw: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*d?\s*", raw)
+    if not m:
+        raise ValueError("expected a whole number of days such as 7d (rates are daily)")
+    return int(m.group(1))
+
+
+def _parse_source_url(raw: str) -> str:
+    try:
+        return _parse_url(raw)
+    except ValueError:
+        raise ValueError("expected an http:// or https:// URL") from None
+
+
+_CODE = r"[A-Z0-9]{2,12}"
+
+
+def _pairs(raw: str, what: str) -> list[tuple[str, str]]:
+    """``KEY=VALUE`` items separated by commas (blanks allowed around them)."""
+    pairs = []
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip().upper()
+        if not sep or not re.fullmatch(_CODE, key) or not value.strip():
+            raise ValueError(f"expected {what}")
+        pairs.append((key, value.strip()))
+    return pairs
+
+
+def _parse_crypto_ids(raw: str) -> dict[str, str]:
+    what = "SYMBOL=id pairs separated by commas, such as BTC=bitcoin,ETH=ethereum"
+    pairs = _pairs(raw, what)
+    if any(not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", value) for _, value in pairs):
+        raise ValueError(what)
+    return dict(pairs)
+
+
+def _parse_manual_rates(raw: str) -> dict[str, Decimal]:
+    what = (
+        "CURRENCY=value pairs separated by commas, the value of one unit in the base"
+        " currency as a positive decimal number, such as XAU=2210.50,GBX=0.0117"
+    )
+    out: dict[str, Decimal] = {}
+    for key, value in _pairs(raw, what):
+        try:
+            amount = Decimal(value)
+        except InvalidOperation:
+            raise ValueError(what) from None
+        if not amount.is_finite() or amount <= 0:
+            raise ValueError(what)
+        out[key] = amount
+    return out
+
+
 # The settings kontod reads: (attribute, environment variable, parser, secret?).
 # The README's settings table mirrors this list.
 _SPEC: list[tuple[str, str, Callable[[str], Any], bool]] = [
@@ -298,6 +385,13 @@ _SPEC: list[tuple[str, str, Callable[[str], Any], bool]] = [
     ("provider_timeout", "KONTOD_PROVIDER_TIMEOUT", _parse_positive_float, False),
     ("provider_attempts", "KONTOD_PROVIDER_ATTEMPTS", _parse_positive_int, False),
     ("provider_rate", "KONTOD_PROVIDER_RATE", _parse_rate, False),
+    ("base_currency", "KONTOD_BASE_CURRENCY", _parse_currency, False),
+    ("rate_max_age_days", "KONTOD_RATE_MAX_AGE", _parse_days, False),
+    ("fiat_rates_url", "KONTOD_FIAT_RATES_URL", _parse_source_url, False),
+    ("crypto_prices_url", "KONTOD_CRYPTO_PRICES_URL", _parse_source_url, False),
+    ("crypto_ids", "KONTOD_CRYPTO_IDS", _parse_crypto_ids, False),
+    ("manual_rates", "KONTOD_MANUAL_RATES", _parse_manual_rates, False),
+    ("crypto_api_key", "KONTOD_CRYPTO_API_KEY", _parse_token, True),
 ]
 
 # Secrets may also come from systemd credentials: $CREDENTIALS_DIRECTORY/<file>.
@@ -305,6 +399,7 @@ _CREDENTIALS = {
     "KONTOD_DATABASE_URL": "database_url",
     "KONTOD_ADMIN_TOKEN": "admin_token",
     "KONTOD_DB_ENCRYPTION_KEY": "db_encryption_key",
+    "KONTOD_CRYPTO_API_KEY": "crypto_api_key",
 }
 
 

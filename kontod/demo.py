@@ -7,11 +7,12 @@ import dataclasses
 import shlex
 import signal
 import sys
+from datetime import date, timedelta
 
 import asyncpg
 import structlog
 
-from kontod import sandbox, tokens
+from kontod import rates_sandbox, sandbox, tokens
 from kontod.config import Settings
 from kontod.daemon import Daemon
 from kontod.runner import Skipped
@@ -32,6 +33,9 @@ VALUES
     (2, 'powens', '1001', 'Compte chèques', 0, false, NULL),
     (2, 'powens', '1002', 'LDDS', 0, false, NULL),
     (2, 'powens', '1003', 'PEA', 0, false, NULL);
+INSERT INTO bank_accounts (user_id, provider, name, balance, type, subtype, currency) VALUES
+    (1, 'blockchain', 'Ledger BTC', 0.35, 'investment', 'crypto', 'BTC'),
+    (1, NULL, 'Chase checking (USD)', 1520.40, 'checking', NULL, 'USD');
 INSERT INTO assets (user_id, type, name, purchase_price, current_value) VALUES
     (1, 'real_estate', 'Appartement', 210000.00, 248500.00),
     (1, 'vehicle', 'Voiture', 18000.00, NULL),
@@ -60,7 +64,7 @@ async def seed(pool: asyncpg.Pool, key: bytes = DEMO_KEY) -> bool:
 
 
 def demo_env(settings: Settings) -> str:
-    """What to put before a ``kontod`` command so that it opens the demo's database and bank.
+    """The settings another ``kontod`` command needs to open the demo's database and sandboxes.
 
     The demo keeps its embedded database apart from the default one (in
     ``KONTOD_STATE_DIR/demo``), so the other commands need to be told where it is.
@@ -70,10 +74,33 @@ def demo_env(settings: Settings) -> str:
         parts.append(f"KONTOD_STATE_DIR={shlex.quote(str(settings.state_dir))}")
     if settings.powens_url is not None:
         parts.append(f"KONTOD_POWENS_URL={shlex.quote(settings.powens_url)}")
+    parts.append(f"KONTOD_FIAT_RATES_URL={shlex.quote(settings.fiat_rates_url)}")
+    parts.append(f"KONTOD_CRYPTO_PRICES_URL={shlex.quote(settings.crypto_prices_url)}")
     if settings.db_encryption_key == DEMO_KEY:
         # The demo's own key is public; a key of the user's own is a secret and never printed.
         parts.append(f"KONTOD_DB_ENCRYPTION_KEY={DEMO_KEY.hex()}")
-    return "".join(part + " " for part in parts)
+    return " ".join(parts)
+
+
+async def converted_summary(pool: asyncpg.Pool, base: str) -> str:
+    """Alice's newest snapshot: her holdings in other currencies as converted, and her total."""
+    rows = await pool.fetch(
+        """SELECT h.name, h.amount, h.currency, h.value, t.total_value
+             FROM holding_snapshots h
+             JOIN patrimoine_snapshots t
+               ON t.user_id = h.user_id AND t.date = h.date AND t.category = 'total'
+            WHERE h.user_id = 1 AND h.currency IS DISTINCT FROM $1 AND h.kind = 'account'
+              AND h.date = (SELECT max(date) FROM holding_snapshots WHERE user_id = 1)
+            ORDER BY h.name""",
+        base,
+    )
+    if not rows:
+        return "\nno converted holding yet (see the daily-snapshots run's counts)"
+    lines = [f"\nAlice's snapshot, in {base}:"]
+    for r in rows:
+        lines.append(f"  {r['name']}: {r['amount']} {r['currency']} = {r['value']:,.2f} {base}")
+    lines.append(f"  total: {rows[0]['total_value']:,.2f} {base}")
+    return "\n".join(lines)
 
 
 async def demo(settings: Settings) -> int:
@@ -91,8 +118,16 @@ async def demo(settings: Settings) -> int:
         if await seed(pool, key):
             log.info("demo.seeded", users=3)
 
-    async with sandbox.serve() as bank_url:
-        demo_settings = dataclasses.replace(demo_settings, powens_url=bank_url)
+    # The rate sources' sandbox serves yesterday's reference rates, as the ECB would at 02:00.
+    rate_sources = rates_sandbox.RateSandbox(ecb_day=date.today() - timedelta(days=1))
+    async with sandbox.serve() as bank_url, rate_sources.serve() as rates_root:
+        fiat_url, crypto_url = rates_sandbox.urls(rates_root)
+        demo_settings = dataclasses.replace(
+            demo_settings,
+            powens_url=bank_url,
+            fiat_rates_url=fiat_url,
+            crypto_prices_url=crypto_url,
+        )
         daemon = Daemon(demo_settings, on_migrated=seed_once)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -113,6 +148,8 @@ async def demo(settings: Settings) -> int:
                 if task is not None:
                     started.append(task)
             await asyncio.gather(*started)
+            assert daemon.pool is not None
+            print(await converted_summary(daemon.pool, settings.base_currency), file=sys.stderr)
             base = f"http://{demo_settings.listen_host}:{daemon.port}"
             env = demo_env(demo_settings)
             print(
@@ -123,11 +160,13 @@ async def demo(settings: Settings) -> int:
                 f"  {base}/jobs/daily-snapshots/runs\n"
                 f"  {base}/jobs/refresh-stale-connections/runs\n"
                 f"sandbox bank: {bank_url}\n"
-                "and try, in another terminal (same database):\n"
-                f"  {env}kontod history\n"
-                f"  {env}kontod runs daily-snapshots\n"
-                f"  {env}kontod jobs run daily-snapshots\n"
-                f"  {env}kontod jobs pause refresh-stale-connections --reason 'bank maintenance' --until 2h\n"
+                f"sandbox rates: {fiat_url}\n               {crypto_url}\n"
+                "and try, in another terminal (the demo's database and sandboxes):\n"
+                f"  export {env}\n"
+                "  kontod history\n"
+                "  kontod runs daily-snapshots\n"
+                "  kontod jobs run daily-snapshots\n"
+                "  kontod jobs pause refresh-stale-connections --reason 'bank maintenance' --until 2h\n"
                 "Ctrl-C stops it.\n",
                 file=sys.stderr,
                 flush=True,

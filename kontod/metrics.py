@@ -266,6 +266,7 @@ class _JobCollector(Collector):
         yield from (last_tick, next_tick, grace, max_runtime, registered, configured, healthy)
         yield counts
         yield from _refresh_families(all_stats)
+        yield from _conversion_families(self.jobs, all_stats)
 
         info = GaugeMetricFamily(
             "kontod_build_info", "kontod version and Python", labels=["version", "python"]
@@ -280,6 +281,32 @@ class _JobCollector(Collector):
             midnight = datetime.combine(self.metrics.latest_snapshot, time(), self.tz)
             latest.add_metric([], midnight.timestamp())
         yield latest
+
+
+def _conversion_families(
+    jobs: list[JobSpec], all_stats: Mapping[str, JobStats]
+) -> Iterator[GaugeMetricFamily]:
+    """Unconverted accounts and rate ages by currency, from the last run's counts
+    (``unconverted_<CUR>``, ``rate_age_days_<CUR>``), so every replica exports the same."""
+    unconverted = GaugeMetricFamily(
+        "kontod_snapshot_unconverted_accounts",
+        "Accounts the last snapshot left out of the totals for want of a usable rate",
+        labels=["job_name", "currency"],
+    )
+    age = GaugeMetricFamily(
+        "kontod_snapshot_rate_age_seconds",
+        "Age, at the last snapshot's date, of the newest stored rate of each currency in use",
+        labels=["job_name", "currency"],
+    )
+    for spec in jobs:
+        counts = all_stats.get(spec.name, JobStats()).last_counts
+        for key, value in sorted(counts.items()):
+            if key.startswith("unconverted_"):
+                unconverted.add_metric([spec.name, key.removeprefix("unconverted_")], value)
+            elif key.startswith("rate_age_days_"):
+                age.add_metric([spec.name, key.removeprefix("rate_age_days_")], value * 86400.0)
+    yield unconverted
+    yield age
 
 
 class _BoardCollector(Collector):

@@ -77,8 +77,10 @@ async def test_jobs_run_records_the_run_and_exits_by_outcome(dsn: str) -> None:
         assert run_lines and all(line["job"] == "daily-snapshots" for line in run_lines)
         assert {"run.started", "run.finished"} <= {line["event"] for line in run_lines}
 
-        # The job fails for real: the database refuses every snapshot row. (A missing table
-        # would stop kontod before the run, with exit 2: see test_konto_webapp.)
+        # The job fails for real: the database refuses every snapshot row, and the balance
+        # changed so that a row must be written (an unchanged day writes nothing). A missing
+        # table would stop kontod before the run, with exit 2: see test_konto_webapp.
+        await conn.execute("UPDATE bank_accounts SET balance = balance + 1")
         await conn.execute(
             "ALTER TABLE patrimoine_snapshots ADD CONSTRAINT refuse CHECK (false) NOT VALID"
         )
@@ -111,14 +113,13 @@ async def test_history_lists_rows_per_date(dsn: str) -> None:
             )
     finally:
         await conn.close()
-    code, out, _ = await kontod(
-        "history", "--days", "7", env={"KONTOD_DATABASE_URL": dsn, "KONTOD_TIMEZONE": "UTC"}
-    )
+    env = {"KONTOD_DATABASE_URL": dsn, "KONTOD_TIMEZONE": "UTC", "KONTOD_BASE_CURRENCY": "CHF"}
+    code, out, _ = await kontod("history", "--days", "7", env=env)
     assert code == 0
     lines = out.strip().splitlines()
-    assert lines[0].split() == ["DATE", "ROWS", "USERS"]
-    assert lines[1].split() == [today.isoformat(), "2", "1"]
-    assert lines[2].split() == [(today - timedelta(days=1)).isoformat(), "1", "1"]
+    assert lines[0].split() == ["DATE", "ROWS", "USERS", "TOTAL", "CHF"]
+    assert lines[1].split() == [today.isoformat(), "2", "1", "1.00"]
+    assert lines[2].split() == [(today - timedelta(days=1)).isoformat(), "1", "1", "1.00"]
     assert len(lines) == 3
 
 

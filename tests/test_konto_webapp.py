@@ -283,6 +283,6 @@ async def test_history_and_latest_date_read_the_web_apps_text_dates(
     assert code == 0, out
     lines = [line.split() for line in out.strip().splitlines() if not line.startswith("{")]
     assert lines[1:] == [
-        [today.isoformat(), "2", "1"],
-        [(today - timedelta(days=2)).isoformat(), "1", "1"],
+        [today.isoformat(), "2", "1", "1.50"],
+        [(today - timedelta(days=2)).isoformat(), "1", "1", "1.50"],
     ]

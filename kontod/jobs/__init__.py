@@ -12,6 +12,7 @@ from kontod.config import Settings
 from kontod.job import JobBody, JobSpec, RunContext
 from kontod.jobs import refresh, snapshots
 from kontod.powens import PowensClient
+from kontod.rates import crypto_map
 
 SNAPSHOTS = "daily-snapshots"
 REFRESH = "refresh-stale-connections"
@@ -29,7 +30,20 @@ def declare_jobs(
         JobSpec(
             name=SNAPSHOTS,
             schedule=settings.snapshot_schedule,
-            body=snapshots.make_body(pool, settings.tz, settings.snapshot_batch_size),
+            body=snapshots.make_body(
+                pool,
+                settings.tz,
+                settings.snapshot_batch_size,
+                _conversion(settings),
+                snapshots.SourceSettings(
+                    fiat_url=settings.fiat_rates_url,
+                    crypto_url=settings.crypto_prices_url,
+                    timeout=settings.provider_timeout,
+                    attempts=settings.provider_attempts,
+                    crypto_api_key=settings.crypto_api_key,
+                ),
+                http,
+            ),
             grace=timedelta(hours=1),
             max_runtime=timedelta(hours=2),
             catchup_window=timedelta(hours=20),
@@ -46,6 +60,15 @@ def declare_jobs(
             not_configured=refresh_not_configured,
         ),
     ]
+
+
+def _conversion(settings: Settings) -> snapshots.Conversion:
+    return snapshots.Conversion(
+        base=settings.base_currency,
+        max_age_days=settings.rate_max_age_days,
+        crypto_ids=crypto_map(settings.crypto_ids),
+        manual=settings.manual_rates,
+    )
 
 
 def _refresh_wiring(

@@ -1,67 +1,260 @@
-"""``daily-snapshots``: one wealth snapshot per user and category for the run's local date.
+"""``daily-snapshots``: one wealth snapshot per user and category for the run's local date,
+in one currency, with one row per holding beside the category rows.
 
-Users are processed in batches by id; each batch is one statement in one transaction, so the
-number of round trips grows with the number of batches, never with the number of users, and no
-transaction lasts longer than a batch.
+At the start of a run the rate sources are asked once (kontod/rates.py). Then users are
+processed in batches by id; each batch is one statement in one transaction, so the number of
+round trips grows with the number of batches, never with the number of users, and no
+transaction lasts longer than a batch. The statement converts every balance to the base
+currency with the rates chosen for the snapshot date (a join), in exact decimals; an account
+whose currency has no usable rate is left out of the totals and counted, never summed as if it
+were in the base currency.
+
+The statement works on kontod's own tables (numeric money, boolean flags, date dates) and on
+the tables Konto's web app creates (float money, 0/1 flags, text dates, holding rows without
+currency and amount): the types of the columns it reads and writes are looked up once per run,
+and each one is handled by a fixed SQL fragment chosen from the lists below.
 """
 
 from __future__ import annotations
 
-from datetime import date
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import Decimal
 from zoneinfo import ZoneInfo
 
+import aiohttp
 import asyncpg
 
-from kontod.job import JobBody, RunContext
+from kontod import rates
+from kontod.job import Connection, JobBody, RunContext
 
-# For the users with id > $1 (the next $2 of them), compute every category sum in SQL with exact
-# numeric arithmetic, then in one statement delete the rows of that date that no longer apply
-# and upsert the rest. Both parts see the same snapshot and touch disjoint rows.
-BATCH_SQL = """
+# How each column type is read or written. Only these fragments ever enter the statement.
+_VISIBLE = {
+    "boolean": "a.hidden IS NOT TRUE",
+    "smallint": "coalesce(a.hidden, 0) = 0",
+    "integer": "coalesce(a.hidden, 0) = 0",
+    "bigint": "coalesce(a.hidden, 0) = 0",
+}
+# $3 is the snapshot date; a text column holds it as YYYY-MM-DD whatever the DateStyle.
+_DAY = {
+    "date": "$3::date",
+    "text": "to_char($3::date, 'YYYY-MM-DD')",
+    "character varying": "to_char($3::date, 'YYYY-MM-DD')",
+}
+_MONEY = {"numeric": "numeric", "double precision": "double precision", "real": "real"}
+
+_COLUMNS_SQL = """
+SELECT c.relname::text AS tbl, a.attname::text AS col, format_type(a.atttypid, NULL) AS type
+  FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+ WHERE a.attrelid IN (to_regclass('bank_accounts'), to_regclass('patrimoine_snapshots'),
+                      to_regclass('holding_snapshots'))
+   AND a.attnum > 0 AND NOT a.attisdropped
+"""
+
+
+class SchemaError(Exception):
+    """A column the snapshot reads or writes has a type it does not handle."""
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """The base currency, how old a rate may be, and what the sources need to know."""
+
+    base: str = "EUR"
+    max_age_days: int = 7
+    crypto_ids: Mapping[str, str] = field(default_factory=lambda: dict(rates.SHIPPED_CRYPTO_IDS))
+    manual: Mapping[str, Decimal] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The SQL fragments for this database's column types."""
+
+    visible: str
+    snapshot_day: str
+    snapshot_money: str
+    touch_created_at: bool
+    holding_day: str
+    holding_money: str
+    # None when holding_snapshots has no currency and amount columns (Konto's web app).
+    holding_amount: str | None
+
+
+def _pick(choices: Mapping[str, str], types: Mapping[tuple[str, str], str], col: str) -> str:
+    tbl, name = col.split(".")
+    found = types.get((tbl, name))
+    if found is None:
+        raise SchemaError(f"{col} does not exist; kontod's migrations create it")
+    if found not in choices:
+        raise SchemaError(
+            f"{col} has type {found}; kontod handles {', '.join(sorted(choices))} there"
+        )
+    return choices[found]
+
+
+async def columns(conn: Connection) -> Columns:
+    """Look up, in one query, the types of the columns the snapshot reads and writes."""
+    types = {(r["tbl"], r["col"]): r["type"] for r in await conn.fetch(_COLUMNS_SQL)}
+    has_amount = {("holding_snapshots", "currency"), ("holding_snapshots", "amount")} <= set(types)
+    return Columns(
+        visible=_pick(_VISIBLE, types, "bank_accounts.hidden"),
+        snapshot_day=_pick(_DAY, types, "patrimoine_snapshots.date"),
+        snapshot_money=_pick(_MONEY, types, "patrimoine_snapshots.total_value"),
+        touch_created_at=("patrimoine_snapshots", "created_at") in types,
+        holding_day=_pick(_DAY, types, "holding_snapshots.date"),
+        holding_money=_pick(_MONEY, types, "holding_snapshots.value"),
+        holding_amount=_pick(_MONEY, types, "holding_snapshots.amount") if has_amount else None,
+    )
+
+
+# For the users with id > $1 (the next $2 of them), for the date $3, in base currency $4 with
+# rates at most $5 days old:
+# - every visible account converted with the newest usable rate of its currency (none: NULL,
+#   left out and counted), every asset valued in the base currency;
+# - one holding row per converted account and per asset, one row per non-zero category and a
+#   total, all sums in exact numeric arithmetic;
+# - rows of that date that no longer apply deleted, rows that differ from what is stored
+#   upserted, rows already right left untouched, so a re-run with nothing new writes nothing.
+# The parts see the same snapshot and touch disjoint rows.
+_BATCH_SQL = """
 WITH batch AS (
     SELECT id FROM users WHERE id > $1 ORDER BY id LIMIT $2
 ),
-parts AS (
-    SELECT a.user_id, coalesce(nullif(a.type, ''), 'checking') AS category,
-           coalesce(a.balance::numeric, 0) AS value
-      FROM bank_accounts a JOIN batch b ON b.id = a.user_id
-     WHERE coalesce(a.hidden::text, 'false') IN ('false', '0')
+-- The batch is every user id in ($1, last]: each table is read by that range, which its
+-- user_id (or date, user_id) index answers, instead of being scanned whole for each batch.
+last AS (
+    SELECT max(id) AS id FROM batch
+),
+rates AS (
+    -- The divisor gets at least 24 decimals, so that the quotient does too before it is
+    -- rounded to 8: one rounding, not two.
+    SELECT DISTINCT ON (currency) currency, base_amount,
+           round(currency_amount, greatest(scale(currency_amount), 24)) AS currency_amount
+      FROM kontod_rates
+     WHERE base = $4 AND day <= $3::date AND day >= $3::date - $5::int
+     ORDER BY currency, day DESC
+),
+accounts AS (
+    SELECT a.user_id, a.id, a.name, coalesce(nullif(a.type, ''), 'checking') AS type,
+           coalesce(nullif(upper(btrim(a.currency)), ''), 'EUR') AS currency,
+           coalesce(a.balance::numeric, 0) AS amount
+      FROM bank_accounts a
+     WHERE a.user_id > $1 AND a.user_id <= (SELECT id FROM last) AND {visible}
+),
+converted AS (
+    SELECT c.*,
+           CASE WHEN c.currency = $4 OR c.amount = 0 THEN c.amount
+                ELSE round(c.amount * r.base_amount / r.currency_amount, 8) END AS value
+      FROM accounts c LEFT JOIN rates r ON r.currency = c.currency
+),
+holdings AS (
+    SELECT user_id, 'account:' || id AS holding_key, 'account' AS kind, id AS ref_id, name,
+           type, value, currency, amount
+      FROM converted WHERE value IS NOT NULL
     UNION ALL
-    SELECT s.user_id, coalesce(nullif(s.type, ''), 'other'),
-           coalesce(s.current_value::numeric, s.purchase_price::numeric, 0)
-      FROM assets s JOIN batch b ON b.id = s.user_id
+    SELECT s.user_id, 'asset:' || s.id, 'asset', s.id, s.name, coalesce(nullif(s.type, ''), 'other'),
+           coalesce(s.current_value::numeric, s.purchase_price::numeric, 0), NULL, NULL
+      FROM assets s
+     WHERE s.user_id > $1 AND s.user_id <= (SELECT id FROM last)
 ),
 categories AS (
-    SELECT user_id, category, sum(value) AS total_value
-      FROM parts GROUP BY user_id, category HAVING sum(value) <> 0
+    SELECT user_id, type AS category, sum(value) AS total_value
+      FROM holdings GROUP BY user_id, type HAVING sum(value) <> 0
 ),
 fresh AS (
-    SELECT user_id, category, total_value FROM categories WHERE category <> 'total'
+    SELECT user_id, category, total_value::{snapshot_money} AS total_value
+      FROM categories WHERE category <> 'total'
     UNION ALL
-    SELECT b.id, 'total', coalesce(sum(c.total_value), 0)
+    SELECT b.id, 'total', coalesce(sum(c.total_value), 0)::{snapshot_money}
       FROM batch b LEFT JOIN categories c ON c.user_id = b.id AND c.category <> 'total'
      GROUP BY b.id
 ),
+changed AS (
+    SELECT f.* FROM fresh f
+      LEFT JOIN patrimoine_snapshots p
+        ON p.date = {snapshot_day} AND p.user_id = f.user_id AND p.category = f.category
+     WHERE p.total_value IS DISTINCT FROM f.total_value
+),
 removed AS (
     DELETE FROM patrimoine_snapshots p
-     USING batch b
-     WHERE p.user_id = b.id AND p.date::text = $3::date::text
+     WHERE p.date = {snapshot_day}
+       AND p.user_id > $1 AND p.user_id <= (SELECT id FROM last)
        AND NOT EXISTS (SELECT 1 FROM fresh f
                         WHERE f.user_id = p.user_id AND f.category = p.category)
     RETURNING 1
 ),
 written AS (
-    INSERT INTO patrimoine_snapshots (date, user_id, category, total_value)
-    SELECT $3::date, user_id, category, total_value FROM fresh
-    ON CONFLICT (date, user_id, category)
-        DO UPDATE SET total_value = EXCLUDED.total_value, created_at = now()
+    INSERT INTO patrimoine_snapshots AS p (date, user_id, category, total_value)
+    SELECT {snapshot_day}, user_id, category, total_value FROM changed
+    ON CONFLICT (date, user_id, category) DO UPDATE
+       SET total_value = EXCLUDED.total_value{created_at}
+     WHERE p.total_value IS DISTINCT FROM EXCLUDED.total_value
     RETURNING 1
+),
+holding_rows AS (
+    SELECT user_id, holding_key, kind, ref_id, name, type,
+           value::{holding_money} AS value{amount_select}
+      FROM holdings
+),
+holdings_changed AS (
+    SELECT n.* FROM holding_rows n
+      LEFT JOIN holding_snapshots o
+        ON o.date = {holding_day} AND o.user_id = n.user_id AND o.holding_key = n.holding_key
+     WHERE o.holding_key IS NULL
+        OR (o.kind, o.ref_id, o.name, o.type, o.value{amount_old})
+           IS DISTINCT FROM (n.kind, n.ref_id, n.name, n.type, n.value{amount_new})
+),
+holdings_removed AS (
+    DELETE FROM holding_snapshots o
+     WHERE o.date = {holding_day}
+       AND o.user_id > $1 AND o.user_id <= (SELECT id FROM last)
+       AND NOT EXISTS (SELECT 1 FROM holdings h
+                        WHERE h.user_id = o.user_id AND h.holding_key = o.holding_key)
+    RETURNING 1
+),
+holdings_written AS (
+    INSERT INTO holding_snapshots AS o
+           (date, user_id, holding_key, kind, ref_id, name, type, value{amount_columns})
+    SELECT {holding_day}, user_id, holding_key, kind, ref_id, name, type, value{amount_columns}
+      FROM holdings_changed
+    ON CONFLICT (date, user_id, holding_key) DO UPDATE
+       SET kind = EXCLUDED.kind, ref_id = EXCLUDED.ref_id, name = EXCLUDED.name,
+           type = EXCLUDED.type, value = EXCLUDED.value{amount_set}
+    RETURNING 1
+),
+unconverted AS (
+    SELECT currency, count(*) AS accounts FROM converted WHERE value IS NULL GROUP BY currency
 )
 SELECT (SELECT count(*) FROM batch) AS users,
-       (SELECT max(id) FROM batch) AS last_id,
+       (SELECT id FROM last) AS last_id,
+       (SELECT count(*) FROM fresh) AS fresh_rows,
        (SELECT count(*) FROM written) AS written,
-       (SELECT count(*) FROM removed) AS removed
+       (SELECT count(*) FROM removed) AS removed,
+       (SELECT count(*) FROM holdings) AS holdings,
+       (SELECT count(*) FROM holdings_written) AS holdings_written,
+       (SELECT count(*) FROM holdings_removed) AS holdings_removed,
+       (SELECT array_agg(currency ORDER BY currency) FROM unconverted) AS unconverted_currencies,
+       (SELECT array_agg(accounts ORDER BY currency) FROM unconverted) AS unconverted_accounts
 """
+
+
+def batch_sql(cols: Columns) -> str:
+    """The batch statement for these column types."""
+    amount = cols.holding_amount
+    return _BATCH_SQL.format(
+        visible=cols.visible,
+        snapshot_day=cols.snapshot_day,
+        snapshot_money=cols.snapshot_money,
+        created_at=", created_at = DEFAULT" if cols.touch_created_at else "",
+        holding_day=cols.holding_day,
+        holding_money=cols.holding_money,
+        amount_select=f", currency, amount::{amount} AS amount" if amount else "",
+        amount_old=", o.currency, o.amount" if amount else "",
+        amount_new=", n.currency, n.amount" if amount else "",
+        amount_columns=", currency, amount" if amount else "",
+        amount_set=", currency = EXCLUDED.currency, amount = EXCLUDED.amount" if amount else "",
+    )
 
 
 def snapshot_date(ctx: RunContext, tz: ZoneInfo) -> date:
@@ -69,42 +262,163 @@ def snapshot_date(ctx: RunContext, tz: ZoneInfo) -> date:
     return ctx.at.astimezone(tz).date()
 
 
+def _record_rates(ctx: RunContext, report: rates.RateReport) -> None:
+    """Which sources failed, and for each currency the age of its rate and whether it fell
+    back to a rate stored by an earlier run."""
+    ctx.counts["rates_stored"] += report.stored
+    ctx.counts["rate_sources_failed"] += len(report.failed_sources)
+    for cur, rate in report.currencies.items():
+        if rate.age_days is not None:
+            ctx.counts[f"rate_age_days_{cur}"] = rate.age_days
+            if not rate.fetched:
+                ctx.counts[f"rate_fallback_{cur}"] = 1
+
+
 async def take_snapshots(
-    pool: asyncpg.Pool, ctx: RunContext, tz: ZoneInfo, batch_size: int
+    pool: asyncpg.Pool,
+    ctx: RunContext,
+    tz: ZoneInfo,
+    batch_size: int,
+    *,
+    conversion: Conversion | None = None,
+    sources: rates.RateSources | None = None,
 ) -> None:
-    """Write the snapshot of every user for the run's date, batch by batch."""
+    """Ask the rate sources (when given), then write the snapshot of every user for the
+    run's date, batch by batch."""
+    conv = conversion or Conversion()
     day = snapshot_date(ctx, tz)
-    ctx.log.info("snapshots.started", date=day.isoformat(), batch_size=batch_size)
-    for key in ("users", "rows_written", "rows_removed", "batches"):
+    ctx.log.info("snapshots.started", date=day.isoformat(), batch_size=batch_size, base=conv.base)
+    for key in (
+        "users",
+        "rows_written",
+        "rows_unchanged",
+        "rows_removed",
+        "holdings_written",
+        "holdings_unchanged",
+        "holdings_removed",
+        "batches",
+        "items_unconverted",
+    ):
         ctx.counts[key] += 0  # recorded even when there is no user
+    report = await rates.update(
+        pool,
+        sources,
+        base=conv.base,
+        day=day,
+        max_age_days=conv.max_age_days,
+        crypto_ids=conv.crypto_ids,
+        manual=conv.manual,
+        now=datetime.now(UTC),
+        log=ctx.log,
+        before_write=ctx.check_claim,
+    )
+    _record_rates(ctx, report)
     last_id = 0
     async with pool.acquire() as conn:
+        sql = batch_sql(await columns(conn))
+        expected: int = await conn.fetchval("SELECT count(*) FROM users")
+        ctx.report_progress(0, expected)
         while True:
             async with conn.transaction():
-                row = await conn.fetchrow(BATCH_SQL, last_id, batch_size, day)
+                await ctx.check_claim(conn)
+                row = await conn.fetchrow(
+                    sql, last_id, batch_size, day, conv.base, conv.max_age_days
+                )
             assert row is not None
             if row["users"] == 0:
                 break
             last_id = row["last_id"]
-            ctx.counts["users"] += row["users"]
-            ctx.counts["items_users"] += row["users"]
-            ctx.counts["rows_written"] += row["written"]
-            ctx.counts["rows_removed"] += row["removed"]
-            ctx.counts["batches"] += 1
+            _count_batch(ctx, row)
+            ctx.report_progress(ctx.counts["users"], max(expected, ctx.counts["users"]))
             ctx.log.debug("snapshots.batch", last_user_id=last_id, users=row["users"])
             if row["users"] < batch_size:
                 break
+    unconverted = {
+        key.removeprefix("unconverted_"): n
+        for key, n in ctx.counts.items()
+        if key.startswith("unconverted_")
+    }
+    if unconverted:
+        ctx.log.warning("snapshots.unconverted", base=conv.base, accounts=unconverted)
     ctx.log.info(
         "snapshots.written",
         date=day.isoformat(),
         users=ctx.counts["users"],
         rows_written=ctx.counts["rows_written"],
         rows_removed=ctx.counts["rows_removed"],
+        holdings_written=ctx.counts["holdings_written"],
+        unconverted=ctx.counts["items_unconverted"],
     )
 
 
-def make_body(pool: asyncpg.Pool, tz: ZoneInfo, batch_size: int) -> JobBody:
+def _count_batch(ctx: RunContext, row: asyncpg.Record) -> None:
+    c = ctx.counts
+    c["users"] += row["users"]
+    c["items_users"] += row["users"]
+    c["rows_written"] += row["written"]
+    c["rows_unchanged"] += row["fresh_rows"] - row["written"]
+    c["rows_removed"] += row["removed"]
+    c["holdings_written"] += row["holdings_written"]
+    c["holdings_unchanged"] += row["holdings"] - row["holdings_written"]
+    c["holdings_removed"] += row["holdings_removed"]
+    c["batches"] += 1
+    for cur, n in zip(
+        row["unconverted_currencies"] or [], row["unconverted_accounts"] or [], strict=True
+    ):
+        c[f"unconverted_{cur}"] += n
+        c["items_unconverted"] += n
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    """Where the rate sources are and how long to wait for them."""
+
+    fiat_url: str
+    crypto_url: str
+    timeout: float = 30.0
+    attempts: int = 4
+    crypto_api_key: str | None = field(default=None, repr=False)
+
+
+def make_body(
+    pool: asyncpg.Pool,
+    tz: ZoneInfo,
+    batch_size: int,
+    conversion: Conversion | None = None,
+    sources: SourceSettings | None = None,
+    http: aiohttp.ClientSession | None = None,
+) -> JobBody:
+    """The job body; with ``sources`` set, each run asks them (over ``http``, or a session
+    of its own)."""
+
     async def body(ctx: RunContext) -> None:
-        await take_snapshots(pool, ctx, tz, batch_size)
+        if sources is None:
+            await take_snapshots(pool, ctx, tz, batch_size, conversion=conversion)
+            return
+        if http is not None:
+            await _with_sources(pool, ctx, tz, batch_size, conversion, sources, http)
+            return
+        async with aiohttp.ClientSession() as session:
+            await _with_sources(pool, ctx, tz, batch_size, conversion, sources, session)
 
     return body
+
+
+async def _with_sources(
+    pool: asyncpg.Pool,
+    ctx: RunContext,
+    tz: ZoneInfo,
+    batch_size: int,
+    conversion: Conversion | None,
+    settings: SourceSettings,
+    http: aiohttp.ClientSession,
+) -> None:
+    sources = rates.RateSources(
+        http,
+        fiat_url=settings.fiat_url,
+        crypto_url=settings.crypto_url,
+        timeout=settings.timeout,
+        attempts=settings.attempts,
+        api_key=settings.crypto_api_key,
+    )
+    await take_snapshots(pool, ctx, tz, batch_size, conversion=conversion, sources=sources)
