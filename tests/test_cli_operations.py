@@ -14,6 +14,8 @@ from pathlib import Path
 
 from kontod import commands
 from kontod.job import RunContext
+from kontod.rates_sandbox import RateSandbox
+from kontod.rates_sandbox import urls as rate_urls
 from kontod.runner import Started, utcnow
 from tests.helpers import PARIS, add_user, close, runner_on, spec
 from tests.test_cli import kontod
@@ -21,7 +23,18 @@ from tests.test_cli import kontod
 
 async def test_pause_run_runs_and_resume_from_the_command_line(dsn: str) -> None:
     await _one_user(dsn)
-    env = {"KONTOD_DATABASE_URL": dsn, "KONTOD_TIMEZONE": "Europe/Paris"}
+    async with RateSandbox().serve() as rates_root:
+        fiat, crypto = rate_urls(rates_root)
+        env = {
+            "KONTOD_DATABASE_URL": dsn,
+            "KONTOD_TIMEZONE": "Europe/Paris",
+            "KONTOD_FIAT_RATES_URL": fiat,
+            "KONTOD_CRYPTO_PRICES_URL": crypto,
+        }
+        await _pause_run_runs_and_resume(env)
+
+
+async def _pause_run_runs_and_resume(env: dict[str, str]) -> None:
     code, out, err = await kontod(
         "jobs", "pause", "daily-snapshots", "--reason", "database upgrade", "--until", "2h", env=env
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -12,11 +11,12 @@ import pytest
 
 from kontod import pauses, runlist, suspicion
 from kontod.board import progress_of
-from kontod.job import RunContext
+from kontod.job import JobSpec, RunContext
+from kontod.jobs import snapshots
 from kontod.runner import Skipped, Started
 from kontod.suspicion import Sample, Thresholds
 from tests.daemon_harness import running_daemon, settings_for
-from tests.helpers import close, runner_on, spec, wait_for
+from tests.helpers import PARIS, add_user, close, runner_on, spec, wait_for
 from tests.test_http import AUTH, get, post, samples
 
 TICK = datetime(2026, 3, 2, 1, 0, tzinfo=UTC)  # 02:00 in Paris
@@ -202,41 +202,65 @@ def test_suspicious_thresholds_are_settable_per_job() -> None:
         load_settings({"KONTOD_SUSPICIOUS_DAILY_SNAPSHOTS": "items=2"}, isatty=False)
 
 
-async def test_progress_of_a_long_run_moves_and_is_shown_over_http(dsn: str) -> None:
-    steps = [asyncio.Event() for _ in range(3)]
+async def test_progress_of_a_long_snapshot_run_moves_and_is_shown_over_http(dsn: str) -> None:
+    # 30 users in batches of 10. Two snapshot rows of today, for users of the second and the
+    # third batch, are held locked by open transactions: the run stops at each of those
+    # batches until the test lets it go on, so its progress can be read in between.
+    today = datetime.now(PARIS).date()
+    async with _conn(dsn) as conn:
+        for _ in range(30):
+            await add_user(conn, accounts=[("checking", "100", False)])
+        ids = [r["id"] for r in await conn.fetch("SELECT id FROM users ORDER BY id")]
+        await conn.executemany(
+            "INSERT INTO patrimoine_snapshots (date, user_id, category, total_value)"
+            " VALUES ($1, $2, 'total', 0)",
+            [(today, ids[14]), (today, ids[24])],
+        )
+    holders = [await asyncpg.connect(dsn) for _ in range(2)]
+    held = []
+    try:
+        for holder, uid in zip(holders, (ids[14], ids[24]), strict=True):
+            tx = holder.transaction()
+            await tx.start()
+            await holder.execute(
+                "SELECT 1 FROM patrimoine_snapshots WHERE user_id = $1 FOR UPDATE", uid
+            )
+            held.append(tx)
 
-    async def batches(ctx: RunContext) -> None:
-        # Like the snapshot job: one report per batch of users.
-        for i, step in enumerate(steps):
-            ctx.report_progress(250 * (i + 1), 1000)
-            await step.wait()
+        def jobs(pool: asyncpg.Pool, *_: object) -> list[JobSpec]:
+            return [spec("daily-snapshots", snapshots.make_body(pool, PARIS, 10), catchup=0)]
 
-    jobs = [spec("daily-snapshots", batches, catchup=0)]
-    async with running_daemon(settings_for(dsn), lambda *_: jobs) as (_daemon, base):
-        await post(base + "/jobs/daily-snapshots/run", AUTH)
-        await wait_for(lambda: _progress_is(base, 0.25))
-        _, report = await get(base + "/health/cron")
-        first = report["jobs"][0]["progress"]
-        steps[0].set()
-        steps[1].set()
-        await wait_for(lambda: _progress_is(base, 0.75))
-        _, report = await get(base + "/health/cron")
-        second = report["jobs"][0]["progress"]
-        _, text = await get(base + "/metrics")
-        steps[2].set()
-    assert (first["done"], first["expected"]) == (250, 1000)
-    assert (second["done"], second["expected"], second["ratio"]) == (750, 1000, 0.75)
+        async with running_daemon(settings_for(dsn), jobs) as (daemon, base):
+            await post(base + "/jobs/daily-snapshots/run", AUTH)
+            await wait_for(lambda: _progress_is(base, 10 / 30))
+            _, report = await get(base + "/health/cron")
+            first = report["jobs"][0]["progress"]
+            await held[0].rollback()
+            await wait_for(lambda: _progress_is(base, 20 / 30))
+            _, report = await get(base + "/health/cron")
+            second = report["jobs"][0]["progress"]
+            _, text = await get(base + "/metrics")
+            await held[1].rollback()
+            assert daemon.runner is not None
+            await wait_for(lambda: _finished(daemon))
+    finally:
+        for holder in holders:
+            await holder.close()
+    assert (first["done"], first["expected"]) == (10, 30)
+    assert (second["done"], second["expected"]) == (20, 30)
     assert second["ratio"] > first["ratio"]
     assert second["estimatedEnd"] is not None and second["ratePerSecond"] > 0
     values = samples(text)
-    assert values[("kontod_job_progress_ratio", (("job_name", "daily-snapshots"),))] == 0.75
-    assert values[("kontod_job_progress_done", (("job_name", "daily-snapshots"),))] == 750
+    assert values[("kontod_job_progress_done", (("job_name", "daily-snapshots"),))] == 20
+    assert values[("kontod_job_progress_expected", (("job_name", "daily-snapshots"),))] == 30
+    ratio = values[("kontod_job_progress_ratio", (("job_name", "daily-snapshots"),))]
+    assert abs(ratio - 20 / 30) < 1e-9
 
 
 async def _progress_is(base: str, ratio: float) -> bool:
     _, report = await get(base + "/health/cron")
     progress = report["jobs"][0].get("progress")
-    return progress is not None and progress["ratio"] == ratio
+    return progress is not None and abs(progress["ratio"] - ratio) < 1e-9
 
 
 def test_progress_rate_and_estimated_end() -> None:

@@ -22,9 +22,12 @@ import pytest
 
 from kontod import pauses, status_page
 from kontod.board import JobView, Progress
+from kontod.config import Settings
 from kontod.health import Verdict
 from kontod.jobs import declare_jobs
 from kontod.metrics import Metrics
+from kontod.rates_sandbox import RateSandbox
+from kontod.rates_sandbox import urls as rate_urls
 from kontod.runner import Started
 from kontod.runs import JobStats
 from kontod.suspicion import Suspicion
@@ -166,7 +169,30 @@ async def test_the_status_page_in_a_real_browser(
         )
     finally:
         await conn.close()
-    settings = settings_for(dsn, powens_url=bank.url)
+    async with RateSandbox().serve() as rates_root:
+        fiat, crypto = rate_urls(rates_root)
+        settings = settings_for(
+            dsn, powens_url=bank.url, fiat_rates_url=fiat, crypto_prices_url=crypto
+        )
+        shot, problems, page = await _open_status_page(settings, tmp_path)
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))
+    with capsys.disabled():
+        print(f"\nstatus page screenshot: {SCREENSHOT}")
+    assert problems == []
+    assert page["jobs"] == ["job-daily-snapshots", "job-refresh-stale-connections"]
+    assert page["bars"] == [30, 30]  # the last 30 of 31 runs each
+    assert page["statuses"] == ["error", "success", "timeout"]
+    assert page["paused"] == "paused"
+    assert page["svgHeight"] > 0
+    assert SCREENSHOT.stat().st_size > 10_000
+
+
+async def _open_status_page(
+    settings: Settings, tmp_path: Path
+) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
+    """Run both jobs once in a daemon, open its status page in Chromium: (screenshot,
+    problems seen by the browser, what the page shows)."""
 
     def jobs(pool: asyncpg.Pool, http: aiohttp.ClientSession, _: Metrics | None) -> Any:
         return declare_jobs(settings, pool, http)
@@ -214,18 +240,7 @@ async def test_the_status_page_in_a_real_browser(
                 clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
             )
             problems = tools.problems()
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))
-    with capsys.disabled():
-        print(f"\nstatus page screenshot: {SCREENSHOT}")
-    assert problems == []
-    page = found["result"]["value"]
-    assert page["jobs"] == ["job-daily-snapshots", "job-refresh-stale-connections"]
-    assert page["bars"] == [30, 30]  # the last 30 of 31 runs each
-    assert page["statuses"] == ["error", "success", "timeout"]
-    assert page["paused"] == "paused"
-    assert page["svgHeight"] > 0
-    assert SCREENSHOT.stat().st_size > 10_000
+    return shot, problems, found["result"]["value"]
 
 
 def test_the_page_escapes_what_it_shows_and_loads_nothing_from_outside() -> None:
