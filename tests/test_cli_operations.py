@@ -17,7 +17,7 @@ from kontod.job import RunContext
 from kontod.rates_sandbox import RateSandbox
 from kontod.rates_sandbox import urls as rate_urls
 from kontod.runner import Started, utcnow
-from tests.helpers import PARIS, add_user, close, runner_on, spec
+from tests.helpers import PARIS, add_user, close, runner_on, spec, wait_for
 from tests.test_cli import kontod
 
 
@@ -192,3 +192,24 @@ async def test_the_commands_the_demo_prints_open_the_demo_database(tmp_path: Pat
         if demo.returncode is None:
             demo.send_signal(signal.SIGINT)
             await asyncio.wait_for(demo.wait(), timeout=60)
+
+
+async def test_status_says_who_paused_a_job(dsn: str) -> None:
+    from kontod import pauses
+    from tests.daemon_harness import running_daemon, settings_for
+
+    jobs = [spec("daily-snapshots", catchup=0)]
+    async with running_daemon(settings_for(dsn), lambda *_: jobs) as (daemon, base):
+        assert daemon.pool is not None
+        await pauses.pause(daemon.pool, "daily-snapshots", "disk full", "cli:ops@db1", utcnow())
+        await wait_for(lambda: _paused(base))  # within the board's cache time, 2 s
+        code, out, _ = await kontod("status", "--url", base)
+    assert code == 0, out
+    assert "yes, paused by cli:ops@db1: disk full" in out
+
+
+async def _paused(base: str) -> bool:
+    from tests.test_http import get
+
+    _, report = await get(base + "/health/cron")
+    return bool(report["jobs"][0]["paused"])
