@@ -2,16 +2,18 @@
 
 ``/health/cron``, ``/metrics`` and the status page all read this one view, so they agree. The
 ``Board`` keeps what it needs from the database in memory (pauses, the verdict on the last
-run, the last runs), re-read at most every ``CACHE_S`` seconds, and follows the runs of this
-process as they go (their progress).
+run, the last runs), re-read by its own loop every ``CACHE_S`` seconds, and follows the runs
+of this process as they go (their progress). Requests never query for it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -84,7 +86,11 @@ def verdict_of(
 
 
 class Board:
-    """The cached operator state of every job; also a run observer of the runner."""
+    """The cached operator state of every job, and its only writer; also a run observer.
+
+    ``run`` re-reads pauses, the verdict on each job's last run and the last runs every
+    ``CACHE_S`` seconds (sooner after a run of this process ends); requests only read.
+    """
 
     def __init__(
         self,
@@ -92,46 +98,71 @@ class Board:
         jobs: list[JobSpec],
         tz: ZoneInfo,
         thresholds: Mapping[str, Thresholds] | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.pool = pool
         self.jobs = jobs
         self.tz = tz
+        self.clock = clock
         names = [spec.name for spec in jobs]
         self.thresholds = suspicion.for_jobs(names, thresholds or {})
         self.pauses = PauseCache(pool, names)
         self.suspicions: dict[str, Suspicion] = {}
         self.runs: dict[str, list[runlist.Run]] = {}
         self.running: dict[str, RunContext] = {}
-        self._read_at: datetime | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
 
-    async def refresh(self, now: datetime, *, force: bool = False) -> None:
-        """Re-read pauses, the last-run verdicts and the last runs, unless read moments ago."""
-        if (
-            not force
-            and self._read_at is not None
-            and 0 <= (now - self._read_at).total_seconds() < CACHE_S
-        ):
-            return
+    async def refresh(self) -> None:
+        """Re-read pauses, the last-run verdicts and the last runs; on a failure the last known
+        state stays."""
         try:
-            await self.pauses.refresh(now, force=True)
-            self.suspicions = await suspicion.latest(self.pool, self.thresholds)
-            self.runs = await runlist.recent(self.pool, self.thresholds, BARS)
-            self._read_at = now
-        except Exception as exc:  # the last known state stays; the next refresh tries again
+            async with asyncio.timeout(CACHE_S * 2):
+                await self.pauses.refresh(self.clock())
+                self.suspicions = await suspicion.latest(self.pool, self.thresholds)
+                self.runs = await runlist.recent(self.pool, self.thresholds, BARS)
+        except Exception as exc:  # the next round tries again
             log.warning("board.refresh_failed", error=f"{type(exc).__name__}: {exc}")
 
-    def invalidate(self) -> None:
-        """The next refresh reads the database whatever the age of the cache."""
-        self._read_at = None
+    async def run(self) -> None:
+        """Refresh every ``CACHE_S`` seconds, or as soon as woken, until cancelled."""
+        while True:
+            await self.refresh()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=CACHE_S)
+            self._wake.clear()
+
+    def start(self) -> asyncio.Task[None]:
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name="board")
+        return self._task
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def wake(self) -> None:
+        """Refresh now rather than at the end of the current wait."""
+        self._wake.set()
+
+    def paused(self, pause: Pause) -> None:
+        """This process paused a job: show it at once."""
+        self.pauses.put(pause.job, pause, self.clock())
+        self.wake()
+
+    def resumed(self, job: str, now: datetime) -> None:
+        self.pauses.put(job, None, now)
+        self.wake()
 
     # Run observer
     def run_started(self, ctx: RunContext) -> None:
         self.running[ctx.job] = ctx
-        self.invalidate()
+        self.wake()
 
     def run_ended(self, ctx: RunContext, status: str, error: str | None, duration_s: float) -> None:
         self.running.pop(ctx.job, None)
-        self.invalidate()
+        self.wake()
 
     # Reading
     def pause_of(self, job: str, now: datetime) -> Pause | None:

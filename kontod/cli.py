@@ -126,7 +126,7 @@ async def _database(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
         log.info("database.embedded", data_dir=str(embedded.data_dir))
         dsn = await embedded.start()
     try:
-        pool = await db.create_pool(dsn, db.new_instance_name(), max_size=4)
+        pool = await db.create_pool(dsn, settings.instance, max_size=4)
         try:
             async with pool.acquire() as conn:
                 applied = await db.migrate(conn)
@@ -157,8 +157,7 @@ async def _run_job(settings: Settings, name: str, reason: str | None = None) -> 
     async with _database(settings) as pool, aiohttp.ClientSession() as http:
         jobs = declare_jobs(settings, pool, http)
         names = [spec.name for spec in jobs]
-        instance = await pool.fetchval("SELECT current_setting('application_name')")
-        runner = Runner(pool, jobs, settings.tz, instance)
+        runner = Runner(pool, jobs, settings.tz, settings.instance, lease_s=settings.lease_seconds)
         follow = commands.Follow()
         pinger = pings.Pinger(
             http, pings.ping_urls(names, settings.ping_urls, settings.ping_base_url)
@@ -171,15 +170,18 @@ async def _run_job(settings: Settings, name: str, reason: str | None = None) -> 
                 f"note: {name} is paused by {held.by} ({held.reason}); running it anyway",
                 file=sys.stderr,
             )
-        outcome = await runner.trigger(
-            name, "manual", requested_by=commands.requester(), reason=reason
-        )
-        if isinstance(outcome, Skipped):
-            print(f"kontod: {name} is already running", file=sys.stderr)
-            return 1
-        await commands.show_progress(follow, outcome.task, sys.stdout, utcnow)
-        status = await outcome.task
-        await pinger.drain(pings.DRAIN_S)
+        try:
+            outcome = await runner.trigger(
+                name, "manual", requested_by=commands.requester(), reason=reason
+            )
+            if isinstance(outcome, Skipped):
+                print(f"kontod: {name} is already running", file=sys.stderr)
+                return 1
+            await commands.show_progress(follow, outcome.task, sys.stdout, utcnow)
+            status = await outcome.task
+        finally:
+            await runner.stop(settings.shutdown_timeout)
+            await pinger.drain(pings.DRAIN_S)
         print(f"{name}: run {outcome.run_id} {status}")
         return 0 if status == "success" else 1
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
 import tomllib
 from collections.abc import Callable, Mapping
@@ -87,6 +88,11 @@ class Settings:
     # currency -> value of one unit in the base currency
     manual_rates: Mapping[str, Decimal] = field(default_factory=dict)
     crypto_api_key: str | None = field(default=None, repr=False)
+    instance: str = field(default_factory=lambda: default_instance())
+    lease_seconds: float = 30.0
+    retry_attempts: int = 3
+    retry_delay: float = 300.0
+    history_days: int = 90
     # Per job name: a Healthchecks-style ping URL, and suspicious-success thresholds.
     ping_urls: Mapping[str, str] = field(default_factory=dict)
     ping_base_url: str | None = None
@@ -122,6 +128,11 @@ def default_state_dir(env: Mapping[str, str]) -> Path:
     home = Path(env["HOME"]) if env.get("HOME") else Path.home()
     base = env.get("XDG_STATE_HOME") or str(home / ".local" / "state")
     return Path(base) / "kontod"
+
+
+def default_instance() -> str:
+    """This process's name among replicas: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def system_timezone() -> str:
@@ -220,6 +231,33 @@ def _parse_positive_int(raw: str) -> int:
     if not re.fullmatch(r"\s*\d+\s*", raw) or int(raw) < 1:
         raise ValueError("expected a whole number of at least 1")
     return int(raw)
+
+
+MIN_LEASE_S = 5.0
+
+
+def _parse_lease(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not MIN_LEASE_S <= value < float("inf"):
+        raise ValueError(f"expected a number of seconds of at least {MIN_LEASE_S:g}")
+    return value
+
+
+def _parse_count(raw: str) -> int:
+    if not re.fullmatch(r"\s*\d+\s*", raw):
+        raise ValueError("expected a whole number of 0 or more")
+    return int(raw)
+
+
+def _parse_instance(raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._:@/-]{1,63}", raw):
+        raise ValueError(
+            "expected 1 to 63 letters, digits or . _ : @ / - (such as web-1 or host:1234)"
+        )
+    return raw
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -392,6 +430,11 @@ _SPEC: list[tuple[str, str, Callable[[str], Any], bool]] = [
     ("crypto_ids", "KONTOD_CRYPTO_IDS", _parse_crypto_ids, False),
     ("manual_rates", "KONTOD_MANUAL_RATES", _parse_manual_rates, False),
     ("crypto_api_key", "KONTOD_CRYPTO_API_KEY", _parse_token, True),
+    ("instance", "KONTOD_INSTANCE", _parse_instance, False),
+    ("lease_seconds", "KONTOD_LEASE_SECONDS", _parse_lease, False),
+    ("retry_attempts", "KONTOD_RETRY_ATTEMPTS", _parse_count, False),
+    ("retry_delay", "KONTOD_RETRY_DELAY", _parse_duration, False),
+    ("history_days", "KONTOD_HISTORY_DAYS", _parse_positive_int, False),
 ]
 
 # Secrets may also come from systemd credentials: $CREDENTIALS_DIRECTORY/<file>.

@@ -1,34 +1,43 @@
-"""The daemon: wires the database, the jobs, the runner, the HTTP server and systemd together.
+"""The daemon: wires the database, the jobs, the runner, the history, the HTTP server and
+systemd together.
 
 Start-up order: database (embedded or not) -> migrations -> runner prepared -> HTTP bound ->
-schedules started -> READY=1. Shutdown runs the same steps backwards, each bounded in time.
+schedules started -> READY=1. A signal during start cancels it (no READY=1). Shutdown runs the
+same steps backwards, each bounded in time, so that SIGTERM ends kontod within
+``KONTOD_SHUTDOWN_TIMEOUT`` + 10 s even when the database does not answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import aiohttp
 import asyncpg
 import structlog
 from aiohttp import web
 
-from kontod import db, konto_schema, pings, runs, schedule, suspicion
+from kontod import db, konto_schema, pings, schedule, suspicion
 from kontod.board import Board
 from kontod.config import Settings, redact_dsn
+from kontod.history import History
 from kontod.http import build_app
 from kontod.job import JobSpec
 from kontod.jobs import declare_jobs
 from kontod.metrics import Metrics
+from kontod.retries import RetryPolicy
 from kontod.runner import Runner, utcnow
 from kontod.systemd import Notifier
 
 log = structlog.get_logger("kontod.daemon")
-STATS_EVERY_S = 15.0
+HTTP_SHUTDOWN_S = 2.0  # open requests get this long once kontod stops
+POOL_CLOSE_S = 2.0
+START_ABORT_S = 5.0  # how long an aborted start may take to unwind
 
 
 class Daemon:
@@ -49,14 +58,15 @@ class Daemon:
         self.notifier = notifier or Notifier.from_env()
         self._jobs_factory = jobs
         self._on_migrated = on_migrated
-        self.instance = db.new_instance_name()
+        self.instance = settings.instance
         self.embedded: db.EmbeddedPostgres | None = None
         self.pool: asyncpg.Pool | None = None
         self.http: aiohttp.ClientSession | None = None
         self.runner: Runner | None = None
-        self.metrics: Metrics | None = None
+        self.history: History | None = None
         self.board: Board | None = None
         self.pinger: pings.Pinger | None = None
+        self.metrics: Metrics | None = None
         self.site_runner: web.AppRunner | None = None
         self.port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -90,14 +100,29 @@ class Daemon:
             jobs = self._jobs_factory(self.pool, self.http, None)
         else:
             jobs = declare_jobs(s, self.pool, self.http, observe_request)
-        self.runner = Runner(self.pool, jobs, s.tz, self.instance, clock=self.clock)
+        self.history = History(
+            self.pool, self.instance, lease_s=s.lease_seconds, history_days=s.history_days
+        )
+        self.runner = Runner(
+            self.pool,
+            jobs,
+            s.tz,
+            self.instance,
+            clock=self.clock,
+            lease_s=s.lease_seconds,
+            retry=RetryPolicy(s.retry_attempts, timedelta(seconds=s.retry_delay)),
+            history=self.history,
+        )
         self.metrics = Metrics(
-            jobs, s.tz, lambda: self.runner.stats if self.runner else {}, self.clock
+            jobs, s.tz, lambda: self.history.stats if self.history else {}, self.clock
         )
         metrics_ref.append(self.metrics)
         self.runner.events = self.metrics
+        self.history.on_refresh(self._after_housekeeping)
         names = [spec.name for spec in jobs]
-        self.board = Board(self.pool, jobs, s.tz, suspicion.from_settings(names, s.suspicious))
+        self.board = Board(
+            self.pool, jobs, s.tz, suspicion.from_settings(names, s.suspicious), self.clock
+        )
         self.pinger = pings.Pinger(
             self.http,
             pings.ping_urls(names, s.ping_urls, s.ping_base_url),
@@ -106,12 +131,15 @@ class Daemon:
         self.runner.observers += [self.board, self.pinger]
         self.metrics.watch_board(self.board)
         await self.runner.prepare()
-        await self._refresh_stats()
+        await self.board.refresh()
+        self.metrics.latest_snapshot = self.history.latest_snapshot
 
         app = build_app(
             self.runner, self.metrics.registry, s.admin_token, self.clock, board=self.board
         )
-        self.site_runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self.site_runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_S
+        )
         await self.site_runner.setup()
         site = web.TCPSite(self.site_runner, s.listen_host, s.listen_port)
         await site.start()
@@ -121,7 +149,7 @@ class Daemon:
         log.info("http.listening", url=f"http://{s.listen_host}:{self.port}")
 
         await self.runner.start()
-        self._tasks.append(asyncio.create_task(self._stats_loop(), name="stats"))
+        self._tasks.append(self.board.start())
         self._tasks.append(
             asyncio.create_task(self.notifier.run_watchdog(self._stop_watchdog), name="watchdog")
         )
@@ -130,7 +158,8 @@ class Daemon:
     def side_tasks(self) -> list[asyncio.Task[None]]:
         """The long-lived tasks that must never end while the daemon runs."""
         loops = self.runner.loops if self.runner is not None else []
-        return [*loops, *self._tasks]
+        history = self.history.tasks if self.history is not None else []
+        return [*loops, *history, *self._tasks]
 
     def status_line(self) -> str:
         """What systemd shows: the jobs scheduled and the next tick."""
@@ -147,35 +176,30 @@ class Daemon:
         local = when.astimezone(self.settings.tz).strftime("%Y-%m-%d %H:%M %Z")
         return f"{len(upcoming)} job(s) scheduled; next: {name} at {local}"
 
-    async def _refresh_stats(self) -> None:
-        assert self.runner is not None
-        assert self.metrics is not None
-        assert self.pool is not None
-        try:
-            await self.runner.reap()
-        except Exception as exc:  # the next refresh tries again
-            log.warning("stats.reap_failed", error=f"{type(exc).__name__}: {exc}")
-        await self.runner.refresh_stats()
-        if self.board is not None:
-            await self.board.refresh(self.clock(), force=True)
-        try:
-            self.metrics.latest_snapshot = await runs.latest_snapshot_date(self.pool)
-        except Exception as exc:  # the metric keeps its last value; the next refresh retries
-            log.warning("stats.snapshot_date_failed", error=f"{type(exc).__name__}: {exc}")
-
-    async def _stats_loop(self) -> None:
-        # Other replicas write runs too; re-reading the table keeps this cache current.
-        while True:
-            await asyncio.sleep(STATS_EVERY_S)
-            await self._refresh_stats()
+    def _after_housekeeping(self) -> None:
+        assert self.history is not None
+        if self.metrics is not None:
+            self.metrics.latest_snapshot = self.history.latest_snapshot
+        if self.runner is not None:
             self.notifier.status(self.status_line())
 
+    async def _refresh_stats(self) -> None:
+        """One housekeeping round now (tests use it instead of waiting for the next one)."""
+        assert self.history is not None
+        await self.history.housekeeping()
+
     async def stop(self) -> None:
-        """Stop taking ticks, give running jobs the shutdown timeout, then close everything."""
+        """Stop taking ticks, give running jobs the shutdown timeout, then close everything.
+
+        Every step is bounded: the runs get the shutdown timeout and their outcomes a few
+        seconds more, open HTTP requests 2 s, the pool 2 s before its connections are dropped.
+        """
         self.notifier.stopping()
         log.info("daemon.stopping", timeout_s=self.settings.shutdown_timeout)
         if self.runner is not None:
             await self.runner.stop(self.settings.shutdown_timeout)
+        elif self.history is not None:
+            await self.history.stop()
         if self.pinger is not None:
             await self.pinger.drain(pings.DRAIN_S)
         self._stop_watchdog.set()
@@ -187,41 +211,81 @@ class Daemon:
         if self.http is not None:
             await self.http.close()
         if self.pool is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.pool.close(), timeout=5)
+            await db.close_pool(self.pool, POOL_CLOSE_S)
+        await self.stop_database()
+        log.info("daemon.stopped")
+
+    async def abort(self) -> None:
+        """The quickest clean exit (a second signal): drop connections, stop the database."""
+        if self.pool is not None:
+            self.pool.terminate()
+        await self.stop_database()
+
+    async def stop_database(self) -> None:
         if self.embedded is not None:
             await self.embedded.stop()
-        log.info("daemon.stopped")
 
 
 async def serve(settings: Settings) -> int:
-    """Run until SIGTERM or SIGINT; a second signal exits at once. Returns the exit status."""
+    """Run until SIGTERM or SIGINT; returns the exit status.
+
+    A signal during start aborts the start (no READY=1, exit 0). A second signal cuts the
+    orderly shutdown short, but still stops the embedded PostgreSQL (exit 130).
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    signals_seen = 0
+    force = asyncio.Event()
 
     def on_signal(signum: int) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen > 1:
-            log.warning("daemon.forced_exit", signal=signal.Signals(signum).name)
-            # The user asked twice: leave now, the next start marks unfinished runs.
-            import os
-
-            os._exit(130)
-        log.info("daemon.signal", signal=signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            log.warning("daemon.forced_exit", signal=name)
+            force.set()
+            return
+        log.info("daemon.signal", signal=name)
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    structlog.contextvars.bind_contextvars(instance=settings.instance)
 
     daemon = Daemon(settings)
-    try:
-        await daemon.start()
-    except BaseException:
-        await daemon.stop()
-        raise
-    return await run_until_stopped(daemon, stop)
+    starting = asyncio.create_task(daemon.start(), name="start")
+    signalled = asyncio.create_task(stop.wait(), name="signals")
+    await asyncio.wait([starting, signalled], return_when=asyncio.FIRST_COMPLETED)
+    signalled.cancel()
+    if not starting.done():
+        log.info("daemon.start_aborted")
+        starting.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(asyncio.shield(starting), timeout=START_ABORT_S)
+        return await _finish(daemon.stop(), daemon, force, 0)
+    if starting.exception() is not None:
+        await _finish(daemon.stop(), daemon, force, 1)
+        starting.result()  # raises the start's error
+    return await _finish(run_until_stopped(daemon, stop), daemon, force, None)
+
+
+async def _finish(
+    work: Awaitable[int | None], daemon: Daemon, force: asyncio.Event, status: int | None
+) -> int:
+    """Run ``work`` (serving or stopping) unless a second signal comes: then abort and exit
+    with status 130 at once."""
+    task = asyncio.ensure_future(work)
+    forced = asyncio.create_task(force.wait())
+    await asyncio.wait([task, forced], return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        forced.cancel()
+        result = task.result()
+        return status if status is not None else int(result or 0)
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await asyncio.wait_for(task, timeout=1)
+    await daemon.abort()
+    # Leave now: what is left of the orderly shutdown must not hold the exit. Unfinished runs
+    # keep their rows until their lease expires; then any replica takes them over.
+    sys.stderr.flush()
+    os._exit(130)
 
 
 async def run_until_stopped(daemon: Daemon, stop: asyncio.Event) -> int:

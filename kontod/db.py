@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.resources
 import platform
 import re
@@ -29,29 +30,37 @@ def new_instance_name() -> str:
     return f"kontod-{uuid.uuid4().hex[:12]}"
 
 
-async def create_pool(dsn: str, instance: str, *, max_size: int = 10) -> asyncpg.Pool:
-    """A pool whose sessions carry ``instance`` as their application_name."""
-    settings = {"application_name": instance}
-    # Have the server end a statement whose client died (PostgreSQL 14 and later). Without it
-    # the session of a killed kontod lives on until its statement ends, and its run cannot be
-    # told apart from a live one. Given at connect time, it survives the RESET ALL the pool
-    # runs when a connection comes back; an older server would refuse the name, so ask first.
-    probe = await asyncpg.connect(dsn)
-    try:
-        version = int(await probe.fetchval("SHOW server_version_num"))
-    finally:
-        await probe.close()
-    if version >= 140000:
-        settings["client_connection_check_interval"] = "2s"
+CONNECT_TIMEOUT_S = 10.0
+
+
+async def create_pool(
+    dsn: str, instance: str, *, max_size: int = 10, connect_timeout: float = CONNECT_TIMEOUT_S
+) -> asyncpg.Pool:
+    """A pool whose sessions carry ``instance`` as their application_name.
+
+    Nothing else is set on the session: liveness comes from leases, and the limits that guard
+    a run's writes are set inside each write transaction (see runs.fence), so a pooler in
+    transaction mode (PgBouncer) works. A connection attempt gives up after
+    ``connect_timeout`` seconds.
+    """
     pool = await asyncpg.create_pool(
         dsn,
         min_size=1,
         max_size=max_size,
-        server_settings=settings,
+        server_settings={"application_name": instance[:63]},
         command_timeout=None,
+        timeout=connect_timeout,
     )
     assert pool is not None
     return pool
+
+
+async def close_pool(pool: asyncpg.Pool, within_s: float) -> None:
+    """Close gracefully within ``within_s`` seconds, then drop whatever connection is left."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout=within_s)
+    except (TimeoutError, OSError, asyncpg.PostgresError):
+        pool.terminate()
 
 
 @dataclass(frozen=True)
@@ -73,12 +82,13 @@ def migrations() -> list[Migration]:
 
 
 async def migrate(conn: asyncpg.Connection | PoolConnectionProxy) -> list[str]:
-    """Apply the migrations not yet applied, each in its own transaction; return their names.
+    """Apply the migrations not yet applied, all in one transaction; return their names.
 
-    A session advisory lock makes processes that start together take turns.
+    A transaction-level advisory lock makes processes that start together take turns (and,
+    unlike a session lock, it works through a pooler in transaction mode).
     """
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
-    try:
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
         # CREATE TABLE IF NOT EXISTS still needs the CREATE privilege; a role that only uses
         # an already migrated schema must be able to start.
         if await conn.fetchval("SELECT to_regclass('kontod_migrations')") is None:
@@ -93,17 +103,14 @@ async def migrate(conn: asyncpg.Connection | PoolConnectionProxy) -> list[str]:
         for mig in migrations():
             if mig.version in done:
                 continue
-            async with conn.transaction():
-                await conn.execute(mig.sql)
-                await conn.execute(
-                    "INSERT INTO kontod_migrations (version, name) VALUES ($1, $2)",
-                    mig.version,
-                    mig.name,
-                )
+            await conn.execute(mig.sql)
+            await conn.execute(
+                "INSERT INTO kontod_migrations (version, name) VALUES ($1, $2)",
+                mig.version,
+                mig.name,
+            )
             applied.append(f"{mig.version:04d}_{mig.name}")
         return applied
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
 
 
 class EmbeddedPostgres:
@@ -112,6 +119,7 @@ class EmbeddedPostgres:
     def __init__(self, state_dir: Path) -> None:
         self.data_dir = state_dir / "pgdata"
         self._server: Any = None
+        self._starting: asyncio.Future[Any] | None = None
 
     async def start(self) -> str:
         """Start (or reuse) the server; return its DSN."""
@@ -127,12 +135,20 @@ class EmbeddedPostgres:
                 + _embedded_hint()
             ) from None
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        # pgserver runs initdb and pg_ctl, which block: keep them off the event loop.
-        self._server = await asyncio.to_thread(_start_pgserver, pgserver, self.data_dir)
+        # pgserver runs initdb and pg_ctl, which block: keep them off the event loop. A start
+        # that is cancelled (a signal) goes on in its thread; stop() waits for it, then stops
+        # the server, so that none is left behind.
+        self._starting = asyncio.ensure_future(
+            asyncio.to_thread(_start_pgserver, pgserver, self.data_dir)
+        )
+        self._server = await asyncio.shield(self._starting)
         uri: str = self._server.get_uri()
         return uri
 
     async def stop(self) -> None:
+        if self._server is None and self._starting is not None:
+            with contextlib.suppress(Exception):
+                self._server = await self._starting
         if self._server is not None:
             server, self._server = self._server, None
             await asyncio.to_thread(server.cleanup)

@@ -29,7 +29,8 @@ def assess(
     max_runtime: timedelta | None = None,
     not_configured: str | None = None,
 ) -> Verdict:
-    """Unhealthy when the last finished run failed, or a tick past its grace has no run.
+    """Unhealthy when the last run failed, when a tick past its grace has no run, or while a
+    retry of the newest tick runs (the tick has no success yet).
 
     A job is expected only from the moment kontod first registered it, so a fresh install is
     healthy until its first tick plus grace.
@@ -40,6 +41,22 @@ def assess(
         return Verdict(True, f"not configured: {not_configured}", last_tick, next_tick)
     if stats.last_status in FAILED_STATUSES:
         return Verdict(False, f"last run ended with {stats.last_status}", last_tick, next_tick)
+    newest = stats.latest_attempt
+    if (
+        stats.last_status == "running"
+        and newest is not None
+        and newest.status == "running"
+        and newest.attempt > 1
+        and newest.tick == last_tick
+    ):
+        # A takeover or a retry is going: the tick has failed once and has no success yet.
+        return Verdict(
+            False,
+            f"attempt {newest.attempt} at the tick of {newest.tick.isoformat()} is running"
+            " after a failed one",
+            last_tick,
+            next_tick,
+        )
     if stats.last_status == "running":
         since = stats.running_since or stats.last_started_at
         if max_runtime is not None and since is not None and now - since > max_runtime:

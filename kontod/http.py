@@ -40,6 +40,10 @@ def cron_report(
         st = stats.get(spec.name, runs.JobStats())
         view = views.get(spec.name)
         verdict = view.verdict if view is not None else assess_job(spec, runner.tz, st, now)
+        next_retry = runner.next_retry(spec.name, st, now)
+        reason = verdict.reason
+        if reason is not None and next_retry is not None and not verdict.healthy:
+            reason = f"{reason}; retry due at {iso(next_retry)}"
         uptime = None
         if st.last_started_at is not None:
             uptime = int((now - st.last_started_at).total_seconds() * 1000)
@@ -54,12 +58,14 @@ def cron_report(
                 "errorCount": st.errors,
                 "uptime": uptime,
                 "healthy": verdict.healthy,
-                "reason": verdict.reason,
+                "reason": reason,
                 "configured": spec.not_configured is None,
                 "nextRun": None if spec.not_configured else iso(verdict.next_tick),
                 "lastSuccess": iso(st.last_success_at),
                 "lastError": st.last_error,
                 "lastDurationSeconds": st.last_duration_s,
+                "instance": st.running_instance,
+                "nextRetry": iso(next_retry),
                 **(operator_fields(view) if view is not None else {}),
             }
         )
@@ -133,28 +139,17 @@ def build_app(
             )
         return web.json_response({"status": "healthy", "database": "ok"})
 
-    async def current_stats() -> dict[str, runs.JobStats]:
-        # On a database error or delay this is the last known history, still worth showing.
-        try:
-            async with asyncio.timeout(5):
-                stats = await runner.refresh_stats()
-                if board is not None:
-                    await board.refresh(clock())
-        except TimeoutError:
-            stats = runner.stats
-        return stats
-
     async def health_cron(_: web.Request) -> web.Response:
-        stats = await current_stats()
-        report = cron_report(runner, stats, clock(), board)
+        # Only the cache kept by the history: a request never queries or writes run state.
+        report = cron_report(runner, runner.stats, clock(), board)
         return web.json_response(report, status=200 if report["status"] == "healthy" else 503)
 
     async def status(_: web.Request) -> web.Response:
         if board is None:
             raise web.HTTPNotFound(text="no status page here\n")
-        stats = await current_stats()
+        # The same caches as /health/cron: a page view queries nothing.
         now = clock()
-        page = status_page.render(board.views(stats, now), runner.tz, now)
+        page = status_page.render(board.views(runner.stats, now), runner.tz, now)
         return web.Response(
             text=page,
             content_type="text/html",
@@ -211,7 +206,8 @@ def build_app(
             raise web.HTTPBadRequest(
                 text=f"limit must be a whole number from 1 to 1000, not {raw!r}\n"
             )
-        records = await runs.recent_runs(runner.pool, name, int(raw))
+        async with asyncio.timeout(5):
+            records = await runs.recent_runs(runner.pool, name, int(raw))
         return web.json_response(
             {
                 "runs": [
@@ -220,11 +216,13 @@ def build_app(
                         "job": r.job,
                         "trigger": r.trigger,
                         "scheduledFor": iso(r.scheduled_for),
+                        "attempt": r.attempt,
                         "startedAt": iso(r.started_at),
                         "finishedAt": iso(r.finished_at),
                         "status": r.status,
                         "error": r.error,
                         "counts": dict(r.counts),
+                        "instance": r.instance,
                     }
                     for r in records
                 ]
@@ -265,7 +263,7 @@ def build_app(
         except pauses.AlreadyPaused as exc:
             return web.json_response({"error": str(exc)}, status=409)
         if board is not None:
-            board.invalidate()
+            board.paused(held)
         log.info("job.paused", job=name, by=held.by, reason=held.reason, until=iso(held.until))
         return web.json_response(
             {
@@ -284,7 +282,7 @@ def build_app(
         body = await _json_body(request)
         ended = await pauses.resume(runner.pool, name, pauser(request, body), clock())
         if board is not None:
-            board.invalidate()
+            board.resumed(name, clock())
         if ended is None:
             return web.json_response({"job": name, "paused": False, "wasPaused": False})
         log.info("job.resumed", job=name, by=pauser(request, body))

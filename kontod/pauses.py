@@ -1,8 +1,9 @@
 """Pausing jobs: the SQL of ``kontod_pauses`` and a short-lived cache of it.
 
 A pause is stored in the database, so every replica obeys it: the runner reads it at each
-tick, and health, metrics and the status page read a cache refreshed every few seconds. A
-pause with ``until`` ends by itself once that instant has passed; nothing has to clear it.
+tick, and health, metrics and the status page read a cache the board re-reads every
+``CACHE_S`` seconds. A pause with ``until`` ends by itself once that instant has passed;
+nothing has to clear it.
 """
 
 from __future__ import annotations
@@ -119,27 +120,26 @@ async def resume(db: Executor, job: str, by: str, now: datetime) -> Pause | None
 
 
 class PauseCache:
-    """The pause state of every job, re-read from the database at most every ``CACHE_S``.
+    """The pause state of every job as last read from the database.
 
-    Requests only read ``states``; ``refresh`` is awaited by the handlers and the stats loop,
-    and a failed refresh keeps the last known state.
+    One owner (the board) calls ``refresh``; requests only read ``states``. A pause or resume
+    made by this process is put in at once, before the next read confirms it.
     """
 
-    def __init__(self, pool: asyncpg.Pool, jobs: Iterable[str], max_age_s: float = CACHE_S):
+    def __init__(self, pool: asyncpg.Pool, jobs: Iterable[str]) -> None:
         self.pool = pool
         self.jobs = list(jobs)
-        self.max_age_s = max_age_s
-        self.states: Mapping[str, PauseState] = {}
-        self._read_at: datetime | None = None
+        self.states: dict[str, PauseState] = {}
 
-    async def refresh(self, now: datetime, *, force: bool = False) -> Mapping[str, PauseState]:
-        fresh = self._read_at is not None and 0 <= (now - self._read_at).total_seconds() < (
-            self.max_age_s
-        )
-        if force or not fresh:
-            self.states = await states(self.pool, self.jobs, now)
-            self._read_at = now
+    async def refresh(self, now: datetime) -> Mapping[str, PauseState]:
+        self.states = await states(self.pool, self.jobs, now)
         return self.states
+
+    def put(self, job: str, pause: Pause | None, now: datetime) -> None:
+        """What this process just wrote: ``pause`` in force, or None (resumed at ``now``)."""
+        before = self.states.get(job, PauseState())
+        ended = before.last_ended_at if pause is not None else now
+        self.states = {**self.states, job: PauseState(pause, ended)}
 
     def pause_of(self, job: str, now: datetime) -> Pause | None:
         """The cached pause of ``job``, unless its ``until`` has passed since it was read."""

@@ -129,7 +129,11 @@ class Pinger:
         )
 
     def run_ended(self, ctx: RunContext, status: str, error: str | None, duration_s: float) -> None:
-        """A run ended: send its success or /fail ping with its summary."""
+        """A run ended: send its success or /fail ping with its summary. A run that lost its
+        claim sends nothing: the replica that takes it over pings for it."""
+        if status == "lost":
+            self._starts.pop(ctx.run_id, None)
+            return
         self.finished(
             Summary(ctx.job, ctx.run_id, ctx.trigger, status, duration_s, dict(ctx.counts), error)
         )

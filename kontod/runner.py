@@ -1,29 +1,34 @@
-"""The runner: turns schedules into runs, once per tick across replicas, and records each run.
+"""The runner: tick -> claimed run -> recorded outcome, once per attempt across replicas.
 
 Scheduling re-reads the wall clock at least every ``RECHECK_S`` seconds instead of trusting one
-long timer, so clock changes and suspends do not shift ticks. The database decides who runs a
-tick: the run row is keyed by (job, scheduled time) and at most one row per job may be
-``running``, so a replica that loses the insert skips the tick.
+long timer, so clock changes and suspends do not shift ticks. The database decides who runs an
+attempt: the run row is keyed by (job, tick, attempt) and at most one row per job may be
+``running``, so a replica that loses the insert skips it. A claimed run holds a lease that
+``History`` renews; every write of the job is fenced by it, and its outcome is recorded with a
+compare-and-set, retried until the database answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 import asyncpg
 import structlog
 
-from kontod import pauses, runlist, runs, schedule
-from kontod.job import JobSpec, RunContext
+from kontod import pauses, retries, runlist, runs, schedule
+from kontod.history import History, describe
+from kontod.job import ClaimLost, Connection, Fence, JobSpec, RunContext
+from kontod.retries import RetryPolicy
 
 RECHECK_S = 30.0
-RECORD_ATTEMPTS = 4  # over about 7 s
+RECORD_GRACE_S = 4.0  # how long a stopping runner still tries to record outcomes
 log = structlog.get_logger("kontod.runner")
 
 
@@ -75,7 +80,14 @@ class Started:
 
 @dataclass(frozen=True)
 class Skipped:
-    reason: str  # "overlap" or "claimed"
+    reason: str  # "overlap", "claimed" or "stopping"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str
+    error: str | None
+    counts: Mapping[str, int]
 
 
 class Runner:
@@ -86,45 +98,68 @@ class Runner:
         pool: asyncpg.Pool,
         jobs: list[JobSpec],
         tz: ZoneInfo,
-        owner: str,
+        instance: str,
         *,
         events: RunEvents | None = None,
         clock: Callable[[], datetime] = utcnow,
+        lease_s: float = 30.0,
+        retry: RetryPolicy | None = None,
+        history: History | None = None,
     ) -> None:
         self.pool = pool
         self.jobs = {spec.name: spec for spec in jobs}
         self.tz = tz
-        self.owner = owner
+        self.instance = instance
         self.events: RunEvents = events or _NoEvents()
         self.clock = clock
-        self.stats: dict[str, runs.JobStats] = {}
+        self.lease_s = lease_s
+        self.retry = retry or RetryPolicy()
+        self.history = history or History(pool, instance, lease_s=lease_s)
         self.observers: list[RunObserver] = []
+        # Every bookkeeping statement answers within this, or is given up and tried again.
+        self.bookkeeping_s = min(5.0, lease_s / 3)
         self._active: dict[str, asyncio.Task[str]] = {}
         # Jobs this process is claiming or running.
         self._busy: set[str] = set()
-        # Runs of this process that ended but whose end could not be recorded.
-        self._unrecorded: set[int] = set()
+        # Outcomes known but not yet recorded, by run id.
+        self._pending: dict[int, asyncio.Task[None]] = {}
+        # Runs cancelled because they lost their lease: they record nothing.
+        self._lost: set[int] = set()
+        # Per job, a tick this process skipped because the job was running: not tried again.
+        self._given_up: dict[str, datetime] = {}
+        self._wake = {name: asyncio.Event() for name in self.jobs}
         self._prepared = False
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        self._started_history = False
+        self.history.on_refresh(self._wake_all)
+
+    @property
+    def stats(self) -> dict[str, runs.JobStats]:
+        """The per-job history cache (owned by ``History``)."""
+        return self.history.stats
 
     # -- start and stop --------------------------------------------------------------------
 
     async def prepare(self) -> None:
-        """Register the jobs and close the runs of processes that died."""
-        await runs.register_jobs(self.pool, self.jobs)
-        await self.reap()
-        await self.refresh_stats()
+        """Register the jobs, close the runs whose lease expired, load history, hold leases."""
+        await self.history.bounded(runs.register_jobs(self.pool, self.jobs), self.bookkeeping_s)
+        await self.history.reap()
+        await self.history.refresh()
+        self._start_history()
         self._prepared = True
 
-    async def reap(self) -> None:
-        """Mark ``interrupted`` the runs nobody is running any more (see runs.reap_orphans)."""
-        for run_id, job in await runs.reap_orphans(self.pool, self.owner, set(self._unrecorded)):
-            self._unrecorded.discard(run_id)
-            log.warning("run.interrupted_found", job=job, run_id=run_id)
+    def _start_history(self) -> None:
+        """The lease and housekeeping loops run from the first claim or prepare to stop."""
+        if not self._started_history:
+            self.history.start()
+            self._started_history = True
+
+    async def refresh_stats(self) -> dict[str, runs.JobStats]:
+        return await self.history.refresh()
 
     async def start(self) -> None:
-        """Catch up on a recently missed tick, then follow each schedule."""
+        """Follow each schedule, beginning with the catch-up of a recently missed tick."""
         now = self.clock()
         if not self._prepared:
             await self.prepare()
@@ -139,15 +174,17 @@ class Runner:
                 timezone=self.tz.key,
                 next_run=schedule.next_tick(spec.schedule, self.tz, now).isoformat(),
             )
-            await self._catch_up(spec, now)
-            # Following from the same instant as the catch-up leaves no tick in between.
             self._loops.append(
-                asyncio.create_task(self._follow(spec, now), name=f"schedule:{spec.name}")
+                asyncio.create_task(self._follow(spec), name=f"schedule:{spec.name}")
             )
 
     async def stop(self, grace_s: float) -> None:
-        """Take no more ticks; let running jobs finish for ``grace_s`` seconds, then cancel them."""
+        """Take no more ticks; let running jobs finish for ``grace_s`` seconds, then cancel them.
+
+        Outcomes still unrecorded get ``RECORD_GRACE_S`` more; then the leases stop.
+        """
         self._stopping.set()
+        self._wake_all()
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -156,8 +193,21 @@ class Runner:
             log.info("runner.waiting", jobs=sorted(self._active), timeout_s=grace_s)
             _, pending = await asyncio.wait(active, timeout=grace_s)
             for run in pending:
-                run.cancel()
-            await asyncio.gather(*active, return_exceptions=True)
+                run.cancel()  # each records itself as interrupted
+        # Outcomes still being written (the database may be away) get a last, bounded chance.
+        unfinished: list[asyncio.Task[Any]] = [*active, *self._pending.values()]
+        if unfinished:
+            await asyncio.wait(unfinished, timeout=RECORD_GRACE_S)
+        left: list[asyncio.Task[Any]] = [
+            t for t in [*active, *self._pending.values()] if not t.done()
+        ]
+        for task in left:
+            task.cancel()
+        if left:
+            # A task still there after this waits on a database that does not answer (a
+            # rollback, say); closing the pool, the daemon's next step, ends it.
+            await asyncio.wait(left, timeout=1.0)
+        await self.history.stop()
 
     @property
     def loops(self) -> list[asyncio.Task[None]]:
@@ -167,43 +217,93 @@ class Runner:
         """The task of the run of ``job`` this process has in progress, if any."""
         return self._active.get(job)
 
+    def next_retry(self, job: str, stats: runs.JobStats, now: datetime) -> datetime | None:
+        """When the newest tick of ``job`` is due to be tried again, if it will be."""
+        spec = self.jobs[job]
+        return retries.next_retry(stats.latest_attempt, now, spec.catchup_window, self.retry)
+
     # -- scheduling ------------------------------------------------------------------------
 
-    async def _catch_up(self, spec: JobSpec, now: datetime) -> None:
-        tick = schedule.previous_tick(spec.schedule, self.tz, now)
-        if now - tick > spec.catchup_window:
-            return
-        if await runs.tick_done(self.pool, spec.name, tick):
-            return
-        log.info("tick.catchup", job=spec.name, scheduled_for=tick.isoformat())
-        await self.trigger(spec.name, "catchup", tick)
+    def _wake_all(self) -> None:
+        for event in self._wake.values():
+            event.set()
 
-    async def _follow(self, spec: JobSpec, start: datetime) -> None:
-        tick = schedule.next_tick(spec.schedule, self.tz, start)
-        while await self._sleep_until(tick):
-            try:
-                await self.trigger(spec.name, "schedule", tick)
-            except Exception as exc:
-                # Whatever fails (the database may be briefly away), the schedule goes on and
-                # the next tick tries again.
-                log.exception(
-                    "tick.failed",
-                    job=spec.name,
-                    scheduled_for=tick.isoformat(),
-                    error=_describe(exc),
-                )
-            # After a long stall, skip the ticks that passed meanwhile: only the latest counts.
-            tick = schedule.next_tick(spec.schedule, self.tz, max(tick, self.clock()))
+    async def _follow(self, spec: JobSpec) -> None:
+        awaited: datetime | None = None  # the tick this loop last slept for
+        while not self._stopping.is_set():
+            now = self.clock()
+            plan = await self._plan(spec, now, awaited)
+            if plan is not None and plan.due <= now:
+                await self._run_planned(spec, plan)
+                plan = None  # what comes next is decided once this is known
+            awaited = schedule.next_tick(spec.schedule, self.tz, now)
+            wake_at = awaited if plan is None else min(awaited, plan.due)
+            if not await self._sleep_until(wake_at, self._wake[spec.name]):
+                return
             await asyncio.sleep(0)  # never hold the loop, whatever the clock says
 
-    async def _sleep_until(self, when: datetime) -> bool:
-        """Wait for the wall clock to reach ``when``; False when stopping."""
+    async def _plan(
+        self, spec: JobSpec, now: datetime, awaited: datetime | None
+    ) -> retries.Planned | None:
+        """The next attempt due for the job's newest tick (only the newest tick counts)."""
+        tick = schedule.previous_tick(spec.schedule, self.tz, now)
+        on_time = tick == awaited
+        if self._given_up.get(spec.name) == tick:
+            return None
+        if not on_time and now - tick > spec.catchup_window:
+            return None
+        try:
+            state, busy = await self.history.bounded(
+                runs.tick_state(self.pool, spec.name, tick), self.bookkeeping_s
+            )
+        except Exception as exc:  # the database may be briefly away: the next wake retries
+            log.warning("tick.state_failed", job=spec.name, error=describe(exc))
+            return None
+        plan = retries.next_attempt(
+            state, tick, now, spec.catchup_window, self.retry, on_time=on_time
+        )
+        if plan is not None and busy and plan.trigger in ("takeover", "retry"):
+            # Another run of the job goes on (a manual one, say): the attempt waits for its
+            # end rather than being skipped as an overlap.
+            return None
+        return plan
+
+    async def _run_planned(self, spec: JobSpec, plan: retries.Planned) -> None:
+        if plan.trigger == "catchup":
+            log.info("tick.catchup", job=spec.name, scheduled_for=plan.tick.isoformat())
+        elif plan.trigger in ("takeover", "retry"):
+            log.info(
+                "tick.retry" if plan.trigger == "retry" else "tick.takeover",
+                job=spec.name,
+                scheduled_for=plan.tick.isoformat(),
+                attempt=plan.attempt,
+            )
+        try:
+            outcome = await self.trigger(spec.name, plan.trigger, plan.tick, attempt=plan.attempt)
+        except Exception as exc:
+            # Whatever fails (the database may be briefly away), the schedule goes on and the
+            # next wake tries again.
+            log.exception(
+                "tick.failed",
+                job=spec.name,
+                scheduled_for=plan.tick.isoformat(),
+                error=describe(exc),
+            )
+            return
+        if isinstance(outcome, Skipped) and outcome.reason == "overlap":
+            self._given_up[spec.name] = plan.tick
+
+    async def _sleep_until(self, when: datetime, wake: asyncio.Event) -> bool:
+        """Wait for the wall clock to reach ``when`` or for ``wake``; False when stopping."""
         while not self._stopping.is_set():
             remaining = (when - self.clock()).total_seconds()
             if remaining <= 0:
                 return True
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=min(remaining, RECHECK_S))
+                await asyncio.wait_for(wake.wait(), timeout=min(remaining, RECHECK_S))
+            if wake.is_set():
+                wake.clear()
+                return not self._stopping.is_set()
         return False
 
     # -- running ---------------------------------------------------------------------------
@@ -214,6 +314,7 @@ class Runner:
         trigger: str,
         scheduled_for: datetime | None = None,
         *,
+        attempt: int = 1,
         requested_by: str | None = None,
         reason: str | None = None,
     ) -> Started | Skipped:
@@ -224,45 +325,64 @@ class Runner:
         if self._stopping.is_set():
             return self._skip(spec, "stopping", trigger, scheduled_for)
         # Read from the database at every tick, so a pause made on any replica holds here.
-        if trigger != "manual" and await pauses.current(self.pool, name, self.clock()):
-            return self._skip(spec, "paused", trigger, scheduled_for)
+        if trigger != "manual":
+            held = await self.history.bounded(
+                pauses.current(self.pool, name, self.clock()), self.bookkeeping_s
+            )
+            if held is not None:
+                return self._skip(spec, "paused", trigger, scheduled_for)
         if name in self._busy:
             return self._skip(spec, "overlap", trigger, scheduled_for)
         self._busy.add(name)
         try:
-            await self.reap()
-            run_id = await runs.claim(self.pool, name, trigger, scheduled_for, self.owner)
+            run_id = await self.history.bounded(
+                runs.claim(
+                    self.pool, name, trigger, scheduled_for, attempt, self.instance, self.lease_s
+                ),
+                self.bookkeeping_s,
+            )
             if run_id is None:
-                reason = await runs.why_not_claimed(self.pool, name)
+                reason = await self.history.bounded(
+                    runs.why_not_claimed(self.pool, name), self.bookkeeping_s
+                )
                 self._busy.discard(name)
                 return self._skip(spec, reason, trigger, scheduled_for)
-            if self._stopping.is_set():
-                # stop() began during the claim and will not wait for this run: give it back.
-                await runs.finish(self.pool, run_id, "interrupted", "kontod was stopping", {})
-                self._busy.discard(name)
-                return self._skip(spec, "stopping", trigger, scheduled_for)
-            if requested_by is not None:
-                await self._record_request(run_id, requested_by, reason)
         except BaseException:
             self._busy.discard(name)
             raise
+        self._start_history()
+        self.history.hold(run_id, lambda: self._lose(name, run_id))
+        if requested_by is not None:
+            await self._record_request(run_id, requested_by, reason)
+        if self._stopping.is_set():
+            # stop() began during the claim and will not wait for this run: give it back.
+            await self._write_outcome(
+                spec, run_id, Outcome("interrupted", "kontod was stopping", {})
+            )
+            self._busy.discard(name)
+            return self._skip(spec, "stopping", trigger, scheduled_for)
         task = asyncio.create_task(
-            self._execute(spec, run_id, trigger, scheduled_for), name=f"run:{name}:{run_id}"
+            self._execute(spec, run_id, trigger, scheduled_for, attempt),
+            name=f"run:{name}:{run_id}",
         )
         self._active[name] = task
 
         def done(_: asyncio.Task[str]) -> None:
             self._active.pop(name, None)
             self._busy.discard(name)
+            self._lost.discard(run_id)
+            self._wake[name].set()  # a failure may call for a retry
 
         task.add_done_callback(done)
         return Started(run_id, task)
 
     async def _record_request(self, run_id: int, by: str, reason: str | None) -> None:
         try:
-            await runlist.record_request(self.pool, run_id, by, reason)
+            await self.history.bounded(
+                runlist.record_request(self.pool, run_id, by, reason), self.bookkeeping_s
+            )
         except Exception as exc:  # who asked is worth keeping, not worth losing the run over
-            log.warning("run.request_not_recorded", run_id=run_id, error=_describe(exc))
+            log.warning("run.request_not_recorded", run_id=run_id, error=describe(exc))
 
     def _skip(
         self, spec: JobSpec, reason: str, trigger: str, scheduled_for: datetime | None
@@ -280,16 +400,49 @@ class Runner:
         self.events.tick_skipped(spec.name, reason)
         return Skipped(reason)
 
+    def _lose(self, name: str, run_id: int) -> None:
+        """The lease of ``run_id`` is gone: stop the run; it records nothing."""
+        if run_id in self._pending:
+            return  # its outcome is being written; the write will find out
+        task = self._active.get(name)
+        if task is not None and not task.done():
+            self._lost.add(run_id)
+            task.cancel()
+
+    def _fence(self, run_id: int) -> Fence:
+        statement_ms = int(self.lease_s * 1000)
+        idle_ms = int(self.lease_s * 1000 / 3)
+
+        async def fence(conn: Connection) -> None:
+            if not conn.is_in_transaction():
+                raise RuntimeError("check_claim must be called inside the write transaction")
+            held = await self.history.bounded(
+                runs.fence(conn, run_id, self.instance, statement_ms, idle_ms),
+                self.bookkeeping_s,
+            )
+            if not held:
+                raise ClaimLost(f"run {run_id} no longer holds its lease")
+
+        return fence
+
     async def _execute(
-        self, spec: JobSpec, run_id: int, trigger: str, scheduled_for: datetime | None
+        self,
+        spec: JobSpec,
+        run_id: int,
+        trigger: str,
+        scheduled_for: datetime | None,
+        attempt: int,
     ) -> str:
         structlog.contextvars.bind_contextvars(job=spec.name, run_id=run_id)
         started = self.clock()
+        began = time.monotonic()
         run_log = structlog.get_logger("kontod.job")
         ctx = RunContext(run_id, spec.name, trigger, scheduled_for, started, run_log)
+        ctx.fence = self._fence(run_id)
         run_log.info(
             "run.started",
             trigger=trigger,
+            attempt=attempt,
             scheduled_for=scheduled_for.isoformat() if scheduled_for else None,
         )
         for observer in self.observers:
@@ -299,62 +452,107 @@ class Runner:
         try:
             async with limit:
                 await spec.body(ctx)
+        except ClaimLost as exc:
+            self._observe_end(ctx, "lost", describe(exc), began)
+            return self._abandon(run_id, describe(exc))
         except TimeoutError as exc:
             if limit.expired():
                 status = "timeout"
                 error = f"exceeded its maximum run time of {spec.max_runtime.total_seconds():g} s"
             else:
-                status, error = "error", _describe(exc)
+                status, error = "error", describe(exc)
         except asyncio.CancelledError:
+            if run_id in self._lost:
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                self._observe_end(ctx, "lost", "its lease was lost", began)
+                return self._abandon(run_id, "its lease was lost")
             status, error = "interrupted", "cancelled while kontod was stopping"
-            await self._record(spec, run_id, status, error, ctx, started)
+            self._observe_end(ctx, status, error, began)
+            await self._record(spec, run_id, Outcome(status, error, dict(ctx.counts)), began)
             raise
         except Exception as exc:  # a job's failure is recorded, never fatal to the daemon
-            status, error = "error", _describe(exc)
+            if run_id in self._lost or isinstance(exc.__cause__, ClaimLost):
+                self._observe_end(ctx, "lost", describe(exc), began)
+                return self._abandon(run_id, describe(exc))
+            status, error = "error", describe(exc)
             run_log.exception("run.failed", error=error)
-        await self._record(spec, run_id, status, error, ctx, started)
+        self._observe_end(ctx, status, error, began)
+        await self._record(spec, run_id, Outcome(status, error, dict(ctx.counts)), began)
         return status
 
-    async def _record(
-        self,
-        spec: JobSpec,
-        run_id: int,
-        status: str,
-        error: str | None,
-        ctx: RunContext,
-        started: datetime,
-    ) -> None:
-        duration = (self.clock() - started).total_seconds()
-        counts = dict(ctx.counts)
-        for attempt in range(RECORD_ATTEMPTS):
-            try:
-                await runs.finish(self.pool, run_id, status, error, counts)
-                break
-            except Exception as exc:  # the database may be failing over: try again shortly
-                log.error("run.record_failed", attempt=attempt + 1, error=_describe(exc))
-                if attempt + 1 < RECORD_ATTEMPTS:
-                    await asyncio.sleep(2**attempt)
-        else:
-            # The row stays 'running'; the next reap marks it interrupted so it blocks nothing.
-            self._unrecorded.add(run_id)
-        level = "info" if status == "success" else "error"
-        getattr(ctx.log, level)(
-            "run.finished", status=status, duration_s=round(duration, 3), error=error, counts=counts
-        )
-        self.events.run_finished(spec.name, status, duration, counts)
+    def _observe_end(self, ctx: RunContext, status: str, error: str | None, began: float) -> None:
+        """Tell the observers how a run ended (``lost``: it lost its claim and records nothing)."""
         for observer in self.observers:
-            observer.run_ended(ctx, status, error, duration)
-        await self.refresh_stats()
+            observer.run_ended(ctx, status, error, time.monotonic() - began)
 
-    async def refresh_stats(self) -> dict[str, runs.JobStats]:
-        """Reload the per-job history from the run table (the cache metrics read)."""
+    def _abandon(self, run_id: int, why: str) -> str:
+        """A run that lost its claim stops here: it writes and records nothing more."""
+        self.history.release(run_id)
+        log.error("run.claim_lost", run_id=run_id, reason=why)
+        return "lost"
+
+    async def _record(self, spec: JobSpec, run_id: int, outcome: Outcome, began: float) -> None:
+        """Report the outcome, then write it; the write goes on if this task is cancelled."""
+        duration = time.monotonic() - began
+        level = "info" if outcome.status == "success" else "error"
+        getattr(log, level)(
+            "run.finished",
+            status=outcome.status,
+            duration_s=round(duration, 3),
+            error=outcome.error,
+            counts=dict(outcome.counts),
+        )
+        self.events.run_finished(spec.name, outcome.status, duration, outcome.counts)
+        writer = asyncio.create_task(
+            self._write_outcome(spec, run_id, outcome), name=f"record:{spec.name}:{run_id}"
+        )
+        self._pending[run_id] = writer
+        writer.add_done_callback(lambda _: self._pending.pop(run_id, None))
+        await asyncio.shield(writer)
+
+    async def _write_outcome(self, spec: JobSpec, run_id: int, outcome: Outcome) -> None:
+        """Write the outcome with a compare-and-set; retried until the database answers."""
+        delay = 0.5
         try:
-            self.stats = await runs.job_stats(self.pool)
-        except Exception as exc:  # a cache refresh may fail; the last known history stays
-            log.warning("stats.refresh_failed", error=_describe(exc))
-        return self.stats
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+            while True:
+                try:
+                    written = await self.history.bounded(
+                        runs.finish(
+                            self.pool,
+                            run_id,
+                            self.instance,
+                            outcome.status,
+                            outcome.error,
+                            outcome.counts,
+                        ),
+                        self.bookkeeping_s,
+                    )
+                    break
+                except Exception as exc:  # the database may be failing over: keep it, retry
+                    log.error("run.record_failed", run_id=run_id, error=describe(exc))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.lease_s / 3)
+        except asyncio.CancelledError:
+            log.error(
+                "run.unrecorded",
+                run_id=run_id,
+                status=outcome.status,
+                error=outcome.error,
+                counts=dict(outcome.counts),
+            )
+            raise
+        finally:
+            self.history.release(run_id)
+        if not written:
+            # Its lease expired and another replica marked it interrupted meanwhile.
+            log.error(
+                "run.record_lost",
+                job=spec.name,
+                run_id=run_id,
+                status=outcome.status,
+                error=outcome.error,
+                counts=dict(outcome.counts),
+            )
+        await self.history.refresh()

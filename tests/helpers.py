@@ -15,6 +15,7 @@ import asyncpg
 
 from kontod import db
 from kontod.job import JobBody, JobSpec, RunContext
+from kontod.retries import RetryPolicy
 from kontod.runner import Runner, utcnow
 
 PARIS = ZoneInfo("Europe/Paris")
@@ -132,12 +133,17 @@ async def runner_on(
     *,
     tz: ZoneInfo = PARIS,
     clock: Callable[[], datetime] = utcnow,
+    lease_s: float = 30.0,
+    retry: RetryPolicy | None = None,
 ) -> tuple[Runner, Events]:
-    """A runner with a pool of its own, named like a kontod process (owners must be live)."""
+    """A runner with a pool and an instance name of its own, as a kontod process has."""
     instance = db.new_instance_name()
     pool = await db.create_pool(dsn, instance, max_size=4)
     events = Events()
-    return Runner(pool, jobs, tz, instance, events=events, clock=clock), events
+    runner = Runner(
+        pool, jobs, tz, instance, events=events, clock=clock, lease_s=lease_s, retry=retry
+    )
+    return runner, events
 
 
 async def close(runner: Runner, grace_s: float = 5) -> None:

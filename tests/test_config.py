@@ -178,3 +178,52 @@ def test_token_key_and_provider_rate() -> None:
         load_settings({"HOME": "/x", "KONTOD_DB_ENCRYPTION_KEY": key[:-1]})
     assert caught.value.setting == "KONTOD_DB_ENCRYPTION_KEY"
     assert key[:-1] not in str(caught.value)
+
+
+FAULT_BAD = [
+    ("KONTOD_LEASE_SECONDS", "4", "at least 5"),
+    ("KONTOD_LEASE_SECONDS", "soon", "at least 5"),
+    ("KONTOD_LEASE_SECONDS", "inf", "at least 5"),
+    ("KONTOD_RETRY_ATTEMPTS", "-1", "whole number of 0 or more"),
+    ("KONTOD_RETRY_ATTEMPTS", "three", "whole number of 0 or more"),
+    ("KONTOD_RETRY_DELAY", "0", "duration such as"),
+    ("KONTOD_RETRY_DELAY", "5 minutes", "duration such as"),
+    ("KONTOD_HISTORY_DAYS", "0", "at least 1"),
+    ("KONTOD_INSTANCE", "web 1", "letters, digits"),
+    ("KONTOD_INSTANCE", "x" * 64, "1 to 63"),
+]
+
+
+@pytest.mark.parametrize(("var", "value", "accepted"), FAULT_BAD)
+def test_bad_fault_setting_exits_2_naming_it(var: str, value: str, accepted: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings({var: value})
+    assert (err.value.setting, err.value.value) == (var, value)
+    assert accepted in str(err.value)
+    result = kontod("migrate", env={var: value})
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert var in line and accepted in line
+
+
+def test_fault_settings_defaults_and_values() -> None:
+    s = load_settings({"HOME": "/x"})
+    assert (s.lease_seconds, s.retry_attempts, s.retry_delay, s.history_days) == (30, 3, 300, 90)
+    host, pid = s.instance.rsplit(":", 1)
+    assert host and pid == str(os.getpid())
+    s = load_settings(
+        {
+            "KONTOD_INSTANCE": "web-1",
+            "KONTOD_LEASE_SECONDS": "5",
+            "KONTOD_RETRY_ATTEMPTS": "0",
+            "KONTOD_RETRY_DELAY": "30s",
+            "KONTOD_HISTORY_DAYS": "7",
+        }
+    )
+    assert (s.instance, s.lease_seconds, s.retry_attempts, s.retry_delay, s.history_days) == (
+        "web-1",
+        5,
+        0,
+        30,
+        7,
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from kontod import db
+from kontod import db, runs
 from tests.helpers import LEGACY_TABLES, konto_schema_of
 
 
@@ -85,12 +85,36 @@ async def test_two_processes_migrating_together_do_not_race(empty_dsn: str) -> N
             await c.close()
 
 
-async def test_pool_sessions_keep_their_settings_after_reuse(dsn: str) -> None:
+async def test_pool_sessions_carry_only_their_name(dsn: str) -> None:
+    # Nothing but application_name is set per session, so a pooler in transaction mode, which
+    # hands one server session to many clients, changes nothing.
     pool = await db.create_pool(dsn, "kontod-settings-test", max_size=1)
     try:
         for _ in range(2):  # the second checkout comes after the pool's RESET ALL
             async with pool.acquire() as conn:
-                assert await conn.fetchval("SHOW client_connection_check_interval") == "2s"
                 assert await conn.fetchval("SHOW application_name") == "kontod-settings-test"
+                assert await conn.fetchval("SHOW statement_timeout") == "0"
+                assert await conn.fetchval("SHOW client_connection_check_interval") == "0"
+    finally:
+        await pool.close()
+
+
+async def test_the_fence_limits_its_own_transaction_only(dsn: str) -> None:
+    pool = await db.create_pool(dsn, "fence-test", max_size=1)
+    try:
+        run_id = await runs.claim(pool, "job", "manual", None, 1, "fence-test", 30)
+        assert run_id is not None
+        async with pool.acquire() as conn:
+            async with conn.transaction():
+                assert await runs.fence(conn, run_id, "fence-test", 30000, 10000)
+                assert await conn.fetchval("SHOW statement_timeout") == "30s"
+                assert await conn.fetchval("SHOW idle_in_transaction_session_timeout") == "10s"
+            assert await conn.fetchval("SHOW statement_timeout") == "0"
+            async with conn.transaction():
+                # Another instance, or a run whose lease is over, does not pass.
+                assert not await runs.fence(conn, run_id, "someone-else", 30000, 10000)
+            await conn.execute("UPDATE kontod_runs SET lease_until = now() - interval '1 s'")
+            async with conn.transaction():
+                assert not await runs.fence(conn, run_id, "fence-test", 30000, 10000)
     finally:
         await pool.close()

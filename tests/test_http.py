@@ -171,6 +171,7 @@ async def test_manual_trigger_409_while_running_and_runs_listing(dsn: str) -> No
             "success",
         )
         assert run["scheduledFor"] is None
+        assert (run["attempt"], run["instance"]) == (1, daemon.instance)
         assert run["startedAt"].endswith("Z") and run["finishedAt"].endswith("Z")
         assert run["counts"] == {"items_done": 2}
         assert (await get(base + "/jobs/daily-snapshots/runs?limit=zero"))[0] == 400

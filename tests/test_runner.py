@@ -195,22 +195,25 @@ async def test_no_catch_up_outside_the_window_or_for_a_done_tick(dsn: str) -> No
         await close(runner)
     runner, _ = await runner_on(dsn, [spec()], clock=lambda: SUMMER_9AM)
     try:
-        run_id = await runs.claim(runner.pool, "test-job", "schedule", TICK, runner.owner)
+        run_id = await runs.claim(runner.pool, "test-job", "schedule", TICK, 1, runner.instance, 30)
         assert run_id is not None
-        await runs.finish(runner.pool, run_id, "error", "failed earlier", {})
+        assert await runs.finish(runner.pool, run_id, runner.instance, "error", "failed", {})
         await runner.start()
         await asyncio.sleep(0.3)
+        # A failed tick is not caught up: it waits for its retry (5 minutes by default).
         assert await statuses(dsn) == [("schedule", "error")]
     finally:
         await close(runner)
 
 
-async def test_runs_of_a_dead_process_become_interrupted_and_are_made_up(dsn: str) -> None:
+async def test_runs_whose_lease_expired_become_interrupted_and_are_taken_over(dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(
-            "INSERT INTO kontod_runs (job, trigger, scheduled_for, owner)"
-            " VALUES ('test-job', 'schedule', $1, 'kontod-deadbeef0000')",
+            """INSERT INTO kontod_runs (job, trigger, scheduled_for, instance, lease_until,
+                                        heartbeat_at)
+               VALUES ('test-job', 'schedule', $1, 'gone:123', now() - interval '1 second',
+                       now() - interval '31 seconds')""",
             TICK,
         )
     finally:
@@ -219,7 +222,31 @@ async def test_runs_of_a_dead_process_become_interrupted_and_are_made_up(dsn: st
     try:
         await runner.start()
         await wait_for(lambda: _done(dsn))
-        assert await statuses(dsn) == [("schedule", "interrupted"), ("catchup", "success")]
+        assert await statuses(dsn) == [("schedule", "interrupted"), ("takeover", "success")]
+        [taken, reaped] = await runs.recent_runs(runner.pool, "test-job", 5)
+        assert (taken.attempt, taken.scheduled_for, taken.instance) == (2, TICK, runner.instance)
+        assert reaped.error is not None
+        assert "instance gone:123 stopped renewing its lease" in reaped.error, reaped.error
+    finally:
+        await close(runner)
+
+
+async def test_a_running_lease_is_renewed_and_never_reaped(dsn: str) -> None:
+    release = asyncio.Event()
+
+    async def held(ctx: RunContext) -> None:
+        await release.wait()
+
+    runner, _ = await runner_on(dsn, [spec(body=held)], lease_s=1.5)
+    try:
+        started = await runner.trigger("test-job", "manual")
+        assert isinstance(started, Started)
+        first = await runner.pool.fetchval("SELECT lease_until FROM kontod_runs")
+        await asyncio.sleep(2.5)  # past the first lease: only renewals keep it
+        assert await runs.reap_expired(runner.pool) == []
+        assert await runner.pool.fetchval("SELECT lease_until FROM kontod_runs") > first
+        release.set()
+        assert await started.task == "success"
     finally:
         await close(runner)
 
@@ -284,20 +311,60 @@ async def test_stop_waits_for_a_run_then_interrupts_it(dsn: str) -> None:
     assert await statuses(dsn) == [("manual", "interrupted")]
 
 
-async def test_own_run_left_running_after_a_failed_record_is_closed(dsn: str) -> None:
-    runner, _ = await runner_on(dsn, [spec()])
+async def test_a_run_whose_lease_was_taken_stops_and_records_nothing(dsn: str) -> None:
+    wrote: list[int] = []
+
+    async def writer(ctx: RunContext) -> None:
+        # Waits for the reaper, then tries one fenced write as a snapshot batch would.
+        await wait_for(lambda: _status_is(dsn, "interrupted"), timeout=10)
+        async with runner.pool.acquire() as conn, conn.transaction():
+            await ctx.check_claim(conn)
+            wrote.append(1)
+
+    runner, _ = await runner_on(dsn, [spec(body=writer)])
     try:
-        await runner.prepare()
-        # As if recording the end of an earlier run had failed: our own row, still 'running'.
-        stuck = await runs.claim(runner.pool, "test-job", "manual", None, runner.owner)
-        assert stuck is not None
-        runner._unrecorded.add(stuck)  # what _record does after its last failed attempt
         started = await runner.trigger("test-job", "manual")
         assert isinstance(started, Started)
-        assert await started.task == "success"
-        assert await statuses(dsn) == [("manual", "interrupted"), ("manual", "success")]
+        # As if this process had frozen for longer than its lease: another replica reaps.
+        await runner.pool.execute("UPDATE kontod_runs SET lease_until = now() - interval '1 s'")
+        assert [r.id for r in await runs.reap_expired(runner.pool)] == [started.run_id]
+        assert await started.task == "lost"
+        assert wrote == []
+        [record] = await runs.recent_runs(runner.pool, "test-job", 5)
+        assert record.status == "interrupted"  # the reaper's word stands
+        assert not await runs.finish(
+            runner.pool, started.run_id, runner.instance, "success", None, {}
+        )
     finally:
         await close(runner)
+
+
+async def test_the_lease_loop_stops_a_run_that_lost_its_lease(dsn: str) -> None:
+    cancelled = asyncio.Event()
+
+    async def held(ctx: RunContext) -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    runner, _ = await runner_on(dsn, [spec(body=held)], lease_s=1.5)
+    try:
+        started = await runner.trigger("test-job", "manual")
+        assert isinstance(started, Started)
+        await runner.pool.execute(
+            "UPDATE kontod_runs SET status = 'interrupted', finished_at = now()"
+        )
+        assert await asyncio.wait_for(started.task, timeout=5) == "lost"
+        assert cancelled.is_set()
+        assert await statuses(dsn) == [("manual", "interrupted")]
+    finally:
+        await close(runner)
+
+
+async def _status_is(dsn: str, status: str) -> bool:
+    return any(s == status for _, s in await statuses(dsn))
 
 
 async def test_no_run_starts_once_stopping(dsn: str) -> None:
@@ -318,3 +385,40 @@ async def test_no_run_starts_once_stopping(dsn: str) -> None:
     finally:
         await close(runner)
     assert await statuses(dsn) == [("manual", "success")]
+
+
+async def test_a_takeover_waits_for_another_run_of_the_job_to_end(dsn: str) -> None:
+    release = asyncio.Event()
+
+    async def held(ctx: RunContext) -> None:
+        if ctx.trigger == "manual":
+            await release.wait()
+
+    runner, events = await runner_on(dsn, [spec(body=held)], clock=lambda: SUMMER_9AM)
+    try:
+        manual = await runner.trigger("test-job", "manual")
+        assert isinstance(manual, Started)
+        await runner.pool.execute(
+            """INSERT INTO kontod_runs (job, trigger, scheduled_for, instance, lease_until,
+                                        status, finished_at, error)
+               VALUES ('test-job', 'schedule', $1, 'gone:1', now(), 'interrupted', now(),
+                       'abandoned')""",
+            TICK,
+        )
+        await runner.start()
+        await asyncio.sleep(0.3)
+        assert await statuses(dsn) == [("manual", "running"), ("schedule", "interrupted")]
+        release.set()
+        await wait_for(lambda: _status_count(dsn, "success", 2))
+        assert await statuses(dsn) == [
+            ("manual", "success"),
+            ("schedule", "interrupted"),
+            ("takeover", "success"),
+        ]
+        assert sum(events.skipped.values()) == 0  # it waited; it was not skipped
+    finally:
+        await close(runner)
+
+
+async def _status_count(dsn: str, status: str, n: int) -> bool:
+    return sum(s == status for _, s in await statuses(dsn)) >= n

@@ -111,6 +111,7 @@ async def kontod(
         "KONTOD_LOG_FORMAT": "json",
         "KONTOD_TIMEZONE": "UTC",
         "KONTOD_SNAPSHOT_BATCH_SIZE": "1",
+        "KONTOD_INSTANCE": name,
         **settings,
     }
     with log_path.open("w") as log_file:
@@ -181,10 +182,8 @@ async def run_row(pool: asyncpg.Pool, run_id: int) -> asyncpg.Record:
 
 
 async def wait_sessions_gone(k: Kontod, pool: asyncpg.Pool, owner: str, timeout: float) -> None:
-    """Wait until the exited kontod has no server session left (``owner`` names its sessions).
-
-    Until then its run cannot be told from a live one, and its open transaction still exists.
-    """
+    """Wait until the exited kontod has no server session left (``owner``, its instance, names
+    its sessions): until then its open transaction still exists."""
     deadline = time.monotonic() + timeout
     query = """SELECT pid, state, wait_event, xact_start, left(query, 60) AS query
                  FROM pg_stat_activity WHERE application_name = $1"""
@@ -198,8 +197,8 @@ async def wait_sessions_gone(k: Kontod, pool: asyncpg.Pool, owner: str, timeout:
 
 
 async def wait_in_slow_batch(k: Kontod, pool: asyncpg.Pool, run_id: int) -> str:
-    """Wait until the run sleeps inside batch 2's statement; return the run's owner."""
-    owner: str = (await run_row(pool, run_id))["owner"]
+    """Wait until the run sleeps inside batch 2's statement; return the run's instance."""
+    owner: str = (await run_row(pool, run_id))["instance"]
 
     async def sleeping() -> bool:
         found: bool = await pool.fetchval(
@@ -275,8 +274,13 @@ async def test_sigkill_then_restart_marks_the_run_interrupted_and_catches_up(
 ) -> None:
     users = await seed_users(pool)
     await make_slow(pool, users[1])
-    # Every minute: at start the previous minute's tick lies inside the catch-up window.
-    settings = {"KONTOD_SNAPSHOT_SCHEDULE": "* * * * *", "KONTOD_SHUTDOWN_TIMEOUT": "2"}
+    # Every minute: at start the previous minute's tick lies inside the catch-up window. A
+    # 5 s lease also limits each statement of a run to 5 s.
+    settings = {
+        "KONTOD_SNAPSHOT_SCHEDULE": "* * * * *",
+        "KONTOD_SHUTDOWN_TIMEOUT": "2",
+        "KONTOD_LEASE_SECONDS": "5",
+    }
 
     async with kontod(dsn, tmp_path, "killed", settings) as k:
         # run.started comes after the claim: the run row exists by then.
@@ -291,10 +295,10 @@ async def test_sigkill_then_restart_marks_the_run_interrupted_and_catches_up(
         k.proc.kill()
         assert await k.wait_exit(10) == -signal.SIGKILL
 
-    # The server ends the dead client's sleeping statement within client_connection_check_interval
-    # (2 s, set by kontod on its sessions) and rolls its transaction back.
+    # The server ends the dead client's sleeping statement at the statement timeout the run's
+    # transaction carries (the lease, 5 s) and rolls its transaction back.
     await wait_sessions_gone(k, pool, owner, timeout=10)
-    # Nobody recorded anything: the row still claims to run until a kontod starts again.
+    # Nobody recorded anything: with no replica left, the row still claims to run.
     assert (await run_row(pool, killed_id))["status"] == "running"
     assert await snapshot_categories(pool, users[0]) == {"checking", "total"}
     assert await snapshot_categories(pool, users[1]) == set()
@@ -302,45 +306,44 @@ async def test_sigkill_then_restart_marks_the_run_interrupted_and_catches_up(
 
     async with kontod(dsn, tmp_path, "restarted", settings) as k2:
 
-        async def caught_up() -> bool:
+        async def made_up() -> bool:
             done: bool = await pool.fetchval(
                 """SELECT EXISTS (SELECT 1 FROM kontod_runs WHERE job = $1 AND id > $2
-                                     AND trigger = 'catchup' AND status = 'success')""",
+                                     AND status = 'success')""",
                 JOB,
                 killed_id,
             )
             return done
 
-        await k2.until(caught_up, "the catch-up run succeeding", timeout=START_TIMEOUT_S)
+        await k2.until(made_up, "the tick made up", timeout=START_TIMEOUT_S)
         k2.proc.send_signal(signal.SIGTERM)
         assert await k2.wait_exit(20) == 0, k2.log()
 
     killed = await run_row(pool, killed_id)
     assert killed["status"] == "interrupted", dict(killed)
-    assert "stopped before it finished" in killed["error"], killed["error"]
+    assert "instance killed stopped renewing its lease" in killed["error"], killed["error"]
     assert k2.logged("run.interrupted_found", run_id=killed_id) is not None, k2.log()
 
     redo = await pool.fetchrow(
-        """SELECT * FROM kontod_runs WHERE job = $1 AND id > $2 AND trigger = 'catchup'
-            ORDER BY id LIMIT 1""",
+        "SELECT * FROM kontod_runs WHERE job = $1 AND id > $2 ORDER BY id LIMIT 1",
         JOB,
         killed_id,
     )
     assert redo is not None
     assert redo["status"] == "success", dict(redo)
-    # The restart came within a minute or so of the kill: it made up the same tick, or the
-    # minute after when the clock turned meanwhile.
-    assert redo["scheduled_for"] - killed_tick in (timedelta(0), timedelta(minutes=1)), (
-        killed_tick,
-        redo["scheduled_for"],
-    )
+    # The restart came within a minute or so of the kill: it took the same tick over (its
+    # second attempt), or caught up the minute after when the clock turned meanwhile.
+    assert (redo["trigger"], redo["attempt"], redo["scheduled_for"]) in (
+        ("takeover", 2, killed_tick),
+        ("catchup", 1, killed_tick + timedelta(minutes=1)),
+    ), dict(redo)
     assert json.loads(redo["counts"])["users"] == len(users)
     for uid in users:
         assert await snapshot_categories(pool, uid) == {"checking", "total"}, uid
 
     doubled = await pool.fetch(
         """SELECT scheduled_for, count(*) FROM kontod_runs
-            WHERE job = $1 AND status <> 'interrupted'
+            WHERE job = $1 AND status = 'success'
             GROUP BY scheduled_for HAVING count(*) > 1""",
         JOB,
     )
@@ -353,6 +356,9 @@ async def test_second_sigint_exits_at_once(dsn: str, pool: asyncpg.Pool, tmp_pat
     settings = {
         "KONTOD_SNAPSHOT_SCHEDULE": distant_schedule(datetime.now(UTC)),
         "KONTOD_SHUTDOWN_TIMEOUT": "60",
+        # Its statements may last 8 s: the sleeping batch outlives the test's two signals,
+        # and the server ends it soon after.
+        "KONTOD_LEASE_SECONDS": "8",
     }
     async with kontod(dsn, tmp_path, "kontod", settings) as k:
         run_id = await start_run(k)
@@ -376,7 +382,8 @@ async def test_second_sigint_exits_at_once(dsn: str, pool: asyncpg.Pool, tmp_pat
     assert forced["signal"] == "SIGINT"
     assert k.logged("daemon.stopped") is None  # it did not go through the orderly shutdown
 
-    # Nothing was recorded on the way out; the open batch dies with the process's session.
+    # Nothing was recorded on the way out; the open batch dies with the process's session, at
+    # the latest when its statement timeout (the lease) ends it.
     await wait_sessions_gone(k, pool, owner, timeout=10)
     assert (await run_row(pool, run_id))["status"] == "running"
     assert await snapshot_categories(pool, users[0]) == {"checking", "total"}
