@@ -17,8 +17,8 @@ from kontod.runs import RunRecord
 
 Executor = asyncpg.Connection | asyncpg.Pool
 STATUSES = ("running", "success", "error", "timeout", "interrupted")
-COLUMNS = """id, job, trigger, scheduled_for, started_at, finished_at, status, error, counts,
-             requested_by, request_reason"""
+COLUMNS = """id, job, trigger, scheduled_for, attempt, started_at, finished_at, status, error,
+             counts, instance, requested_by, request_reason"""
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,18 @@ async def record_request(db: Executor, run_id: int, by: str, reason: str | None)
     )
 
 
-_PLAIN = ("id", "job", "trigger", "scheduled_for", "started_at", "finished_at", "status", "error")
+_PLAIN = (
+    "id",
+    "job",
+    "trigger",
+    "scheduled_for",
+    "attempt",
+    "started_at",
+    "finished_at",
+    "status",
+    "error",
+    "instance",
+)
 
 
 def _run(r: Any) -> Run:

@@ -127,9 +127,9 @@ async def test_a_run_doing_a_tenth_of_the_usual_items_is_suspicious(dsn: str) ->
         # 20 earlier successes of about a minute and 1000 users each.
         await conn.execute(
             """INSERT INTO kontod_runs (job, trigger, scheduled_for, started_at, finished_at,
-                                      status, counts, owner)
+                                      status, counts, instance, lease_until)
                SELECT 'daily-snapshots', 'schedule', t, t, t + interval '60 seconds', 'success',
-                      '{"users": 1000, "items_users": 1000}', 'kontod-old'
+                      '{"users": 1000, "items_users": 1000}', 'kontod-old', t
                  FROM generate_series(now() - interval '30 days', now() - interval '11 days',
                                       interval '1 day') AS t"""
         )
@@ -260,7 +260,11 @@ async def test_progress_of_a_long_snapshot_run_moves_and_is_shown_over_http(dsn:
 async def _progress_is(base: str, ratio: float) -> bool:
     _, report = await get(base + "/health/cron")
     progress = report["jobs"][0].get("progress")
-    return progress is not None and abs(progress["ratio"] - ratio) < 1e-9
+    return (
+        progress is not None
+        and progress["ratio"] is not None
+        and abs(progress["ratio"] - ratio) < 1e-9
+    )
 
 
 def test_progress_rate_and_estimated_end() -> None:

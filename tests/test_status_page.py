@@ -43,12 +43,12 @@ SCREENSHOT = ROOT / "artifacts" / "status-page.png"
 # 30 earlier runs of each job, a few of them failed, durations varying from run to run.
 HISTORY_SQL = """
 INSERT INTO kontod_runs (job, trigger, scheduled_for, started_at, finished_at, status, error,
-                         counts, owner)
+                         counts, instance, lease_until)
 SELECT j.name, 'schedule', t, t,
        t + make_interval(secs => 40 + 30 * sin(n) + (CASE WHEN n % 9 = 4 THEN 80 ELSE 0 END)),
        CASE WHEN n % 11 = 7 THEN 'error' WHEN n % 13 = 5 THEN 'timeout' ELSE 'success' END,
        CASE WHEN n % 11 = 7 THEN 'ConnectionError: the database went away' END,
-       '{"users": 3, "items_users": 3}', 'kontod-earlier'
+       '{"users": 3, "items_users": 3}', 'kontod-earlier', t
   FROM unnest($1::text[]) AS j(name),
        generate_series(1, 30) AS n,
        LATERAL (SELECT now() - make_interval(days => 31 - n) AS t) tick
