@@ -290,7 +290,8 @@ class Runner:
                 error=describe(exc),
             )
             return
-        if isinstance(outcome, Skipped) and outcome.reason == "overlap":
+        if isinstance(outcome, Skipped) and outcome.reason in ("overlap", "paused"):
+            # A paused tick is not made up later either: resuming starts afresh.
             self._given_up[spec.name] = plan.tick
 
     async def _sleep_until(self, when: datetime, wake: asyncio.Event) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -55,6 +56,33 @@ async def test_a_pause_on_one_replica_makes_the_other_skip_ticks_until_resumed(d
     finally:
         await close(a)
         await close(b)
+
+
+async def test_a_paused_tick_is_skipped_once_not_at_every_wake(dsn: str) -> None:
+    # Started 10 minutes after the 02:00 tick, within its catch-up window: the tick is due,
+    # the job is paused. It is skipped once; the wakes of the history's rounds that follow
+    # do not try it again (and resuming does not make it up).
+    clock = Clock(TICK + timedelta(minutes=10))
+    runner, events = await runner_on(dsn, [spec()], clock=clock)
+    try:
+        await runner.prepare()
+        await pauses.pause(runner.pool, "test-job", "restore", "cli:ops@a", TICK)
+        await runner.start()
+        await wait_for(lambda: _skipped(events, 1))
+        for _ in range(3):
+            await runner.history.housekeeping()  # wakes every schedule loop
+            await asyncio.sleep(0.1)
+        await pauses.resume(runner.pool, "test-job", "cli:ops@a", clock.now)
+        await runner.history.housekeeping()
+        await asyncio.sleep(0.1)
+        assert events.skipped[("test-job", "paused")] == 1
+        assert await runlist.runs_of(runner.pool, "test-job", 5) == []
+    finally:
+        await close(runner)
+
+
+async def _skipped(events: Any, n: int) -> bool:
+    return bool(events.skipped[("test-job", "paused")] >= n)
 
 
 async def test_a_pause_with_until_ends_by_itself(pool: asyncpg.Pool) -> None:
