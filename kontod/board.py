@@ -112,6 +112,8 @@ class Board:
         self.running: dict[str, RunContext] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Bumped whenever the cached state changes (a page rendered from it can be reused).
+        self.version = 0
 
     async def refresh(self) -> None:
         """Re-read pauses, the last-run verdicts and the last runs; on a failure the last known
@@ -121,6 +123,7 @@ class Board:
                 await self.pauses.refresh(self.clock())
                 self.suspicions = await suspicion.latest(self.pool, self.thresholds)
                 self.runs = await runlist.recent(self.pool, self.thresholds, BARS)
+            self.version += 1
         except Exception as exc:  # the next round tries again
             log.warning("board.refresh_failed", error=f"{type(exc).__name__}: {exc}")
 
@@ -149,19 +152,23 @@ class Board:
     def paused(self, pause: Pause) -> None:
         """This process paused a job: show it at once."""
         self.pauses.put(pause.job, pause, self.clock())
+        self.version += 1
         self.wake()
 
     def resumed(self, job: str, now: datetime) -> None:
         self.pauses.put(job, None, now)
+        self.version += 1
         self.wake()
 
     # Run observer
     def run_started(self, ctx: RunContext) -> None:
         self.running[ctx.job] = ctx
+        self.version += 1
         self.wake()
 
     def run_ended(self, ctx: RunContext, status: str, error: str | None, duration_s: float) -> None:
         self.running.pop(ctx.job, None)
+        self.version += 1
         self.wake()
 
     # Reading
@@ -177,6 +184,13 @@ class Board:
         if ctx is None:
             return None
         return progress_of(ctx.progress_done, ctx.progress_expected, ctx.started_at, now)
+
+    def state_key(self, stats: Mapping[str, JobStats], now: datetime) -> tuple[object, ...]:
+        """Equal keys mean equal views: the caches, the progress of the runs, the second."""
+        progress = tuple(
+            (job, ctx.progress_done, ctx.progress_expected) for job, ctx in self.running.items()
+        )
+        return (id(stats), self.version, progress, int(now.timestamp()))
 
     def views(self, stats: Mapping[str, JobStats], now: datetime) -> list[JobView]:
         out = []

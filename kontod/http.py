@@ -144,12 +144,20 @@ def build_app(
         report = cron_report(runner, runner.stats, clock(), board)
         return web.json_response(report, status=200 if report["status"] == "healthy" else 503)
 
+    rendered: dict[str, object] = {}
+
     async def status(_: web.Request) -> web.Response:
         if board is None:
             raise web.HTTPNotFound(text="no status page here\n")
-        # The same caches as /health/cron: a page view queries nothing.
+        # The same caches as /health/cron: a page view queries nothing, and a page rendered
+        # from the same state in the same second is served again.
         now = clock()
-        page = status_page.render(board.views(runner.stats, now), runner.tz, now)
+        stats = runner.stats
+        key = board.state_key(stats, now)
+        if rendered.get("key") != key:
+            rendered["key"] = key
+            rendered["page"] = status_page.render(board.views(stats, now), runner.tz, now)
+        page = str(rendered["page"])
         return web.Response(
             text=page,
             content_type="text/html",
