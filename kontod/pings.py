@@ -6,7 +6,8 @@ is the run's summary (at most ``BODY_LIMIT`` bytes). The service alerts when pin
 which still works when the host, kontod and its Prometheus are all down together.
 
 A ping never fails or delays a run: it is sent in the background, retried with backoff on
-network errors, 5xx and 429 answers, and its outcome is counted (``observe``) and logged.
+network errors, 5xx and 429 answers (the clients' shared ``Backoff``), and its outcome is
+counted (``observe``) and logged.
 """
 
 from __future__ import annotations
@@ -21,19 +22,24 @@ from urllib.parse import urlsplit
 import aiohttp
 import structlog
 
+from kontod.backoff import Backoff, Transient, transient_status
 from kontod.config import ConfigError
 from kontod.job import RunContext
 
 BODY_LIMIT = 10_000  # bytes; what Healthchecks stores of a ping body by default
 ATTEMPTS = 4
 TIMEOUT_S = 10.0
-BACKOFF_S = 1.0
+BACKOFF_S = 1.0  # before jitter; doubling
 DRAIN_S = 5.0  # how long a stopping kontod waits for pings in flight
 # Fixed, so a run's rid is the same wherever it is computed.
 RID_NAMESPACE = uuid.UUID("6b6f6e74-6f64-5069-6e67-000000000001")
 
 log = structlog.get_logger("kontod.pings")
 Observer = Callable[[str, str, str], None]  # (job, kind, outcome)
+
+
+class PingFailed(Exception):
+    """A ping the service did not accept, with what it answered (or the network error)."""
 
 
 def run_uuid(job: str, run_id: int) -> uuid.UUID:
@@ -157,10 +163,8 @@ class Pinger:
 
     async def send(self, job: str, kind: str, url: str, rid: uuid.UUID, body: bytes) -> bool:
         """One ping with its retries; True when the service accepted it. Never raises."""
-        problem = ""
-        for attempt in range(self.attempts):
-            if attempt:
-                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+
+        async def attempt(n: int) -> bool | Transient:
             try:
                 async with self.http.post(
                     url,
@@ -171,18 +175,31 @@ class Pinger:
                 ) as resp:
                     answer = (await resp.text(errors="replace"))[:200].strip()
                     if 200 <= resp.status < 300:
-                        self._count(job, kind, "ok")
-                        log.debug("ping.sent", job=job, kind=kind, host=_where(url))
                         return True
-                    problem = f"HTTP {resp.status}: {answer}"
-                    if resp.status != 429 and resp.status < 500:
-                        break  # the URL or the request is wrong: another try changes nothing
+                    problem = PingFailed(f"HTTP {resp.status}: {answer}")
+                    if not transient_status(resp.status):
+                        raise problem  # the URL or the request is wrong: retrying cannot help
+                    retry_after = retry.retry_after(resp.headers.get("Retry-After"))
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                problem = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
-            log.info("ping.retrying", job=job, kind=kind, attempt=attempt + 1, error=problem)
-        self._count(job, kind, "failed")
-        log.warning("ping.failed", job=job, kind=kind, host=_where(url), error=problem)
-        return False
+                problem, retry_after = PingFailed(f"{type(exc).__name__}: {exc}".rstrip(": ")), None
+            log.info("ping.retrying", job=job, kind=kind, attempt=n, error=str(problem))
+            return Transient(problem, retry_after)
+
+        retry = Backoff(
+            attempts=self.attempts,
+            backoff=self.backoff_s,
+            max_backoff=8 * self.backoff_s,
+            max_retry_after=self.timeout_s,
+        )
+        try:
+            await retry.run(attempt)
+        except PingFailed as exc:
+            self._count(job, kind, "failed")
+            log.warning("ping.failed", job=job, kind=kind, host=_where(url), error=str(exc))
+            return False
+        self._count(job, kind, "ok")
+        log.debug("ping.sent", job=job, kind=kind, host=_where(url))
+        return True
 
     async def drain(self, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` for the pings in flight, then cancel what is left."""
