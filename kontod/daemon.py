@@ -117,6 +117,7 @@ class Daemon:
             jobs, s.tz, lambda: self.history.stats if self.history else {}, self.clock
         )
         metrics_ref.append(self.metrics)
+        self.metrics.next_retry = self.runner.next_retry
         self.runner.events = self.metrics
         self.history.on_refresh(self._after_housekeeping)
         names = [spec.name for spec in jobs]

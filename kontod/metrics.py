@@ -90,6 +90,10 @@ class Metrics:
             ["job_name", "kind", "outcome"],
             registry=self.registry,
         )
+        # When the newest tick of a job is tried again; the daemon sets the runner's.
+        self.next_retry: Callable[[str, JobStats, datetime], datetime | None] = (
+            lambda job, st, now: None
+        )
         # The health verdict of a job; the daemon replaces it with the board's (pauses).
         self.verdict: Callable[[JobSpec, JobStats, datetime], Verdict] = lambda spec, st, now: (
             assess_job(spec, tz, st, now)
@@ -231,6 +235,10 @@ class _JobCollector(Collector):
         )
         configured = gauge("kontod_job_configured", "Whether the job has what it needs to run")
         healthy = gauge("kontod_job_healthy", "Whether the job is healthy, as in /health/cron")
+        next_retry = gauge(
+            "kontod_job_next_retry_timestamp_seconds",
+            "When the failed newest tick is run again (absent when no retry is due)",
+        )
         counts = GaugeMetricFamily(
             "kontod_job_last_run_counts",
             "Counts recorded by the last finished run",
@@ -259,11 +267,15 @@ class _JobCollector(Collector):
             max_runtime.add_metric(name, spec.max_runtime.total_seconds())
             configured.add_metric(name, 0.0 if spec.not_configured else 1.0)
             healthy.add_metric(name, 1.0 if verdict.healthy else 0.0)
+            retry_at = _ts(self.metrics.next_retry(spec.name, st, now))
+            if retry_at is not None:
+                next_retry.add_metric(name, retry_at)
             for key, value in sorted(st.last_counts.items()):
                 if not key.startswith((STATE_COUNT, STALE_COUNT)):
                     counts.add_metric([spec.name, key], value)
         yield from (runs, errors, last_success, last_finished, last_ok, running, running_since)
         yield from (last_tick, next_tick, grace, max_runtime, registered, configured, healthy)
+        yield next_retry
         yield counts
         yield from _refresh_families(all_stats)
         yield from _conversion_families(self.jobs, all_stats)
