@@ -1,4 +1,4 @@
-"""The ``kontod`` command: run, migrate, jobs run, status, history, demo.
+"""The ``kontod`` command: run, migrate, jobs run/next/pause/resume, runs, status, history, demo.
 
 Exit status: 0 success, 1 failure (a failed run, an unhealthy report), 2 bad usage or a bad
 setting (and, for ``status``, an unreachable daemon).
@@ -19,11 +19,14 @@ from typing import Any
 import asyncpg
 import structlog
 
-from kontod import __version__, db, konto_schema
+from kontod import __version__, commands, db, konto_schema
 from kontod.config import ConfigError, Settings, load_settings
+from kontod.jobs import REFRESH, SNAPSHOTS
 from kontod.logs import configure
+from kontod.runlist import STATUSES
 
 log = structlog.get_logger("kontod.cli")
+JOB_NAMES = (SNAPSHOTS, REFRESH)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,6 +41,25 @@ def parser() -> argparse.ArgumentParser:
     jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
     run_one = jobs_sub.add_parser("run", help="run one job now, in this process")
     run_one.add_argument("name", help="daily-snapshots or refresh-stale-connections")
+    run_one.add_argument("--reason", help="why, recorded with the run")
+    upcoming = jobs_sub.add_parser("next", help="the next ticks of a job, local time and UTC")
+    upcoming.add_argument("name")
+    upcoming.add_argument("--count", type=int, default=10, help="how many (default 10)")
+    upcoming.add_argument(
+        "--from", dest="start", help="from this time instead of now (2026-03-28T12:00, local)"
+    )
+    pause = jobs_sub.add_parser("pause", help="skip the ticks of a job until it is resumed")
+    pause.add_argument("name")
+    pause.add_argument("--reason", required=True, help="why, shown to whoever looks next")
+    pause.add_argument(
+        "--until", help="when the pause ends by itself: 2026-03-02T08:00 (local), 2h, 1d"
+    )
+    resume = jobs_sub.add_parser("resume", help="end the pause of a job")
+    resume.add_argument("name")
+    runs_cmd = sub.add_parser("runs", help="the last runs of a job, from the database")
+    runs_cmd.add_argument("name")
+    runs_cmd.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    runs_cmd.add_argument("--status", choices=STATUSES, help="only runs with this status")
     status = sub.add_parser("status", help="show the health of a running daemon")
     status.add_argument("--url", help="base URL of the daemon (default: from KONTOD_LISTEN)")
     history = sub.add_parser("history", help="snapshot rows per date, from the database")
@@ -56,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure(settings.log_format, settings.log_level)
     try:
         return asyncio.run(_dispatch(args, settings))
-    except (db.EmbeddedUnavailable, konto_schema.KontoSchemaError) as exc:
+    except (db.EmbeddedUnavailable, konto_schema.KontoSchemaError, ConfigError) as exc:
         print(f"kontod: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -71,7 +93,18 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "migrate":
         return await _migrate(settings)
     if args.command == "jobs":
-        return await _run_job(settings, args.name)
+        if args.name not in JOB_NAMES:
+            print(
+                f"kontod: no job named {args.name!r}; jobs: {', '.join(JOB_NAMES)}", file=sys.stderr
+            )
+            return 2
+        if args.jobs_command == "next":
+            return _next(settings, args.name, args.count, args.start)
+        if args.jobs_command in ("pause", "resume"):
+            return await _pause(settings, args)
+        return await _run_job(settings, args.name, args.reason)
+    if args.command == "runs":
+        return await _runs(settings, args.name, args.limit, args.status)
     if args.command == "status":
         return await asyncio.to_thread(_status, settings, args.url)
     if args.command == "history":
@@ -114,30 +147,102 @@ async def _migrate(settings: Settings) -> int:
     return 0
 
 
-async def _run_job(settings: Settings, name: str) -> int:
+async def _run_job(settings: Settings, name: str, reason: str | None = None) -> int:
     import aiohttp
 
+    from kontod import pauses, pings
     from kontod.jobs import declare_jobs
-    from kontod.runner import Runner, Skipped
+    from kontod.runner import Runner, Skipped, utcnow
 
     async with _database(settings) as pool, aiohttp.ClientSession() as http:
         jobs = declare_jobs(settings, pool, http)
         names = [spec.name for spec in jobs]
-        if name not in names:
-            print(f"kontod: no job named {name!r}; jobs: {', '.join(names)}", file=sys.stderr)
-            return 2
         runner = Runner(pool, jobs, settings.tz, settings.instance, lease_s=settings.lease_seconds)
+        follow = commands.Follow()
+        pinger = pings.Pinger(
+            http, pings.ping_urls(names, settings.ping_urls, settings.ping_base_url)
+        )
+        runner.observers += [follow, pinger]
         await runner.prepare()
+        held = await pauses.current(pool, name, utcnow())
+        if held is not None:
+            print(
+                f"note: {name} is paused by {held.by} ({held.reason}); running it anyway",
+                file=sys.stderr,
+            )
         try:
-            outcome = await runner.trigger(name, "manual")
+            outcome = await runner.trigger(
+                name, "manual", requested_by=commands.requester(), reason=reason
+            )
             if isinstance(outcome, Skipped):
                 print(f"kontod: {name} is already running", file=sys.stderr)
                 return 1
+            await commands.show_progress(follow, outcome.task, sys.stdout, utcnow)
             status = await outcome.task
         finally:
             await runner.stop(settings.shutdown_timeout)
+            await pinger.drain(pings.DRAIN_S)
         print(f"{name}: run {outcome.run_id} {status}")
         return 0 if status == "success" else 1
+
+
+async def _runs(settings: Settings, name: str, limit: int, status: str | None) -> int:
+    from kontod.runner import utcnow
+
+    if name not in JOB_NAMES:
+        print(f"kontod: no job named {name!r}; jobs: {', '.join(JOB_NAMES)}", file=sys.stderr)
+        return 2
+    if not 1 <= limit <= 1000:
+        print("kontod: --limit must be from 1 to 1000", file=sys.stderr)
+        return 2
+    async with _database(settings) as pool:
+        await commands.print_runs(pool, name, limit, status, settings.tz, utcnow())
+    return 0
+
+
+def _next(settings: Settings, name: str, count: int, start: str | None) -> int:
+    from kontod.runner import utcnow
+
+    if not 1 <= count <= 1000:
+        print("kontod: --count must be from 1 to 1000", file=sys.stderr)
+        return 2
+    now = utcnow()
+    if start is not None:
+        try:
+            now = commands.parse_time(start, settings.tz)
+        except ValueError as exc:
+            print(f"kontod: --from {exc}", file=sys.stderr)
+            return 2
+    expr = {SNAPSHOTS: settings.snapshot_schedule, REFRESH: settings.refresh_schedule}[name]
+    commands.print_next(name, expr, settings.tz, now, count)
+    return 0
+
+
+async def _pause(settings: Settings, args: argparse.Namespace) -> int:
+    from kontod import pauses
+    from kontod.runner import utcnow
+
+    now = utcnow()
+    until = None
+    if args.jobs_command == "pause" and args.until:
+        try:
+            until = commands.parse_until(args.until, settings.tz, now)
+        except ValueError as exc:
+            print(f"kontod: {exc}", file=sys.stderr)
+            return 2
+    async with _database(settings) as pool:
+        if args.jobs_command == "resume":
+            await commands.resume_job(pool, args.name, now)
+            return 0
+        try:
+            await commands.pause_job(pool, args.name, args.reason, until, settings.tz, now)
+        except ValueError as exc:
+            print(f"kontod: {exc}", file=sys.stderr)
+            return 2
+        except pauses.AlreadyPaused as exc:
+            print(f"kontod: {exc}", file=sys.stderr)
+            return 1
+    return 0
 
 
 def _status(settings: Settings, url: str | None) -> int:
@@ -162,7 +267,7 @@ def _status(settings: Settings, url: str | None) -> int:
                 job["lastStatus"],
                 job["lastRun"] or "-",
                 job.get("nextRun") or "-",
-                "yes" if job["healthy"] else f"NO: {job.get('reason') or ''}".strip(),
+                _health_cell(job),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -170,6 +275,16 @@ def _status(settings: Settings, url: str | None) -> int:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r[:4])) + "  " + r[4])
     print(f"overall: {report['status']}")
     return 0 if report["status"] == "healthy" else 1
+
+
+def _health_cell(job: dict[str, Any]) -> str:
+    if not job["healthy"]:
+        return f"NO: {job.get('reason') or ''}".strip()
+    if job.get("paused"):
+        return f"yes, paused by {job.get('pausedBy')}: {job.get('pausedReason')}"
+    if job.get("suspicious"):
+        return f"yes, but suspicious: {job.get('suspiciousReason')}"
+    return "yes"
 
 
 async def _history(settings: Settings, days: int) -> int:

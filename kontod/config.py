@@ -93,6 +93,10 @@ class Settings:
     retry_attempts: int = 3
     retry_delay: float = 300.0
     history_days: int = 90
+    # Per job name: a Healthchecks-style ping URL, and suspicious-success thresholds.
+    ping_urls: Mapping[str, str] = field(default_factory=dict)
+    ping_base_url: str | None = None
+    suspicious: Mapping[str, tuple[float | None, float | None]] = field(default_factory=dict)
 
     @property
     def tz(self) -> ZoneInfo:
@@ -281,6 +285,52 @@ def _parse_domain(raw: str) -> str:
     return f"https://{raw}/2.0"
 
 
+def _parse_ping_url(raw: str) -> str:
+    parts = urlsplit(raw.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("expected an http:// or https:// URL such as https://hc-ping.com/<uuid>")
+    return raw.strip().rstrip("/")
+
+
+def _parse_thresholds(raw: str) -> tuple[float | None, float | None]:
+    """``duration=0.2,items=0.5`` (either may be left out), or ``off`` for neither check."""
+    accepted = (
+        "expected duration=F,items=F with fractions F from 0 to 1 (0 turns a check off), or off"
+    )
+    if raw.strip().lower() == "off":
+        return 0.0, 0.0
+    found: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        key, sep, value = part.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(accepted) from None
+        if not sep or key.strip() not in ("duration", "items") or not 0 <= number <= 1:
+            raise ValueError(accepted)
+        found[key.strip()] = number
+    if not found:
+        raise ValueError(accepted)
+    return found.get("duration"), found.get("items")
+
+
+def _per_job(
+    env: Mapping[str, str], file_values: Mapping[str, Any], prefix: str
+) -> dict[str, tuple[str, str]]:
+    """Settings named ``<prefix><JOB>``: job name (``DAILY_SNAPSHOTS`` -> ``daily-snapshots``)
+    -> (label for errors, raw text); the environment wins over the file."""
+    found: dict[str, tuple[str, str]] = {}
+    key_prefix = prefix.removeprefix("KONTOD_").lower()
+    for key, value in file_values.items():
+        if key.startswith(key_prefix) and key != key_prefix:
+            job = key.removeprefix(key_prefix).replace("_", "-")
+            found[job] = (f"{key} in {env.get('KONTOD_CONFIG')}", str(value))
+    for var, value in env.items():
+        if var.startswith(prefix) and var != prefix and value != "":
+            found[var.removeprefix(prefix).lower().replace("_", "-")] = (var, value)
+    return found
+
+
 def _parse_encryption_key(raw: str) -> bytes:
     text = raw.strip()
     if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
@@ -467,6 +517,23 @@ def load_settings(
         powens = parse("KONTOD_POWENS_DOMAIN", _parse_domain)
     values["powens_url"] = powens
 
+    # A ping URL is a credential of its own (whoever has it can ping): never shown.
+    ping_base = parse("KONTOD_PING_BASE_URL", _parse_ping_url, secret=True)
+    if ping_base is not None:
+        values["ping_base_url"] = ping_base
+    for attr, prefix, per_job_parser in (
+        ("ping_urls", "KONTOD_PING_URL_", _parse_ping_url),
+        ("suspicious", "KONTOD_SUSPICIOUS_", _parse_thresholds),
+    ):
+        parsed: dict[str, Any] = {}
+        for job, (label, text) in _per_job(env, file_values, prefix).items():
+            try:
+                parsed[job] = per_job_parser(text)
+            except ValueError as exc:
+                shown = "<hidden>" if attr == "ping_urls" else text
+                raise ConfigError(label, shown, str(exc)) from None
+        values[attr] = parsed
+
     values.setdefault("state_dir", default_state_dir(env))
     values.setdefault("timezone", system_timezone())
     _check_schedules(values, labels, datetime.now(UTC) if now is None else now)
@@ -518,9 +585,10 @@ def _read_toml(env: Mapping[str, str]) -> dict[str, Any]:
         "listen",
         "powens_url",
         "powens_domain",
+        "ping_base_url",
     }
     for key in data:
-        if key not in known:
+        if key not in known and not key.startswith(("ping_url_", "suspicious_")):
             raise ConfigError(
                 "KONTOD_CONFIG",
                 path,

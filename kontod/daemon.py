@@ -22,7 +22,8 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from kontod import db, konto_schema, schedule
+from kontod import db, konto_schema, pings, schedule, suspicion
+from kontod.board import Board
 from kontod.config import Settings, redact_dsn
 from kontod.history import History
 from kontod.http import build_app
@@ -63,6 +64,8 @@ class Daemon:
         self.http: aiohttp.ClientSession | None = None
         self.runner: Runner | None = None
         self.history: History | None = None
+        self.board: Board | None = None
+        self.pinger: pings.Pinger | None = None
         self.metrics: Metrics | None = None
         self.site_runner: web.AppRunner | None = None
         self.port: int | None = None
@@ -114,12 +117,27 @@ class Daemon:
             jobs, s.tz, lambda: self.history.stats if self.history else {}, self.clock
         )
         metrics_ref.append(self.metrics)
+        self.metrics.next_retry = self.runner.next_retry
         self.runner.events = self.metrics
         self.history.on_refresh(self._after_housekeeping)
+        names = [spec.name for spec in jobs]
+        self.board = Board(
+            self.pool, jobs, s.tz, suspicion.from_settings(names, s.suspicious), self.clock
+        )
+        self.pinger = pings.Pinger(
+            self.http,
+            pings.ping_urls(names, s.ping_urls, s.ping_base_url),
+            observe=self.metrics.ping,
+        )
+        self.runner.observers += [self.board, self.pinger]
+        self.metrics.watch_board(self.board)
         await self.runner.prepare()
+        await self.board.refresh()
         self.metrics.latest_snapshot = self.history.latest_snapshot
 
-        app = build_app(self.runner, self.metrics.registry, s.admin_token, self.clock)
+        app = build_app(
+            self.runner, self.metrics.registry, s.admin_token, self.clock, board=self.board
+        )
         self.site_runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_S
         )
@@ -132,6 +150,7 @@ class Daemon:
         log.info("http.listening", url=f"http://{s.listen_host}:{self.port}")
 
         await self.runner.start()
+        self._tasks.append(self.board.start())
         self._tasks.append(
             asyncio.create_task(self.notifier.run_watchdog(self._stop_watchdog), name="watchdog")
         )
@@ -182,6 +201,8 @@ class Daemon:
             await self.runner.stop(self.settings.shutdown_timeout)
         elif self.history is not None:
             await self.history.stop()
+        if self.pinger is not None:
+            await self.pinger.drain(pings.DRAIN_S)
         self._stop_watchdog.set()
         for task in self._tasks:
             task.cancel()

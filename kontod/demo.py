@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shlex
 import signal
 import sys
 from datetime import date, timedelta
@@ -60,6 +61,25 @@ async def seed(pool: asyncpg.Pool, key: bytes = DEMO_KEY) -> bool:
             tokens.encrypt(sandbox.token_for(2), key),
         )
     return True
+
+
+def demo_env(settings: Settings) -> str:
+    """The settings another ``kontod`` command needs to open the demo's database and sandboxes.
+
+    The demo keeps its embedded database apart from the default one (in
+    ``KONTOD_STATE_DIR/demo``), so the other commands need to be told where it is.
+    """
+    parts = []
+    if settings.database_url is None:
+        parts.append(f"KONTOD_STATE_DIR={shlex.quote(str(settings.state_dir))}")
+    if settings.powens_url is not None:
+        parts.append(f"KONTOD_POWENS_URL={shlex.quote(settings.powens_url)}")
+    parts.append(f"KONTOD_FIAT_RATES_URL={shlex.quote(settings.fiat_rates_url)}")
+    parts.append(f"KONTOD_CRYPTO_PRICES_URL={shlex.quote(settings.crypto_prices_url)}")
+    if settings.db_encryption_key == DEMO_KEY:
+        # The demo's own key is public; a key of the user's own is a secret and never printed.
+        parts.append(f"KONTOD_DB_ENCRYPTION_KEY={DEMO_KEY.hex()}")
+    return " ".join(parts)
 
 
 async def converted_summary(pool: asyncpg.Pool, base: str) -> str:
@@ -121,7 +141,9 @@ async def demo(settings: Settings) -> int:
             for name in daemon.runner.jobs:
                 task = daemon.runner.active(name)
                 if task is None:
-                    outcome = await daemon.runner.trigger(name, "manual")
+                    outcome = await daemon.runner.trigger(
+                        name, "manual", requested_by="demo", reason="kontod demo start"
+                    )
                     task = None if isinstance(outcome, Skipped) else outcome.task
                 if task is not None:
                     started.append(task)
@@ -129,14 +151,22 @@ async def demo(settings: Settings) -> int:
             assert daemon.pool is not None
             print(await converted_summary(daemon.pool, settings.base_currency), file=sys.stderr)
             base = f"http://{demo_settings.listen_host}:{daemon.port}"
+            env = demo_env(demo_settings)
             print(
                 "\nkontod demo is running; open:\n"
+                f"  {base}/\n"
                 f"  {base}/health/cron\n"
                 f"  {base}/metrics\n"
                 f"  {base}/jobs/daily-snapshots/runs\n"
                 f"  {base}/jobs/refresh-stale-connections/runs\n"
                 f"sandbox bank: {bank_url}\n"
                 f"sandbox rates: {fiat_url}\n               {crypto_url}\n"
+                "and try, in another terminal (the demo's database and sandboxes):\n"
+                f"  export {env}\n"
+                "  kontod history\n"
+                "  kontod runs daily-snapshots\n"
+                "  kontod jobs run daily-snapshots\n"
+                "  kontod jobs pause refresh-stale-connections --reason 'bank maintenance' --until 2h\n"
                 "Ctrl-C stops it.\n",
                 file=sys.stderr,
                 flush=True,

@@ -54,6 +54,7 @@ class History:
         self._renewed_at: dict[int, float] = {}
         self._listeners: list[Callable[[], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._reloading = asyncio.Lock()
 
     @property
     def every_s(self) -> float:
@@ -124,13 +125,16 @@ class History:
 
     async def refresh(self) -> dict[str, runs.JobStats]:
         """Reload the per-job history; on a failure the last known one stays."""
-        try:
-            self.stats = await self.bounded(runs.job_stats(self.pool), self.every_s)
-            self.latest_snapshot = await self.bounded(
-                runs.latest_snapshot_date(self.pool), self.every_s
-            )
-        except Exception as exc:  # the next round tries again
-            log.warning("stats.refresh_failed", error=describe(exc))
+        # One reload at a time: one that began before a run's outcome was written must not
+        # land after the reload that follows the write, and show the run as not finished.
+        async with self._reloading:
+            try:
+                self.stats = await self.bounded(runs.job_stats(self.pool), self.every_s)
+                self.latest_snapshot = await self.bounded(
+                    runs.latest_snapshot_date(self.pool), self.every_s
+                )
+            except Exception as exc:  # the next round tries again
+                log.warning("stats.refresh_failed", error=describe(exc))
         return self.stats
 
     async def housekeeping(self) -> None:

@@ -25,14 +25,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kontod import __version__
-from kontod.health import assess_job
+from kontod.board import Board
+from kontod.health import Verdict, assess_job
 from kontod.job import JobSpec
 from kontod.jobs.refresh import NEEDS_USER, STALE_COUNT, STALE_REASONS, STATE_COUNT
 from kontod.runs import JobStats
 
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 21600)
 PROVIDER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-SKIP_REASONS = ("overlap", "claimed")
+SKIP_REASONS = ("overlap", "claimed", "paused")
 
 
 class Metrics:
@@ -46,6 +47,8 @@ class Metrics:
         clock: Callable[[], datetime],
     ) -> None:
         # The *_created series add nothing kontod's rules or dashboard use.
+        self.stats_source = stats
+        self.clock = clock
         disable_created_metrics()  # type: ignore[no-untyped-call]  # the library leaves it unannotated
         self.registry = CollectorRegistry(auto_describe=True)
         self.latest_snapshot: date | None = None
@@ -81,6 +84,20 @@ class Metrics:
             buckets=PROVIDER_BUCKETS,
             registry=self.registry,
         )
+        self.pings = Counter(
+            "kontod_pings",
+            "Pings sent to the outside dead man's switch, by kind and outcome (after retries)",
+            ["job_name", "kind", "outcome"],
+            registry=self.registry,
+        )
+        # When the newest tick of a job is tried again; the daemon sets the runner's.
+        self.next_retry: Callable[[str, JobStats, datetime], datetime | None] = (
+            lambda job, st, now: None
+        )
+        # The health verdict of a job; the daemon replaces it with the board's (pauses).
+        self.verdict: Callable[[JobSpec, JobStats, datetime], Verdict] = lambda spec, st, now: (
+            assess_job(spec, tz, st, now)
+        )
         for spec in jobs:
             self.duration.labels(spec.name)
             for reason in SKIP_REASONS:
@@ -100,6 +117,14 @@ class Metrics:
 
     def tick_skipped(self, job: str, reason: str) -> None:
         self.skipped.labels(job, reason).inc()
+
+    def ping(self, job: str, kind: str, outcome: str) -> None:
+        self.pings.labels(job, kind, outcome).inc()
+
+    def watch_board(self, board: Board) -> None:
+        """Export the board's state (pauses, suspicious success, progress) and its verdicts."""
+        self.verdict = board.verdict
+        self.registry.register(_BoardCollector(board, self.stats_source, self.clock))
 
     # Provider client observer
     def provider_request(self, endpoint: str, code: str, seconds: float) -> None:
@@ -210,6 +235,10 @@ class _JobCollector(Collector):
         )
         configured = gauge("kontod_job_configured", "Whether the job has what it needs to run")
         healthy = gauge("kontod_job_healthy", "Whether the job is healthy, as in /health/cron")
+        next_retry = gauge(
+            "kontod_job_next_retry_timestamp_seconds",
+            "When the failed newest tick is run again (absent when no retry is due)",
+        )
         counts = GaugeMetricFamily(
             "kontod_job_last_run_counts",
             "Counts recorded by the last finished run",
@@ -217,7 +246,7 @@ class _JobCollector(Collector):
         )
         for spec in self.jobs:
             st = all_stats.get(spec.name, JobStats())
-            verdict = assess_job(spec, self.tz, st, now)
+            verdict = self.metrics.verdict(spec, st, now)
             name = [spec.name]
             runs.add_metric(name, st.runs)
             errors.add_metric(name, st.errors)
@@ -238,11 +267,15 @@ class _JobCollector(Collector):
             max_runtime.add_metric(name, spec.max_runtime.total_seconds())
             configured.add_metric(name, 0.0 if spec.not_configured else 1.0)
             healthy.add_metric(name, 1.0 if verdict.healthy else 0.0)
+            retry_at = _ts(self.metrics.next_retry(spec.name, st, now))
+            if retry_at is not None:
+                next_retry.add_metric(name, retry_at)
             for key, value in sorted(st.last_counts.items()):
                 if not key.startswith((STATE_COUNT, STALE_COUNT)):
                     counts.add_metric([spec.name, key], value)
         yield from (runs, errors, last_success, last_finished, last_ok, running, running_since)
         yield from (last_tick, next_tick, grace, max_runtime, registered, configured, healthy)
+        yield next_retry
         yield counts
         yield from _refresh_families(all_stats)
         yield from _conversion_families(self.jobs, all_stats)
@@ -286,3 +319,60 @@ def _conversion_families(
                 age.add_metric([spec.name, key.removeprefix("rate_age_days_")], value * 86400.0)
     yield unconverted
     yield age
+
+
+class _BoardCollector(Collector):
+    """What operators set and see beside the run history: pauses, suspicion, progress."""
+
+    def __init__(
+        self,
+        board: Board,
+        stats: Callable[[], Mapping[str, JobStats]],
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.board = board
+        self.stats = stats
+        self.clock = clock
+
+    def collect(self) -> Iterator[object]:  # type: ignore[override]
+        now = self.clock()
+        label = ["job_name"]
+        paused = GaugeMetricFamily("kontod_job_paused", "Whether the job is paused", labels=label)
+        paused_since = GaugeMetricFamily(
+            "kontod_job_paused_since_timestamp_seconds", "Start of the pause in force", labels=label
+        )
+        pause_ended = GaugeMetricFamily(
+            "kontod_job_pause_ended_timestamp_seconds",
+            "End of the job's last pause (ticks before it were not expected to run)",
+            labels=label,
+        )
+        suspicious = GaugeMetricFamily(
+            "kontod_job_last_run_suspicious",
+            "Whether the last finished run succeeded with far less work or time than usual",
+            labels=label,
+        )
+        done = GaugeMetricFamily(
+            "kontod_job_progress_done", "Items done by the run in progress here", labels=label
+        )
+        expected = GaugeMetricFamily(
+            "kontod_job_progress_expected", "Items expected by the run in progress", labels=label
+        )
+        ratio = GaugeMetricFamily(
+            "kontod_job_progress_ratio", "Share of the run in progress done (0 to 1)", labels=label
+        )
+        for view in self.board.views(self.stats(), now):
+            name = [view.spec.name]
+            paused.add_metric(name, 0.0 if view.pause is None else 1.0)
+            if view.pause is not None:
+                paused_since.add_metric(name, view.pause.since.timestamp())
+            ended = self.board.pauses.states.get(view.spec.name)
+            if ended is not None and ended.last_ended_at is not None:
+                pause_ended.add_metric(name, ended.last_ended_at.timestamp())
+            suspicious.add_metric(name, 1.0 if view.suspicion.suspicious else 0.0)
+            if view.progress is not None:
+                done.add_metric(name, view.progress.done)
+                if view.progress.expected is not None:
+                    expected.add_metric(name, view.progress.expected)
+                if view.progress.ratio is not None:
+                    ratio.add_metric(name, view.progress.ratio)
+        yield from (paused, paused_since, pause_ended, suspicious, done, expected, ratio)

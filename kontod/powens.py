@@ -14,22 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
-import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
-from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Unpack
 from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
 
+from kontod.backoff import Backoff, BackoffOptions, Sleep, Transient, transient_status
+from kontod.backoff import backoff_seconds as backoff_seconds
+from kontod.backoff import retry_after_seconds as retry_after_seconds
+
 # (endpoint label, status code as text or "timeout"/"connection_error", seconds), once per attempt.
 Observer = Callable[[str, str, float], None]
-Sleep = Callable[[float], Awaitable[None]]
 
 CONNECTIONS = "connections"
 ACCOUNTS = "accounts"
@@ -178,36 +178,6 @@ class RateLimiter:
                 await self._sleep((1 - self._tokens) / self.rate)
 
 
-def retry_after_seconds(value: str | None, now: datetime) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (seconds or HTTP date); None if unusable."""
-    if value is None or not value.strip():
-        return None
-    text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        pass
-    else:
-        return seconds if math.isfinite(seconds) and seconds >= 0 else None
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - now).total_seconds())
-
-
-def backoff_seconds(attempt: int, *, base: float, cap: float, jitter: float) -> float:
-    """Delay after failed attempt ``attempt`` (1-based): exponential, capped, half of it jittered.
-
-    ``jitter`` is a number in [0, 1). Keeping half the delay fixed means a retry never comes
-    right away, while the random half spreads workers that failed together.
-    """
-    full = min(cap, base * 2.0 ** (attempt - 1))
-    return full / 2 + jitter * full / 2
-
-
 class PowensClient:
     """Reads a user's connections, accounts and transactions from Powens API 2.0 with the user's token."""
 
@@ -217,32 +187,21 @@ class PowensClient:
         base_url: str,
         *,
         timeout: float = 30.0,
-        attempts: int = 4,
-        backoff: float = 0.5,
-        max_backoff: float = 30.0,
-        max_retry_after: float = 120.0,
         observe: Observer | None = None,
-        sleep: Sleep = asyncio.sleep,
-        jitter: Callable[[], float] = random.random,
-        now: Callable[[], datetime] = lambda: datetime.now(UTC),
         rate: float | RateLimiter = 10.0,
+        **retry: Unpack[BackoffOptions],
     ) -> None:
-        if attempts < 1:
-            raise ValueError("attempts must be at least 1")
+        """``retry`` sets the retries (``attempts``, ``backoff``, ... of ``Backoff``); a
+        ``Retry-After`` of up to 120 s is waited for unless ``max_retry_after`` says otherwise."""
         self._session = session
         self._base = base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._timeout_s = timeout
-        self._attempts = attempts
-        self._backoff = backoff
-        self._max_backoff = max_backoff
-        # A provider asking for a longer pause than this is treated as down for this user now,
-        # rather than holding one of the few concurrency slots for minutes.
-        self._max_retry_after = max_retry_after
+        # A provider asking for a longer pause than max_retry_after is treated as down for this
+        # user now, rather than holding one of the few concurrency slots for minutes.
+        retry.setdefault("max_retry_after", 120.0)
+        self._retry = Backoff(**retry)
         self._observe = observe
-        self._sleep = sleep
-        self._jitter = jitter
-        self._now = now
         self.limiter = rate if isinstance(rate, RateLimiter) else RateLimiter(rate)
         base = urlsplit(self._base)
         self._origin = (base.scheme, base.netloc)
@@ -304,9 +263,8 @@ class PowensClient:
         request in error messages.
         """
         headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-        last: ProviderUnavailable | None = None
-        for attempt in range(1, self._attempts + 1):
-            retry_after: float | None = None
+
+        async def attempt(n: int) -> Any:
             await self.limiter.acquire()
             started = time.monotonic()
             try:
@@ -323,50 +281,48 @@ class PowensClient:
                     retry_header = resp.headers.get("Retry-After")
             except TimeoutError:
                 self._report(endpoint, TIMEOUT, started)
-                last = ProviderUnavailable(
-                    f"{what}: no answer within {self._timeout_s:g} s after {attempt} attempt(s)",
-                    endpoint=endpoint,
+                return Transient(
+                    ProviderUnavailable(
+                        f"{what}: no answer within {self._timeout_s:g} s after {n} attempt(s)",
+                        endpoint=endpoint,
+                    )
                 )
             except aiohttp.ClientError as exc:
                 self._report(endpoint, CONNECTION_ERROR, started)
                 detail = _scrub(str(exc) or type(exc).__name__, token)
-                last = ProviderUnavailable(
-                    f"{what}: connection failed after {attempt} attempt(s) ({detail})",
-                    endpoint=endpoint,
+                return Transient(
+                    ProviderUnavailable(
+                        f"{what}: connection failed after {n} attempt(s) ({detail})",
+                        endpoint=endpoint,
+                    )
                 )
-            else:
-                self._report(endpoint, str(status), started)
-                if 200 <= status < 300:
-                    return _parse_json(body, endpoint, what, token)
-                error = _error_from_body(endpoint, what, status, body, token)
-                if status != 429 and status < 500:
-                    raise error
-                retry_after = retry_after_seconds(retry_header, self._now())
-                too_long = retry_after is not None and retry_after > self._max_retry_after
-                note = (
-                    f" (Retry-After {retry_after:g} s is longer than the"
-                    f" {self._max_retry_after:g} s kontod waits)"
-                    if too_long and retry_after is not None
-                    else ""
-                )
-                last = ProviderUnavailable(
-                    f"{error} after {attempt} attempt(s){note}",
-                    endpoint=endpoint,
-                    status=status,
-                    code=error.code,
-                    description=error.description,
-                    request_id=error.request_id,
-                )
-                if too_long:
-                    raise last
-            if attempt == self._attempts:
-                break
-            delay = backoff_seconds(
-                attempt, base=self._backoff, cap=self._max_backoff, jitter=self._jitter()
+            self._report(endpoint, str(status), started)
+            if 200 <= status < 300:
+                return _parse_json(body, endpoint, what, token)
+            error = _error_from_body(endpoint, what, status, body, token)
+            if not transient_status(status):
+                raise error
+            retry_after = self._retry.retry_after(retry_header)
+            longest = self._retry.max_retry_after
+            too_long = retry_after is not None and retry_after > longest
+            note = (
+                f" (Retry-After {retry_after:g} s is longer than the {longest:g} s kontod waits)"
+                if too_long
+                else ""
             )
-            await self._sleep(max(delay, retry_after or 0.0))
-        assert last is not None
-        raise last
+            unavailable = ProviderUnavailable(
+                f"{error} after {n} attempt(s){note}",
+                endpoint=endpoint,
+                status=status,
+                code=error.code,
+                description=error.description,
+                request_id=error.request_id,
+            )
+            if too_long:
+                raise unavailable
+            return Transient(unavailable, retry_after)
+
+        return await self._retry.run(attempt)
 
     def _report(self, endpoint: str, outcome: str, started: float) -> None:
         if self._observe is not None:

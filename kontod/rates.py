@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, Unpack
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -29,10 +28,9 @@ import asyncpg
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
-from kontod.powens import backoff_seconds, retry_after_seconds
+from kontod.backoff import Backoff, BackoffOptions, Transient, transient_status
 
 Connection = asyncpg.Connection | PoolConnectionProxy
-Sleep = Callable[[float], Awaitable[None]]
 
 ECB = "ecb"
 CRYPTO = "crypto"
@@ -235,29 +233,18 @@ class RateSources:
         fiat_url: str,
         crypto_url: str,
         timeout: float = 30.0,
-        attempts: int = 4,
-        backoff: float = 0.5,
-        max_backoff: float = 30.0,
-        max_retry_after: float = 60.0,
         api_key: str | None = None,
-        sleep: Sleep = asyncio.sleep,
-        jitter: Callable[[], float] = random.random,
-        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        **retry: Unpack[BackoffOptions],
     ) -> None:
-        if attempts < 1:
-            raise ValueError("attempts must be at least 1")
+        """``retry`` sets the retries (``attempts``, ``backoff``, ... of ``Backoff``); a
+        ``Retry-After`` of up to 60 s is waited for unless ``max_retry_after`` says otherwise."""
         self._session = session
         self.fiat_url = fiat_url
         self.crypto_url = crypto_url
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._timeout_s = timeout
-        self._attempts = attempts
-        self._backoff = backoff
-        self._max_backoff = max_backoff
-        self._max_retry_after = max_retry_after
-        self._sleep = sleep
-        self._jitter = jitter
-        self._now = now
+        retry.setdefault("max_retry_after", 60.0)
+        self._retry = Backoff(**retry)
         # CoinGecko takes a Demo plan key on api.coingecko.com and a paid plan's key on
         # pro-api.coingecko.com, each in a header of its own.
         self._headers: dict[str, str] = {}
@@ -284,9 +271,12 @@ class RateSources:
         headers: Mapping[str, str],
     ) -> bytes:
         """The body of a 2xx answer, retrying timeouts, connection errors, 429 and 5xx."""
-        last = ""
-        for attempt in range(1, self._attempts + 1):
-            retry_after: float | None = None
+
+        def unavailable(last: str, retry_after: float | None = None) -> Transient:
+            error = RateSourceError(source, f"{last} after {self._retry.attempts} attempt(s)")
+            return Transient(error, retry_after)
+
+        async def attempt(_: int) -> bytes | Transient:
             try:
                 async with self._session.get(
                     url,
@@ -300,29 +290,24 @@ class RateSources:
                     body = await resp.content.read(MAX_BODY + 1)
                     retry_header = resp.headers.get("Retry-After")
             except TimeoutError:
-                last = f"no answer within {self._timeout_s:g} s"
+                return unavailable(f"no answer within {self._timeout_s:g} s")
             except aiohttp.ClientError as exc:
-                last = f"connection failed ({str(exc) or type(exc).__name__})"
-            else:
-                if len(body) > MAX_BODY:
-                    raise RateSourceError(source, f"the answer is larger than {MAX_BODY} bytes")
-                if 200 <= status < 300:
-                    return body
-                last = f"HTTP {status}" + _detail(body)
-                if status != 429 and status < 500:
-                    raise RateSourceError(source, last)
-                retry_after = retry_after_seconds(retry_header, self._now())
-                if retry_after is not None and retry_after > self._max_retry_after:
-                    raise RateSourceError(
-                        source, f"{last}; Retry-After {retry_after:g} s is longer than kontod waits"
-                    )
-            if attempt == self._attempts:
-                break
-            delay = backoff_seconds(
-                attempt, base=self._backoff, cap=self._max_backoff, jitter=self._jitter()
-            )
-            await self._sleep(max(delay, retry_after or 0.0))
-        raise RateSourceError(source, f"{last} after {self._attempts} attempt(s)")
+                return unavailable(f"connection failed ({str(exc) or type(exc).__name__})")
+            if len(body) > MAX_BODY:
+                raise RateSourceError(source, f"the answer is larger than {MAX_BODY} bytes")
+            if 200 <= status < 300:
+                return body
+            last = f"HTTP {status}" + _detail(body)
+            if not transient_status(status):
+                raise RateSourceError(source, last)
+            retry_after = self._retry.retry_after(retry_header)
+            if retry_after is not None and retry_after > self._retry.max_retry_after:
+                raise RateSourceError(
+                    source, f"{last}; Retry-After {retry_after:g} s is longer than kontod waits"
+                )
+            return unavailable(last, retry_after)
+
+        return await self._retry.run(attempt)
 
 
 async def update(

@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import structlog
 
-from kontod import retries, runs, schedule
+from kontod import pauses, retries, runlist, runs, schedule
 from kontod.history import History, describe
 from kontod.job import ClaimLost, Connection, Fence, JobSpec, RunContext
 from kontod.retries import RetryPolicy
@@ -44,6 +44,16 @@ class RunEvents(Protocol):
     ) -> None: ...
 
     def tick_skipped(self, job: str, reason: str) -> None: ...
+
+
+class RunObserver(Protocol):
+    """Follows each run of this process from its start (pings, progress)."""
+
+    def run_started(self, ctx: RunContext) -> None: ...
+
+    def run_ended(
+        self, ctx: RunContext, status: str, error: str | None, duration_s: float
+    ) -> None: ...
 
 
 class _NoEvents:
@@ -105,6 +115,7 @@ class Runner:
         self.lease_s = lease_s
         self.retry = retry or RetryPolicy()
         self.history = history or History(pool, instance, lease_s=lease_s)
+        self.observers: list[RunObserver] = []
         # Every bookkeeping statement answers within this, or is given up and tried again.
         self.bookkeeping_s = min(5.0, lease_s / 3)
         self._active: dict[str, asyncio.Task[str]] = {}
@@ -279,7 +290,8 @@ class Runner:
                 error=describe(exc),
             )
             return
-        if isinstance(outcome, Skipped) and outcome.reason == "overlap":
+        if isinstance(outcome, Skipped) and outcome.reason in ("overlap", "paused"):
+            # A paused tick is not made up later either: resuming starts afresh.
             self._given_up[spec.name] = plan.tick
 
     async def _sleep_until(self, when: datetime, wake: asyncio.Event) -> bool:
@@ -304,6 +316,8 @@ class Runner:
         scheduled_for: datetime | None = None,
         *,
         attempt: int = 1,
+        requested_by: str | None = None,
+        reason: str | None = None,
     ) -> Started | Skipped:
         """Claim a run of ``name`` and start it in the background."""
         spec = self.jobs.get(name)
@@ -311,6 +325,13 @@ class Runner:
             raise UnknownJob(name)
         if self._stopping.is_set():
             return self._skip(spec, "stopping", trigger, scheduled_for)
+        # Read from the database at every tick, so a pause made on any replica holds here.
+        if trigger != "manual":
+            held = await self.history.bounded(
+                pauses.current(self.pool, name, self.clock()), self.bookkeeping_s
+            )
+            if held is not None:
+                return self._skip(spec, "paused", trigger, scheduled_for)
         if name in self._busy:
             return self._skip(spec, "overlap", trigger, scheduled_for)
         self._busy.add(name)
@@ -332,6 +353,8 @@ class Runner:
             raise
         self._start_history()
         self.history.hold(run_id, lambda: self._lose(name, run_id))
+        if requested_by is not None:
+            await self._record_request(run_id, requested_by, reason)
         if self._stopping.is_set():
             # stop() began during the claim and will not wait for this run: give it back.
             await self._write_outcome(
@@ -353,6 +376,14 @@ class Runner:
 
         task.add_done_callback(done)
         return Started(run_id, task)
+
+    async def _record_request(self, run_id: int, by: str, reason: str | None) -> None:
+        try:
+            await self.history.bounded(
+                runlist.record_request(self.pool, run_id, by, reason), self.bookkeeping_s
+            )
+        except Exception as exc:  # who asked is worth keeping, not worth losing the run over
+            log.warning("run.request_not_recorded", run_id=run_id, error=describe(exc))
 
     def _skip(
         self, spec: JobSpec, reason: str, trigger: str, scheduled_for: datetime | None
@@ -415,12 +446,15 @@ class Runner:
             attempt=attempt,
             scheduled_for=scheduled_for.isoformat() if scheduled_for else None,
         )
+        for observer in self.observers:
+            observer.run_started(ctx)
         status, error = "success", None
         limit = asyncio.timeout(spec.max_runtime.total_seconds())
         try:
             async with limit:
                 await spec.body(ctx)
         except ClaimLost as exc:
+            self._observe_end(ctx, "lost", describe(exc), began)
             return self._abandon(run_id, describe(exc))
         except TimeoutError as exc:
             if limit.expired():
@@ -433,17 +467,26 @@ class Runner:
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()
+                self._observe_end(ctx, "lost", "its lease was lost", began)
                 return self._abandon(run_id, "its lease was lost")
             status, error = "interrupted", "cancelled while kontod was stopping"
+            self._observe_end(ctx, status, error, began)
             await self._record(spec, run_id, Outcome(status, error, dict(ctx.counts)), began)
             raise
         except Exception as exc:  # a job's failure is recorded, never fatal to the daemon
             if run_id in self._lost or isinstance(exc.__cause__, ClaimLost):
+                self._observe_end(ctx, "lost", describe(exc), began)
                 return self._abandon(run_id, describe(exc))
             status, error = "error", describe(exc)
             run_log.exception("run.failed", error=error)
+        self._observe_end(ctx, status, error, began)
         await self._record(spec, run_id, Outcome(status, error, dict(ctx.counts)), began)
         return status
+
+    def _observe_end(self, ctx: RunContext, status: str, error: str | None, began: float) -> None:
+        """Tell the observers how a run ended (``lost``: it lost its claim and records nothing)."""
+        for observer in self.observers:
+            observer.run_ended(ctx, status, error, time.monotonic() - began)
 
     def _abandon(self, run_id: int, why: str) -> str:
         """A run that lost its claim stops here: it writes and records nothing more."""

@@ -343,15 +343,20 @@ async def fault_scenario(admin_dsn: str, tmp_path: Path, heal_after: int | None)
 
             async def retry_announced() -> bool:
                 report = await get_json(k.port, "/health/cron")
-                seen.append(report)
+                text = await get_json(k.port, "/metrics")
+                seen.append((report, metric(text, "kontod_job_next_retry_timestamp_seconds")))
                 job = next(j for j in report["jobs"] if j["name"] == JOB)
                 return job["nextRetry"] is not None
 
             # Within the 2 s before the retry, the report says it is due, and when.
             await wait_until(retry_announced, "nextRetry in /health/cron", [k], 2)
-            job = next(j for j in seen[-1]["jobs"] if j["name"] == JOB)
-            assert (seen[-1]["status"], job["healthy"]) == ("unhealthy", False), seen[-1]
+            announced, retry_metric = seen[-1]
+            job = next(j for j in announced["jobs"] if j["name"] == JOB)
+            assert (announced["status"], job["healthy"]) == ("unhealthy", False), announced
             assert "retry due at" in job["reason"], job
+            # /metrics says when too, which keeps KontodJobFailed quiet until retries run out.
+            due = datetime.fromisoformat(job["nextRetry"].replace("Z", "+00:00"))
+            assert retry_metric is not None and abs(retry_metric - due.timestamp()) < 1
             if heal_after:
                 await wait_until(lambda: failures(heal_after), "failures", [k], 20)
                 await pool.execute("DELETE FROM test_fault")
@@ -364,6 +369,8 @@ async def fault_scenario(admin_dsn: str, tmp_path: Path, heal_after: int | None)
                 await wait_until(lambda: failures(3), "three failures", [k], 20)
                 await asyncio.sleep(2 * 4 + 1)  # past when a fourth attempt would be due
             report = await get_json(k.port, "/health/cron")
+            text = await get_json(k.port, "/metrics")
+            assert metric(text, "kontod_job_next_retry_timestamp_seconds") is None
             k.proc.send_signal(signal.SIGTERM)
             assert await k.wait_exit(20) == 0, k.log()
         job = next(j for j in report["jobs"] if j["name"] == JOB)

@@ -1,0 +1,174 @@
+"""Suspicious success: a run that succeeded but did far less, or took far less time, than usual.
+
+A successful scheduled run is compared with the median of the job's previous successful
+scheduled runs (up to ``HISTORY``): below ``duration`` times the median duration, or below ``items`` times the median
+number of items, it is suspicious. The verdict is a pure function; ``latest`` reads what it
+needs for every job in one statement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from kontod.config import ConfigError
+
+HISTORY = 20
+Executor = asyncpg.Connection | asyncpg.Pool
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Fractions of the usual run below which a success is suspicious (0 turns a check off)."""
+
+    duration: float = 0.2
+    items: float = 0.5
+    # Fewer earlier successes than this, and there is no "usual" to compare with.
+    min_history: int = 5
+    # Below this median, durations are timing noise rather than work done.
+    min_median_duration_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One successful run as the comparison sees it."""
+
+    duration_s: float
+    items: int | None
+
+
+@dataclass(frozen=True)
+class Suspicion:
+    suspicious: bool = False
+    reason: str | None = None
+    median_duration_s: float | None = None
+    median_items: float | None = None
+    run_id: int | None = None
+
+
+def items_of(counts: Mapping[str, int]) -> int | None:
+    """The items a run processed: the sum of its ``items_*`` counts (None: it counts none)."""
+    values = [v for k, v in counts.items() if k.startswith("items_")]
+    return sum(values) if values else None
+
+
+def assess(run: Sample, previous: Sequence[Sample], thresholds: Thresholds) -> Suspicion:
+    """Whether ``run`` (a success) did far less than the median of ``previous`` successes."""
+    if len(previous) < thresholds.min_history:
+        return Suspicion()
+    median_duration = statistics.median(s.duration_s for s in previous)
+    known_items = [s.items for s in previous if s.items is not None]
+    median_items = statistics.median(known_items) if known_items else None
+    reasons = []
+    if (
+        thresholds.duration > 0
+        and median_duration >= thresholds.min_median_duration_s
+        and run.duration_s < thresholds.duration * median_duration
+    ):
+        reasons.append(
+            f"took {run.duration_s:.1f} s, under {thresholds.duration:g} of the usual "
+            f"{median_duration:.1f} s"
+        )
+    if (
+        thresholds.items > 0
+        and median_items is not None
+        and median_items > 0
+        and run.items is not None
+        and run.items < thresholds.items * median_items
+    ):
+        reasons.append(
+            f"processed {run.items} items, under {thresholds.items:g} of the usual {median_items:g}"
+        )
+    return Suspicion(
+        suspicious=bool(reasons),
+        reason="; ".join(reasons) or None,
+        median_duration_s=median_duration,
+        median_items=median_items,
+    )
+
+
+# Per job: its last finished run and, when that run succeeded on schedule, the scheduled
+# successes before it. A manual run is not judged: a re-run after a scheduled one often has
+# less to do (the refresh finds fewer stale accounts), and that is no sign of trouble.
+LATEST_SQL = """
+SELECT j.name, last.id, last.status, last.trigger, last.duration_s, last.counts, prev.runs
+  FROM kontod_jobs j
+  LEFT JOIN LATERAL (
+       SELECT id, status, trigger, started_at, counts,
+              extract(epoch FROM finished_at - started_at)::float8 AS duration_s
+         FROM kontod_runs WHERE job = j.name AND status <> 'running'
+        ORDER BY started_at DESC, id DESC LIMIT 1) last ON true
+  LEFT JOIN LATERAL (
+       SELECT jsonb_agg(jsonb_build_object('d', s.duration_s, 'c', s.counts)) AS runs
+         FROM (SELECT extract(epoch FROM finished_at - started_at)::float8 AS duration_s, counts
+                 FROM kontod_runs
+                WHERE job = j.name AND status = 'success' AND trigger <> 'manual'
+                  AND last.status = 'success' AND last.trigger <> 'manual'
+                  AND started_at < last.started_at
+                ORDER BY started_at DESC LIMIT $2) s) prev ON true
+ WHERE j.name = ANY($1::text[])
+"""
+
+
+async def latest(
+    db: Executor, thresholds: Mapping[str, Thresholds], default: Thresholds = Thresholds()
+) -> dict[str, Suspicion]:
+    """The verdict on each job's last finished run (not suspicious unless it succeeded)."""
+    rows = await db.fetch(LATEST_SQL, list(thresholds) or [], HISTORY)
+    out: dict[str, Suspicion] = {}
+    for r in rows:
+        if r["status"] != "success" or r["trigger"] == "manual":
+            out[r["name"]] = Suspicion(run_id=r["id"])
+            continue
+        run = Sample(r["duration_s"], items_of(_counts(r["counts"])))
+        previous = [
+            Sample(float(p["d"]), items_of(_counts(p["c"]))) for p in _json(r["runs"]) or []
+        ]
+        verdict = assess(run, previous, thresholds.get(r["name"], default))
+        out[r["name"]] = Suspicion(
+            verdict.suspicious,
+            verdict.reason,
+            verdict.median_duration_s,
+            verdict.median_items,
+            r["id"],
+        )
+    return out
+
+
+def for_jobs(names: Iterable[str], overrides: Mapping[str, Thresholds]) -> dict[str, Thresholds]:
+    """The thresholds of each job: its own when set, else the defaults."""
+    return {name: overrides.get(name, Thresholds()) for name in names}
+
+
+def from_settings(
+    names: Iterable[str], configured: Mapping[str, tuple[float | None, float | None]]
+) -> dict[str, Thresholds]:
+    """Thresholds from ``KONTOD_SUSPICIOUS_<JOB>`` settings; ConfigError for an unknown job."""
+    known = list(names)
+    out: dict[str, Thresholds] = {}
+    for job, (duration, items) in configured.items():
+        if job not in known:
+            var = "KONTOD_SUSPICIOUS_" + job.upper().replace("-", "_")
+            raise ConfigError(var, f"{duration},{items}", "names no job; jobs: " + ", ".join(known))
+        default = Thresholds()
+        out[job] = dataclasses.replace(
+            default,
+            duration=default.duration if duration is None else duration,
+            items=default.items if items is None else items,
+        )
+    return for_jobs(known, out)
+
+
+def _json(raw: Any) -> Any:
+    return json.loads(raw) if isinstance(raw, str) else raw
+
+
+def _counts(raw: Any) -> dict[str, int]:
+    data = _json(raw) or {}
+    return {str(k): int(v) for k, v in data.items()}

@@ -1,0 +1,165 @@
+"""Pings to an outside dead man's switch, against a real HTTP server speaking Healthchecks."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from kontod import pings
+from kontod.config import ConfigError, load_settings
+from kontod.job import JobSpec, RunContext
+from tests.daemon_harness import running_daemon, settings_for
+from tests.helpers import free_port, spec, wait_for
+from tests.ping_sandbox import PingService, serve
+from tests.test_http import AUTH, get, post, samples
+
+
+@pytest.fixture
+async def service() -> AsyncIterator[tuple[PingService, str]]:
+    svc = PingService()
+    async with serve(svc) as base:
+        yield svc, base
+
+
+def _jobs(outcomes: list[str]) -> list[JobSpec]:
+    """One job that counts 7 users, then succeeds or fails as ``outcomes`` says, run by run."""
+
+    async def body(ctx: RunContext) -> None:
+        ctx.counts["items_users"] += 7
+        if outcomes.pop(0) == "error":
+            raise RuntimeError("the bank said no")
+
+    return [spec("pinged", body, catchup=0)]
+
+
+async def test_start_then_success_or_fail_with_the_run_rid_and_summary(
+    dsn: str, service: tuple[PingService, str]
+) -> None:
+    svc, base = service
+    check = svc.new_check()
+    outcomes = ["success", "error"]
+    settings = settings_for(dsn, ping_urls={"pinged": f"{base}/{check}"})
+    async with running_daemon(settings, lambda *_: _jobs(outcomes)) as (_daemon, url):
+        for expected in (2, 4):
+            status, _ = await post(url + "/jobs/pinged/run", AUTH)
+            assert status == 202
+            await wait_for(lambda n=expected: _count(svc, check, n))  # type: ignore[misc]
+        _, text = await get(url + "/metrics")
+    got = svc.of(check)
+    assert [p.kind for p in got] == ["start", "success", "start", "fail"]
+    assert all(p.method == "POST" for p in got)
+    first, second = {got[0].rid, got[1].rid}, {got[2].rid, got[3].rid}
+    assert len(first) == 1 and len(second) == 1 and first != second
+    rid = first.pop()
+    assert rid is not None and str(uuid.UUID(rid)) == rid  # canonical form
+    success, failure = got[1].body.decode(), got[3].body.decode()
+    assert "pinged run" in success and ": success in" in success
+    assert "items_users=7" in success
+    assert ": error in" in failure and "error: RuntimeError: the bank said no" in failure
+    values = samples(text)
+    for kind in ("start", "success", "fail"):
+        key = ("kontod_pings_total", (("job_name", "pinged"), ("kind", kind), ("outcome", "ok")))
+        assert values[key] == (2.0 if kind == "start" else 1.0)
+
+
+async def _count(svc: PingService, check: str, n: int) -> bool:
+    return len(svc.of(check)) >= n
+
+
+async def test_a_ping_service_that_is_down_fails_no_run_and_is_counted(dsn: str) -> None:
+    down = f"http://127.0.0.1:{free_port()}/ping/{uuid.uuid4()}"
+    outcomes = ["success"]
+    settings = settings_for(dsn, ping_urls={"pinged": down})
+    async with running_daemon(settings, lambda *_: _jobs(outcomes)) as (daemon, url):
+        assert daemon.pinger is not None
+        daemon.pinger.backoff_s = 0.01
+        status, _body = await post(url + "/jobs/pinged/run", AUTH)
+        assert status == 202
+        await wait_for(lambda: _failed_pings(url, 2))
+        _, report = await get(url + "/health/cron")
+    job = report["jobs"][0]
+    assert (job["lastStatus"], job["healthy"]) == ("success", True)
+
+
+async def _failed_pings(url: str, n: int) -> bool:
+    _, text = await get(url + "/metrics")
+    values = samples(text)
+    failed = sum(
+        v
+        for (name, labels), v in values.items()
+        if name == "kontod_pings_total" and ("outcome", "failed") in labels
+    )
+    return failed >= n
+
+
+async def test_answers_5xx_and_429_are_retried_and_a_404_is_not(
+    service: tuple[PingService, str],
+) -> None:
+    svc, base = service
+    check = svc.new_check()
+    outcomes: list[tuple[str, str, str]] = []
+    async with aiohttp.ClientSession() as http:
+        pinger = pings.Pinger(
+            http, {}, observe=lambda *a: outcomes.append(a), backoff_s=0.01, attempts=4
+        )
+        rid = pings.run_uuid("job", 1)
+        svc.fail_next(503, 429, 502)
+        assert await pinger.send("job", "start", f"{base}/{check}/start", rid, b"")
+        assert [p.kind for p in svc.of(check)] == ["start"]
+        svc.fail_next(500, 500, 500, 500)
+        assert not await pinger.send("job", "start", f"{base}/{check}/start", rid, b"")
+        # An unknown check: retrying cannot help, one request only.
+        before = len(svc.failures)
+        assert not await pinger.send("job", "success", f"{base}/{uuid.uuid4()}", rid, b"x")
+        assert len(svc.failures) == before
+    assert outcomes == [
+        ("job", "start", "ok"),
+        ("job", "start", "failed"),
+        ("job", "success", "failed"),
+    ]
+
+
+async def test_the_base_url_pings_each_job_by_its_slug(service: tuple[PingService, str]) -> None:
+    svc, base = service
+    check = svc.new_slug("pingkey123", "daily-snapshots")
+    urls = pings.ping_urls(["daily-snapshots", "other"], {}, f"{base}/pingkey123")
+    async with aiohttp.ClientSession() as http:
+        pinger = pings.Pinger(http, urls)
+        assert await pinger.send(
+            "daily-snapshots", "success", urls["daily-snapshots"], pings.run_uuid("d", 1), b"ok"
+        )
+    assert [(p.kind, p.body) for p in svc.of(check)] == [("success", b"ok")]
+
+
+def test_the_summary_is_cut_to_the_body_limit_on_a_character_boundary() -> None:
+    summary = pings.Summary("j", 1, "manual", "error", 1.0, {}, "é" * 20_000)
+    body = summary.body()
+    assert len(body) <= pings.BODY_LIMIT
+    body.decode()  # still valid UTF-8
+    assert pings.truncate("abc", 10) == b"abc"
+
+
+def test_ping_settings_per_job_and_their_errors() -> None:
+    env = {
+        "KONTOD_PING_URL_DAILY_SNAPSHOTS": "https://hc-ping.com/5bf66975-d4c7-4bf5-bcc8-b8d8a82ea278",
+        "KONTOD_PING_BASE_URL": "https://hc.example.org/ping/key",
+    }
+    settings = load_settings(env, isatty=False)
+    urls = pings.ping_urls(
+        ["daily-snapshots", "refresh-stale-connections"],
+        settings.ping_urls,
+        settings.ping_base_url,
+    )
+    assert urls == {
+        "daily-snapshots": "https://hc-ping.com/5bf66975-d4c7-4bf5-bcc8-b8d8a82ea278",
+        "refresh-stale-connections": "https://hc.example.org/ping/key/refresh-stale-connections",
+    }
+    with pytest.raises(ConfigError) as bad:
+        load_settings({"KONTOD_PING_URL_DAILY_SNAPSHOTS": "hc-ping.com/secret-uuid"}, isatty=False)
+    assert "KONTOD_PING_URL_DAILY_SNAPSHOTS" in str(bad.value)
+    assert "secret-uuid" not in str(bad.value)
+    with pytest.raises(ConfigError, match=r"KONTOD_PING_URL_DAILY_SNAPSHOT\b.*names no job"):
+        pings.ping_urls(["daily-snapshots"], {"daily-snapshot": "https://x/y"}, None)
