@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo run test lint pytest programs bench clean
+.PHONY: demo run test lint pytest programs bench bench-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,13 @@ pytest: $(VENV)/.installed
 
 test: programs lint pytest
 
+# The benchmarks (bench/README.md): the full run writes bench/results/ and the README's
+# Performance table; the quick one only checks that the harness still works.
 bench: $(VENV)/.installed
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench --readme README.md
+
+bench-quick: $(VENV)/.installed
+	$(BIN)/python -m bench --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

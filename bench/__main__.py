@@ -1,158 +1,344 @@
-"""``python -m bench``: both benchmarks in one run, a table of ratios, and optionally JSON."""
+"""``python -m bench``: the snapshot job at scale, the refresh job, the daemon; a report and JSON."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import importlib
 import json
 import os
 import platform
+import re
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
-from bench import postgres, refresh, snapshots
-from bench.report import as_json, table
-from kontod import logs
+from bench import dataset, refresh, report, scale, service, state
+from kontod import logs, rates_sandbox
+
+RESULTS = state.ROOT / "bench" / "results"
+README_BEGIN = "<!-- bench:begin -->"
+README_END = "<!-- bench:end -->"
+PG_SETTINGS = ("shared_buffers", "work_mem", "max_wal_size", "synchronous_commit", "fsync")
 
 
 @dataclass(frozen=True)
 class Profile:
-    """The sizes of one kind of run; any option given on the command line wins."""
+    """The sizes of one kind of run; options given on the command line win."""
 
-    users: int
+    name: str
+    sizes: tuple[int, ...]
+    history_days: int
+    repetitions: int
+    old_up_to: int
     refresh_users: int
+    serial_users: int
     latency_ms: float
+    capacity_requests: int
+    rate: float
+    idle_load_s: float
+    idle_cpu_s: float
+    run_table_rows: int
 
 
-# 80 and 48 refresh users are full rounds of 8 users in flight: no last round half empty.
-DEFAULT = Profile(users=20_000, refresh_users=80, latency_ms=50)
-QUICK = Profile(users=2_000, refresh_users=48, latency_ms=20)
+FULL = Profile(
+    name="full",
+    sizes=(10_000, 100_000, 1_000_000),
+    history_days=30,
+    repetitions=3,
+    old_up_to=100_000,
+    refresh_users=2000,
+    serial_users=100,
+    latency_ms=50,
+    capacity_requests=5000,
+    rate=20,
+    idle_load_s=15,
+    idle_cpu_s=60,
+    run_table_rows=1_000_000,
+)
+QUICK = Profile(
+    name="quick",
+    sizes=(2_000,),
+    history_days=3,
+    repetitions=2,
+    old_up_to=2_000,
+    refresh_users=96,
+    serial_users=8,
+    latency_ms=20,
+    capacity_requests=500,
+    rate=20,
+    idle_load_s=2,
+    idle_cpu_s=5,
+    run_table_rows=10_000,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="kontod's jobs against the old per-user ways, side by side, as ratios.",
+        description="kontod's jobs against PostgreSQL's own floor, the ideal refresh and the"
+        " old jobs; the daemon's latency and footprint.",
     )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"a small run: {QUICK.users} users, {QUICK.refresh_users} refresh users,"
-        f" {QUICK.latency_ms:g} ms per bank request",
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for CI (well under 2 min)")
+    p.add_argument(
+        "--sizes", type=_sizes, help="users of each snapshot data set, e.g. 10000,100000"
     )
-    parser.add_argument(
-        "--users", type=_positive, help=f"users for the snapshot benchmark ({DEFAULT.users})"
-    )
-    parser.add_argument(
-        "--batch-size", type=_positive, default=1000, help="kontod's snapshot batch (1000)"
-    )
-    parser.add_argument(
-        "--refresh-users",
-        type=_positive,
-        help=f"users for the refresh benchmark ({DEFAULT.refresh_users})",
-    )
-    parser.add_argument(
-        "--latency-ms",
-        type=float,
-        help=f"sandbox bank latency per request, ms ({DEFAULT.latency_ms:g})",
-    )
-    parser.add_argument(
-        "--concurrency", type=_positive, default=8, help="kontod's refresh concurrency (8)"
-    )
-    parser.add_argument(
-        "--old-commit-per-user",
-        action="store_true",
-        help="run the old snapshot job with one transaction per user instead of one commit per"
-        " statement, to see what is left once commits are not the cost",
-    )
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
-    return parser
+    p.add_argument("--history-days", type=int, help="days of snapshot history in the tables")
+    p.add_argument("--repetitions", type=int, help="passes of each snapshot variant")
+    p.add_argument("--batch-size", type=int, default=1000, help="kontod's snapshot batch (1000)")
+    p.add_argument("--old-up-to", type=int, help="largest size the old per-user job runs on")
+    p.add_argument("--refresh-users", type=int, help="stale users of the refresh benchmark")
+    p.add_argument("--no-refresh", action="store_true", help="leave the refresh benchmark out")
+    p.add_argument("--no-daemon", action="store_true", help="leave the daemon benchmark out")
+    p.add_argument("--json", type=Path, help="where the JSON goes (full run: bench/results/)")
+    p.add_argument("--readme", type=Path, help="replace the Performance table of this README")
+    return p
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of at least 1")
-    return value
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected numbers such as 10000,100000"
+        ) from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every size must be at least 1")
+    return sizes
 
 
-def _memory_sizes(users: int) -> tuple[int, int]:
-    """Two database sizes, 5x apart, for the traced passes: big enough for the old job's
-    per-user memory to stand out of the ~256 KiB every socket read allocates, small enough to
-    stay quick."""
-    small = max(250, users // 40)
-    return small, small * 5
-
-
-def _progress(started: float) -> snapshots.Progress:
+def _say(started: float) -> scale.Progress:
     def say(message: str) -> None:
-        print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
+        print(f"[{time.perf_counter() - started:7.1f} s] {message}", file=sys.stderr, flush=True)
 
     return say
 
 
-async def _server_version(admin_dsn: str) -> str:
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def _machine() -> dict[str, Any]:
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        total_kib = int(f.readline().split()[1])
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=state.ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(total_kib / 1024 / 1024, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "commit": commit,
+    }
+
+
+async def _server_facts(admin_dsn: str) -> dict[str, Any]:
     conn = await asyncpg.connect(admin_dsn)
     try:
-        version: str = await conn.fetchval("SHOW server_version")
+        version = await conn.fetchval("SHOW server_version")
+        settings = {name: await conn.fetchval(f"SHOW {name}") for name in PG_SETTINGS}
     finally:
         await conn.close()
-    return version
+    return {"postgresql": version, "postgresql_settings": settings}
 
 
-async def _run(
-    admin_dsn: str, args: argparse.Namespace, profile: Profile
-) -> tuple[str, snapshots.SnapshotResult, refresh.RefreshResult]:
-    say = _progress(time.perf_counter())
-    users = args.users or profile.users
-    refresh_users = args.refresh_users or profile.refresh_users
-    latency_ms = profile.latency_ms if args.latency_ms is None else args.latency_ms
-    snap = await snapshots.run(
-        admin_dsn,
-        users,
-        batch_size=args.batch_size,
-        memory_users=_memory_sizes(users),
-        commit_per_user=args.old_commit_per_user,
-        progress=say,
+async def _drop_stale_templates(admin_dsn: str, progress: scale.Progress) -> None:
+    """Templates of an older data shape can never be measured again: free their disk."""
+    current = dataset.shape_fingerprint()
+    for name in await state.stale_templates(admin_dsn, set()):
+        if not name.endswith(current):
+            progress(f"dropping template {name}: generated from an older data shape")
+            await state.drop_database(admin_dsn, name)
+
+
+async def _run(admin_dsn: str, args: argparse.Namespace, p: Profile) -> report.Results:
+    say = _say(time.perf_counter())
+    await _drop_stale_templates(admin_dsn, say)
+    rates = rates_sandbox.RateSandbox()
+    async with rates.serve() as rates_root:
+        snapshots, svc, skipped = await _snapshots(admin_dsn, args, p, rates, rates_root, say)
+    fresh = None
+    if not args.no_refresh:
+        fresh = await refresh.run(
+            admin_dsn,
+            args.refresh_users or p.refresh_users,
+            latency=p.latency_ms / 1000,
+            concurrencies=report.TARGET_CONCURRENCIES,
+            serial_users=p.serial_users,
+            capacity_requests=p.capacity_requests,
+            progress=say,
+        )
+    run_table = await _run_table(admin_dsn, p.run_table_rows, say)
+    return report.Results({}, snapshots, fresh, svc, run_table, skipped)
+
+
+async def _snapshots(
+    admin_dsn: str,
+    args: argparse.Namespace,
+    p: Profile,
+    rates: rates_sandbox.RateSandbox,
+    rates_root: str,
+    say: scale.Progress,
+) -> tuple[list[scale.ScaleResult], service.ServiceResult | None, list[dict[str, Any]]]:
+    """Every size's snapshot variants; the daemon's figures on the largest."""
+    sizes = args.sizes or p.sizes
+    days = args.history_days or p.history_days
+    reps = args.repetitions or p.repetitions
+    old_up_to = p.old_up_to if args.old_up_to is None else args.old_up_to
+    snapshots: list[scale.ScaleResult] = []
+    svc: service.ServiceResult | None = None
+    skipped: list[dict[str, Any]] = []
+    for users in sizes:
+        too_big = await _no_room(admin_dsn, users, days)
+        if too_big is not None:
+            say(f"snapshots: {users} users skipped: {too_big}")
+            skipped.append({"users": users, "reason": too_big})
+    measured = [u for u in sizes if u not in {k["users"] for k in skipped}]
+    for users in measured:
+        async with scale.working_data(admin_dsn, users, days, say) as data:
+            old = users <= old_up_to
+            snapshots.append(
+                await scale.measure(
+                    data,
+                    repetitions=reps,
+                    batch_size=args.batch_size,
+                    rates=rates,
+                    rates_root=rates_root,
+                    old=old,
+                    old_note=None
+                    if old
+                    else f"not run above {old_up_to} users (one pass would take"
+                    f" about {users * 0.0025 / 60:.0f} min at 2.5 ms per user)",
+                    progress=say,
+                )
+            )
+            # The daemon's figures come from the largest size measured.
+            if users == max(measured) and not args.no_daemon:
+                svc = await service.run(
+                    data.dsn,
+                    users,
+                    batch_size=args.batch_size,
+                    rates=rates,
+                    rates_root=rates_root,
+                    rate=p.rate,
+                    idle_load_s=p.idle_load_s,
+                    idle_cpu_s=p.idle_cpu_s,
+                    progress=say,
+                )
+    return snapshots, svc, skipped
+
+
+async def _no_room(admin_dsn: str, users: int, days: int) -> str | None:
+    """Why a size cannot be measured here (the disk cannot hold it and its working copy)."""
+    free = state.free_bytes()
+    if free is None:
+        return None
+    size = dataset.estimated_bytes(users, days)
+    cached = await state.database_exists(
+        admin_dsn, state.template_name(users, days, dataset.shape_fingerprint())
     )
-    fresh = await refresh.run(
-        admin_dsn,
-        refresh_users,
-        latency=latency_ms / 1000,
-        concurrency=args.concurrency,
-        progress=say,
+    # The working copy, the template unless it is cached, and room for the WAL.
+    needed = size * (1 if cached else 2) + 4 * 2**30
+    if free >= needed:
+        return None
+    return (
+        f"needs about {needed / 2**30:.0f} GiB free for its data set and working copy"
+        f" ({size / 2**30:.0f} GiB each), {free / 2**30:.0f} GiB free"
     )
-    return await _server_version(admin_dsn), snap, fresh
+
+
+async def _run_table(admin_dsn: str, rows: int, progress: scale.Progress) -> dict[str, Any]:
+    """``/health/cron`` on a run table of ``rows`` runs, by ``bench/run_table.py`` when present."""
+    try:
+        module = importlib.import_module("bench.run_table")
+    except ModuleNotFoundError as exc:
+        if exc.name != "bench.run_table":
+            raise
+        return {"p99_ms": None, "note": "bench/run_table.py is not in this tree"}
+    progress(f"run table: /health/cron with {rows} runs in the table")
+    result = await module.measure(admin_dsn, rows)
+    found: dict[str, Any] = dataclasses.asdict(result)
+    health = found["health_cron"]
+    return {
+        "rows": rows,
+        "p50_ms": health["p50_ms"],
+        "p99_ms": health["p99_ms"],
+        "max_ms": health["max_ms"],
+        "note": "" if rows >= 1_000_000 else f"{rows} rows, not 10^6",
+        "details": found,
+    }
+
+
+def replace_readme_section(readme: Path, table: str, command: str) -> None:
+    """Put the latest report between the Performance section's markers."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"{readme}: no {README_BEGIN} … {README_END} markers to replace")
+    block = f"{README_BEGIN}\nReproduce with `{command}`.\n\n{table}\n{README_END}"
+    pattern = re.escape(README_BEGIN) + r".*?" + re.escape(README_END)
+    readme.write_text(re.sub(pattern, lambda _: block, text, count=1, flags=re.DOTALL))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    profile = QUICK if args.quick else DEFAULT
-    # Only the jobs' warnings (a user failing to refresh) are worth seeing here.
+    p = QUICK if args.quick else FULL
     logs.configure("console", "warning")
     started = time.perf_counter()
-    with postgres.server() as (admin_dsn, where):
+    load_before = _load()
+    environment: dict[str, Any] = {**_machine(), "profile": p.name, "load_before": load_before}
+    environment["started_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    environment["command"] = "python -m bench " + " ".join(argv or sys.argv[1:])
+    with state.server() as (admin_dsn, where):
         print(f"PostgreSQL: {where}", file=sys.stderr, flush=True)
-        version, snap, fresh = asyncio.run(_run(admin_dsn, args, profile))
-    environment = {
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "postgresql": version,
-        "platform": platform.platform(),
-        "profile": "quick" if args.quick else "default",
-        "wall_seconds": round(time.perf_counter() - started, 1),
-    }
-    print(table(environment, snap, fresh))
-    if args.json is not None:
-        args.json.write_text(json.dumps(as_json(environment, snap, fresh), indent=2) + "\n")
-        print(f"results written to {args.json}", file=sys.stderr)
-    # A benchmark whose two sides did not do the same work measured nothing.
-    return 0 if snap.comparison.same and fresh.bounded.complete and fresh.serial.complete else 1
+        environment["server"] = where.split(" (")[0]
+
+        async def both() -> report.Results:
+            facts = await _server_facts(admin_dsn)
+            found = await _run(admin_dsn, args, p)
+            found.environment = {**environment, **facts}
+            return found
+
+        results = asyncio.run(both())
+    results.environment.update(
+        load_after=_load(),
+        finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        wall_seconds=round(time.perf_counter() - started, 1),
+    )
+    table = report.markdown(results)
+    print(table)
+    target = args.json
+    if target is None and not args.quick:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        target = RESULTS / f"{stamp}-{p.name}.json"
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(report.as_json(results), indent=2, default=str) + "\n")
+        print(f"results written to {target}", file=sys.stderr)
+    if args.readme is not None:
+        replace_readme_section(args.readme, table, results.environment["command"])
+    # A benchmark whose sides did not produce the same rows, or left users unrefreshed,
+    # measured nothing: that fails; a slow figure never does.
+    same = all(s.same_rows for s in results.snapshots)
+    complete = results.refresh is None or all(
+        x.complete for x in [*results.refresh.passes, results.refresh.serial] if x is not None
+    )
+    return 0 if same and complete else 1
 
 
 if __name__ == "__main__":

@@ -1,40 +1,48 @@
-"""refresh-stale-connections: kontod's job body at its bounded concurrency against one user at a time.
+"""refresh-stale-connections against a bank that answers every request after a fixed latency.
 
-Both passes run the same code (``kontod.jobs.refresh.make_body``) against the sandbox bank with
-a fixed latency per request, each on a fresh copy of the same seeded database, so the only
-difference is the number of users in flight. The old job refreshed one user at a time (defect 8
-on the reference page); concurrency 1 stands for it.
+M stale users are seeded to match the sandbox bank's demo data (the five Powens accounts of
+``demo_accounts(n)``, never synced, no transaction; one ``active`` connection with the token
+``sandbox-user-<n>``). The job is wired exactly as the daemon wires it (``declare_jobs`` with
+settings read from an environment: the sandbox's URL, ``KONTOD_REFRESH_CONCURRENCY``, and
+``KONTOD_PROVIDER_RATE`` set far above what any pass asks for, so that the rate limit is not
+what is measured), and runs on a fresh copy of the seeded database at each concurrency.
+
+With L seconds per request, R requests and concurrency c, no implementation can finish before
+R * L / c; the share of that ideal a pass reaches is the figure of merit. The old job's way,
+one user at a time, runs on a smaller set of users (it is c = 1: R * L at best).
+
+The sandbox runs in a process of its own (``bench/sandbox_process.py``). Its capacity is
+measured first with no latency (as many requests as it can answer, 64 at a time, and the CPU
+seconds it spent on them), and its CPU time is read during each pass, so the report shows how
+far it was from being the bottleneck.
 """
 
 from __future__ import annotations
 
-import math
+import asyncio
+import resource
+import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
 import asyncpg
 import structlog
 
-from bench.postgres import copy_of, migrated_database, settle, with_database
+from bench.state import ROOT, create_database, drop_database, with_database, working_copy
 from kontod import db
+from kontod.config import load_settings
 from kontod.job import RunContext
-from kontod.jobs.refresh import make_body
-from kontod.powens import PowensClient
-from kontod.sandbox import (
-    ACCOUNTS_PER_USER,
-    TRANSACTIONS_PER_ACCOUNT,
-    Sandbox,
-    demo_accounts,
-    token_for,
-)
+from kontod.jobs import REFRESH, declare_jobs
+from kontod.sandbox import demo_accounts, token_for
 
-STALE_AFTER = timedelta(days=7)
+# Far above the most any pass asks for (64 users in flight, 50 ms each: 1 280 requests/s).
+PROVIDER_RATE = "100000"
 
-# Sandbox users 1..M, each with the five Powens accounts the sandbox serves (never synced, no
-# transaction, so all stale) and one active connection holding the user's sandbox token.
 SEED_USERS_SQL = """
 INSERT INTO users (id, email, name)
 SELECT u, 'bench' || u || '@example.org', 'User ' || u FROM unnest($1::bigint[]) u
@@ -49,62 +57,113 @@ INSERT INTO bank_connections (user_id, powens_connection_id, powens_token, statu
 SELECT user_id, user_id::text, token, 'active'
   FROM unnest($1::bigint[], $2::text[]) AS t (user_id, token)
 """
-ANALYZE_SQL = "VACUUM ANALYZE users, bank_accounts, bank_connections, transactions"
+# What a complete pass leaves: no Powens account that was never synced.
+NEVER_SYNCED_SQL = (
+    "SELECT count(*) FROM bank_accounts WHERE provider = 'powens' AND last_sync IS NULL"
+)
 
 
 @dataclass(frozen=True)
 class RefreshPass:
-    """One run of the job body at one concurrency."""
+    """One run of the job at one concurrency."""
 
     concurrency: int
-    seconds: float
     users: int
-    refreshed: int
-    failed: int
-    accounts_updated: int
-    transactions_inserted: int
-    stale_after: int
+    latency_s: float
+    seconds: float
     requests: int
     max_in_flight: int
+    failed: int
+    never_synced_after: int
+    sandbox_cpu_seconds: float
+    # The CPU time of this process, which runs the job (and nothing else during the pass).
+    job_cpu_seconds: float
 
     @property
-    def users_per_second(self) -> float:
-        return self.refreshed / self.seconds if self.seconds > 0 else float("inf")
+    def ideal_seconds(self) -> float:
+        """What latency alone costs: every request waits, ``concurrency`` at a time."""
+        return self.requests * self.latency_s / self.concurrency
+
+    @property
+    def share_of_ideal(self) -> float:
+        return self.ideal_seconds / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def complete(self) -> bool:
-        """Every user refreshed: all accounts updated, every transaction imported once."""
-        return (
-            self.failed == 0
-            and self.refreshed == self.users
-            and self.accounts_updated == self.users * ACCOUNTS_PER_USER
-            and self.transactions_inserted
-            == self.users * ACCOUNTS_PER_USER * TRANSACTIONS_PER_ACCOUNT
-            and self.stale_after == 0
-        )
+        return self.failed == 0 and self.never_synced_after == 0 and self.requests > 0
+
+    @property
+    def sandbox_busy(self) -> float:
+        """The share of one core the sandbox used during the pass."""
+        return self.sandbox_cpu_seconds / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def job_busy(self) -> float:
+        """The share of one core the job's process used during the pass."""
+        return self.job_cpu_seconds / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass(frozen=True)
+class Capacity:
+    """What the sandbox answers with no latency, 64 requests at a time."""
+
+    requests: int
+    seconds: float
+    cpu_seconds: float
+
+    @property
+    def requests_per_second(self) -> float:
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
 class RefreshResult:
     users: int
     latency_s: float
-    requests_per_user: int
-    bounded: RefreshPass
-    serial: RefreshPass
-
-    @property
-    def speedup(self) -> float:
-        if self.bounded.seconds <= 0:
-            return float("inf")
-        return self.serial.seconds / self.bounded.seconds
-
-    @property
-    def ceiling(self) -> float:
-        """The speed-up if only latency counted: users over the rounds of users in flight."""
-        return self.users / math.ceil(self.users / self.bounded.concurrency)
+    capacity: Capacity
+    passes: list[RefreshPass] = field(default_factory=list)
+    serial: RefreshPass | None = None
 
 
-Progress = Callable[[str], None]
+class SandboxProcess:
+    """The client side of ``bench.sandbox_process``: its API URL, counters and latency."""
+
+    def __init__(self, base_url: str, http: aiohttp.ClientSession) -> None:
+        self.base_url = base_url
+        self.root = base_url.removesuffix("/2.0")
+        self.http = http
+
+    async def reset(self, latency: float) -> None:
+        async with self.http.post(f"{self.root}/bench/reset", params={"latency": latency}) as r:
+            r.raise_for_status()
+
+    async def stats(self) -> dict[str, Any]:
+        async with self.http.get(f"{self.root}/bench/stats") as r:
+            r.raise_for_status()
+            found: dict[str, Any] = await r.json()
+            return found
+
+
+@asynccontextmanager
+async def sandbox_process() -> AsyncIterator[str]:
+    """Start the sandbox in a process of its own; yield its API base URL; stop it."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.sandbox_process",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        if not line:
+            raise RuntimeError("the sandbox process exited before it was listening")
+        yield line.decode().strip()
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
 
 
 async def seed(conn: asyncpg.Connection, users: int) -> None:
@@ -120,79 +179,122 @@ async def seed(conn: asyncpg.Connection, users: int) -> None:
             [a.name for a in accounts],
         )
         await conn.execute(SEED_CONNECTIONS_SQL, ids, [token_for(u) for u in ids])
-    await conn.execute(ANALYZE_SQL)
+    await conn.execute("VACUUM ANALYZE")
 
 
-async def _one_pass(
-    dsn: str, base_url: str, sandbox: Sandbox, concurrency: int, users: int
+async def measure_capacity(sandbox: SandboxProcess, token: str, requests: int) -> Capacity:
+    """Requests answered per second with no latency, 64 in flight, and their CPU seconds."""
+    await sandbox.reset(0.0)
+    before = (await sandbox.stats())["cpu_seconds"]
+    todo = iter(range(requests))
+
+    async def client() -> None:
+        for _ in todo:
+            async with sandbox.http.get(
+                f"{sandbox.base_url}/users/me/accounts",
+                headers={"Authorization": f"Bearer {token}"},
+            ) as r:
+                await r.read()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(64)))
+    seconds = time.perf_counter() - started
+    after = (await sandbox.stats())["cpu_seconds"]
+    return Capacity(requests, seconds, after - before)
+
+
+async def one_pass(
+    dsn: str, sandbox: SandboxProcess, users: int, concurrency: int, latency: float
 ) -> RefreshPass:
-    sandbox.requests.clear()
-    sandbox.max_in_flight = 0
-    # The daemon's own pool size and HTTP session, so the pass is what production would do.
+    """The job as the daemon declares it, at ``concurrency``, over every seeded user."""
+    settings = load_settings(
+        {
+            "KONTOD_DATABASE_URL": dsn,
+            "KONTOD_POWENS_URL": sandbox.base_url,
+            "KONTOD_REFRESH_CONCURRENCY": str(concurrency),
+            "KONTOD_PROVIDER_RATE": PROVIDER_RATE,
+            "KONTOD_TIMEZONE": "UTC",
+        }
+    )
+    await sandbox.reset(latency)
     pool = await db.create_pool(dsn, db.new_instance_name())
     try:
         async with aiohttp.ClientSession() as http:
-            body = make_body(
-                pool, PowensClient(http, base_url), stale_after=STALE_AFTER, concurrency=concurrency
-            )
+            spec = next(s for s in declare_jobs(settings, pool, http) if s.name == REFRESH)
             ctx = RunContext(
                 run_id=1,
-                job="refresh-stale-connections",
+                job=REFRESH,
                 trigger="manual",
                 scheduled_for=None,
                 started_at=datetime.now(UTC),
                 log=structlog.get_logger("bench.refresh"),
             )
-            async with pool.acquire() as conn:
-                await settle(conn)
+            before = await sandbox.stats()
+            cpu_before = _cpu_seconds()
             started = time.perf_counter()
-            await body(ctx)
+            await spec.body(ctx)
             seconds = time.perf_counter() - started
+            job_cpu = _cpu_seconds() - cpu_before
+            after = await sandbox.stats()
+        never_synced = await pool.fetchval(NEVER_SYNCED_SQL)
     finally:
         await pool.close()
     return RefreshPass(
         concurrency=concurrency,
-        seconds=seconds,
         users=users,
-        refreshed=ctx.counts["items_refreshed"],
+        latency_s=latency,
+        seconds=seconds,
+        requests=after["requests"] - before["requests"],
+        max_in_flight=after["max_in_flight"],
         failed=ctx.counts["items_failed"],
-        accounts_updated=ctx.counts["accounts_updated"],
-        transactions_inserted=ctx.counts["transactions_inserted"],
-        stale_after=ctx.counts["stale_accounts_after"],
-        requests=sum(sandbox.requests.values()),
-        max_in_flight=sandbox.max_in_flight,
+        never_synced_after=never_synced,
+        sandbox_cpu_seconds=after["cpu_seconds"] - before["cpu_seconds"],
+        job_cpu_seconds=job_cpu,
     )
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 async def run(
     admin_dsn: str,
     users: int,
     *,
-    latency: float = 0.05,
-    concurrency: int = 8,
-    progress: Progress = lambda _: None,
+    latency: float,
+    concurrencies: tuple[int, ...],
+    serial_users: int,
+    capacity_requests: int,
+    progress: Any,
 ) -> RefreshResult:
-    """Seed ``users`` stale sandbox users once; refresh them at ``concurrency``, then at 1."""
-    sandbox = Sandbox(latency=latency)
-    async with migrated_database(admin_dsn) as template, sandbox.serve() as base_url:
-        progress(f"refresh: seeding {users} users with stale Powens accounts")
-        conn = await asyncpg.connect(with_database(admin_dsn, template))
-        try:
-            await seed(conn, users)
-        finally:
-            await conn.close()
-        passes: list[RefreshPass] = []
-        for slots in (concurrency, 1):
-            async with copy_of(admin_dsn, template) as name:
-                progress(f"refresh: concurrency {slots}, {latency * 1000:g} ms per request")
-                passes.append(
-                    await _one_pass(with_database(admin_dsn, name), base_url, sandbox, slots, users)
-                )
-    bounded, serial = passes
-    return RefreshResult(
-        users=users,
-        latency_s=latency,
-        requests_per_user=1 + ACCOUNTS_PER_USER,
-        bounded=bounded,
-        serial=serial,
-    )
+    """Seed once; measure the sandbox's capacity, then each concurrency, then one at a time."""
+    seeded = {}
+    for size in sorted({users, serial_users}):
+        name = f"kontod_bench_refresh_{size}_{int(time.time())}"
+        await create_database(admin_dsn, name)
+        seeded[size] = name
+    try:
+        for size, name in seeded.items():
+            conn = await asyncpg.connect(with_database(admin_dsn, name))
+            try:
+                await db.migrate(conn)
+                await seed(conn, size)
+            finally:
+                await conn.close()
+        async with sandbox_process() as base_url, aiohttp.ClientSession() as http:
+            sandbox = SandboxProcess(base_url, http)
+            progress(f"refresh: sandbox capacity, {capacity_requests} requests with no latency")
+            capacity = await measure_capacity(sandbox, token_for(1), capacity_requests)
+            result = RefreshResult(users, latency, capacity)
+            for slots in concurrencies:
+                progress(f"refresh: {users} users at concurrency {slots}")
+                async with working_copy(admin_dsn, seeded[users]) as dsn:
+                    result.passes.append(await one_pass(dsn, sandbox, users, slots, latency))
+            progress(f"refresh: {serial_users} users one at a time (the old job's way)")
+            async with working_copy(admin_dsn, seeded[serial_users]) as dsn:
+                result.serial = await one_pass(dsn, sandbox, serial_users, 1, latency)
+    finally:
+        for name in seeded.values():
+            await drop_database(admin_dsn, name)
+    return result

@@ -1,159 +1,377 @@
-"""The results as a compact text table and as JSON, both from the same numbers."""
+"""The results: the targets and whether they are met, a markdown report, and the JSON of a run."""
 
 from __future__ import annotations
 
+import statistics
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench.refresh import RefreshPass, RefreshResult
-from bench.snapshots import Memory, SnapshotResult
+from bench.scale import ScaleResult
+from bench.service import ServiceResult, summary
+
+TARGET_SIZES = (100_000, 1_000_000)
+TARGET_CONCURRENCIES = (8, 32, 64)
 
 
-def _n(value: int) -> str:
-    return f"{value:,}".replace(",", " ")
+@dataclass(frozen=True)
+class Target:
+    """One target of the benchmark, with what this run measured for it."""
+
+    measure: str
+    target: str
+    measured: str
+    # None: not measured at the size the target is about (see ``note``).
+    met: bool | None
+    note: str = ""
 
 
-def _rate(value: float, digits: int = 0) -> str:
-    return f"{value:,.{digits}f}".replace(",", " ")
+@dataclass
+class Results:
+    environment: dict[str, Any]
+    snapshots: list[ScaleResult]
+    refresh: RefreshResult | None
+    service: ServiceResult | None
+    run_table: dict[str, Any]
+    # Sizes asked for but not measured, with why.
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _kb(value: int) -> str:
-    return f"{value / 1024:,.0f} KiB".replace(",", " ")
+def _n(value: float) -> str:
+    return f"{value:,.0f}".replace(",", " ")
 
 
-def growth_per_user(points: list[Memory], old: bool) -> float | None:
-    """Bytes of peak heap each extra user adds, between the smallest and largest traced sizes."""
-    if len(points) < 2:
-        return None
-    first, last = points[0], points[-1]
-    if last.users == first.users:
-        return None
-    if old:
-        grown = last.old_peak_bytes - first.old_peak_bytes
-    else:
-        grown = last.kontod_peak_bytes - first.kontod_peak_bytes
-    return grown / (last.users - first.users)
+def _s(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.2f} s"
 
 
-def table(environment: dict[str, Any], snap: SnapshotResult, fresh: RefreshResult) -> str:
-    """A compact, fixed-width report of both benchmarks."""
-    c = snap.comparison
-    old_label = "old, per user, a round trip per row" + (
-        "" if snap.old_commit == "statement" else " (1 tx/user)"
-    )
-    lines = [
-        f"kontod bench: {environment['cpus']} CPUs, Python {environment['python']},"
-        f" PostgreSQL {environment['postgresql']}; {environment['profile']} run,"
-        f" {environment['wall_seconds']:g} s in all",
-        "",
-        f"daily-snapshots: {_n(snap.users)} users ({_n(snap.accounts)} accounts,"
-        f" {_n(snap.assets)} assets), each implementation on a date of its own",
-        f"  {'':48} {'time':>9} {'users/s':>9}",
-        f"  {f'kontod, set-based, batches of {snap.batch_size}':48}"
-        f" {snap.kontod.seconds:8.2f}s {_rate(snap.kontod.users_per_second):>9}",
-        f"  {old_label:48} {snap.old.seconds:8.2f}s {_rate(snap.old.users_per_second):>9}",
-        f"  {'speed-up (old time / kontod time)':48} {snap.speedup:8.1f}x",
-        f"  rows written: {_n(c.rows_kontod)} by kontod, {_n(c.rows_old)} by the old way;"
-        f" {_n(c.differing)} differing; sum of totals {c.total_kontod} vs {c.total_old}:"
-        f" {'identical' if c.same else 'DIFFERENT'}",
-    ]
-    if snap.memory:
-        sizes = [f"{_n(m.users)} users" for m in snap.memory]
-        lines.append(
-            f"  {'peak Python heap (tracemalloc)':48}"
-            + "".join(f" {s:>13}" for s in sizes)
-            + f" {'per extra user':>15}"
+def _x(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}"
+
+
+def _mib(kib: int | None) -> str:
+    return "-" if kib is None else f"{kib / 1024:.0f} MiB"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f} s"
+    return f"{statistics.median(values):.2f} s ({min(values):.2f}-{max(values):.2f})"
+
+
+def _size(snapshots: list[ScaleResult], users: int) -> ScaleResult | None:
+    return next((s for s in snapshots if s.users == users), None)
+
+
+def targets(r: Results) -> list[Target]:
+    """Every target of the issue, evaluated where this run measured it."""
+    found: list[Target] = []
+    for users in TARGET_SIZES:
+        s = _size(r.snapshots, users)
+        found.append(
+            _ratio_target(s, users, "snapshot kontod/floor", "kontod", "floor", 1.0, "≤", r.skipped)
         )
-        for label, old in (("kontod", False), ("old", True)):
-            peaks = [m.old_peak_bytes if old else m.kontod_peak_bytes for m in snap.memory]
-            slope = growth_per_user(snap.memory, old)
-            shown = "" if slope is None else f"{_n(round(slope))} B"
-            lines.append(
-                f"  {'  ' + label:48}" + "".join(f" {_kb(p):>13}" for p in peaks) + f" {shown:>15}"
+        found.append(
+            _ratio_target(
+                s, users, "re-run unchanged / aggregate", "rerun", "aggregate", 1.5, "≤", r.skipped
             )
-    lines += [
+        )
+    s = _size(r.snapshots, 100_000)
+    found.append(
+        _ratio_target(s, 100_000, "snapshot old/kontod", "old", "kontod", 20.0, "≥", r.skipped)
+    )
+    largest = max(r.snapshots, key=lambda x: x.users) if r.snapshots else None
+    peak = largest.peak_rss_kib if largest else None
+    found.append(
+        Target(
+            "kontod peak RSS during the 1 000 000-user snapshot",
+            "< 150 MiB",
+            f"{_mib(peak)} at {_n(largest.users)} users" if largest else "-",
+            None
+            if largest is None or largest.users < 1_000_000 or peak is None
+            else peak < 150 * 1024,
+            "" if largest and largest.users >= 1_000_000 else "largest size measured is smaller",
+        )
+    )
+    passes = {p.concurrency: p for p in r.refresh.passes} if r.refresh else {}
+    for c in TARGET_CONCURRENCIES:
+        p = passes.get(c)
+        found.append(
+            Target(
+                f"refresh share of ideal, c = {c}",
+                "≥ 80 %",
+                "-" if p is None else f"{p.share_of_ideal:.0%} ({_n(p.users)} users)",
+                None if p is None or p.users < 2000 else p.share_of_ideal >= 0.8,
+                "" if p is None or p.users >= 2000 else f"{p.users} users, not 2 000",
+            )
+        )
+    svc = r.service
+    for endpoint in ("/metrics", "/health/cron"):
+        lat = svc.during_run.get(endpoint) if svc else None
+        found.append(
+            Target(
+                f"{endpoint} p99 during the 1 000 000-user run",
+                "< 50 ms",
+                "-"
+                if lat is None or svc is None
+                else f"{_ms(lat.p99)} ms at {_n(svc.users)} users",
+                None
+                if lat is None or lat.p99 is None or svc is None or svc.users < 1_000_000
+                else lat.p99 < 0.05,
+                "" if svc is not None and svc.users >= 1_000_000 else "measured on a smaller size",
+            )
+        )
+    rt = r.run_table
+    found.append(
+        Target(
+            "/health/cron p99 with 10⁶ rows in the run table",
+            "< 50 ms",
+            "-" if rt.get("p99_ms") is None else f"{rt['p99_ms']:.1f} ms",
+            None
+            if rt.get("p99_ms") is None or rt.get("rows", 0) < 1_000_000
+            else rt["p99_ms"] < 50,
+            rt.get("note", ""),
+        )
+    )
+    if svc is not None:
+        found += [
+            Target("idle RSS", "< 80 MiB", _mib(svc.idle_rss_kib), svc.idle_rss_kib < 80 * 1024),
+            Target(
+                "start to /health 200 (external database)",
+                "< 1.5 s",
+                _s(svc.start_to_ready_s),
+                svc.start_to_ready_s < 1.5,
+            ),
+            Target(
+                "idle CPU",
+                "< 0.5 CPU-s per minute",
+                f"{svc.idle_cpu_per_minute:.2f} CPU-s/min over {svc.idle_cpu_window_s:g} s",
+                svc.idle_cpu_per_minute < 0.5,
+            ),
+        ]
+    return found
+
+
+def _ratio_target(
+    s: ScaleResult | None,
+    users: int,
+    label: str,
+    top: str,
+    bottom: str,
+    bound: float,
+    op: str,
+    skipped: list[dict[str, Any]],
+) -> Target:
+    ratio = s.ratio(top, bottom) if s else None
+    met = None if ratio is None else (ratio <= bound if op == "≤" else ratio >= bound)
+    note = ""
+    if s is None:
+        note = "size not measured in this run"
+        why = next((k["reason"] for k in skipped if k["users"] == users), None)
+        if why:
+            note = why
+    elif ratio is None:
+        note = s.old_note or f"{top} not measured"
+    return Target(f"{label}, {_n(users)} users", f"{op} {bound:g}", _x(ratio), met, note)
+
+
+def markdown(r: Results) -> str:
+    """The report: environment, snapshots, refresh, daemon, targets."""
+    env = r.environment
+    out = [
+        f"{env['cpus']} CPUs ({env['cpu_model']}), {env['memory_gib']} GiB, Python {env['python']},"
+        f" PostgreSQL {env['postgresql']} ({env['server']});"
+        f" load {env['load_before']} before, {env['load_after']} after; {env['profile']} run,"
+        f" {env['wall_seconds']:.0f} s in all, {env['finished_at']}.",
         "",
-        f"refresh-stale-connections: {_n(fresh.users)} users,"
-        f" {fresh.requests_per_user} bank requests each,"
-        f" {fresh.latency_s * 1000:g} ms per request (sandbox bank)",
-        f"  {'':48} {'time':>9} {'users/s':>9} {'max in flight':>14} {'requests':>9}",
     ]
-    for p in (fresh.bounded, fresh.serial):
-        label = f"kontod, concurrency {p.concurrency}" + (
-            " (the old way)" if p.concurrency == 1 else ""
-        )
-        lines.append(
-            f"  {label:48} {p.seconds:8.2f}s {_rate(p.users_per_second, 1):>9}"
-            f" {p.max_in_flight:14} {p.requests:9}"
-        )
-    both = fresh.bounded.complete and fresh.serial.complete
-    lines += [
-        f"  {'speed-up (serial time / bounded time)':48} {fresh.speedup:8.1f}x"
-        f"  (at most {fresh.ceiling:.1f}x: {fresh.users} users, {fresh.bounded.concurrency} at once)",
-        f"  every user refreshed, every account updated and transaction imported in both:"
-        f" {'yes' if both else 'NO'}",
-    ]
-    return "\n".join(lines)
+    if r.snapshots:
+        out += [
+            "**daily-snapshots** (median of the passes, min-max in brackets; each pass on a date"
+            " of its own; the tables already hold the history):",
+            "",
+            "| users | accounts | rows a day | rows in the tables | kontod | re-run | floor | aggregate"
+            " | old | kontod/floor | re-run/aggregate | old/kontod | rows equal | kontod peak RSS |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for s in r.snapshots:
+            rows_day = next((p.rows for p in s.passes if p.variant == "floor"), 0)
+            equal = "yes" if s.same_rows else "NO"
+            out.append(
+                f"| {_n(s.users)} | {_n(s.sizes.accounts)} | {_n(rows_day)}"
+                f" | {_n(s.sizes.snapshot_rows + s.sizes.holding_rows)} ({s.history_days} days)"
+                f" | {_spread(s.seconds('kontod'))} | {_spread(s.seconds('rerun'))}"
+                f" | {_spread(s.seconds('floor'))} | {_spread(s.seconds('aggregate'))}"
+                f" | {_spread(s.seconds('old'))}"
+                f" | {_x(s.ratio('kontod', 'floor'))} | {_x(s.ratio('rerun', 'aggregate'))}"
+                f" | {_x(s.ratio('old', 'kontod'))} | {equal} | {_mib(s.peak_rss_kib)} |"
+            )
+        notes = [f"{_n(s.users)} users: {s.old_note}" for s in r.snapshots if s.old_note]
+        for k in r.skipped:
+            out += ["", f"{_n(k['users'])} users: not measured, {k['reason']}."]
+        rewritten = [f"{_n(s.users)} users: {_n(s.rerun_rows_written)} rows" for s in r.snapshots]
+        out += [
+            "",
+            "Rows written by the re-runs of an unchanged day: " + "; ".join(rewritten) + ".",
+        ]
+        if notes:
+            out += ["", "Old job: " + "; ".join(notes) + "."]
+        out.append("")
+    if r.refresh is not None:
+        f = r.refresh
+        out += [
+            f"**refresh-stale-connections**, {f.latency_s * 1000:g} ms per request (sandbox bank"
+            f" in its own process; capacity with no latency: {_n(f.capacity.requests_per_second)}"
+            f" requests/s at {f.capacity.cpu_seconds / max(f.capacity.requests, 1) * 1000:.2f}"
+            " CPU-ms each):",
+            "",
+            "| concurrency | users | requests | time | ideal | share of ideal | in flight"
+            " | sandbox req/s | sandbox CPU | kontod CPU |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for p in [*f.passes, *([f.serial] if f.serial else [])]:
+            out.append(_refresh_row(p, f.serial is p))
+        out.append("")
+    if r.service is not None:
+        v = r.service
+        out += [
+            f"**daemon** (`kontod run`, external database, {v.rate_per_endpoint:g} requests/s per"
+            " endpoint, latency in ms from the time each request was due):",
+            "",
+            "| | /metrics p50 | p99 | max | /health/cron p50 | p99 | max |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for label, lat in (
+            ("idle", v.idle),
+            (f"during daily-snapshots, {_n(v.users)} users ({v.run_seconds:.1f} s)", v.during_run),
+        ):
+            m, h = lat["/metrics"], lat["/health/cron"]
+            out.append(
+                f"| {label} | {_ms(m.p50)} | {_ms(m.p99)} | {_ms(m.max)}"
+                f" | {_ms(h.p50)} | {_ms(h.p99)} | {_ms(h.max)} |"
+            )
+        out += [
+            "",
+            f"Start to ready {_s(v.start_to_ready_s)}; RSS idle {_mib(v.idle_rss_kib)}, after the"
+            f" run {_mib(v.after_run_rss_kib)}, peak {_mib(v.peak_rss_kib)}; idle CPU"
+            f" {v.idle_cpu_per_minute:.3f} CPU-s per minute.",
+            "",
+        ]
+    out += ["**Targets**:", "", "| measure | target | measured | met |", "|---|---|---|---|"]
+    for t in targets(r):
+        met = {True: "yes", False: "**no**", None: "not measured"}[t.met]
+        note = f" ({t.note})" if t.note else ""
+        out.append(f"| {t.measure} | {t.target} | {t.measured} | {met}{note} |")
+    return "\n".join(out)
 
 
-def _pass(p: RefreshPass) -> dict[str, Any]:
+def _refresh_row(p: RefreshPass, serial: bool) -> str:
+    label = f"{p.concurrency}" + (" (the old way)" if serial else "")
+    return (
+        f"| {label} | {_n(p.users)} | {_n(p.requests)} | {_s(p.seconds)} | {_s(p.ideal_seconds)}"
+        f" | {p.share_of_ideal:.0%} | {p.max_in_flight} | {_n(p.requests / p.seconds)}"
+        f" | {p.sandbox_busy:.0%} of a core | {p.job_busy:.0%} of a core |"
+    )
+
+
+def as_json(r: Results) -> dict[str, Any]:
+    """Every figure of the run, the targets and whether they were met."""
     return {
-        "concurrency": p.concurrency,
-        "seconds": round(p.seconds, 3),
-        "users_per_second": round(p.users_per_second, 2),
-        "max_in_flight": p.max_in_flight,
-        "requests": p.requests,
-        "refreshed": p.refreshed,
-        "failed": p.failed,
-        "accounts_updated": p.accounts_updated,
-        "transactions_inserted": p.transactions_inserted,
-        "complete": p.complete,
+        "environment": r.environment,
+        "snapshots": [_scale_json(s) for s in r.snapshots],
+        "refresh": None if r.refresh is None else _refresh_json(r.refresh),
+        "service": None if r.service is None else _service_json(r.service),
+        "run_table": r.run_table,
+        "skipped_sizes": r.skipped,
+        "targets": [asdict(t) for t in targets(r)],
     }
 
 
-def as_json(
-    environment: dict[str, Any], snap: SnapshotResult, fresh: RefreshResult
-) -> dict[str, Any]:
-    """The numbers of the table, as one JSON-ready mapping."""
-    c = snap.comparison
+def _scale_json(s: ScaleResult) -> dict[str, Any]:
+    variants = {}
+    for v in ("kontod", "rerun", "floor", "aggregate", "old"):
+        values = s.seconds(v)
+        if values:
+            variants[v] = {
+                "median_s": round(statistics.median(values), 4),
+                "min_s": round(min(values), 4),
+                "max_s": round(max(values), 4),
+                "passes": len(values),
+            }
     return {
-        "environment": environment,
-        "snapshots": {
-            "users": snap.users,
-            "accounts": snap.accounts,
-            "assets": snap.assets,
-            "batch_size": snap.batch_size,
-            "old_commit": snap.old_commit,
-            "kontod": {
-                "seconds": round(snap.kontod.seconds, 3),
-                "users_per_second": round(snap.kontod.users_per_second, 1),
-                "rows": snap.kontod.rows,
-            },
-            "old": {
-                "seconds": round(snap.old.seconds, 3),
-                "users_per_second": round(snap.old.users_per_second, 1),
-                "rows": snap.old.rows,
-            },
-            "speedup": round(snap.speedup, 2),
-            "same_rows": c.same,
-            "differing_rows": c.differing,
-            "sum_of_totals": {"kontod": str(c.total_kontod), "old": str(c.total_old)},
-            "sum_of_all_rows": {"kontod": str(c.all_kontod), "old": str(c.all_old)},
-            "peak_heap_bytes": [
-                {"users": m.users, "kontod": m.kontod_peak_bytes, "old": m.old_peak_bytes}
-                for m in snap.memory
-            ],
-            "peak_heap_growth_bytes_per_user": {
-                "kontod": growth_per_user(snap.memory, old=False),
-                "old": growth_per_user(snap.memory, old=True),
-            },
+        "users": s.users,
+        "sizes": asdict(s.sizes),
+        "history_days": s.history_days,
+        "generated_seconds": None if s.generated_seconds is None else round(s.generated_seconds, 1),
+        "repetitions": s.repetitions,
+        "batch_size": s.batch_size,
+        "variants": variants,
+        "ratios": {
+            "kontod_over_floor": s.ratio("kontod", "floor"),
+            "rerun_over_aggregate": s.ratio("rerun", "aggregate"),
+            "old_over_kontod": s.ratio("old", "kontod"),
         },
-        "refresh": {
-            "users": fresh.users,
-            "latency_ms": fresh.latency_s * 1000,
-            "requests_per_user": fresh.requests_per_user,
-            "bounded": _pass(fresh.bounded),
-            "serial": _pass(fresh.serial),
-            "speedup": round(fresh.speedup, 2),
-            "speedup_ceiling": round(fresh.ceiling, 2),
+        "rows_equal": s.same_rows,
+        "comparisons": [
+            {
+                **asdict(c),
+                "kontod_day": c.kontod_day.isoformat(),
+                "floor_day": c.floor_day.isoformat(),
+            }
+            for c in s.comparisons
+        ],
+        "rerun_rows_written": s.rerun_rows_written,
+        "kontod_peak_rss_kib": s.peak_rss_kib,
+        "old_note": s.old_note,
+        "passes": [
+            {**asdict(p), "day": p.day.isoformat(), "seconds": round(p.seconds, 4)}
+            for p in s.passes
+        ],
+    }
+
+
+def _refresh_json(f: RefreshResult) -> dict[str, Any]:
+    def one(p: RefreshPass) -> dict[str, Any]:
+        return {
+            **asdict(p),
+            "ideal_seconds": round(p.ideal_seconds, 3),
+            "share_of_ideal": round(p.share_of_ideal, 4),
+            "sandbox_busy": round(p.sandbox_busy, 4),
+            "job_busy": round(p.job_busy, 4),
+            "complete": p.complete,
+        }
+
+    return {
+        "users": f.users,
+        "latency_ms": f.latency_s * 1000,
+        "capacity": {
+            **asdict(f.capacity),
+            "requests_per_second": round(f.capacity.requests_per_second, 1),
         },
+        "passes": [one(p) for p in f.passes],
+        "serial": None if f.serial is None else one(f.serial),
+    }
+
+
+def _service_json(v: ServiceResult) -> dict[str, Any]:
+    return {
+        "users": v.users,
+        "rate_per_endpoint": v.rate_per_endpoint,
+        "start_to_ready_s": round(v.start_to_ready_s, 3),
+        "idle_rss_kib": v.idle_rss_kib,
+        "idle_cpu_window_s": v.idle_cpu_window_s,
+        "idle_cpu_seconds": v.idle_cpu_seconds,
+        "idle_cpu_seconds_per_minute": round(v.idle_cpu_per_minute, 4),
+        "idle": summary(v.idle),
+        "during_run": summary(v.during_run),
+        "run_seconds": round(v.run_seconds, 2),
+        "run_status": v.run_status,
+        "after_run_rss_kib": v.after_run_rss_kib,
+        "peak_rss_kib": v.peak_rss_kib,
     }

@@ -53,6 +53,10 @@ SELECT c.relname::text AS tbl, a.attname::text AS col, format_type(a.atttypid, N
 """
 
 
+# Runs of one batch at most, when other writers keep inserting its rows under it.
+BATCH_ATTEMPTS = 3
+
+
 class SchemaError(Exception):
     """A column the snapshot reads or writes has a type it does not handle."""
 
@@ -115,9 +119,10 @@ async def columns(conn: Connection) -> Columns:
 # - one holding row per converted account and per asset, one row per non-zero category and a
 #   total, all sums in exact numeric arithmetic;
 # - rows of that date that no longer apply deleted, rows that differ from what is stored
-#   upserted, rows already right left untouched, so a re-run with nothing new writes nothing.
+#   updated, missing rows inserted, rows already right left untouched, so a re-run with
+#   nothing new writes nothing.
 # The parts see the same snapshot and touch disjoint rows.
-_BATCH_SQL = """
+_ROWS_SQL = """
 WITH batch AS (
     SELECT id FROM users WHERE id > $1 ORDER BY id LIMIT $2
 ),
@@ -170,79 +175,159 @@ fresh AS (
       FROM batch b LEFT JOIN categories c ON c.user_id = b.id AND c.category <> 'total'
      GROUP BY b.id
 ),
-changed AS (
-    SELECT f.* FROM fresh f
-      LEFT JOIN patrimoine_snapshots p
-        ON p.date = {snapshot_day} AND p.user_id = f.user_id AND p.category = f.category
-     WHERE p.total_value IS DISTINCT FROM f.total_value
+"""
+
+_COMPARE_SQL = """
+-- What the date already holds for the batch, read by the batch's range of the (date, user_id,
+-- ...) index, then set against what it should hold in one full join: a hash or merge join
+-- over two in-memory sets, never a look-up per row.
+stored AS (
+    SELECT user_id, category, total_value FROM patrimoine_snapshots
+     WHERE date = {snapshot_day} AND user_id > $1 AND user_id <= (SELECT id FROM last)
 ),
-removed AS (
-    DELETE FROM patrimoine_snapshots p
-     WHERE p.date = {snapshot_day}
-       AND p.user_id > $1 AND p.user_id <= (SELECT id FROM last)
-       AND NOT EXISTS (SELECT 1 FROM fresh f
-                        WHERE f.user_id = p.user_id AND f.category = p.category)
-    RETURNING 1
-),
-written AS (
-    INSERT INTO patrimoine_snapshots AS p (date, user_id, category, total_value)
-    SELECT {snapshot_day}, user_id, category, total_value FROM changed
-    ON CONFLICT (date, user_id, category) DO UPDATE
-       SET total_value = EXCLUDED.total_value{created_at}
-     WHERE p.total_value IS DISTINCT FROM EXCLUDED.total_value
-    RETURNING 1
+diff AS (
+    SELECT coalesce(f.user_id, s.user_id) AS user_id, coalesce(f.category, s.category) AS category,
+           f.total_value, s.user_id IS NOT NULL AS stored, f.user_id IS NOT NULL AS wanted,
+           f.total_value IS DISTINCT FROM s.total_value AS differs
+      FROM fresh f FULL JOIN stored s ON s.user_id = f.user_id AND s.category = f.category
 ),
 holding_rows AS (
     SELECT user_id, holding_key, kind, ref_id, name, type,
            value::{holding_money} AS value{amount_select}
       FROM holdings
 ),
-holdings_changed AS (
-    SELECT n.* FROM holding_rows n
-      LEFT JOIN holding_snapshots o
-        ON o.date = {holding_day} AND o.user_id = n.user_id AND o.holding_key = n.holding_key
-     WHERE o.holding_key IS NULL
-        OR (o.kind, o.ref_id, o.name, o.type, o.value{amount_old})
-           IS DISTINCT FROM (n.kind, n.ref_id, n.name, n.type, n.value{amount_new})
+holdings_stored AS (
+    SELECT user_id, holding_key, kind, ref_id, name, type, value{amount_columns}
+      FROM holding_snapshots
+     WHERE date = {holding_day} AND user_id > $1 AND user_id <= (SELECT id FROM last)
 ),
-holdings_removed AS (
-    DELETE FROM holding_snapshots o
-     WHERE o.date = {holding_day}
-       AND o.user_id > $1 AND o.user_id <= (SELECT id FROM last)
-       AND NOT EXISTS (SELECT 1 FROM holdings h
-                        WHERE h.user_id = o.user_id AND h.holding_key = o.holding_key)
-    RETURNING 1
-),
-holdings_written AS (
-    INSERT INTO holding_snapshots AS o
-           (date, user_id, holding_key, kind, ref_id, name, type, value{amount_columns})
-    SELECT {holding_day}, user_id, holding_key, kind, ref_id, name, type, value{amount_columns}
-      FROM holdings_changed
-    ON CONFLICT (date, user_id, holding_key) DO UPDATE
-       SET kind = EXCLUDED.kind, ref_id = EXCLUDED.ref_id, name = EXCLUDED.name,
-           type = EXCLUDED.type, value = EXCLUDED.value{amount_set}
-    RETURNING 1
+holdings_diff AS (
+    SELECT coalesce(n.user_id, o.user_id) AS user_id,
+           coalesce(n.holding_key, o.holding_key) AS holding_key,
+           n.kind, n.ref_id, n.name, n.type, n.value{amount_new},
+           o.holding_key IS NOT NULL AS stored, n.holding_key IS NOT NULL AS wanted,
+           (o.kind, o.ref_id, o.name, o.type, o.value{amount_old})
+               IS DISTINCT FROM (n.kind, n.ref_id, n.name, n.type, n.value{amount_new})
+               AS differs
+      FROM holding_rows n
+      FULL JOIN holdings_stored o ON o.user_id = n.user_id AND o.holding_key = n.holding_key
 ),
 unconverted AS (
     SELECT currency, count(*) AS accounts FROM converted WHERE value IS NULL GROUP BY currency
 )
+"""
+
+_WRITES_SQL = """
+removed AS (
+    DELETE FROM patrimoine_snapshots p
+     USING diff d
+     WHERE NOT d.wanted
+       AND p.date = {snapshot_day} AND p.user_id = d.user_id AND p.category = d.category
+    RETURNING 1
+),
+updated AS (
+    UPDATE patrimoine_snapshots p SET total_value = d.total_value{created_at}
+      FROM diff d
+     WHERE d.wanted AND d.stored AND d.differs
+       AND p.date = {snapshot_day} AND p.user_id = d.user_id AND p.category = d.category
+    RETURNING 1
+),
+-- A plain insert: the rows are known to be absent. A row another writer inserts meanwhile
+-- makes it fail with a unique violation, and the batch is run again (take_snapshots).
+inserted AS (
+    INSERT INTO patrimoine_snapshots (date, user_id, category, total_value)
+    SELECT {snapshot_day}, user_id, category, total_value FROM diff WHERE NOT stored
+    RETURNING 1
+),
+holdings_removed AS (
+    DELETE FROM holding_snapshots o
+     USING holdings_diff d
+     WHERE NOT d.wanted
+       AND o.date = {holding_day} AND o.user_id = d.user_id AND o.holding_key = d.holding_key
+    RETURNING 1
+),
+holdings_updated AS (
+    UPDATE holding_snapshots o
+       SET kind = d.kind, ref_id = d.ref_id, name = d.name, type = d.type,
+           value = d.value{amount_set}
+      FROM holdings_diff d
+     WHERE d.wanted AND d.stored AND d.differs
+       AND o.date = {holding_day} AND o.user_id = d.user_id AND o.holding_key = d.holding_key
+    RETURNING 1
+),
+holdings_inserted AS (
+    INSERT INTO holding_snapshots
+           (date, user_id, holding_key, kind, ref_id, name, type, value{amount_columns})
+    SELECT {holding_day}, user_id, holding_key, kind, ref_id, name, type, value{amount_columns}
+      FROM holdings_diff WHERE NOT stored
+    RETURNING 1
+)
+"""
+
+_WRITTEN_SQL = """
 SELECT (SELECT count(*) FROM batch) AS users,
        (SELECT id FROM last) AS last_id,
        (SELECT count(*) FROM fresh) AS fresh_rows,
-       (SELECT count(*) FROM written) AS written,
+       (SELECT count(*) FROM inserted) + (SELECT count(*) FROM updated) AS written,
        (SELECT count(*) FROM removed) AS removed,
        (SELECT count(*) FROM holdings) AS holdings,
-       (SELECT count(*) FROM holdings_written) AS holdings_written,
+       (SELECT count(*) FROM holdings_inserted) + (SELECT count(*) FROM holdings_updated)
+           AS holdings_written,
        (SELECT count(*) FROM holdings_removed) AS holdings_removed,
        (SELECT array_agg(currency ORDER BY currency) FROM unconverted) AS unconverted_currencies,
        (SELECT array_agg(accounts ORDER BY currency) FROM unconverted) AS unconverted_accounts
 """
 
+# What a batch whose date already holds rows would change, nothing written: the comparison
+# alone, so that in a re-run where nothing changed a batch reads and compares, and runs no write.
+_CHECK_SQL = """
+SELECT (SELECT count(*) FROM batch) AS users,
+       (SELECT id FROM last) AS last_id,
+       (SELECT count(*) FROM fresh) AS fresh_rows,
+       0 AS written,
+       0 AS removed,
+       (SELECT count(*) FROM holdings) AS holdings,
+       0 AS holdings_written,
+       0 AS holdings_removed,
+       (SELECT count(*) FROM diff WHERE NOT (stored AND wanted AND NOT differs))
+     + (SELECT count(*) FROM holdings_diff WHERE NOT (stored AND wanted AND NOT differs))
+           AS changes,
+       (SELECT array_agg(currency ORDER BY currency) FROM unconverted) AS unconverted_currencies,
+       (SELECT array_agg(accounts ORDER BY currency) FROM unconverted) AS unconverted_accounts
+"""
+
+# The batch statement, and the comparison alone.
+_BATCH_SQL = _ROWS_SQL + _COMPARE_SQL.rstrip() + ",\n" + _WRITES_SQL + _WRITTEN_SQL
+_BATCH_CHECK_SQL = _ROWS_SQL + _COMPARE_SQL + _CHECK_SQL
+
+# Whether the date holds any row already ($1: the date; a fresh date needs no comparison first).
+_DAY_HELD_SQL = """
+SELECT EXISTS (SELECT 1 FROM patrimoine_snapshots WHERE date = {snapshot_day})
+    OR EXISTS (SELECT 1 FROM holding_snapshots WHERE date = {holding_day})
+"""
+
 
 def batch_sql(cols: Columns) -> str:
     """The batch statement for these column types."""
+    return _BATCH_SQL.format(**_fragments(cols))
+
+
+def check_sql(cols: Columns) -> str:
+    """The batch's comparison alone, for these column types: what it would change."""
+    return _BATCH_CHECK_SQL.format(**_fragments(cols))
+
+
+def day_held_sql(cols: Columns) -> str:
+    """Whether the date already holds rows, for these column types ($1: the date)."""
+    return _DAY_HELD_SQL.format(
+        snapshot_day=cols.snapshot_day.replace("$3", "$1"),
+        holding_day=cols.holding_day.replace("$3", "$1"),
+    )
+
+
+def _fragments(cols: Columns) -> dict[str, str]:
     amount = cols.holding_amount
-    return _BATCH_SQL.format(
+    return dict(
         visible=cols.visible,
         snapshot_day=cols.snapshot_day,
         snapshot_money=cols.snapshot_money,
@@ -253,7 +338,7 @@ def batch_sql(cols: Columns) -> str:
         amount_old=", o.currency, o.amount" if amount else "",
         amount_new=", n.currency, n.amount" if amount else "",
         amount_columns=", currency, amount" if amount else "",
-        amount_set=", currency = EXCLUDED.currency, amount = EXCLUDED.amount" if amount else "",
+        amount_set=", currency = d.currency, amount = d.amount" if amount else "",
     )
 
 
@@ -315,16 +400,23 @@ async def take_snapshots(
     _record_rates(ctx, report)
     last_id = 0
     async with pool.acquire() as conn:
-        sql = batch_sql(await columns(conn))
+        cols = await columns(conn)
+        sql, check = batch_sql(cols), check_sql(cols)
+        # On a date that already holds rows (a re-run), each batch is compared first and written
+        # only when something differs; a new date goes straight to the writes.
+        held: bool = await conn.fetchval(day_held_sql(cols), day)
         expected: int = await conn.fetchval("SELECT count(*) FROM users")
         ctx.report_progress(0, expected)
+        params = (batch_size, day, conv.base, conv.max_age_days)
         while True:
-            async with conn.transaction():
-                await ctx.check_claim(conn)
-                row = await conn.fetchrow(
-                    sql, last_id, batch_size, day, conv.base, conv.max_age_days
-                )
-            assert row is not None
+            row = None
+            if held:
+                row = await conn.fetchrow(check, last_id, *params)
+                assert row is not None
+                if row["users"] and row["changes"]:
+                    row = None
+            if row is None:
+                row = await _run_batch(conn, ctx, sql, last_id, *params)
             if row["users"] == 0:
                 break
             last_id = row["last_id"]
@@ -349,6 +441,33 @@ async def take_snapshots(
         holdings_written=ctx.counts["holdings_written"],
         unconverted=ctx.counts["items_unconverted"],
     )
+
+
+async def _run_batch(
+    conn: Connection,
+    ctx: RunContext,
+    sql: str,
+    last_id: int,
+    batch_size: int,
+    day: date,
+    base: str,
+    max_age_days: int,
+) -> asyncpg.Record:
+    """One batch in one transaction, run again when another writer inserted one of its rows
+    between the statement's snapshot and its insert (a unique violation rolls it back whole)."""
+    for attempt in range(1, BATCH_ATTEMPTS + 1):
+        try:
+            async with conn.transaction():
+                await ctx.check_claim(conn)
+                row = await conn.fetchrow(sql, last_id, batch_size, day, base, max_age_days)
+        except asyncpg.UniqueViolationError:
+            if attempt == BATCH_ATTEMPTS:
+                raise
+            ctx.log.info("snapshots.batch_retried", after_user_id=last_id, attempt=attempt)
+            continue
+        assert row is not None
+        return row
+    raise AssertionError("unreachable")
 
 
 def _count_batch(ctx: RunContext, row: asyncpg.Record) -> None:
