@@ -287,6 +287,10 @@ def _parse_domain(raw: str) -> str:
 
 def _parse_ping_url(raw: str) -> str:
     parts = urlsplit(raw.strip())
+    try:
+        _ = parts.port  # a port that is not a number raises here, not at the first ping
+    except ValueError:
+        parts = parts._replace(netloc="")
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError("expected an http:// or https:// URL such as https://hc-ping.com/<uuid>")
     return raw.strip().rstrip("/")

@@ -133,6 +133,7 @@ def build_app(
             async with asyncio.timeout(5):
                 await runner.pool.fetchval("SELECT 1")
         except Exception as exc:  # whatever the driver raises, the answer is "unreachable"
+            log.warning("health.database_unreachable", error=f"{type(exc).__name__}: {exc}")
             return web.json_response(
                 {"status": "unhealthy", "database": "unreachable", "error": type(exc).__name__},
                 status=503,

@@ -101,6 +101,15 @@ def _where(url: str) -> str:
     return urlsplit(url).netloc
 
 
+def _scrub(text: str, url: str) -> str:
+    """An error text from the HTTP library with the ping URL's secret path blotted out.
+
+    Some of aiohttp's errors (an invalid URL, too many redirects) quote the whole URL.
+    """
+    path = urlsplit(url).path
+    return text.replace(path, "/***") if path.strip("/") else text
+
+
 class Pinger:
     """Sends the pings of every run in the background; ``drain`` waits for what is in flight."""
 
@@ -181,7 +190,8 @@ class Pinger:
                         raise problem  # the URL or the request is wrong: retrying cannot help
                     retry_after = retry.retry_after(resp.headers.get("Retry-After"))
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                problem, retry_after = PingFailed(f"{type(exc).__name__}: {exc}".rstrip(": ")), None
+                detail = _scrub(f"{type(exc).__name__}: {exc}".rstrip(": "), url)
+                problem, retry_after = PingFailed(detail), None
             log.info("ping.retrying", job=job, kind=kind, attempt=n, error=str(problem))
             return Transient(problem, retry_after)
 

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+import structlog
+from aiohttp import web
 
 from kontod import pings
 from kontod.config import ConfigError, load_settings
@@ -163,3 +165,42 @@ def test_ping_settings_per_job_and_their_errors() -> None:
     assert "secret-uuid" not in str(bad.value)
     with pytest.raises(ConfigError, match=r"KONTOD_PING_URL_DAILY_SNAPSHOT\b.*names no job"):
         pings.ping_urls(["daily-snapshots"], {"daily-snapshot": "https://x/y"}, None)
+
+
+async def test_a_failing_ping_never_logs_the_checks_secret_path() -> None:
+    # A service that redirects in a loop: the HTTP library's error quotes the whole URL.
+    secret = str(uuid.uuid4())
+
+    async def loop(request: web.Request) -> web.Response:
+        raise web.HTTPFound(str(request.rel_url))
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", loop)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            pinger = pings.Pinger(http, {}, backoff_s=0.01, attempts=2)
+            with structlog.testing.capture_logs() as logs:
+                sent = await pinger.send(
+                    "job",
+                    "success",
+                    f"http://127.0.0.1:{port}/{secret}",
+                    pings.run_uuid("j", 1),
+                    b"",
+                )
+    finally:
+        await runner.cleanup()
+    assert not sent
+    assert [e["event"] for e in logs] == ["ping.retrying", "ping.retrying", "ping.failed"]
+    assert "TooManyRedirects" in logs[-1]["error"]
+    assert secret not in repr(logs)
+
+
+def test_a_ping_url_with_a_bad_port_is_refused_at_start() -> None:
+    with pytest.raises(ConfigError) as bad:
+        load_settings({"KONTOD_PING_URL_DAILY_SNAPSHOTS": "https://hc-ping.com:44x/abc"})
+    assert bad.value.setting == "KONTOD_PING_URL_DAILY_SNAPSHOTS"
+    assert "abc" not in str(bad.value)

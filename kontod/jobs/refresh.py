@@ -454,9 +454,10 @@ class _Refresh:
                 for n in range(min(concurrency, len(users))):
                     group.create_task(worker(), name=f"refresh-worker-{n}")
         except ExceptionGroup as errors:
-            # What ends the run (a lost claim, a failure to record a failure) is the first
-            # error, not the group around it.
-            raise errors.exceptions[0] from None
+            # What ends the run is one error, not the group around it: a lost claim first,
+            # whichever worker met it, so that the runner records nothing; else the first.
+            lost = [e for e in errors.exceptions if isinstance(e, ClaimLost)]
+            raise (lost or errors.exceptions)[0] from None
 
         await self.count_after(cutoff)
         ctx.log.info(
