@@ -88,6 +88,9 @@ async def running_kontod(tmp: Path, database_url: str, bank_url: str) -> AsyncIt
         KONTOD_PROVIDER_TIMEOUT="5",
         KONTOD_SHUTDOWN_TIMEOUT="5",
         KONTOD_LOG_FORMAT="json",
+        # KontodJobFailed waits for kontod's own retries of a failed tick; with none, a failed
+        # run pages at once (the rule's wait is checked by its promtool test).
+        KONTOD_RETRY_ATTEMPTS="0",
     )
     async with prom.running_program(
         [kontod_script(), "run"], tmp / "kontod.log", f"http://127.0.0.1:{port}/health", env
@@ -155,6 +158,8 @@ async def test_failed_snapshot_run_alerts_and_resolves(dsn: str, tmp_path: Path)
         admin = await asyncpg.connect(dsn)
         try:
             await admin.execute(f"REVOKE INSERT ON patrimoine_snapshots FROM {role}")
+            # New balances, so that a run must write (an unchanged day writes nothing).
+            await admin.execute("UPDATE bank_accounts SET balance = balance + 1")
             try:
                 firing = await hook.wait_for_alert(
                     "KontodJobFailed", "firing", {"job_name": SNAPSHOTS}, timeout=ALERT_TIMEOUT_S
