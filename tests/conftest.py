@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import aiohttp
 import asyncpg
@@ -45,14 +46,27 @@ async def empty_dsn(admin_dsn: str) -> AsyncIterator[str]:
         await pg.drop_database(admin_dsn, name)
 
 
-@pytest.fixture
-async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
+@asynccontextmanager
+async def _pool_on(dsn: str) -> AsyncIterator[asyncpg.Pool]:
     p = await asyncpg.create_pool(dsn, min_size=1, max_size=10)
     assert p is not None
     try:
         yield p
     finally:
         await p.close()
+
+
+@pytest.fixture
+async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    async with _pool_on(dsn) as p:
+        yield p
+
+
+@pytest.fixture
+async def empty_pool(empty_dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on a database with no migration applied (``empty_dsn``)."""
+    async with _pool_on(empty_dsn) as p:
+        yield p
 
 
 @pytest.fixture

@@ -362,20 +362,10 @@ SELECT table_name::text, column_name::text, data_type::text, column_default::tex
 """
 
 
-@pytest.fixture
-async def webapp_pool(empty_dsn: str) -> AsyncIterator[asyncpg.Pool]:
-    p = await asyncpg.create_pool(empty_dsn, min_size=1, max_size=4)
-    assert p is not None
-    try:
-        yield p
-    finally:
-        await p.close()
-
-
 async def test_konto_web_app_schema_is_read_and_written_in_its_own_types(
-    webapp_pool: asyncpg.Pool, sources: Sources
+    empty_pool: asyncpg.Pool, sources: Sources
 ) -> None:
-    pool = webapp_pool
+    pool = empty_pool
     await pool.execute(WEBAPP_SCHEMA)
     before = [tuple(r) for r in await pool.fetch(COLUMN_TYPES_SQL)]
     # Every migration: Konto's tables are left as the web app made them.
