@@ -470,8 +470,10 @@ class Runner:
                 self._observe_end(ctx, "lost", "its lease was lost", began)
                 return self._abandon(run_id, "its lease was lost")
             status, error = "interrupted", "cancelled while kontod was stopping"
-            self._observe_end(ctx, status, error, began)
-            await self._record(spec, run_id, Outcome(status, error, dict(ctx.counts)), began)
+            try:
+                await self._record(spec, run_id, Outcome(status, error, dict(ctx.counts)), began)
+            finally:
+                self._observe_end(ctx, status, error, began)
             raise
         except Exception as exc:  # a job's failure is recorded, never fatal to the daemon
             if run_id in self._lost or isinstance(exc.__cause__, ClaimLost):
@@ -479,8 +481,12 @@ class Runner:
                 return self._abandon(run_id, describe(exc))
             status, error = "error", describe(exc)
             run_log.exception("run.failed", error=error)
-        self._observe_end(ctx, status, error, began)
-        await self._record(spec, run_id, Outcome(status, error, dict(ctx.counts)), began)
+        # The observers hear of the end once it is recorded, so that what they show or send
+        # next (the status page reloading the run table, a ping) already finds it written.
+        try:
+            await self._record(spec, run_id, Outcome(status, error, dict(ctx.counts)), began)
+        finally:
+            self._observe_end(ctx, status, error, began)
         return status
 
     def _observe_end(self, ctx: RunContext, status: str, error: str | None, began: float) -> None:
