@@ -126,7 +126,7 @@ async def _database(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
         log.info("database.embedded", data_dir=str(embedded.data_dir))
         dsn = await embedded.start()
     try:
-        pool = await db.create_pool(dsn, settings.instance, max_size=4)
+        pool = await db.create_pool(dsn, settings.instance, max_size=3 + settings.snapshot_workers)
         try:
             async with pool.acquire() as conn:
                 applied = await db.migrate(conn)

@@ -71,6 +71,7 @@ class Settings:
     log_level: str = "info"
     shutdown_timeout: float = 25.0
     snapshot_batch_size: int = 1000
+    snapshot_workers: int = 2
     stale_after: float = 7 * 86400.0
     powens_url: str | None = None
     refresh_concurrency: int = 8
@@ -231,6 +232,16 @@ def _parse_positive_int(raw: str) -> int:
     if not re.fullmatch(r"\s*\d+\s*", raw) or int(raw) < 1:
         raise ValueError("expected a whole number of at least 1")
     return int(raw)
+
+
+MAX_SNAPSHOT_WORKERS = 16
+
+
+def _parse_workers(raw: str) -> int:
+    value = _parse_positive_int(raw)
+    if value > MAX_SNAPSHOT_WORKERS:
+        raise ValueError(f"expected at most {MAX_SNAPSHOT_WORKERS} (one database core each)")
+    return value
 
 
 MIN_LEASE_S = 5.0
@@ -422,6 +433,7 @@ _SPEC: list[tuple[str, str, Callable[[str], Any], bool]] = [
     ("log_level", "KONTOD_LOG_LEVEL", _parse_choice(*LOG_LEVELS), False),
     ("shutdown_timeout", "KONTOD_SHUTDOWN_TIMEOUT", _parse_positive_float, False),
     ("snapshot_batch_size", "KONTOD_SNAPSHOT_BATCH_SIZE", _parse_positive_int, False),
+    ("snapshot_workers", "KONTOD_SNAPSHOT_WORKERS", _parse_workers, False),
     ("stale_after", "KONTOD_STALE_AFTER", _parse_duration, False),
     ("refresh_concurrency", "KONTOD_REFRESH_CONCURRENCY", _parse_positive_int, False),
     ("provider_timeout", "KONTOD_PROVIDER_TIMEOUT", _parse_positive_float, False),

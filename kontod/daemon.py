@@ -81,7 +81,11 @@ class Daemon:
             dsn = await self.embedded.start()
         else:
             log.info("database.external", url=redact_dsn(dsn))
-        self.pool = await db.create_pool(dsn, self.instance)
+        # The snapshot workers hold a connection each for the whole run; the rest is left to
+        # the refresh writes and the bookkeeping as before.
+        self.pool = await db.create_pool(
+            dsn, self.instance, max_size=db.POOL_SIZE + s.snapshot_workers - 1
+        )
         async with self.pool.acquire() as conn:
             applied = await db.migrate(conn)
             await konto_schema.load(conn)  # KontoSchemaError: exit 2, naming the column

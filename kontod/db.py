@@ -31,10 +31,15 @@ def new_instance_name() -> str:
 
 
 CONNECT_TIMEOUT_S = 10.0
+POOL_SIZE = 10
 
 
 async def create_pool(
-    dsn: str, instance: str, *, max_size: int = 10, connect_timeout: float = CONNECT_TIMEOUT_S
+    dsn: str,
+    instance: str,
+    *,
+    max_size: int = POOL_SIZE,
+    connect_timeout: float = CONNECT_TIMEOUT_S,
 ) -> asyncpg.Pool:
     """A pool whose sessions carry ``instance`` as their application_name.
 

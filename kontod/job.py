@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 import asyncpg
 import structlog
@@ -64,6 +66,23 @@ class RunContext:
 
 
 JobBody = Callable[[RunContext], Awaitable[None]]
+
+
+async def run_workers(work: Callable[[], Coroutine[Any, Any, None]], count: int, name: str) -> None:
+    """Run ``count`` copies of ``work`` at once (workers sharing one source of items). When one
+    fails the others are cancelled, and one error ends the run, not the group around it: a
+    lost claim first, whichever worker met it, so that the runner records nothing; else the
+    first."""
+    if count <= 1:
+        await work()
+        return
+    try:
+        async with asyncio.TaskGroup() as group:
+            for n in range(count):
+                group.create_task(work(), name=f"{name}-worker-{n}")
+    except ExceptionGroup as errors:
+        lost = [e for e in errors.exceptions if isinstance(e, ClaimLost)]
+        raise (lost or errors.exceptions)[0] from None
 
 
 class JobNotConfigured(Exception):

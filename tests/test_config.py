@@ -82,6 +82,8 @@ BAD = [
     ("KONTOD_LOG_LEVEL", "loud", "debug, info"),
     ("KONTOD_SHUTDOWN_TIMEOUT", "-1", "greater than 0"),
     ("KONTOD_SNAPSHOT_BATCH_SIZE", "0", "at least 1"),
+    ("KONTOD_SNAPSHOT_WORKERS", "0", "at least 1"),
+    ("KONTOD_SNAPSHOT_WORKERS", "17", "at most 16"),
     ("KONTOD_STALE_AFTER", "soon", "7d"),
     ("KONTOD_POWENS_URL", "ftp://bank", "http"),
     ("KONTOD_ADMIN_TOKEN", "   ", "non-empty"),

@@ -111,6 +111,8 @@ async def kontod(
         "KONTOD_LOG_FORMAT": "json",
         "KONTOD_TIMEZONE": "UTC",
         "KONTOD_SNAPSHOT_BATCH_SIZE": "1",
+        # One batch at a time, so that batch n is the n-th user's and comes after batch n - 1.
+        "KONTOD_SNAPSHOT_WORKERS": "1",
         "KONTOD_INSTANCE": name,
         **settings,
     }

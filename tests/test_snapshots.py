@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
@@ -10,8 +10,8 @@ import asyncpg
 import pytest
 import structlog
 
-from kontod.job import RunContext
-from kontod.jobs.snapshots import take_snapshots
+from kontod.job import ClaimLost, Connection, RunContext
+from kontod.jobs.snapshots import id_ranges, take_snapshots
 from tests.helpers import PARIS, add_user, snapshot_rows
 
 AT = datetime(2026, 6, 10, 0, 0, tzinfo=UTC)  # 02:00 in Paris
@@ -178,3 +178,67 @@ async def test_a_failing_batch_writes_nothing_of_itself(pool: asyncpg.Pool) -> N
         await run(pool, batch=1)
     users = {r["user_id"] for r in await pool.fetch("SELECT user_id FROM patrimoine_snapshots")}
     assert users == {1}
+
+
+def test_id_ranges_cover_every_id_once() -> None:
+    low, high = -(2**63), 2**63 - 1
+    assert id_ranges([]) == [(low, high)]
+    assert id_ranges([4, 11]) == [(low, 4), (5, 11), (12, high)]
+    # A bound at the largest id leaves no range after it (and no overflow).
+    assert id_ranges([7, high]) == [(low, 7), (8, high)]
+
+
+DAY_ROWS_SQL = """
+SELECT 'p' AS t, user_id, category AS k, total_value AS v, NULL AS n FROM patrimoine_snapshots
+ WHERE date = $1
+UNION ALL
+SELECT 'h', user_id, holding_key, value, name FROM holding_snapshots WHERE date = $1
+ORDER BY 1, 2, 3
+"""
+
+
+async def test_two_workers_write_what_one_writes(pool: asyncpg.Pool) -> None:
+    for i in (1, 2, 5, 6, 7, 20, 21, 22, 23, 99):
+        await add_user(
+            pool,
+            user_id=i,
+            accounts=[("checking", str(i), False), ("savings", "5.5", i % 2 == 0)],
+            assets=[("vehicle", "1", str(i))] if i % 3 == 0 else [],
+        )
+    one, two = ctx(AT), ctx(AT + timedelta(days=1))
+    await take_snapshots(pool, one, PARIS, 3, workers=1)
+    await take_snapshots(pool, two, PARIS, 3, workers=2)
+    first = [tuple(r) for r in await pool.fetch(DAY_ROWS_SQL, date(2026, 6, 10))]
+    second = [tuple(r) for r in await pool.fetch(DAY_ROWS_SQL, date(2026, 6, 11))]
+    assert first == second
+    # 10 checking, 6 visible savings, 3 vehicles and 10 totals; 16 accounts and 3 assets.
+    assert len(first) == 29 + 19
+    assert (two.counts["users"], two.counts["batches"]) == (10, 4)
+    assert two.counts["rows_written"] == one.counts["rows_written"] == 29
+    assert two.progress_done == 10
+    # The same day again, with two workers: compared batch by batch, nothing written.
+    again = ctx(AT + timedelta(days=1, hours=1))
+    await take_snapshots(pool, again, PARIS, 3, workers=2)
+    assert (again.counts["rows_written"], again.counts["holdings_written"]) == (0, 0)
+    assert again.counts["rows_unchanged"] == 29
+    assert [tuple(r) for r in await pool.fetch(DAY_ROWS_SQL, date(2026, 6, 11))] == second
+
+
+async def test_a_claim_lost_by_one_worker_ends_the_run_as_claim_lost(pool: asyncpg.Pool) -> None:
+    for i in range(1, 9):
+        await add_user(pool, user_id=i, accounts=[("checking", str(i), False)])
+    calls = 0
+
+    async def fence(conn: Connection) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise ClaimLost("the lease expired")
+
+    c = ctx()
+    c.fence = fence
+    # Not an ExceptionGroup and not a cancellation: the runner must see the lost claim itself.
+    with pytest.raises(ClaimLost, match="lease expired"):
+        await take_snapshots(pool, c, PARIS, 1, workers=2)
+    written = await pool.fetchval("SELECT count(DISTINCT user_id) FROM patrimoine_snapshots")
+    assert written < 8

@@ -43,6 +43,7 @@ def declare_jobs(
                     crypto_api_key=settings.crypto_api_key,
                 ),
                 http,
+                workers=settings.snapshot_workers,
             ),
             grace=timedelta(hours=1),
             max_runtime=timedelta(hours=2),

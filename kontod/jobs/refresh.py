@@ -21,7 +21,6 @@ kontod needs to remember lives in ``kontod_connections`` and ``kontod_accounts``
 
 from __future__ import annotations
 
-import asyncio
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ import asyncpg
 
 from kontod import konto_schema, tokens
 from kontod.classify import classify
-from kontod.job import ClaimLost, Connection, JobBody, RunContext
+from kontod.job import ClaimLost, Connection, JobBody, RunContext, run_workers
 from kontod.konto_schema import KontoSchema
 from kontod.powens import (
     PowensClient,
@@ -449,15 +448,7 @@ class _Refresh:
                 self.tally.done += 1
                 ctx.report_progress(self.tally.done, len(users))
 
-        try:
-            async with asyncio.TaskGroup() as group:
-                for n in range(min(concurrency, len(users))):
-                    group.create_task(worker(), name=f"refresh-worker-{n}")
-        except ExceptionGroup as errors:
-            # What ends the run is one error, not the group around it: a lost claim first,
-            # whichever worker met it, so that the runner records nothing; else the first.
-            lost = [e for e in errors.exceptions if isinstance(e, ClaimLost)]
-            raise (lost or errors.exceptions)[0] from None
+        await run_workers(worker, min(concurrency, len(users)), "refresh")
 
         await self.count_after(cutoff)
         ctx.log.info(

@@ -1,10 +1,12 @@
 """``daily-snapshots``: one wealth snapshot per user and category for the run's local date,
 in one currency, with one row per holding beside the category rows.
 
-At the start of a run the rate sources are asked once (kontod/rates.py). Then users are
-processed in batches by id; each batch is one statement in one transaction, so the number of
-round trips grows with the number of batches, never with the number of users, and no
-transaction lasts longer than a batch. The statement converts every balance to the base
+At the start of a run the rate sources are asked once (kontod/rates.py). Then the users are
+cut into ranges of ids of ``batch_size`` users each, and a few workers (``workers``, each on a
+connection of its own) take the ranges one after another. Each batch is one statement in one
+transaction, so the number of round trips grows with the number of batches, never with the
+number of users, and no transaction lasts longer than a batch; with two workers the database
+computes and writes two batches at once, one on each of its cores. The statement converts every balance to the base
 currency with the rates chosen for the snapshot date (a join), in exact decimals; an account
 whose currency has no usable rate is left out of the totals and counted, never summed as if it
 were in the base currency.
@@ -17,17 +19,18 @@ and each one is handled by a fixed SQL fragment chosen from the lists below.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import aiohttp
 import asyncpg
 
 from kontod import rates
-from kontod.job import Connection, JobBody, RunContext
+from kontod.job import Connection, JobBody, RunContext, run_workers
 
 # How each column type is read or written. Only these fragments ever enter the statement.
 _VISIBLE = {
@@ -112,8 +115,8 @@ async def columns(conn: Connection) -> Columns:
     )
 
 
-# For the users with id > $1 (the next $2 of them), for the date $3, in base currency $4 with
-# rates at most $5 days old:
+# For the users whose id is in [$1, $2], for the date $3, in base currency $4 with rates at most
+# $5 days old:
 # - every visible account converted with the newest usable rate of its currency (none: NULL,
 #   left out and counted), every asset valued in the base currency;
 # - one holding row per converted account and per asset, one row per non-zero category and a
@@ -121,15 +124,12 @@ async def columns(conn: Connection) -> Columns:
 # - rows of that date that no longer apply deleted, rows that differ from what is stored
 #   updated, missing rows inserted, rows already right left untouched, so a re-run with
 #   nothing new writes nothing.
-# The parts see the same snapshot and touch disjoint rows.
+# The parts see the same snapshot and touch disjoint rows. Each table is read by the batch's
+# id range, which its user_id (or date, user_id) index answers, instead of being scanned whole
+# for each batch.
 _ROWS_SQL = """
 WITH batch AS (
-    SELECT id FROM users WHERE id > $1 ORDER BY id LIMIT $2
-),
--- The batch is every user id in ($1, last]: each table is read by that range, which its
--- user_id (or date, user_id) index answers, instead of being scanned whole for each batch.
-last AS (
-    SELECT max(id) AS id FROM batch
+    SELECT id FROM users WHERE id BETWEEN $1::bigint AND $2::bigint
 ),
 rates AS (
     -- The divisor gets at least 24 decimals, so that the quotient does too before it is
@@ -145,7 +145,7 @@ accounts AS (
            coalesce(nullif(upper(btrim(a.currency)), ''), 'EUR') AS currency,
            coalesce(a.balance::numeric, 0) AS amount
       FROM bank_accounts a
-     WHERE a.user_id > $1 AND a.user_id <= (SELECT id FROM last) AND {visible}
+     WHERE a.user_id BETWEEN $1::bigint AND $2::bigint AND {visible}
 ),
 converted AS (
     SELECT c.*,
@@ -161,7 +161,7 @@ holdings AS (
     SELECT s.user_id, 'asset:' || s.id, 'asset', s.id, s.name, coalesce(nullif(s.type, ''), 'other'),
            coalesce(s.current_value::numeric, s.purchase_price::numeric, 0), NULL, NULL
       FROM assets s
-     WHERE s.user_id > $1 AND s.user_id <= (SELECT id FROM last)
+     WHERE s.user_id BETWEEN $1::bigint AND $2::bigint
 ),
 categories AS (
     SELECT user_id, type AS category, sum(value) AS total_value
@@ -183,7 +183,7 @@ _COMPARE_SQL = """
 -- over two in-memory sets, never a look-up per row.
 stored AS (
     SELECT user_id, category, total_value FROM patrimoine_snapshots
-     WHERE date = {snapshot_day} AND user_id > $1 AND user_id <= (SELECT id FROM last)
+     WHERE date = {snapshot_day} AND user_id BETWEEN $1::bigint AND $2::bigint
 ),
 diff AS (
     SELECT coalesce(f.user_id, s.user_id) AS user_id, coalesce(f.category, s.category) AS category,
@@ -199,7 +199,7 @@ holding_rows AS (
 holdings_stored AS (
     SELECT user_id, holding_key, kind, ref_id, name, type, value{amount_columns}
       FROM holding_snapshots
-     WHERE date = {holding_day} AND user_id > $1 AND user_id <= (SELECT id FROM last)
+     WHERE date = {holding_day} AND user_id BETWEEN $1::bigint AND $2::bigint
 ),
 holdings_diff AS (
     SELECT coalesce(n.user_id, o.user_id) AS user_id,
@@ -266,7 +266,6 @@ holdings_inserted AS (
 
 _WRITTEN_SQL = """
 SELECT (SELECT count(*) FROM batch) AS users,
-       (SELECT id FROM last) AS last_id,
        (SELECT count(*) FROM fresh) AS fresh_rows,
        (SELECT count(*) FROM inserted) + (SELECT count(*) FROM updated) AS written,
        (SELECT count(*) FROM removed) AS removed,
@@ -282,7 +281,6 @@ SELECT (SELECT count(*) FROM batch) AS users,
 # alone, so that in a re-run where nothing changed a batch reads and compares, and runs no write.
 _CHECK_SQL = """
 SELECT (SELECT count(*) FROM batch) AS users,
-       (SELECT id FROM last) AS last_id,
        (SELECT count(*) FROM fresh) AS fresh_rows,
        0 AS written,
        0 AS removed,
@@ -359,20 +357,52 @@ def _record_rates(ctx: RunContext, report: rates.RateReport) -> None:
                 ctx.counts[f"rate_fallback_{cur}"] = 1
 
 
+# The id of every ``$1``-th user: the ends of the batches' id ranges, read in one index scan.
+_BOUNDS_SQL = """
+SELECT id::bigint FROM (SELECT id, row_number() OVER (ORDER BY id) AS n FROM users) u
+ WHERE n % $1 = 0 ORDER BY id
+"""
+_MIN_ID, _MAX_ID = -(2**63), 2**63 - 1
+
+
+def id_ranges(bounds: list[int]) -> list[tuple[int, int]]:
+    """Consecutive inclusive id ranges ending at each bound, then one up to the largest id, so
+    that every id, even one inserted during the run, falls in exactly one range."""
+    ranges, low = [], _MIN_ID
+    for bound in bounds:
+        ranges.append((low, bound))
+        low = bound + 1
+    if low <= _MAX_ID:
+        ranges.append((low, _MAX_ID))
+    return ranges
+
+
+def _shown(low: int) -> int | None:
+    """A range's first id as a log shows it: none for the first range, which is unbounded."""
+    return None if low == _MIN_ID else low
+
+
 async def take_snapshots(
     pool: asyncpg.Pool,
     ctx: RunContext,
     tz: ZoneInfo,
     batch_size: int,
     *,
+    workers: int = 1,
     conversion: Conversion | None = None,
     sources: rates.RateSources | None = None,
 ) -> None:
     """Ask the rate sources (when given), then write the snapshot of every user for the
-    run's date, batch by batch."""
+    run's date, batch by batch, ``workers`` batches at a time."""
     conv = conversion or Conversion()
     day = snapshot_date(ctx, tz)
-    ctx.log.info("snapshots.started", date=day.isoformat(), batch_size=batch_size, base=conv.base)
+    ctx.log.info(
+        "snapshots.started",
+        date=day.isoformat(),
+        batch_size=batch_size,
+        workers=workers,
+        base=conv.base,
+    )
     for key in (
         "users",
         "rows_written",
@@ -398,33 +428,16 @@ async def take_snapshots(
         before_write=ctx.check_claim,
     )
     _record_rates(ctx, report)
-    last_id = 0
     async with pool.acquire() as conn:
         cols = await columns(conn)
-        sql, check = batch_sql(cols), check_sql(cols)
         # On a date that already holds rows (a re-run), each batch is compared first and written
         # only when something differs; a new date goes straight to the writes.
         held: bool = await conn.fetchval(day_held_sql(cols), day)
         expected: int = await conn.fetchval("SELECT count(*) FROM users")
-        ctx.report_progress(0, expected)
-        params = (batch_size, day, conv.base, conv.max_age_days)
-        while True:
-            row = None
-            if held:
-                row = await conn.fetchrow(check, last_id, *params)
-                assert row is not None
-                if row["users"] and row["changes"]:
-                    row = None
-            if row is None:
-                row = await _run_batch(conn, ctx, sql, last_id, *params)
-            if row["users"] == 0:
-                break
-            last_id = row["last_id"]
-            _count_batch(ctx, row)
-            ctx.report_progress(ctx.counts["users"], max(expected, ctx.counts["users"]))
-            ctx.log.debug("snapshots.batch", last_user_id=last_id, users=row["users"])
-            if row["users"] < batch_size:
-                break
+        bounds = [r["id"] for r in await conn.fetch(_BOUNDS_SQL, batch_size)]
+    ctx.report_progress(0, expected)
+    batch = _Batch(ctx, batch_sql(cols), check_sql(cols) if held else None, day, conv)
+    await run_workers(batch.worker(pool, iter(id_ranges(bounds)), expected), workers, "snapshots")
     unconverted = {
         key.removeprefix("unconverted_"): n
         for key, n in ctx.counts.items()
@@ -443,31 +456,59 @@ async def take_snapshots(
     )
 
 
-async def _run_batch(
-    conn: Connection,
-    ctx: RunContext,
-    sql: str,
-    last_id: int,
-    batch_size: int,
-    day: date,
-    base: str,
-    max_age_days: int,
-) -> asyncpg.Record:
-    """One batch in one transaction, run again when another writer inserted one of its rows
-    between the statement's snapshot and its insert (a unique violation rolls it back whole)."""
-    for attempt in range(1, BATCH_ATTEMPTS + 1):
-        try:
-            async with conn.transaction():
-                await ctx.check_claim(conn)
-                row = await conn.fetchrow(sql, last_id, batch_size, day, base, max_age_days)
-        except asyncpg.UniqueViolationError:
-            if attempt == BATCH_ATTEMPTS:
-                raise
-            ctx.log.info("snapshots.batch_retried", after_user_id=last_id, attempt=attempt)
-            continue
-        assert row is not None
-        return row
-    raise AssertionError("unreachable")
+@dataclass(frozen=True)
+class _Batch:
+    """How one batch is run: compared first on a date that holds rows (``check``), written
+    when anything differs (or at once on a new date)."""
+
+    ctx: RunContext
+    sql: str
+    check: str | None
+    day: date
+    conv: Conversion
+
+    def worker(
+        self, pool: asyncpg.Pool, ranges: Iterator[tuple[int, int]], expected: int
+    ) -> Callable[[], Coroutine[Any, Any, None]]:
+        """A worker: on a connection of its own, it takes ranges from the shared iterator
+        until there is none left."""
+        ctx = self.ctx
+
+        async def work() -> None:
+            async with pool.acquire() as conn:
+                for low, high in ranges:
+                    row = await self.run(conn, low, high)
+                    if row["users"] == 0:
+                        continue
+                    _count_batch(ctx, row)
+                    ctx.report_progress(ctx.counts["users"], max(expected, ctx.counts["users"]))
+                    ctx.log.debug("snapshots.batch", from_id=_shown(low), users=row["users"])
+
+        return work
+
+    async def run(self, conn: Connection, low: int, high: int) -> asyncpg.Record:
+        params = (low, high, self.day, self.conv.base, self.conv.max_age_days)
+        if self.check is not None:
+            row = await conn.fetchrow(self.check, *params)
+            assert row is not None
+            if not row["users"] or not row["changes"]:
+                return row
+        # One batch in one transaction, run again when another writer inserted one of its
+        # rows between the statement's snapshot and its insert (a unique violation rolls it
+        # back whole).
+        for attempt in range(1, BATCH_ATTEMPTS + 1):
+            try:
+                async with conn.transaction():
+                    await self.ctx.check_claim(conn)
+                    row = await conn.fetchrow(self.sql, *params)
+            except asyncpg.UniqueViolationError:
+                if attempt == BATCH_ATTEMPTS:
+                    raise
+                self.ctx.log.info("snapshots.batch_retried", from_id=_shown(low), attempt=attempt)
+                continue
+            assert row is not None
+            return row
+        raise AssertionError("unreachable")
 
 
 def _count_batch(ctx: RunContext, row: asyncpg.Record) -> None:
@@ -506,19 +547,20 @@ def make_body(
     conversion: Conversion | None = None,
     sources: SourceSettings | None = None,
     http: aiohttp.ClientSession | None = None,
+    workers: int = 1,
 ) -> JobBody:
     """The job body; with ``sources`` set, each run asks them (over ``http``, or a session
     of its own)."""
 
     async def body(ctx: RunContext) -> None:
         if sources is None:
-            await take_snapshots(pool, ctx, tz, batch_size, conversion=conversion)
+            await take_snapshots(pool, ctx, tz, batch_size, workers=workers, conversion=conversion)
             return
         if http is not None:
-            await _with_sources(pool, ctx, tz, batch_size, conversion, sources, http)
+            await _with_sources(pool, ctx, tz, batch_size, workers, conversion, sources, http)
             return
         async with aiohttp.ClientSession() as session:
-            await _with_sources(pool, ctx, tz, batch_size, conversion, sources, session)
+            await _with_sources(pool, ctx, tz, batch_size, workers, conversion, sources, session)
 
     return body
 
@@ -528,6 +570,7 @@ async def _with_sources(
     ctx: RunContext,
     tz: ZoneInfo,
     batch_size: int,
+    workers: int,
     conversion: Conversion | None,
     settings: SourceSettings,
     http: aiohttp.ClientSession,
@@ -540,4 +583,6 @@ async def _with_sources(
         attempts=settings.attempts,
         api_key=settings.crypto_api_key,
     )
-    await take_snapshots(pool, ctx, tz, batch_size, conversion=conversion, sources=sources)
+    await take_snapshots(
+        pool, ctx, tz, batch_size, workers=workers, conversion=conversion, sources=sources
+    )
