@@ -47,6 +47,8 @@ class Profile:
     idle_load_s: float
     idle_cpu_s: float
     run_table_rows: int
+    # Measure every template in place (else only those a working copy does not fit beside).
+    in_place: bool = False
 
 
 FULL = Profile(
@@ -78,6 +80,8 @@ QUICK = Profile(
     idle_load_s=2,
     idle_cpu_s=5,
     run_table_rows=10_000,
+    # So that CI runs the in-place path, and its putting back of the template, every time.
+    in_place=True,
 )
 
 
@@ -94,10 +98,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--history-days", type=int, help="days of snapshot history in the tables")
     p.add_argument("--repetitions", type=int, help="passes of each snapshot variant")
     p.add_argument("--batch-size", type=int, default=1000, help="kontod's snapshot batch (1000)")
+    p.add_argument(
+        "--snapshot-workers",
+        type=int,
+        default=scale.DEFAULT_WORKERS,
+        help=f"KONTOD_SNAPSHOT_WORKERS of the kontod runs ({scale.DEFAULT_WORKERS})",
+    )
     p.add_argument("--old-up-to", type=int, help="largest size the old per-user job runs on")
     p.add_argument("--refresh-users", type=int, help="stale users of the refresh benchmark")
     p.add_argument("--no-refresh", action="store_true", help="leave the refresh benchmark out")
     p.add_argument("--no-daemon", action="store_true", help="leave the daemon benchmark out")
+    p.add_argument(
+        "--in-place",
+        action="store_true",
+        help="measure each template itself, then put it back (no working copy)",
+    )
     p.add_argument("--json", type=Path, help="where the JSON goes (full run: bench/results/)")
     p.add_argument("--readme", type=Path, help="replace the Performance table of this README")
     return p
@@ -204,20 +219,30 @@ async def _snapshots(
     snapshots: list[scale.ScaleResult] = []
     svc: service.ServiceResult | None = None
     skipped: list[dict[str, Any]] = []
+    in_place: dict[int, str] = {}
     for users in sizes:
-        too_big = await _no_room(admin_dsn, users, days)
+        too_big, here = await _room(admin_dsn, users, days, _repetitions(users, reps, args))
         if too_big is not None:
             say(f"snapshots: {users} users skipped: {too_big}")
             skipped.append({"users": users, "reason": too_big})
+        elif here:
+            in_place[users] = "the disk cannot hold a working copy beside it"
+        elif args.in_place:
+            in_place[users] = "--in-place"
+        elif p.in_place:
+            in_place[users] = f"the {p.name} run measures in place, so that CI runs that path"
     measured = [u for u in sizes if u not in {k["users"] for k in skipped}]
     for users in measured:
-        async with scale.working_data(admin_dsn, users, days, say) as data:
+        async with scale.working_data(
+            admin_dsn, users, days, say, in_place=in_place.get(users)
+        ) as data:
             old = users <= old_up_to
             snapshots.append(
                 await scale.measure(
                     data,
-                    repetitions=reps,
+                    repetitions=_repetitions(users, reps, args),
                     batch_size=args.batch_size,
+                    workers=args.snapshot_workers,
                     rates=rates,
                     rates_root=rates_root,
                     old=old,
@@ -234,6 +259,7 @@ async def _snapshots(
                     data.dsn,
                     users,
                     batch_size=args.batch_size,
+                    workers=args.snapshot_workers,
                     rates=rates,
                     rates_root=rates_root,
                     rate=p.rate,
@@ -244,22 +270,42 @@ async def _snapshots(
     return snapshots, svc, skipped
 
 
-async def _no_room(admin_dsn: str, users: int, days: int) -> str | None:
-    """Why a size cannot be measured here (the disk cannot hold it and its working copy)."""
+# From this size on, two repetitions unless --repetitions says otherwise: each pass of a
+# million users takes minutes.
+LARGE = 1_000_000
+LARGE_REPETITIONS = 2
+
+
+def _repetitions(users: int, reps: int, args: argparse.Namespace) -> int:
+    if users >= LARGE and args.repetitions is None:
+        return min(reps, LARGE_REPETITIONS)
+    return reps
+
+
+async def _room(admin_dsn: str, users: int, days: int, reps: int) -> tuple[str | None, bool]:
+    """Whether a size fits on this disk: (why not, or None; whether to measure the template in
+    place because a working copy does not fit beside it)."""
     free = state.free_bytes()
     if free is None:
-        return None
+        return None, False
     size = dataset.estimated_bytes(users, days)
     cached = await state.database_exists(
         admin_dsn, state.template_name(users, days, dataset.shape_fingerprint())
     )
-    # The working copy, the template unless it is cached, and room for the WAL.
-    needed = size * (1 if cached else 2) + 4 * 2**30
-    if free >= needed:
-        return None
+    # The template unless it is cached; the days the passes write (kontod's and the floor's of
+    # each repetition, the old job's, the daemon's run); room for the WAL.
+    template = 0 if cached else size
+    grows = dataset.estimated_bytes(users, 2 * reps + 2) - dataset.estimated_bytes(users, 0)
+    wal = 4 * 2**30
+    if free >= template + size + grows + wal:
+        return None, False
+    if free >= template + grows + wal:
+        return None, True
     return (
-        f"needs about {needed / 2**30:.0f} GiB free for its data set and working copy"
-        f" ({size / 2**30:.0f} GiB each), {free / 2**30:.0f} GiB free"
+        f"needs about {(template + grows + wal) / 2**30:.0f} GiB free for its data set and"
+        f" the days the passes write ({size / 2**30:.0f} GiB of data set), {free / 2**30:.0f}"
+        " GiB free",
+        False,
     )
 
 

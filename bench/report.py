@@ -213,6 +213,21 @@ def markdown(r: Results) -> str:
                 f" | {_x(s.ratio('old', 'kontod'))} | {equal} | {_mib(s.peak_rss_kib)} |"
             )
         notes = [f"{_n(s.users)} users: {s.old_note}" for s in r.snapshots if s.old_note]
+        workers = sorted({(s.batch_size, s.workers) for s in r.snapshots})
+        out += [
+            "",
+            "kontod ran with "
+            + "; ".join(f"batches of {_n(b)} users, {w} workers" for b, w in workers)
+            + ".",
+        ]
+        for s in r.snapshots:
+            if s.in_place:
+                out += [
+                    "",
+                    f"{_n(s.users)} users: measured on the template itself ({s.repetitions}"
+                    f" repetitions; {s.in_place}); the rows the passes wrote were removed"
+                    " afterwards.",
+                ]
         for k in r.skipped:
             out += ["", f"{_n(k['users'])} users: not measured, {k['reason']}."]
         rewritten = [f"{_n(s.users)} users: {_n(s.rerun_rows_written)} rows" for s in r.snapshots]
@@ -311,6 +326,8 @@ def _scale_json(s: ScaleResult) -> dict[str, Any]:
         "generated_seconds": None if s.generated_seconds is None else round(s.generated_seconds, 1),
         "repetitions": s.repetitions,
         "batch_size": s.batch_size,
+        "workers": s.workers,
+        "in_place": s.in_place,
         "variants": variants,
         "ratios": {
             "kontod_over_floor": s.ratio("kontod", "floor"),

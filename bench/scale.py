@@ -38,8 +38,9 @@ import asyncpg
 
 from bench import dataset, floor
 from bench.snapshots import old_snapshots
-from bench.state import ROOT, working_copy
+from bench.state import ROOT, with_database, working_copy
 from kontod import db, rates_sandbox
+from kontod.config import Settings
 
 # The timed passes write the days from here on, one each, all newer than the history.
 FIRST_DAY = date(2026, 1, 1)
@@ -49,6 +50,8 @@ SELECT status, extract(epoch FROM finished_at - started_at)::float8 AS seconds, 
 """
 
 Progress = Callable[[str], None]
+# kontod's own default, unless the run says otherwise (--snapshot-workers).
+DEFAULT_WORKERS = Settings().snapshot_workers
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,9 @@ class ScaleResult:
     passes: list[Pass] = field(default_factory=list)
     comparisons: list[Comparison] = field(default_factory=list)
     old_note: str | None = None
+    # Why the template itself was measured instead of a working copy (None: a copy was).
+    in_place: str | None = None
+    workers: int = DEFAULT_WORKERS
 
     def seconds(self, variant: str) -> list[float]:
         return [p.seconds for p in self.passes if p.variant == variant]
@@ -124,20 +130,38 @@ class WorkingData:
     history_days: int
     sizes: dataset.Sizes
     generated_seconds: float | None
+    in_place: str | None = None
+
+
+# kontod's own tables that a pass fills (runs, their jobs' counters, pauses), emptied when a
+# template measured in place is put back as it was; the rates and migrations stay.
+RUN_STATE_TABLES = ("kontod_runs", "kontod_jobs", "kontod_pauses")
 
 
 @asynccontextmanager
 async def working_data(
-    admin_dsn: str, users: int, history_days: int, progress: Progress
+    admin_dsn: str,
+    users: int,
+    history_days: int,
+    progress: Progress,
+    *,
+    in_place: str | None = None,
 ) -> AsyncIterator[WorkingData]:
-    """A copy of the data set of ``users`` users (generated first when not cached)."""
+    """A copy of the data set of ``users`` users (generated first when not cached).
+
+    With ``in_place`` (why: a disk that cannot hold a second copy, say), the template itself is
+    measured instead, and put back as it was afterwards: every row dated after the history removed, the
+    runs forgotten, the snapshot tables vacuumed. An interrupted run is put right the same way
+    before the next one measures.
+    """
     template, generated = await dataset.ensure_template(admin_dsn, users, history_days, progress)
+    how = f"measuring it in place ({in_place})" if in_place else "copying it"
     progress(
         f"snapshots: {users} users, "
         + ("generated" if generated is not None else "cached")
-        + f" template {template}; copying it"
+        + f" template {template}; {how}"
     )
-    async with working_copy(admin_dsn, template) as dsn:
+    async with _database_for(admin_dsn, template, in_place is not None, progress) as dsn:
         conn = await asyncpg.connect(dsn)
         try:
             # Migrations added since the template was built (their tables start empty).
@@ -145,7 +169,42 @@ async def working_data(
             sizes = await dataset.sizes(conn)
         finally:
             await conn.close()
-        yield WorkingData(dsn, users, history_days, sizes, generated)
+        yield WorkingData(dsn, users, history_days, sizes, generated, in_place)
+
+
+@asynccontextmanager
+async def _database_for(
+    admin_dsn: str, template: str, in_place: bool, progress: Progress
+) -> AsyncIterator[str]:
+    if not in_place:
+        async with working_copy(admin_dsn, template) as dsn:
+            yield dsn
+        return
+    dsn = with_database(admin_dsn, template)
+    await restore_template(dsn, progress)
+    try:
+        yield dsn
+    finally:
+        await restore_template(dsn, progress)
+
+
+async def restore_template(dsn: str, progress: Progress) -> None:
+    """Remove what measuring a template in place added to it (nothing when nothing did)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        removed = 0
+        for table, _ in floor.SNAPSHOT_TABLES:
+            status = await conn.execute(f"DELETE FROM {table} WHERE date > $1", dataset.HISTORY_END)
+            removed += int(status.split()[-1])
+        present = [t for t in RUN_STATE_TABLES if await conn.fetchval("SELECT to_regclass($1)", t)]
+        if present:
+            await conn.execute(f"TRUNCATE {', '.join(present)} CASCADE")
+        if removed:
+            progress(f"template: removed {removed} rows dated after the history; vacuuming")
+            for table, _ in floor.SNAPSHOT_TABLES:
+                await conn.execute(f"VACUUM (ANALYZE) {table}")
+    finally:
+        await conn.close()
 
 
 async def settle(conn: asyncpg.Connection) -> None:
@@ -154,7 +213,9 @@ async def settle(conn: asyncpg.Connection) -> None:
         await conn.execute("CHECKPOINT")
 
 
-def job_environment(dsn: str, batch_size: int, rates_root: str) -> dict[str, str]:
+def job_environment(
+    dsn: str, batch_size: int, rates_root: str, workers: int = DEFAULT_WORKERS
+) -> dict[str, str]:
     """The environment of a kontod process on the benchmark's database, asking the rate
     sandbox served at ``rates_root`` (nothing leaves loopback)."""
     fiat_url, crypto_url = rates_sandbox.urls(rates_root)
@@ -165,6 +226,7 @@ def job_environment(dsn: str, batch_size: int, rates_root: str) -> dict[str, str
         KONTOD_LOG_FORMAT="json",
         KONTOD_LOG_LEVEL="warning",
         KONTOD_SNAPSHOT_BATCH_SIZE=str(batch_size),
+        KONTOD_SNAPSHOT_WORKERS=str(workers),
         KONTOD_FIAT_RATES_URL=fiat_url,
         KONTOD_CRYPTO_PRICES_URL=crypto_url,
     )
@@ -172,7 +234,12 @@ def job_environment(dsn: str, batch_size: int, rates_root: str) -> dict[str, str
 
 
 async def kontod_pass(
-    conn: asyncpg.Connection, dsn: str, tick: datetime, batch_size: int, rates_root: str
+    conn: asyncpg.Connection,
+    dsn: str,
+    tick: datetime,
+    batch_size: int,
+    rates_root: str,
+    workers: int = DEFAULT_WORKERS,
 ) -> Pass:
     """One scheduled run in a process of its own; its time is the run's recorded duration."""
     started = time.perf_counter()
@@ -183,7 +250,7 @@ async def kontod_pass(
         "--tick",
         tick.isoformat(),
         cwd=ROOT,
-        env=job_environment(dsn, batch_size, rates_root),
+        env=job_environment(dsn, batch_size, rates_root, workers),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -260,6 +327,7 @@ async def measure(
     *,
     repetitions: int,
     batch_size: int,
+    workers: int = DEFAULT_WORKERS,
     rates: rates_sandbox.RateSandbox,
     rates_root: str,
     old: bool,
@@ -274,7 +342,9 @@ async def measure(
         generated_seconds=data.generated_seconds,
         repetitions=repetitions,
         batch_size=batch_size,
+        workers=workers,
         old_note=old_note,
+        in_place=data.in_place,
     )
     days = (FIRST_DAY + timedelta(days=n) for n in range(10_000))
     conn = await asyncpg.connect(data.dsn)
@@ -296,12 +366,17 @@ async def measure(
                     # The ECB publishes the day's rates: the run fetches and stores them.
                     rates.ecb_day = day
                     tick = datetime(day.year, day.month, day.day, 2, tzinfo=UTC)
-                    first = await kontod_pass(conn, data.dsn, tick, batch_size, rates_root)
+                    first = await kontod_pass(conn, data.dsn, tick, batch_size, rates_root, workers)
                     result.passes.append(_at(first, "kontod", rep))
                     await settle(conn)
                     progress(f"snapshots: {data.users} users, pass {rep + 1}, rerun")
                     again = await kontod_pass(
-                        conn, data.dsn, tick + timedelta(hours=1), batch_size, rates_root
+                        conn,
+                        data.dsn,
+                        tick + timedelta(hours=1),
+                        batch_size,
+                        rates_root,
+                        workers,
                     )
                     result.passes.append(_at(again, "rerun", rep))
                     continue

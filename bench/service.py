@@ -32,7 +32,7 @@ import aiohttp
 import asyncpg
 
 from bench.job_process import memory_kib
-from bench.scale import job_environment
+from bench.scale import DEFAULT_WORKERS, job_environment
 from bench.state import ROOT
 from kontod import rates_sandbox
 
@@ -165,6 +165,7 @@ async def run(
     users: int,
     *,
     batch_size: int,
+    workers: int = DEFAULT_WORKERS,
     rates: rates_sandbox.RateSandbox,
     rates_root: str,
     rate: float,
@@ -175,7 +176,7 @@ async def run(
     rates.ecb_day = datetime.now(UTC).date()
     port = _free_port()
     token = secrets.token_hex(16)
-    env = job_environment(dsn, batch_size, rates_root)
+    env = job_environment(dsn, batch_size, rates_root, workers)
     env.update(
         KONTOD_LISTEN=f"127.0.0.1:{port}",
         KONTOD_ADMIN_TOKEN=token,
