@@ -221,7 +221,10 @@ async def _snapshots(
     skipped: list[dict[str, Any]] = []
     in_place: dict[int, str] = {}
     for users in sizes:
-        too_big, here = await _room(admin_dsn, users, days, _repetitions(users, reps, args))
+        # The days the passes write: kontod's and the floor's of each repetition, the old
+        # job's where it runs, the daemon's run on the largest size.
+        written = 2 * _repetitions(users, reps, args) + (users <= old_up_to) + (users == max(sizes))
+        too_big, here = await _room(admin_dsn, users, days, written)
         if too_big is not None:
             say(f"snapshots: {users} users skipped: {too_big}")
             skipped.append({"users": users, "reason": too_big})
@@ -282,7 +285,7 @@ def _repetitions(users: int, reps: int, args: argparse.Namespace) -> int:
     return reps
 
 
-async def _room(admin_dsn: str, users: int, days: int, reps: int) -> tuple[str | None, bool]:
+async def _room(admin_dsn: str, users: int, days: int, written: int) -> tuple[str | None, bool]:
     """Whether a size fits on this disk: (why not, or None; whether to measure the template in
     place because a working copy does not fit beside it)."""
     free = state.free_bytes()
@@ -292,10 +295,9 @@ async def _room(admin_dsn: str, users: int, days: int, reps: int) -> tuple[str |
     cached = await state.database_exists(
         admin_dsn, state.template_name(users, days, dataset.shape_fingerprint())
     )
-    # The template unless it is cached; the days the passes write (kontod's and the floor's of
-    # each repetition, the old job's, the daemon's run); room for the WAL.
+    # The template unless it is cached; the ``written`` days the passes add; room for the WAL.
     template = 0 if cached else size
-    grows = dataset.estimated_bytes(users, 2 * reps + 2) - dataset.estimated_bytes(users, 0)
+    grows = dataset.estimated_bytes(users, written) - dataset.estimated_bytes(users, 0)
     wal = 4 * 2**30
     if free >= template + size + grows + wal:
         return None, False
