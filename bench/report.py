@@ -231,6 +231,17 @@ def markdown(r: Results) -> str:
         for k in r.skipped:
             out += ["", f"{_n(k['users'])} users: not measured, {k['reason']}."]
         rewritten = [f"{_n(s.users)} users: {_n(s.rerun_rows_written)} rows" for s in r.snapshots]
+        old_equal = [
+            f"{_n(s.users)} users: " + ("yes" if all(c.same for c in s.old_comparisons) else "NO")
+            for s in r.snapshots
+            if s.old_comparisons
+        ]
+        if old_equal:
+            out += [
+                "",
+                "The old job writes the same rows as the floor (holdings, categories, total,"
+                " converted): " + "; ".join(old_equal) + ".",
+            ]
         out += [
             "",
             "Rows written by the re-runs of an unchanged day: " + "; ".join(rewritten) + ".",
@@ -342,6 +353,15 @@ def _scale_json(s: ScaleResult) -> dict[str, Any]:
                 "floor_day": c.floor_day.isoformat(),
             }
             for c in s.comparisons
+        ],
+        "old_rows_equal": all(c.same for c in s.old_comparisons) if s.old_comparisons else None,
+        "old_comparisons": [
+            {
+                **asdict(c),
+                "old_day": c.kontod_day.isoformat(),
+                "floor_day": c.floor_day.isoformat(),
+            }
+            for c in s.old_comparisons
         ],
         "rerun_rows_written": s.rerun_rows_written,
         "kontod_peak_rss_kib": s.peak_rss_kib,

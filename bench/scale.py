@@ -91,6 +91,8 @@ class ScaleResult:
     batch_size: int
     passes: list[Pass] = field(default_factory=list)
     comparisons: list[Comparison] = field(default_factory=list)
+    # The old job's rows against the floor's (first repetition), reported beside.
+    old_comparisons: list[Comparison] = field(default_factory=list)
     old_note: str | None = None
     # Why the template itself was measured instead of a working copy (None: a copy was).
     in_place: str | None = None
@@ -350,6 +352,7 @@ async def measure(
     conn = await asyncpg.connect(data.dsn)
     try:
         pairs: list[tuple[date, date]] = []
+        old_day: date | None = None
         for rep in range(repetitions):
             variants = ["kontod", "floor", "aggregate"]
             shift = rep % len(variants)
@@ -388,6 +391,8 @@ async def measure(
                 seconds, rows = await timed(conn, day)
                 if variant == "floor":
                     floor_day = day
+                if variant == "old":
+                    old_day = day
                 result.passes.append(Pass(variant, rep, day, seconds, rows))
             assert kontod_day is not None
             assert floor_day is not None
@@ -395,6 +400,8 @@ async def measure(
         progress("snapshots: comparing kontod's rows with the floor's")
         for kontod_day, floor_day in pairs:
             result.comparisons += await compare(conn, kontod_day, floor_day)
+        if old_day is not None:
+            result.old_comparisons = await compare(conn, old_day, pairs[0][1])
     finally:
         await conn.close()
     return result
