@@ -382,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         replace_readme_section(args.readme, table, results.environment["command"])
     # A benchmark whose sides did not produce the same rows, or left users unrefreshed,
     # measured nothing: that fails; a slow figure never does.
-    same = all(s.same_rows for s in results.snapshots)
+    same = all(s.same_rows and all(c.same for c in s.old_comparisons) for s in results.snapshots)
     complete = results.refresh is None or all(
         x.complete for x in [*results.refresh.passes, results.refresh.serial] if x is not None
     )

@@ -98,6 +98,19 @@ def _converted(amount: Decimal, currency: str, base: str, rates: Rates) -> Decim
     return (amount * base_amount / currency_amount).quantize(EIGHT_PLACES, ROUND_HALF_UP)
 
 
+def _holding(
+    kind: str,
+    row: asyncpg.Record,
+    category: str,
+    value: Decimal,
+    currency: str | None,
+    amount: Decimal | None,
+) -> tuple[object, ...]:
+    """The columns of a holding row after its date and user: key, kind, ref_id, name, type,
+    value, currency, amount."""
+    return (f"{kind}:{row['id']}", kind, row["id"], row["name"], category, value, currency, amount)
+
+
 async def _old_user(conn: Conn, day: date, user_id: int, base: str, rates: Rates) -> int:
     """One user's snapshot the old way: two reads, sums in Python, one write per row."""
     sums: dict[str, Decimal] = {}
@@ -114,14 +127,7 @@ async def _old_user(conn: Conn, day: date, user_id: int, base: str, rates: Rates
             OLD_HOLDING_SQL,
             day,
             user_id,
-            f"account:{a['id']}",
-            "account",
-            a["id"],
-            a["name"],
-            category,
-            value,
-            currency,
-            amount,
+            *_holding("account", a, category, value, currency, amount),
         )
         written += 1
     for s in await conn.fetch(OLD_ASSETS_SQL, user_id):
@@ -132,17 +138,7 @@ async def _old_user(conn: Conn, day: date, user_id: int, base: str, rates: Rates
         value = value if value is not None else Decimal(0)
         sums[category] = sums.get(category, Decimal(0)) + value
         await conn.execute(
-            OLD_HOLDING_SQL,
-            day,
-            user_id,
-            f"asset:{s['id']}",
-            "asset",
-            s["id"],
-            s["name"],
-            category,
-            value,
-            None,
-            None,
+            OLD_HOLDING_SQL, day, user_id, *_holding("asset", s, category, value, None, None)
         )
         written += 1
     total = Decimal(0)
