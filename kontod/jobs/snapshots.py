@@ -6,10 +6,11 @@ cut into ranges of ids of ``batch_size`` users each, and a few workers (``worker
 connection of its own) take the ranges one after another. Each batch is one statement in one
 transaction, so the number of round trips grows with the number of batches, never with the
 number of users, and no transaction lasts longer than a batch; with two workers the database
-computes and writes two batches at once, one on each of its cores. The statement converts every balance to the base
-currency with the rates chosen for the snapshot date (a join), in exact decimals; an account
-whose currency has no usable rate is left out of the totals and counted, never summed as if it
-were in the base currency.
+computes and writes two batches at once, one on each of its cores.
+
+The statement converts every balance to the base currency with the rates chosen for the
+snapshot date (a join), in exact decimals; an account whose currency has no usable rate is left
+out of the totals and counted, never summed as if it were in the base currency.
 
 The statement works on kontod's own tables (numeric money, boolean flags, date dates) and on
 the tables Konto's web app creates (float money, 0/1 flags, text dates, holding rows without
