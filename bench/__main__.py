@@ -370,23 +370,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     table = report.markdown(results)
     print(table)
+    failed = report.failures(results, args.sizes or p.sizes)
     target = args.json
     if target is None and not args.quick:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         target = RESULTS / f"{stamp}-{p.name}.json"
     if target is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(report.as_json(results), indent=2, default=str) + "\n")
+        target.write_text(json.dumps(report.as_json(results, failed), indent=2, default=str) + "\n")
         print(f"results written to {target}", file=sys.stderr)
     if args.readme is not None:
         replace_readme_section(args.readme, table, results.environment["command"])
-    # A benchmark whose sides did not produce the same rows, or left users unrefreshed,
-    # measured nothing: that fails; a slow figure never does.
-    same = all(s.same_rows and all(c.same for c in s.old_comparisons) for s in results.snapshots)
-    complete = results.refresh is None or all(
-        x.complete for x in [*results.refresh.passes, results.refresh.serial] if x is not None
-    )
-    return 0 if same and complete else 1
+    # A benchmark that skipped a size, whose sides did not produce the same rows, whose re-run
+    # of an unchanged day wrote, or that left users unrefreshed, measured less than it says:
+    # that fails, after the report is written; a slow figure never does.
+    for reason in failed:
+        print(f"bench: FAILED: {reason}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

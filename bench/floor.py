@@ -2,9 +2,11 @@
 
 ``floor``: every user's rows for one date, written by one statement (an ``INSERT … SELECT`` per
 snapshot table) in one transaction, on a date that holds no row yet (nothing to update or delete), so nothing
-but computing and writing the rows is paid. ``aggregate``: the same SELECT, counted, nothing
-written: the cost of reading and summing alone, which a re-run of an unchanged day should stay
-close to.
+but computing and writing the rows is paid. ``parallel floor``: the same statement restricted
+to a range of user ids (``PARALLEL_FLOOR_SQL``), one range per connection, as many connections
+as kontod has workers, all run at once: the floor with kontod's own parallelism, which is what
+kontod's time is held to. ``aggregate``: the same SELECT, counted, nothing written: the cost of
+reading and summing alone, which a re-run of an unchanged day should stay close to.
 
 Both compute exactly the rows ``kontod.jobs.snapshots`` writes, for all users at once instead
 of batch by batch; the benchmark checks that kontod's rows and the floor's are equal. This is
@@ -18,8 +20,9 @@ from __future__ import annotations
 # currency (none: left out), each asset in the base currency at its current value, else its
 # purchase price, else 0; a holding row per converted account and per asset; a row per
 # category (account type, none: checking; asset type, none: other) whose sum is not 0, and a
-# total row for every user.
-ROWS_SQL = """
+# total row for every user. ``{users}``, ``{accounts}`` and ``{assets}`` restrict the rows to a
+# range of user ids, or to nothing (every user).
+_ROWS_SQL = """
 WITH rates AS (
     SELECT DISTINCT ON (currency) currency, base_amount,
            round(currency_amount, greatest(scale(currency_amount), 24)) AS currency_amount
@@ -32,7 +35,7 @@ accounts AS (
            coalesce(nullif(upper(btrim(a.currency)), ''), 'EUR') AS currency,
            coalesce(a.balance::numeric, 0) AS amount
       FROM bank_accounts a
-     WHERE a.hidden IS NOT TRUE
+     WHERE a.hidden IS NOT TRUE{accounts}
 ),
 converted AS (
     SELECT c.*,
@@ -48,7 +51,7 @@ holdings AS MATERIALIZED (
     SELECT s.user_id, 'asset:' || s.id, 'asset', s.id, s.name,
            coalesce(nullif(s.type, ''), 'other'),
            coalesce(s.current_value::numeric, s.purchase_price::numeric, 0), NULL, NULL
-      FROM assets s
+      FROM assets s{assets}
 ),
 categories AS (
     SELECT user_id, type AS category, sum(value) AS total_value
@@ -58,14 +61,19 @@ fresh AS (
     SELECT user_id, category, total_value FROM categories WHERE category <> 'total'
     UNION ALL
     SELECT u.id, 'total', coalesce(sum(c.total_value), 0)
-      FROM users u LEFT JOIN categories c ON c.user_id = u.id AND c.category <> 'total'
+      FROM users u LEFT JOIN categories c ON c.user_id = u.id AND c.category <> 'total'{users}
      GROUP BY u.id
 )"""
+ROWS_SQL = _ROWS_SQL.format(users="", accounts="", assets="")
+# The same rows for the users whose id is in [$4, $5] (inclusive, as kontod's batches).
+RANGED_ROWS_SQL = _ROWS_SQL.format(
+    users="\n     WHERE u.id BETWEEN $4::bigint AND $5::bigint",
+    accounts=" AND a.user_id BETWEEN $4::bigint AND $5::bigint",
+    assets="\n     WHERE s.user_id BETWEEN $4::bigint AND $5::bigint",
+)
 
 # The floor: both tables written by one statement, in one transaction, the rows computed once.
-_FLOOR_SQL = (
-    ROWS_SQL
-    + """,
+_WRITES_SQL = """,
 written AS (
     INSERT INTO patrimoine_snapshots (date, user_id, category, total_value)
     SELECT $1::date, user_id, category, total_value FROM fresh{order}
@@ -80,8 +88,16 @@ holdings_written AS (
 )
 SELECT (SELECT count(*) FROM written) + (SELECT count(*) FROM holdings_written) AS rows
 """
-)
+_FLOOR_SQL = ROWS_SQL + _WRITES_SQL
 FLOOR_SQL = _FLOOR_SQL.format(order="")
+# One part of the parallel floor: the users whose id is in [$4, $5].
+PARALLEL_FLOOR_SQL = RANGED_ROWS_SQL + _WRITES_SQL.format(order="")
+# The last id of each of $1 parts of the users, all but the last part: with
+# ``kontod.jobs.snapshots.id_ranges`` they cut the ids into $1 ranges of about as many users.
+PARTS_SQL = """
+SELECT max(id)::bigint AS id FROM (SELECT id, ntile($1) OVER (ORDER BY id) AS part FROM users) u
+ GROUP BY part HAVING part < $1 ORDER BY 1
+"""
 
 # The history the data sets start with: the same rows in user order, laid out in the tables as
 # kontod's batches (each one range of users) leave them, not in the floor's hash order.

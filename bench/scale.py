@@ -11,12 +11,16 @@ rotates from one repetition to the next:
   nothing changed in between, which should write nothing;
 - ``floor``: every user's rows for a date of its own in one transaction of one ``INSERT …
   SELECT`` per table (``bench/floor.py``);
+- ``parallel``: the parallel floor, the same statement cut into as many ranges of user ids as
+  kontod has workers, each range in a transaction of its own on a connection of its own, all
+  at once; its time runs from the start of the first to the commit of the last;
 - ``aggregate``: the same SELECT, counted, nothing written;
 
 and in the first repetition only, ``old``: the old job's per-user round trips
 (``bench/snapshots.py``), also on a date of its own. Before every pass a ``CHECKPOINT`` writes
 out the dirty pages of the one before, so that none pays for another's writes. Afterwards
-kontod's rows of each repetition are compared with the floor's, row for row.
+kontod's rows of each repetition, and the parallel floor's, are compared with the floor's, row
+for row, and the rows each re-run changed are counted in the tables themselves.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from bench.snapshots import old_snapshots
 from bench.state import ROOT, with_database, working_copy
 from kontod import db, rates_sandbox
 from kontod.config import Settings
+from kontod.jobs.snapshots import id_ranges
 
 # The timed passes write the days from here on, one each, all newer than the history.
 FIRST_DAY = date(2026, 1, 1)
@@ -52,6 +57,8 @@ SELECT status, extract(epoch FROM finished_at - started_at)::float8 AS seconds, 
 Progress = Callable[[str], None]
 # kontod's own default, unless the run says otherwise (--snapshot-workers).
 DEFAULT_WORKERS = Settings().snapshot_workers
+# The counts of a kontod run that say it wrote or removed a snapshot row.
+WRITE_COUNTS = ("rows_written", "rows_removed", "holdings_written", "holdings_removed")
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,9 @@ class Pass:
     rows: int
     wall_seconds: float | None = None
     peak_rss_kib: int | None = None
+    # A re-run's rows of its date inserted, updated or deleted, as the tables show them (not as
+    # the job counts them); None for the other variants.
+    changed_in_tables: int | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,8 @@ class ScaleResult:
     comparisons: list[Comparison] = field(default_factory=list)
     # The old job's rows against the floor's (first repetition), reported beside.
     old_comparisons: list[Comparison] = field(default_factory=list)
+    # The parallel floor's rows against the floor's, repetition by repetition.
+    parallel_comparisons: list[Comparison] = field(default_factory=list)
     old_note: str | None = None
     # Why the template itself was measured instead of a working copy (None: a copy was).
     in_place: str | None = None
@@ -118,7 +130,10 @@ class ScaleResult:
 
     @property
     def rerun_rows_written(self) -> int:
-        return sum(p.rows for p in self.passes if p.variant == "rerun")
+        """Rows the re-runs wrote or removed: by the job's counts or the tables, the larger."""
+        return sum(
+            max(p.rows, p.changed_in_tables or 0) for p in self.passes if p.variant == "rerun"
+        )
 
     @property
     def same_rows(self) -> bool:
@@ -273,7 +288,7 @@ async def kontod_pass(
         repetition=0,
         day=tick.date(),
         seconds=row["seconds"],
-        rows=int(counts.get("rows_written", 0)),
+        rows=sum(int(counts.get(key, 0)) for key in WRITE_COUNTS),
         wall_seconds=wall,
         peak_rss_kib=report.get("VmHWM"),
     )
@@ -286,6 +301,68 @@ async def floor_pass(conn: asyncpg.Connection, day: date) -> tuple[float, int]:
             floor.FLOOR_SQL, day, floor.BASE_CURRENCY, floor.RATE_MAX_AGE_DAYS
         )
     return time.perf_counter() - started, rows
+
+
+async def parallel_floor_pass(dsn: str, day: date, connections: int) -> tuple[float, int]:
+    """The floor's statement over ``connections`` ranges of user ids, one transaction on a
+    connection of its own each, all at once; the connections are opened before the clock starts,
+    as kontod's pool is before its run starts."""
+    conns = [await asyncpg.connect(dsn) for _ in range(connections)]
+    try:
+        bounds = [r["id"] for r in await conns[0].fetch(floor.PARTS_SQL, connections)]
+        ranges = id_ranges(bounds)
+
+        async def part(conn: asyncpg.Connection, low: int, high: int) -> int:
+            async with conn.transaction():
+                rows: int = await conn.fetchval(
+                    floor.PARALLEL_FLOOR_SQL,
+                    day,
+                    floor.BASE_CURRENCY,
+                    floor.RATE_MAX_AGE_DAYS,
+                    low,
+                    high,
+                )
+            return rows
+
+        started = time.perf_counter()
+        rows = await asyncio.gather(
+            # Fewer users than connections leave a connection idle, as they would a worker.
+            *(part(c, low, high) for c, (low, high) in zip(conns, ranges, strict=False))
+        )
+        return time.perf_counter() - started, sum(rows)
+    finally:
+        for c in conns:
+            await c.close()
+
+
+# Before a re-run: a transaction id from before it, and the rows its date holds. After: the rows
+# of that date whose version is newer than that id (inserted or updated since), and how many
+# fewer rows the date holds (deleted). ``age`` compares transaction ids across wraparound.
+XID_SQL = "SELECT (pg_current_xact_id()::text::bigint % 4294967296)::text AS xid"
+
+
+def day_rows_sql(table: str) -> str:
+    return f"SELECT count(*) FROM {table} WHERE date = $1"
+
+
+def changed_rows_sql(table: str) -> str:
+    return f"SELECT count(*) FROM {table} WHERE date = $1 AND age(xmin) < age($2::text::xid)"
+
+
+async def day_rows(conn: asyncpg.Connection, day: date) -> int:
+    """The rows the snapshot tables hold for ``day``."""
+    total = 0
+    for table, _ in floor.SNAPSHOT_TABLES:
+        total += await conn.fetchval(day_rows_sql(table), day)
+    return total
+
+
+async def changed_since(conn: asyncpg.Connection, day: date, xid: str, rows_before: int) -> int:
+    """The rows of ``day`` inserted, updated or deleted since transaction ``xid``."""
+    changed = 0
+    for table, _ in floor.SNAPSHOT_TABLES:
+        changed += await conn.fetchval(changed_rows_sql(table), day, xid)
+    return changed + max(0, rows_before - await day_rows(conn, day))
 
 
 async def aggregate_pass(conn: asyncpg.Connection, day: date) -> tuple[float, int]:
@@ -352,14 +429,15 @@ async def measure(
     conn = await asyncpg.connect(data.dsn)
     try:
         pairs: list[tuple[date, date]] = []
+        parallel_pairs: list[tuple[date, date]] = []
         old_day: date | None = None
         for rep in range(repetitions):
-            variants = ["kontod", "floor", "aggregate"]
+            variants = ["kontod", "floor", "parallel", "aggregate"]
             shift = rep % len(variants)
             order = variants[shift:] + variants[:shift]
             if rep == 0 and old:
                 order.append("old")
-            kontod_day = floor_day = None
+            kontod_day = floor_day = parallel_day = None
             for variant in order:
                 day = next(days)
                 await settle(conn)
@@ -373,6 +451,8 @@ async def measure(
                     result.passes.append(_at(first, "kontod", rep))
                     await settle(conn)
                     progress(f"snapshots: {data.users} users, pass {rep + 1}, rerun")
+                    xid: str = await conn.fetchval(XID_SQL)
+                    before = await day_rows(conn, day)
                     again = await kontod_pass(
                         conn,
                         data.dsn,
@@ -381,7 +461,13 @@ async def measure(
                         rates_root,
                         workers,
                     )
-                    result.passes.append(_at(again, "rerun", rep))
+                    changed = await changed_since(conn, day, xid, before)
+                    result.passes.append(_at(again, "rerun", rep, changed))
+                    continue
+                if variant == "parallel":
+                    parallel_day = day
+                    seconds, rows = await parallel_floor_pass(data.dsn, day, workers)
+                    result.passes.append(Pass(variant, rep, day, seconds, rows))
                     continue
                 timed: Callable[[asyncpg.Connection, date], Awaitable[tuple[float, int]]] = {
                     "floor": floor_pass,
@@ -396,10 +482,14 @@ async def measure(
                 result.passes.append(Pass(variant, rep, day, seconds, rows))
             assert kontod_day is not None
             assert floor_day is not None
+            assert parallel_day is not None
             pairs.append((kontod_day, floor_day))
+            parallel_pairs.append((parallel_day, floor_day))
         progress("snapshots: comparing kontod's rows with the floor's")
         for kontod_day, floor_day in pairs:
             result.comparisons += await compare(conn, kontod_day, floor_day)
+        for parallel_day, floor_day in parallel_pairs:
+            result.parallel_comparisons += await compare(conn, parallel_day, floor_day)
         if old_day is not None:
             result.old_comparisons = await compare(conn, old_day, pairs[0][1])
     finally:
@@ -407,5 +497,5 @@ async def measure(
     return result
 
 
-def _at(p: Pass, variant: str, rep: int) -> Pass:
-    return Pass(variant, rep, p.day, p.seconds, p.rows, p.wall_seconds, p.peak_rss_kib)
+def _at(p: Pass, variant: str, rep: int, changed: int | None = None) -> Pass:
+    return Pass(variant, rep, p.day, p.seconds, p.rows, p.wall_seconds, p.peak_rss_kib, changed)
