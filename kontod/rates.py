@@ -6,14 +6,14 @@ in the base currency), and manual rates from the settings. A stored row says "cu
 units of the currency are worth base_amount units of the base currency", so every source is
 kept exactly, cross rates through the euro included; the snapshot SQL converts with it.
 
-One request per source, with timeouts and retries like the bank client. A source that fails
-is reported, never raised: the snapshot then uses the rates stored earlier.
+One request per source, with timeouts and retries like the bank client, its body read whole
+up to a cap and its JSON bounded as the bank's (kontod/answers.py). A source that fails is
+reported, never raised: the snapshot then uses the rates stored earlier.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -28,6 +28,7 @@ import asyncpg
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
+from kontod.answers import RATES_MAX_BODY, BodyTooLarge, loads, read_body
 from kontod.backoff import Backoff, BackoffOptions, Transient, transient_status
 
 Connection = asyncpg.Connection | PoolConnectionProxy
@@ -35,8 +36,9 @@ Connection = asyncpg.Connection | PoolConnectionProxy
 ECB = "ecb"
 CRYPTO = "crypto"
 MANUAL = "manual"
-# An answer larger than this is not a rate file (the ECB's daily file is about 2 kB).
-MAX_BODY = 2 * 1024 * 1024
+# An answer larger than this is not a rate file (the ECB's daily file is about 2 kB, its
+# 90-day history 50 kB); KONTOD_PROVIDER_MAX_BODY changes it.
+MAX_BODY = RATES_MAX_BODY
 DEMO_KEY_HEADER = "x-cg-demo-api-key"
 PRO_KEY_HEADER = "x-cg-pro-api-key"
 
@@ -165,7 +167,7 @@ def parse_simple_price(body: bytes, ids: Iterable[str], vs: str) -> dict[str, De
     Ids the API does not know are absent from its answer, and so from the result.
     """
     try:
-        data = json.loads(body, parse_float=Decimal, parse_constant=_no_constant)
+        data = loads(body)
     except ValueError as exc:
         raise RateSourceError(CRYPTO, f"the answer is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
@@ -234,11 +236,14 @@ class RateSources:
         crypto_url: str,
         timeout: float = 30.0,
         api_key: str | None = None,
+        max_body: int | None = None,
         **retry: Unpack[BackoffOptions],
     ) -> None:
         """``retry`` sets the retries (``attempts``, ``backoff``, ... of ``Backoff``); a
-        ``Retry-After`` of up to 60 s is waited for unless ``max_retry_after`` says otherwise."""
+        ``Retry-After`` of up to 60 s is waited for unless ``max_retry_after`` says otherwise.
+        ``max_body`` caps an answer's body (None: 2 MiB)."""
         self._session = session
+        self.max_body = MAX_BODY if max_body is None else max_body
         self.fiat_url = fiat_url
         self.crypto_url = crypto_url
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -287,14 +292,14 @@ class RateSources:
                     allow_redirects=not headers,
                 ) as resp:
                     status = resp.status
-                    body = await resp.content.read(MAX_BODY + 1)
                     retry_header = resp.headers.get("Retry-After")
+                    body = await read_body(resp, self.max_body)
+            except BodyTooLarge as exc:
+                raise RateSourceError(source, str(exc)) from None
             except TimeoutError:
                 return unavailable(f"no answer within {self._timeout_s:g} s")
             except aiohttp.ClientError as exc:
                 return unavailable(f"connection failed ({str(exc) or type(exc).__name__})")
-            if len(body) > MAX_BODY:
-                raise RateSourceError(source, f"the answer is larger than {MAX_BODY} bytes")
             if 200 <= status < 300:
                 return body
             last = f"HTTP {status}" + _detail(body)
@@ -345,6 +350,12 @@ async def update(
             if isinstance(answer, RateSourceError):
                 report.failed_sources[source] = str(answer)
                 log.warning("rates.source_failed", source=source, error=str(answer))
+            elif isinstance(answer, Exception):
+                # Whatever a source's answer did to its parser, it is that source's failure:
+                # the run goes on with the stored rates.
+                error = f"{source}: {type(answer).__name__}: {str(answer)[:300]}"
+                report.failed_sources[source] = error
+                log.warning("rates.source_failed", source=source, error=error)
             elif isinstance(answer, BaseException):
                 raise answer
             else:
@@ -475,10 +486,6 @@ def _positive(value: Any, source: str, what: str) -> Decimal:
     return amount
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number")
-
-
 def _error_text(data: Mapping[str, Any]) -> str:
     status = data.get("status")
     if isinstance(status, dict):
@@ -490,7 +497,7 @@ def _detail(body: bytes) -> str:
     """The message of a JSON error body (CoinGecko's ``{status: {error_code, error_message}}``
     or ``{error}``), if there is one."""
     try:
-        data = json.loads(body)
+        data = loads(body)
     except ValueError:
         return ""
     text = _error_text(data) if isinstance(data, dict) else ""
