@@ -428,7 +428,7 @@ def _parse_crypto_ids(raw: str) -> dict[str, str]:
 def _parse_manual_rates(raw: str) -> dict[str, Decimal]:
     what = (
         "CURRENCY=value pairs separated by commas, the value of one unit in the base"
-        " currency as a positive decimal number, such as XAU=2210.50,GBX=0.0117"
+        " currency as a decimal number from 1e-12 to 1e12, such as XAU=2210.50,GBX=0.0117"
     )
     out: dict[str, Decimal] = {}
     for key, value in _pairs(raw, what):
@@ -436,7 +436,8 @@ def _parse_manual_rates(raw: str) -> dict[str, Decimal]:
             amount = Decimal(value)
         except InvalidOperation:
             raise ValueError(what) from None
-        if not amount.is_finite() or amount <= 0:
+        # The range every stored rate keeps to (kontod/rates.py).
+        if not amount.is_finite() or not Decimal("1e-12") <= amount <= Decimal("1e12"):
             raise ValueError(what)
         out[key] = amount
     return out

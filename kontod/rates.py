@@ -8,7 +8,10 @@ kept exactly, cross rates through the euro included; the snapshot SQL converts w
 
 One request per source, with timeouts and retries like the bank client, its body read whole
 up to a cap and its JSON bounded as the bank's (kontod/answers.py). A source that fails is
-reported, never raised: the snapshot then uses the rates stored earlier.
+reported, never raised: the snapshot then uses the rates stored earlier. A rate is plausible
+when it and both its figures lie within [1e-12, 1e12] and it is within a factor 1 000 of the
+last plausible stored rate of its currency; an implausible one is refused, and its source
+counted as failed. Stored rows that are not plausible are never used.
 """
 
 from __future__ import annotations
@@ -39,6 +42,16 @@ MANUAL = "manual"
 # An answer larger than this is not a rate file (the ECB's daily file is about 2 kB, its
 # 90-day history 50 kB); KONTOD_PROVIDER_MAX_BODY changes it.
 MAX_BODY = RATES_MAX_BODY
+# The plausible range of a rate (value of one unit in the base currency) and of each of its
+# two figures, and the largest factor between a new rate and the last stored one.
+LOWEST = Decimal("1e-12")
+HIGHEST = Decimal("1e12")
+MAX_FACTOR = Decimal(1000)
+# The same range in SQL, over a row of kontod_rates: NaN and Infinity fall outside it.
+PLAUSIBLE_SQL = (
+    "currency_amount BETWEEN 1e-12 AND 1e12 AND base_amount BETWEEN 1e-12 AND 1e12"
+    " AND rate BETWEEN 1e-12 AND 1e12"
+)
 DEMO_KEY_HEADER = "x-cg-demo-api-key"
 PRO_KEY_HEADER = "x-cg-pro-api-key"
 
@@ -110,6 +123,8 @@ class RateReport:
 
     currencies: dict[str, CurrencyRate] = field(default_factory=dict)
     failed_sources: dict[str, str] = field(default_factory=dict)
+    # currency -> why its fetched rate was refused as implausible
+    refused: dict[str, str] = field(default_factory=dict)
     stored: int = 0
 
 
@@ -336,6 +351,7 @@ async def update(
     report = RateReport()
     async with pool.acquire() as conn:
         used = [cur for cur in await currencies_in_use(conn) if cur != base]
+        last = await last_rates(conn, base, used, day)
     fiat, crypto = classify((cur for cur in used if cur not in manual), base, crypto_ids)
     quotes: list[Quote] = []
     fetched: set[str] = set()
@@ -359,12 +375,20 @@ async def update(
             elif isinstance(answer, BaseException):
                 raise answer
             else:
-                quotes.extend(answer)
+                kept = _plausible(answer, last, report, log)
+                if len(kept) < len(answer):
+                    refused = sorted({q.currency for q in answer} - {q.currency for q in kept})
+                    report.failed_sources[source] = (
+                        f"{source}: implausible rate refused for {', '.join(refused)}"
+                    )
+                quotes.extend(kept)
                 # A day newer than the snapshot's (a run for an earlier date) is kept but
                 # does not count as this run's rate.
-                fetched.update(q.currency for q in answer if q.day <= day)
-    quotes.extend(manual_quotes(manual, base, day))
-    fetched.update(cur for cur in manual if cur != base)
+                fetched.update(q.currency for q in kept if q.day <= day)
+    # The operator's rates are not held to the last stored rate: they are there to correct it.
+    own = _plausible(manual_quotes(manual, base, day), {}, report, log)
+    quotes.extend(own)
+    fetched.update(q.currency for q in own)
     async with pool.acquire() as conn:
         async with conn.transaction():
             await before_write(conn)
@@ -407,6 +431,50 @@ async def _ask_crypto(
     return crypto_quotes(prices, symbols, ids, day)
 
 
+def implausible(quote: Quote, last: Decimal | None = None) -> str | None:
+    """Why ``quote`` cannot be a rate of its currency, or None when it is plausible.
+
+    ``last`` is the last stored rate of the currency (value of one unit in the base), if any.
+    """
+    for name, figure in (("amount", quote.currency_amount), ("base amount", quote.base_amount)):
+        if not figure.is_finite() or not LOWEST <= figure <= HIGHEST:
+            return f"its {name} {_figure(figure)} is outside [1e-12, 1e12]"
+    rate = quote.base_amount / quote.currency_amount
+    if not LOWEST <= rate <= HIGHEST:
+        return f"the rate {_figure(rate)} is outside [1e-12, 1e12]"
+    if last is not None and (rate > last * MAX_FACTOR or rate * MAX_FACTOR < last):
+        return (
+            f"the rate {_figure(rate)} is more than {MAX_FACTOR} times away from the last"
+            f" stored one ({_figure(last)})"
+        )
+    return None
+
+
+def _figure(value: Decimal) -> str:
+    text = str(value)
+    return text if len(text) <= 30 else f"{value:.6E}"
+
+
+def _plausible(
+    quotes: list[Quote],
+    last: Mapping[str, Decimal],
+    report: RateReport,
+    log: structlog.typing.FilteringBoundLogger,
+) -> list[Quote]:
+    """The plausible quotes; each refused one is logged and noted in the report."""
+    kept = []
+    for q in quotes:
+        why = implausible(q, last.get(q.currency))
+        if why is None:
+            kept.append(q)
+            continue
+        report.refused[q.currency] = f"{q.source}: {why}"
+        log.warning(
+            "rates.refused", source=q.source, currency=q.currency, day=q.day.isoformat(), why=why
+        )
+    return kept
+
+
 def _iso(value: date | None) -> str | None:
     return value.isoformat() if value is not None else None
 
@@ -440,6 +508,10 @@ async def store(conn: Connection, base: str, quotes: Iterable[Quote], fetched_at
     if not unique:
         return 0
     qs = list(unique.values())
+    for q in qs:
+        why = implausible(q)
+        if why is not None:
+            raise ValueError(f"not storing the rate of {q.currency} on {q.day}: {why}")
     status = await conn.execute(
         STORE_SQL,
         base,
@@ -456,16 +528,33 @@ async def store(conn: Connection, base: str, quotes: Iterable[Quote], fetched_at
 async def newest(
     conn: Connection, base: str, currencies: Iterable[str], day: date
 ) -> dict[str, tuple[date, str]]:
-    """The newest stored rate (day, source) on or before ``day`` of each currency, any age."""
+    """The newest plausible stored rate (day, source) on or before ``day`` of each currency,
+    any age; a stored row with a non-finite or out-of-range figure is passed over."""
     rows = await conn.fetch(
-        """SELECT DISTINCT ON (currency) currency, day, source FROM kontod_rates
-            WHERE base = $1 AND currency = ANY($2::text[]) AND day <= $3
-            ORDER BY currency, day DESC""",
+        f"""SELECT DISTINCT ON (currency) currency, day, source FROM kontod_rates
+             WHERE base = $1 AND currency = ANY($2::text[]) AND day <= $3 AND {PLAUSIBLE_SQL}
+             ORDER BY currency, day DESC""",
         base,
         list(currencies),
         day,
     )
     return {r["currency"]: (r["day"], r["source"]) for r in rows}
+
+
+async def last_rates(
+    conn: Connection, base: str, currencies: Iterable[str], day: date
+) -> dict[str, Decimal]:
+    """The newest plausible stored rate (value of one unit in the base) on or before ``day``
+    of each currency: what a new rate is held to."""
+    rows = await conn.fetch(
+        f"""SELECT DISTINCT ON (currency) currency, rate FROM kontod_rates
+             WHERE base = $1 AND currency = ANY($2::text[]) AND day <= $3 AND {PLAUSIBLE_SQL}
+             ORDER BY currency, day DESC""",
+        base,
+        list(currencies),
+        day,
+    )
+    return {r["currency"]: r["rate"] for r in rows}
 
 
 def _positive(value: Any, source: str, what: str) -> Decimal:

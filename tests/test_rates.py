@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from kontod import db, rates
 from kontod.config import ConfigError, load_settings
@@ -525,6 +526,7 @@ def test_cross_rates_and_classification() -> None:
         ({"KONTOD_FIAT_RATES_URL": "ftp://x"}, "invalid KONTOD_FIAT_RATES_URL='ftp://x'"),
         ({"KONTOD_CRYPTO_IDS": "BTC"}, "invalid KONTOD_CRYPTO_IDS='BTC': expected SYMBOL=id"),
         ({"KONTOD_MANUAL_RATES": "XAU=-2"}, "invalid KONTOD_MANUAL_RATES='XAU=-2'"),
+        ({"KONTOD_MANUAL_RATES": "XAU=1e13"}, "invalid KONTOD_MANUAL_RATES='XAU=1e13'"),
     ],
 )
 def test_bad_rate_settings_are_named(env: dict[str, str], message: str) -> None:
@@ -739,3 +741,108 @@ def test_a_bad_body_cap_is_named(raw: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_settings({"HOME": "/nonexistent", "KONTOD_PROVIDER_MAX_BODY": raw})
     assert str(err.value).startswith(f"invalid KONTOD_PROVIDER_MAX_BODY={raw!r}: expected a size")
+
+
+@pytest.mark.parametrize(
+    "price", ["1e400", "1e200000", "1e300", "1e13", "1e-13", "NaN", "Infinity"]
+)
+async def test_an_implausible_price_is_never_stored_and_counts_as_a_failed_source(
+    pool: asyncpg.Pool, sources: Sources, price: str
+) -> None:
+    uid, acc, _ = await user_with(pool, [("investment", "2", "BTC"), ("checking", "1", "USD")])
+    sources.sandbox.prices["bitcoin"]["eur"] = price
+
+    c = await run(pool, sources.client)
+
+    stored = await pool.fetch("SELECT currency FROM kontod_rates ORDER BY currency")
+    assert [r["currency"] for r in stored] == ["USD"]
+    assert c.counts["rate_sources_failed"] == 1
+    assert c.counts["unconverted_BTC"] == 1
+    assert set(await holdings(pool, uid)) == {f"account:{acc[1]}"}
+
+
+async def test_an_implausible_ecb_rate_is_refused_and_the_others_kept(
+    pool: asyncpg.Pool, sources: Sources
+) -> None:
+    await user_with(pool, [("checking", "1", "USD"), ("checking", "1", "CHF")])
+    sources.sandbox.ecb_rates["USD"] = "1e400"
+
+    with capture_logs() as logs:
+        c = await run(pool, sources.client)
+
+    stored = await pool.fetch("SELECT currency FROM kontod_rates ORDER BY currency")
+    assert [r["currency"] for r in stored] == ["CHF"]
+    assert c.counts["rate_sources_failed"] == 1
+    [refused] = [e for e in logs if e["event"] == "rates.refused"]
+    assert (refused["source"], refused["currency"]) == ("ecb", "USD")
+    assert "outside [1e-12, 1e12]" in refused["why"]
+
+
+async def test_a_price_a_thousand_times_off_the_last_stored_one_is_refused(
+    pool: asyncpg.Pool, sources: Sources
+) -> None:
+    uid, acc, _ = await user_with(pool, [("investment", "2", "BTC")])
+    await run(pool, sources.client, at=AT - timedelta(days=2))
+    sources.sandbox.prices["bitcoin"]["eur"] = BTC_EUR * 1001
+
+    c = await run(pool, sources.client)
+
+    assert c.counts["rate_sources_failed"] == 1
+    assert c.counts["rate_fallback_BTC"] == 1
+    assert await holdings(pool, uid) == {f"account:{acc[0]}": convert("2", BTC_EUR, Decimal(1))}
+
+    # Within the factor, it is taken.
+    sources.sandbox.prices["bitcoin"]["eur"] = BTC_EUR * 999
+    c = await run(pool, sources.client)
+    assert c.counts["rate_sources_failed"] == 0
+    assert await holdings(pool, uid) == {
+        f"account:{acc[0]}": convert("2", BTC_EUR * 999, Decimal(1))
+    }
+
+
+@pytest.mark.parametrize("bad", ["'NaN'", "'Infinity'", "1e400", "1e-400"])
+async def test_a_stored_rate_out_of_range_is_passed_over(
+    pool: asyncpg.Pool, sources: Sources, bad: str
+) -> None:
+    await user_with(pool, [("investment", "2", "BTC")])
+    await pool.execute(
+        f"""INSERT INTO kontod_rates (base, currency, day, currency_amount, base_amount, source)
+            VALUES ('EUR', 'BTC', $1, 1, 58000, 'crypto'),
+                   ('EUR', 'BTC', $2, 1, {bad}::numeric, 'crypto')""",
+        DAY - timedelta(days=3),
+        DAY - timedelta(days=1),
+    )
+    sources.sandbox.fail("crypto", "http_404")
+
+    report = await rates.update(
+        pool,
+        sources.client,
+        base="EUR",
+        day=DAY,
+        max_age_days=7,
+        crypto_ids=rates.SHIPPED_CRYPTO_IDS,
+        manual={},
+        now=AT,
+        log=structlog.get_logger(),
+        before_write=_nothing,
+    )
+
+    assert report.currencies["BTC"].day == DAY - timedelta(days=3)
+    assert report.currencies["BTC"].usable
+    # The bad row is not what a new price is held to either.
+    async with pool.acquire() as conn:
+        assert await rates.last_rates(conn, "EUR", ["BTC"], DAY) == {"BTC": Decimal(58000)}
+
+
+async def _nothing(_: Connection) -> None:
+    pass
+
+
+def test_store_refuses_what_is_not_plausible() -> None:
+    quote = rates.Quote("BTC", DAY, Decimal(1), Decimal("1e200000"), "crypto")
+    assert rates.implausible(quote) == "its base amount 1E+200000 is outside [1e-12, 1e12]"
+    assert rates.implausible(rates.Quote("X", DAY, Decimal(1), Decimal("NaN"), "manual"))
+    assert rates.implausible(rates.Quote("X", DAY, Decimal(1), Decimal(5), "ecb"), Decimal("0.004"))
+    assert (
+        rates.implausible(rates.Quote("X", DAY, Decimal(1), Decimal(5), "ecb"), Decimal(4)) is None
+    )
