@@ -33,7 +33,7 @@ class BodyTooLarge(Exception):
     """An answer's body is larger than the cap; ``str()`` names the cap and its setting."""
 
     def __init__(self, cap: int, announced: int | None = None) -> None:
-        said = f" (it announced {announced} bytes)" if announced is not None else ""
+        said = f"; it announced {announced} bytes" if announced is not None else ""
         super().__init__(
             f"the answer is larger than {cap} bytes ({format_size(cap)}){said};"
             f" {MAX_BODY_SETTING} sets the limit"

@@ -633,3 +633,16 @@ async def test_a_deep_answer_is_the_failure_of_that_user_only(
     assert row is not None
     assert row["error_kind"] == "bad_response"
     assert "nested deeper than 64 levels" in row["error"]
+
+
+async def test_a_length_announced_over_the_cap_is_refused_before_reading(
+    bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    accounts = [{"id": n, "balance": "1.00"} for n in range(200)]
+    bank.sandbox.behave(TOKEN, Fault(status=200, body={"accounts": accounts}))
+
+    with pytest.raises(ProviderBadResponse) as caught:
+        await fast_client(http, bank.url, max_body=1024).accounts(TOKEN)
+
+    assert "larger than 1024 bytes (1 KiB); it announced" in str(caught.value)
+    assert len(await fast_client(http, bank.url, max_body=64 * 1024).accounts(TOKEN)) == 200
