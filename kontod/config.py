@@ -78,6 +78,8 @@ class Settings:
     provider_timeout: float = 30.0
     provider_attempts: int = 4
     provider_rate: float = 10.0
+    # bytes of one answer from the bank or a rate source; None: 8 MiB and 2 MiB (answers.py)
+    provider_max_body: int | None = None
     # The web app's DB_ENCRYPTION_KEY (32 bytes), to read the bank tokens it stores encrypted.
     db_encryption_key: bytes | None = field(default=None, repr=False)
     base_currency: str = "EUR"
@@ -226,6 +228,24 @@ def _parse_rate(raw: str) -> float:
     if not 0 < value < float("inf"):
         raise ValueError("expected a number of requests per second greater than 0, such as 10")
     return value
+
+
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+MIN_BODY = 1024
+MAX_BODY = 1024**3
+
+
+def _parse_size(raw: str) -> int:
+    """A byte size: a whole number of bytes, or with ``K``, ``M`` or ``G`` (powers of 1024,
+    ``KiB`` and ``KB`` read the same)."""
+    accepted = "expected a size from 1K to 1G such as 8M, 512K or a number of bytes"
+    m = re.fullmatch(r"\s*(\d{1,12})\s*(?:([kmg])(?:i?b)?|b)?\s*", raw, flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(accepted)
+    size = int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+    if not MIN_BODY <= size <= MAX_BODY:
+        raise ValueError(accepted)
+    return size
 
 
 def _parse_positive_int(raw: str) -> int:
@@ -408,7 +428,7 @@ def _parse_crypto_ids(raw: str) -> dict[str, str]:
 def _parse_manual_rates(raw: str) -> dict[str, Decimal]:
     what = (
         "CURRENCY=value pairs separated by commas, the value of one unit in the base"
-        " currency as a positive decimal number, such as XAU=2210.50,GBX=0.0117"
+        " currency as a decimal number from 1e-12 to 1e12, such as XAU=2210.50,GBX=0.0117"
     )
     out: dict[str, Decimal] = {}
     for key, value in _pairs(raw, what):
@@ -416,7 +436,8 @@ def _parse_manual_rates(raw: str) -> dict[str, Decimal]:
             amount = Decimal(value)
         except InvalidOperation:
             raise ValueError(what) from None
-        if not amount.is_finite() or amount <= 0:
+        # The range every stored rate keeps to (kontod/rates.py).
+        if not amount.is_finite() or not Decimal("1e-12") <= amount <= Decimal("1e12"):
             raise ValueError(what)
         out[key] = amount
     return out
@@ -439,6 +460,7 @@ _SPEC: list[tuple[str, str, Callable[[str], Any], bool]] = [
     ("provider_timeout", "KONTOD_PROVIDER_TIMEOUT", _parse_positive_float, False),
     ("provider_attempts", "KONTOD_PROVIDER_ATTEMPTS", _parse_positive_int, False),
     ("provider_rate", "KONTOD_PROVIDER_RATE", _parse_rate, False),
+    ("provider_max_body", "KONTOD_PROVIDER_MAX_BODY", _parse_size, False),
     ("base_currency", "KONTOD_BASE_CURRENCY", _parse_currency, False),
     ("rate_max_age_days", "KONTOD_RATE_MAX_AGE", _parse_days, False),
     ("fiat_rates_url", "KONTOD_FIAT_RATES_URL", _parse_source_url, False),

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import structlog
 
+from kontod.answers import read_prefix
 from kontod.backoff import Backoff, Transient, transient_status
 from kontod.config import ConfigError
 from kontod.job import RunContext
@@ -182,7 +183,9 @@ class Pinger:
                     headers={"Content-Type": "text/plain; charset=utf-8"},
                     timeout=aiohttp.ClientTimeout(total=self.timeout_s),
                 ) as resp:
-                    answer = (await resp.text(errors="replace"))[:200].strip()
+                    # Only the start is shown: a service answering without end is not read on.
+                    head = await read_prefix(resp, 1024)
+                    answer = head.decode(errors="replace")[:200].strip()
                     if 200 <= resp.status < 300:
                         return True
                     problem = PingFailed(f"HTTP {resp.status}: {answer}")

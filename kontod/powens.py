@@ -8,12 +8,17 @@ from a bucket shared by the process (``rate`` requests per second). Transient fa
 (connection errors, timeouts, 5xx, 429) are retried with exponential backoff and jitter,
 honouring ``Retry-After``; every other failure raises a typed ``ProviderError`` whose message
 is safe to log and store: the user's token never appears in it.
+
+Answers are bounded: a body is read to its end up to ``max_body`` bytes (kontod/answers.py),
+its JSON may nest at most 64 levels and holds no ``NaN`` or ``Infinity``, and the pages of one
+account's transactions may bring at most ``max_items`` transactions and ``max_bytes`` bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import hashlib
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,6 +29,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
 
+from kontod.answers import BANK_MAX_BODY, BodyTooLarge, MiB, format_size, loads, read_body
 from kontod.backoff import Backoff, BackoffOptions, Sleep, Transient, transient_status
 from kontod.backoff import backoff_seconds as backoff_seconds
 from kontod.backoff import retry_after_seconds as retry_after_seconds
@@ -38,6 +44,11 @@ TRANSACTIONS = "transactions"
 PAGE_LIMIT = 1000
 # A transaction list longer than this many pages is taken for a loop in the provider's links.
 MAX_PAGES = 10_000
+# What the pages of one account may bring in all, before the account is refused: a real
+# account has far fewer transactions since its last sync (100 000 is 27 a day for ten years),
+# and the bytes bound what the parsed pages can hold in memory.
+MAX_ACCOUNT_ITEMS = 100_000
+MAX_ACCOUNT_BYTES = 128 * MiB
 TIMEOUT = "timeout"
 CONNECTION_ERROR = "connection_error"
 
@@ -189,11 +200,20 @@ class PowensClient:
         timeout: float = 30.0,
         observe: Observer | None = None,
         rate: float | RateLimiter = 10.0,
+        max_body: int | None = None,
+        max_items: int = MAX_ACCOUNT_ITEMS,
+        max_bytes: int = MAX_ACCOUNT_BYTES,
         **retry: Unpack[BackoffOptions],
     ) -> None:
         """``retry`` sets the retries (``attempts``, ``backoff``, ... of ``Backoff``); a
-        ``Retry-After`` of up to 120 s is waited for unless ``max_retry_after`` says otherwise."""
+        ``Retry-After`` of up to 120 s is waited for unless ``max_retry_after`` says otherwise.
+
+        ``max_body`` caps one answer's body (None: 8 MiB); ``max_items`` and ``max_bytes``
+        cap what the pages of one account's transactions bring in all."""
         self._session = session
+        self.max_body = BANK_MAX_BODY if max_body is None else max_body
+        self.max_items = max_items
+        self.max_bytes = max_bytes
         self._base = base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._timeout_s = timeout
@@ -209,13 +229,13 @@ class PowensClient:
     async def connections(self, token: str) -> list[ProviderConnection]:
         """``GET /users/me/connections``: the token's bank connections and their sync state."""
         url = f"{self._base}/users/me/connections"
-        body = await self._get_json(token, CONNECTIONS, CONNECTIONS, url, None)
+        body, _ = await self._get_json(token, CONNECTIONS, CONNECTIONS, url, None)
         return [_connection(item) for item in _list(body, CONNECTIONS, CONNECTIONS)]
 
     async def accounts(self, token: str) -> list[ProviderAccount]:
         """``GET /users/me/accounts?all``: every account of the token, deleted and disabled too."""
         url = f"{self._base}/users/me/accounts"
-        body = await self._get_json(token, ACCOUNTS, ACCOUNTS, url, {"all": "true"})
+        body, _ = await self._get_json(token, ACCOUNTS, ACCOUNTS, url, {"all": "true"})
         return [_account(item) for item in _list(body, ACCOUNTS, ACCOUNTS)]
 
     async def transactions(
@@ -237,10 +257,24 @@ class PowensClient:
             first["last_update"] = since.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
         params: dict[str, str] | None = first
         out: list[ProviderTransaction] = []
-        seen: set[str] = set()
+        # Digests, not the links: a provider giving ever longer links must not grow this set.
+        seen: set[bytes] = set()
+        received = 0
         for _ in range(MAX_PAGES):
-            body = await self._get_json(token, TRANSACTIONS, what, url, params)
-            out.extend(_transaction(item, account_id) for item in _list(body, TRANSACTIONS, what))
+            body, size = await self._get_json(token, TRANSACTIONS, what, url, params)
+            received += size
+            if received > self.max_bytes:
+                raise _bad_page(
+                    f"{what}: the pages hold more than {self.max_bytes} bytes"
+                    f" ({format_size(self.max_bytes)}), more than kontod takes for one account"
+                )
+            items = _list(body, TRANSACTIONS, what)
+            if len(out) + len(items) > self.max_items:
+                raise _bad_page(
+                    f"{what}: the pages hold more than {self.max_items} transactions,"
+                    " more than kontod takes for one account"
+                )
+            out.extend(_transaction(item, account_id) for item in items)
             href = _next_href(body)
             if href is None:
                 return out
@@ -249,15 +283,17 @@ class PowensClient:
             url, params = urljoin(url, href), None
             if (urlsplit(url).scheme, urlsplit(url).netloc) != self._origin:
                 raise _bad_page(f"{what}: the next page is on another host")
-            if url in seen:
+            digest = hashlib.sha256(url.encode("utf-8", "surrogatepass")).digest()
+            if digest in seen:
                 raise _bad_page(f"{what}: the next page link repeats itself")
-            seen.add(url)
+            seen.add(digest)
         raise _bad_page(f"{what}: more than {MAX_PAGES} pages")
 
     async def _get_json(
         self, token: str, endpoint: str, what: str, url: str, params: Mapping[str, str] | None
-    ) -> Any:
-        """The decoded JSON of a 2xx answer, retrying transient failures.
+    ) -> tuple[Any, int]:
+        """The decoded JSON of a 2xx answer and the size of its body, retrying transient
+        failures.
 
         ``endpoint`` labels the attempt for the observer (few values); ``what`` names the
         request in error messages.
@@ -277,8 +313,13 @@ class PowensClient:
                     allow_redirects=False,
                 ) as resp:
                     status = resp.status
-                    body = await resp.read()
                     retry_header = resp.headers.get("Retry-After")
+                    body = await read_body(resp, self.max_body)
+            except BodyTooLarge as exc:
+                self._report(endpoint, str(status), started)
+                raise ProviderBadResponse(
+                    f"{what}: {exc}", endpoint=endpoint, status=status
+                ) from None
             except TimeoutError:
                 self._report(endpoint, TIMEOUT, started)
                 return Transient(
@@ -298,7 +339,7 @@ class PowensClient:
                 )
             self._report(endpoint, str(status), started)
             if 200 <= status < 300:
-                return _parse_json(body, endpoint, what, token)
+                return _parse_json(body, endpoint, what, token), len(body)
             error = _error_from_body(endpoint, what, status, body, token)
             if not transient_status(status):
                 raise error
@@ -336,8 +377,8 @@ def _scrub(text: str, token: str) -> str:
 
 def _parse_json(body: bytes, endpoint: str, what: str, token: str) -> Any:
     try:
-        # parse_float keeps money exact; NaN and Infinity are not amounts.
-        return json.loads(body, parse_float=Decimal, parse_constant=_reject_constant)
+        # Decimals keep money exact; NaN and Infinity are not amounts; the depth is bounded.
+        return loads(body)
     except ValueError as exc:
         raise ProviderBadResponse(
             f"{what}: the answer is not valid JSON ({_scrub(str(exc), token)})",
@@ -346,8 +387,9 @@ def _parse_json(body: bytes, endpoint: str, what: str, token: str) -> Any:
         ) from None
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number kontod accepts")
+# Control characters (NUL among them) in an error text: PostgreSQL text cannot hold NUL, and
+# none belongs in a log line or a terminal.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 
 
 def _error_from_body(
@@ -356,14 +398,16 @@ def _error_from_body(
     """The error an HTTP failure stands for, with the fields of a Powens error body if any."""
     fields: dict[str, str] = {}
     try:
-        parsed = json.loads(body)
+        parsed = loads(body)
     except ValueError:
         parsed = None
     if isinstance(parsed, dict):
         for key in ("code", "description", "message", "request_id"):
             value = parsed.get(key)
             if isinstance(value, str | int) and not isinstance(value, bool):
-                fields[key] = _scrub(str(value), token)[:300]
+                text = _CONTROL.sub(" ", _scrub(str(value), token)).strip()
+                if text:
+                    fields[key] = text[:300]
     code = fields.get("code")
     description = fields.get("description") or fields.get("message")
     detail = ": ".join(part for part in (code, description) if part)

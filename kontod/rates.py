@@ -6,14 +6,17 @@ in the base currency), and manual rates from the settings. A stored row says "cu
 units of the currency are worth base_amount units of the base currency", so every source is
 kept exactly, cross rates through the euro included; the snapshot SQL converts with it.
 
-One request per source, with timeouts and retries like the bank client. A source that fails
-is reported, never raised: the snapshot then uses the rates stored earlier.
+One request per source, with timeouts and retries like the bank client, its body read whole
+up to a cap and its JSON bounded as the bank's (kontod/answers.py). A source that fails is
+reported, never raised: the snapshot then uses the rates stored earlier. A rate is plausible
+when it and both its figures lie within [1e-12, 1e12] and it is within a factor 1 000 of the
+last plausible stored rate of its currency; an implausible one is refused, and its source
+counted as failed. Stored rows that are not plausible are never used.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -28,6 +31,7 @@ import asyncpg
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
+from kontod.answers import RATES_MAX_BODY, BodyTooLarge, loads, read_body
 from kontod.backoff import Backoff, BackoffOptions, Transient, transient_status
 
 Connection = asyncpg.Connection | PoolConnectionProxy
@@ -35,8 +39,19 @@ Connection = asyncpg.Connection | PoolConnectionProxy
 ECB = "ecb"
 CRYPTO = "crypto"
 MANUAL = "manual"
-# An answer larger than this is not a rate file (the ECB's daily file is about 2 kB).
-MAX_BODY = 2 * 1024 * 1024
+# An answer larger than this is not a rate file (the ECB's daily file is about 2 kB, its
+# 90-day history 50 kB); KONTOD_PROVIDER_MAX_BODY changes it.
+MAX_BODY = RATES_MAX_BODY
+# The plausible range of a rate (value of one unit in the base currency) and of each of its
+# two figures, and the largest factor between a new rate and the last stored one.
+LOWEST = Decimal("1e-12")
+HIGHEST = Decimal("1e12")
+MAX_FACTOR = Decimal(1000)
+# The same range in SQL, over a row of kontod_rates: NaN and Infinity fall outside it.
+PLAUSIBLE_SQL = (
+    "currency_amount BETWEEN 1e-12 AND 1e12 AND base_amount BETWEEN 1e-12 AND 1e12"
+    " AND rate BETWEEN 1e-12 AND 1e12"
+)
 DEMO_KEY_HEADER = "x-cg-demo-api-key"
 PRO_KEY_HEADER = "x-cg-pro-api-key"
 
@@ -108,6 +123,8 @@ class RateReport:
 
     currencies: dict[str, CurrencyRate] = field(default_factory=dict)
     failed_sources: dict[str, str] = field(default_factory=dict)
+    # currency -> why its fetched rate was refused as implausible
+    refused: dict[str, str] = field(default_factory=dict)
     stored: int = 0
 
 
@@ -165,7 +182,7 @@ def parse_simple_price(body: bytes, ids: Iterable[str], vs: str) -> dict[str, De
     Ids the API does not know are absent from its answer, and so from the result.
     """
     try:
-        data = json.loads(body, parse_float=Decimal, parse_constant=_no_constant)
+        data = loads(body)
     except ValueError as exc:
         raise RateSourceError(CRYPTO, f"the answer is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
@@ -234,11 +251,14 @@ class RateSources:
         crypto_url: str,
         timeout: float = 30.0,
         api_key: str | None = None,
+        max_body: int | None = None,
         **retry: Unpack[BackoffOptions],
     ) -> None:
         """``retry`` sets the retries (``attempts``, ``backoff``, ... of ``Backoff``); a
-        ``Retry-After`` of up to 60 s is waited for unless ``max_retry_after`` says otherwise."""
+        ``Retry-After`` of up to 60 s is waited for unless ``max_retry_after`` says otherwise.
+        ``max_body`` caps an answer's body (None: 2 MiB)."""
         self._session = session
+        self.max_body = MAX_BODY if max_body is None else max_body
         self.fiat_url = fiat_url
         self.crypto_url = crypto_url
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -287,14 +307,14 @@ class RateSources:
                     allow_redirects=not headers,
                 ) as resp:
                     status = resp.status
-                    body = await resp.content.read(MAX_BODY + 1)
                     retry_header = resp.headers.get("Retry-After")
+                    body = await read_body(resp, self.max_body)
+            except BodyTooLarge as exc:
+                raise RateSourceError(source, str(exc)) from None
             except TimeoutError:
                 return unavailable(f"no answer within {self._timeout_s:g} s")
             except aiohttp.ClientError as exc:
                 return unavailable(f"connection failed ({str(exc) or type(exc).__name__})")
-            if len(body) > MAX_BODY:
-                raise RateSourceError(source, f"the answer is larger than {MAX_BODY} bytes")
             if 200 <= status < 300:
                 return body
             last = f"HTTP {status}" + _detail(body)
@@ -331,6 +351,7 @@ async def update(
     report = RateReport()
     async with pool.acquire() as conn:
         used = [cur for cur in await currencies_in_use(conn) if cur != base]
+        last = await last_rates(conn, base, used, day)
     fiat, crypto = classify((cur for cur in used if cur not in manual), base, crypto_ids)
     quotes: list[Quote] = []
     fetched: set[str] = set()
@@ -345,15 +366,29 @@ async def update(
             if isinstance(answer, RateSourceError):
                 report.failed_sources[source] = str(answer)
                 log.warning("rates.source_failed", source=source, error=str(answer))
+            elif isinstance(answer, Exception):
+                # Whatever a source's answer did to its parser, it is that source's failure:
+                # the run goes on with the stored rates.
+                error = f"{source}: {type(answer).__name__}: {str(answer)[:300]}"
+                report.failed_sources[source] = error
+                log.warning("rates.source_failed", source=source, error=error)
             elif isinstance(answer, BaseException):
                 raise answer
             else:
-                quotes.extend(answer)
+                kept = _plausible(answer, last, report, log)
+                if len(kept) < len(answer):
+                    refused = sorted({q.currency for q in answer} - {q.currency for q in kept})
+                    report.failed_sources[source] = (
+                        f"{source}: implausible rate refused for {', '.join(refused)}"
+                    )
+                quotes.extend(kept)
                 # A day newer than the snapshot's (a run for an earlier date) is kept but
                 # does not count as this run's rate.
-                fetched.update(q.currency for q in answer if q.day <= day)
-    quotes.extend(manual_quotes(manual, base, day))
-    fetched.update(cur for cur in manual if cur != base)
+                fetched.update(q.currency for q in kept if q.day <= day)
+    # The operator's rates are not held to the last stored rate: they are there to correct it.
+    own = _plausible(manual_quotes(manual, base, day), {}, report, log)
+    quotes.extend(own)
+    fetched.update(q.currency for q in own)
     async with pool.acquire() as conn:
         async with conn.transaction():
             await before_write(conn)
@@ -396,6 +431,50 @@ async def _ask_crypto(
     return crypto_quotes(prices, symbols, ids, day)
 
 
+def implausible(quote: Quote, last: Decimal | None = None) -> str | None:
+    """Why ``quote`` cannot be a rate of its currency, or None when it is plausible.
+
+    ``last`` is the last stored rate of the currency (value of one unit in the base), if any.
+    """
+    for name, figure in (("amount", quote.currency_amount), ("base amount", quote.base_amount)):
+        if not figure.is_finite() or not LOWEST <= figure <= HIGHEST:
+            return f"its {name} {_figure(figure)} is outside [1e-12, 1e12]"
+    rate = quote.base_amount / quote.currency_amount
+    if not LOWEST <= rate <= HIGHEST:
+        return f"the rate {_figure(rate)} is outside [1e-12, 1e12]"
+    if last is not None and (rate > last * MAX_FACTOR or rate * MAX_FACTOR < last):
+        return (
+            f"the rate {_figure(rate)} is more than {MAX_FACTOR} times away from the last"
+            f" stored one ({_figure(last)})"
+        )
+    return None
+
+
+def _figure(value: Decimal) -> str:
+    text = str(value)
+    return text if len(text) <= 30 else f"{value:.6E}"
+
+
+def _plausible(
+    quotes: list[Quote],
+    last: Mapping[str, Decimal],
+    report: RateReport,
+    log: structlog.typing.FilteringBoundLogger,
+) -> list[Quote]:
+    """The plausible quotes; each refused one is logged and noted in the report."""
+    kept = []
+    for q in quotes:
+        why = implausible(q, last.get(q.currency))
+        if why is None:
+            kept.append(q)
+            continue
+        report.refused[q.currency] = f"{q.source}: {why}"
+        log.warning(
+            "rates.refused", source=q.source, currency=q.currency, day=q.day.isoformat(), why=why
+        )
+    return kept
+
+
 def _iso(value: date | None) -> str | None:
     return value.isoformat() if value is not None else None
 
@@ -429,6 +508,10 @@ async def store(conn: Connection, base: str, quotes: Iterable[Quote], fetched_at
     if not unique:
         return 0
     qs = list(unique.values())
+    for q in qs:
+        why = implausible(q)
+        if why is not None:
+            raise ValueError(f"not storing the rate of {q.currency} on {q.day}: {why}")
     status = await conn.execute(
         STORE_SQL,
         base,
@@ -445,16 +528,33 @@ async def store(conn: Connection, base: str, quotes: Iterable[Quote], fetched_at
 async def newest(
     conn: Connection, base: str, currencies: Iterable[str], day: date
 ) -> dict[str, tuple[date, str]]:
-    """The newest stored rate (day, source) on or before ``day`` of each currency, any age."""
+    """The newest plausible stored rate (day, source) on or before ``day`` of each currency,
+    any age; a stored row with a non-finite or out-of-range figure is passed over."""
     rows = await conn.fetch(
-        """SELECT DISTINCT ON (currency) currency, day, source FROM kontod_rates
-            WHERE base = $1 AND currency = ANY($2::text[]) AND day <= $3
-            ORDER BY currency, day DESC""",
+        f"""SELECT DISTINCT ON (currency) currency, day, source FROM kontod_rates
+             WHERE base = $1 AND currency = ANY($2::text[]) AND day <= $3 AND {PLAUSIBLE_SQL}
+             ORDER BY currency, day DESC""",
         base,
         list(currencies),
         day,
     )
     return {r["currency"]: (r["day"], r["source"]) for r in rows}
+
+
+async def last_rates(
+    conn: Connection, base: str, currencies: Iterable[str], day: date
+) -> dict[str, Decimal]:
+    """The newest plausible stored rate (value of one unit in the base) on or before ``day``
+    of each currency: what a new rate is held to."""
+    rows = await conn.fetch(
+        f"""SELECT DISTINCT ON (currency) currency, rate FROM kontod_rates
+             WHERE base = $1 AND currency = ANY($2::text[]) AND day <= $3 AND {PLAUSIBLE_SQL}
+             ORDER BY currency, day DESC""",
+        base,
+        list(currencies),
+        day,
+    )
+    return {r["currency"]: r["rate"] for r in rows}
 
 
 def _positive(value: Any, source: str, what: str) -> Decimal:
@@ -475,10 +575,6 @@ def _positive(value: Any, source: str, what: str) -> Decimal:
     return amount
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number")
-
-
 def _error_text(data: Mapping[str, Any]) -> str:
     status = data.get("status")
     if isinstance(status, dict):
@@ -490,7 +586,7 @@ def _detail(body: bytes) -> str:
     """The message of a JSON error body (CoinGecko's ``{status: {error_code, error_message}}``
     or ``{error}``), if there is one."""
     try:
-        data = json.loads(body)
+        data = loads(body)
     except ValueError:
         return ""
     text = _error_text(data) if isinstance(data, dict) else ""

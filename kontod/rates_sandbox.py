@@ -8,8 +8,21 @@
   parameter is a 400, rate limiting a 429 with CoinGecko's ``{status: {error_code,
   error_message}}`` body and a ``Retry-After`` header.
 
-Faults are injected per source: an HTTP error, a rate limit, a timeout (no answer), or a 200
-whose body cannot be parsed, for the next N requests or for all of them.
+Faults are injected per source, for the next N requests or for all of them, with
+``RateSandbox.fail(source, kind, times, **options)``:
+
+- ``http_500``, ``http_503``, ``http_404``: that status; ``rate_limit``: a 429 with
+  ``Retry-After``; ``timeout``: no answer; ``garbage``: a 200 whose body cannot be parsed;
+- ``deep``: a 200 of 100 000 nested JSON arrays (or XML elements for the ECB);
+- ``control``: a 200 whose strings hold a raw NUL and control characters;
+- ``split``: the regular answer sent in two writes ``pause`` seconds apart (default 0.3);
+- ``oversized``: a 200 of ``size`` bytes that starts like a valid answer, streamed without a
+  length; ``endless``: a 200 body that never ends (bytes written: ``RateSandbox.streamed``);
+- ``raw``: a 200 whose body is ``body``, as it is.
+
+A rate or a price given as a string (``prices["bitcoin"]["eur"] = "1e400"``, ``"NaN"``,
+``"1e200000"``) is written into the answer as it is. ``ecb_history_days`` adds that many
+earlier days to the ECB file, as its history files have.
 """
 
 from __future__ import annotations
@@ -20,10 +33,12 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, timedelta
 from decimal import Decimal
 
 from aiohttp import web
+
+from kontod.sandbox import deep_json, write_split, write_stream
 
 ECB_PATH = "/stats/eurofxref/eurofxref-daily.xml"
 PRICE_PATH = "/api/v3/simple/price"
@@ -48,11 +63,14 @@ DEMO_PRICES = {
 
 @dataclass
 class Fault:
-    """What a faulty source does: ``kind`` is ``http_500``, ``http_503``, ``http_404``,
-    ``rate_limit``, ``timeout`` or ``garbage``; ``times`` requests (None: every one)."""
+    """What a faulty source does (``kind``, see the module's docstring) for ``times``
+    requests (None: every one)."""
 
     kind: str
     times: int | None = None
+    pause: float = 0.3
+    size: int = 0
+    body: str = ""
 
 
 @dataclass
@@ -60,19 +78,31 @@ class RateSandbox:
     """The state both endpoints serve; tests change it between runs."""
 
     ecb_day: date = DEMO_DAY
-    ecb_rates: dict[str, Decimal] = field(default_factory=lambda: dict(DEMO_ECB_RATES))
-    prices: dict[str, dict[str, Decimal]] = field(
+    ecb_rates: dict[str, Decimal | str] = field(default_factory=lambda: dict(DEMO_ECB_RATES))
+    ecb_history_days: int = 0
+    prices: dict[str, dict[str, Decimal | str]] = field(
         default_factory=lambda: {k: dict(v) for k, v in DEMO_PRICES.items()}
     )
     faults: dict[str, Fault] = field(default_factory=dict)
+    streamed: list[int] = field(default_factory=list)
     requests: Counter[str] = field(default_factory=Counter)
     last_query: dict[str, dict[str, str]] = field(default_factory=dict)
     timeout_s: float = 30.0
     # When set, the price endpoint wants it in x-cg-demo-api-key, as CoinGecko's Demo plan.
     api_key: str | None = None
 
-    def fail(self, source: str, kind: str, times: int | None = None) -> None:
-        self.faults[source] = Fault(kind, times)
+    def fail(
+        self,
+        source: str,
+        kind: str,
+        times: int | None = None,
+        *,
+        pause: float = 0.3,
+        size: int = 0,
+        body: str = "",
+    ) -> None:
+        """Make ``source`` (``ecb`` or ``crypto``) misbehave as ``kind`` says."""
+        self.faults[source] = Fault(kind, times, pause, size, body)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -96,10 +126,14 @@ class RateSandbox:
     async def _ecb(self, request: web.Request) -> web.StreamResponse:
         self.requests[ECB] += 1
         fault = self._next_fault(ECB)
-        if fault is not None:
-            return await self._fault(fault, xml=True)
+        if fault is not None and fault.kind != "split":
+            return await self._fault(fault, request, xml=True)
         items = "\n".join(
             f"\t\t\t<Cube currency='{cur}' rate='{rate}'/>" for cur, rate in self.ecb_rates.items()
+        )
+        days = [self.ecb_day - timedelta(days=n) for n in range(self.ecb_history_days + 1)]
+        cubes = "".join(
+            f"\t\t<Cube time='{day.isoformat()}'>\n{items}\n\t\t</Cube>\n" for day in days
         )
         body = (
             '<?xml version="1.0" encoding="UTF-8"?>\n'
@@ -108,17 +142,18 @@ class RateSandbox:
             "\t<gesmes:subject>Reference rates</gesmes:subject>\n"
             "\t<gesmes:Sender>\n\t\t<gesmes:name>European Central Bank</gesmes:name>\n"
             "\t</gesmes:Sender>\n"
-            f"\t<Cube>\n\t\t<Cube time='{self.ecb_day.isoformat()}'>\n{items}\n"
-            "\t\t</Cube>\n\t</Cube>\n</gesmes:Envelope>\n"
+            f"\t<Cube>\n{cubes}\t</Cube>\n</gesmes:Envelope>\n"
         )
+        if fault is not None:
+            return await write_split(request, 200, body.encode(), fault.pause, "text/xml")
         return web.Response(text=body, content_type="text/xml")
 
     async def _prices(self, request: web.Request) -> web.StreamResponse:
         self.requests[CRYPTO] += 1
         self.last_query[CRYPTO] = dict(request.query)
         fault = self._next_fault(CRYPTO)
-        if fault is not None:
-            return await self._fault(fault, xml=False)
+        if fault is not None and fault.kind != "split":
+            return await self._fault(fault, request, xml=False)
         if self.api_key is not None:
             given = request.headers.get("x-cg-demo-api-key")
             if given != self.api_key:
@@ -140,7 +175,10 @@ class RateSandbox:
             fields = [f"{json.dumps(v)}: {quoted[v]}" for v in vs if v in quoted]
             if fields:
                 entries.append(f"{json.dumps(coin.strip())}: {{{', '.join(fields)}}}")
-        return web.Response(text="{" + ", ".join(entries) + "}", content_type="application/json")
+        text = "{" + ", ".join(entries) + "}"
+        if fault is not None:
+            return await write_split(request, 200, text.encode(), fault.pause)
+        return web.Response(text=text, content_type="application/json")
 
     def _next_fault(self, source: str) -> Fault | None:
         fault = self.faults.get(source)
@@ -152,7 +190,30 @@ class RateSandbox:
                 del self.faults[source]
         return fault
 
-    async def _fault(self, fault: Fault, *, xml: bool) -> web.StreamResponse:
+    async def _fault(self, fault: Fault, request: web.Request, *, xml: bool) -> web.StreamResponse:
+        kind = "text/xml" if xml else "application/json"
+        if fault.kind == "deep":
+            depth = 100_000
+            text = "<a>" * depth + "</a>" * depth if xml else deep_json(depth).text
+            return web.Response(text=text, content_type=kind)
+        if fault.kind == "control":
+            text = (
+                "<?xml version='1.0'?><Cube><Cube time='2026-06-09'><Cube currency='US\x00D'"
+                " rate='1.08'/>\x1b]0;title\x07</Cube></Cube>"
+                if xml
+                else '{"bit\x00coin": {"eur": 1}, "ethereum\x1b[31m": {"eur": 2}}'
+            )
+            return web.Response(body=text.encode(), content_type=kind)
+        if fault.kind == "raw":
+            return web.Response(body=fault.body.encode(), content_type=kind)
+        if fault.kind in ("oversized", "endless"):
+            head, tail = (
+                (b"<?xml version='1.0'?><Cube><!-- ", b" --></Cube>")
+                if xml
+                else (b'{"bitcoin": {"eur": 1}, "padding": "', b'"}')
+            )
+            size = fault.size if fault.kind == "oversized" else None
+            return await write_stream(request, head, tail, size, self.streamed, kind)
         if fault.kind == "timeout":
             await asyncio.sleep(self.timeout_s)
             return web.Response(status=504)

@@ -14,6 +14,21 @@ Each token is one Powens user. Tokens ``sandbox-user-<n>`` (n >= 1) get determin
 sandbox can add latency and inject faults (error statuses, ``Retry-After``, hangs, malformed
 bodies, amounts as strings); it counts requests and the highest number answered at once.
 
+Hostile answers, as real HTTP on the wire:
+
+- ``Raw(text)`` is JSON text written as is where a value goes: in a ``Fault``'s ``body``, or
+  as an account's ``balance``, a transaction's ``value`` or a connection's ``error_message``.
+  ``Raw("1e400")`` and ``Raw("1e200000")`` are numbers beyond any float, ``Raw("NaN")`` and
+  ``Raw("Infinity")`` the literals JSON does not have, ``Raw('"a\x00b"')`` a raw NUL in a
+  string, ``deep_json(100_000)`` 100 000 nested arrays. A NUL or control character the JSON
+  escapes (``"a\u0000b"``) needs no ``Raw``: ``Fault(status=400, body={"code": "x",
+  "description": "bad\u0000text"})`` is a Powens error whose description holds a NUL.
+- ``Fault(kind="split", pause=0.3)``: the regular answer (or ``status`` and ``body`` when a
+  body is given) sent in two writes, ``pause`` seconds apart.
+- ``Fault(kind="oversized", size=n)``: a 200 whose valid JSON body is ``n`` bytes, streamed
+  without a length; ``Fault(kind="endless")``: a 200 body that never ends. The bytes each such
+  answer managed to write before the client hung up are appended to ``Sandbox.streamed``.
+
 Run it alone with ``python -m kontod.sandbox --listen 127.0.0.1:8436``.
 """
 
@@ -137,22 +152,40 @@ def demo_transactions(account_id: int) -> list[DemoTransaction]:
     return out
 
 
+@dataclass(frozen=True)
+class Raw:
+    """JSON text the sandbox writes as it is, where a JSON value goes."""
+
+    text: str
+
+
+def deep_json(depth: int) -> Raw:
+    """``depth`` arrays nested in one another: valid JSON no sane answer looks like."""
+    return Raw("[" * depth + "]" * depth)
+
+
 @dataclass
 class Fault:
     """One injected misbehaviour, for the next ``times`` matching requests (None: every one).
 
     ``kind``: ``status`` answers ``status`` with a Powens error body, or with ``body`` (any JSON
-    value) when given, and ``Retry-After`` when given; ``hang`` never answers; ``malformed``
-    answers 200 with a body that is not JSON; ``missing_list`` answers 200 with JSON lacking
-    the list.
+    value, ``Raw`` parts written as they are) when given, and ``Retry-After`` when given;
+    ``hang`` never answers; ``malformed`` answers 200 with a body that is not JSON;
+    ``missing_list`` answers 200 with JSON lacking the list; ``split`` sends the regular answer
+    (or ``status`` and ``body``) in two writes ``pause`` seconds apart; ``oversized`` streams
+    a 200 of ``size`` bytes; ``endless`` streams a 200 that never ends.
     """
 
-    kind: Literal["status", "hang", "malformed", "missing_list"] = "status"
+    kind: Literal[
+        "status", "hang", "malformed", "missing_list", "split", "oversized", "endless"
+    ] = "status"
     status: int = 500
     retry_after: str | None = None
     body: Any = None
     endpoint: Literal["connections", "accounts", "transactions"] | None = None
     times: int | None = None
+    pause: float = 0.3
+    size: int = 0
 
 
 @dataclass
@@ -183,7 +216,7 @@ class SandboxConnection:
     id: int
     last_update: datetime | None
     state: str | None = None
-    error_message: str | None = None
+    error_message: str | Raw | None = None
     next_try: datetime | None = None
 
 
@@ -196,7 +229,7 @@ class SandboxAccount:
     name: str
     type: str
     usage: str | None
-    balance: Decimal | None
+    balance: Decimal | Raw | None
     last_update: datetime | None
     currency: str = "EUR"
     deleted: datetime | None = None
@@ -210,7 +243,7 @@ class SandboxTransaction:
     id: int
     id_account: int
     date: date
-    value: Decimal | None
+    value: Decimal | Raw | None
     wording: str
     category: str | None
     last_update: datetime
@@ -286,6 +319,8 @@ class Sandbox:
         self.queries: list[tuple[str, dict[str, str]]] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        # Bytes written by each oversized or endless answer, recorded when it ended.
+        self.streamed: list[int] = []
         # Awaited before each answer with (token, endpoint): lets a test act mid-run.
         self.on_request: RequestHook | None = None
         self._request_ids = itertools.count(1)
@@ -372,18 +407,26 @@ class Sandbox:
             if self.on_request is not None:
                 await self.on_request(token, endpoint)
             fault = behaviour.next_fault(endpoint)
+            if fault is not None and (fault.kind != "split" or fault.body is not None):
+                return await self._fault(fault, request)
+            answer = self._regular(request, endpoint, token, behaviour)
             if fault is not None:
-                return await self._fault(fault)
-            user = self.user(token)
-            if user is None:
-                return self._error(401, "invalidToken", "The access token is invalid or revoked.")
-            if endpoint == CONNECTIONS:
-                return self._connections_answer(request, user, behaviour)
-            if endpoint == ACCOUNTS:
-                return self._accounts_answer(request, user, behaviour)
-            return self._transactions_answer(request, user, behaviour)
+                return await write_split(request, answer.status, _bytes(answer), fault.pause)
+            return answer
         finally:
             self.in_flight -= 1
+
+    def _regular(
+        self, request: web.Request, endpoint: str, token: str, behaviour: Behaviour
+    ) -> web.Response:
+        user = self.user(token)
+        if user is None:
+            return self._error(401, "invalidToken", "The access token is invalid or revoked.")
+        if endpoint == CONNECTIONS:
+            return self._connections_answer(request, user, behaviour)
+        if endpoint == ACCOUNTS:
+            return self._accounts_answer(request, user, behaviour)
+        return self._transactions_answer(request, user, behaviour)
 
     def _connections_answer(
         self, request: web.Request, user: PowensUser, behaviour: Behaviour
@@ -408,7 +451,7 @@ class Sandbox:
         shown = [a for a in user.accounts if every or (a.deleted is None and a.disabled is None)]
         balances: dict[str, Decimal] = defaultdict(Decimal)
         for a in shown:
-            if a.balance is not None and a.deleted is None and a.disabled is None:
+            if isinstance(a.balance, Decimal) and a.deleted is None and a.disabled is None:
                 balances[a.currency] += a.balance
         return _json(
             {
@@ -464,7 +507,13 @@ class Sandbox:
             }
         )
 
-    async def _fault(self, fault: Fault) -> web.StreamResponse:
+    async def _fault(self, fault: Fault, request: web.Request) -> web.StreamResponse:
+        if fault.kind == "split":
+            return await write_split(request, fault.status, dumps(fault.body).encode(), fault.pause)
+        if fault.kind in ("oversized", "endless"):
+            size = fault.size if fault.kind == "oversized" else None
+            head, tail = b'{"accounts": [], "transactions": [], "padding": "', b'"}'
+            return await write_stream(request, head, tail, size, self.streamed)
         if fault.kind == "hang":
             await self._stopping.wait()
             return self._error(503, "shuttingDown", "The sandbox is stopping.")
@@ -476,7 +525,7 @@ class Sandbox:
             return _json({"total": 0})
         headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
         if fault.body is not None:
-            return web.json_response(fault.body, status=fault.status, headers=headers)
+            return _json(fault.body, status=fault.status, headers=headers)
         code, description = _DEFAULT_ERRORS.get(fault.status, ("error", "Injected failure."))
         return self._error(fault.status, code, description, headers)
 
@@ -537,10 +586,10 @@ def _powens_time(value: datetime | None) -> str | None:
     return None if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _amount(value: Decimal | None, behaviour: Behaviour) -> Any:
+def _amount(value: Decimal | Raw | None, behaviour: Behaviour) -> Any:
     # Two-decimal amounts survive float's shortest repr, so the JSON number is exact.
-    if value is None:
-        return None
+    if value is None or isinstance(value, Raw):
+        return value
     return str(value) if behaviour.amounts_as_strings else float(value)
 
 
@@ -597,8 +646,86 @@ def _transaction_body(
     return body
 
 
-def _json(body: dict[str, Any]) -> web.Response:
-    return web.Response(text=json.dumps(body), content_type="application/json")
+def _json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        text=dumps(body), status=status, headers=headers, content_type="application/json"
+    )
+
+
+def _bytes(response: web.Response) -> bytes:
+    body = response.body
+    assert isinstance(body, bytes)
+    return body
+
+
+def dumps(value: Any) -> str:
+    """``value`` as JSON text, each ``Raw`` in it written as it is."""
+    raws: list[str] = []
+
+    def mark(obj: object) -> str:
+        if isinstance(obj, Raw):
+            raws.append(obj.text)
+            return f"\x00raw:{len(raws) - 1}\x00"
+        raise TypeError(f"not JSON: {type(obj).__name__}")
+
+    text = json.dumps(value, default=mark)
+    for n, raw in enumerate(raws):
+        text = text.replace(json.dumps(f"\x00raw:{n}\x00"), raw, 1)
+    return text
+
+
+async def write_split(
+    request: web.Request,
+    status: int,
+    body: bytes,
+    pause: float,
+    content_type: str = "application/json",
+) -> web.StreamResponse:
+    """Answer ``body`` in two writes ``pause`` seconds apart, as a slow server or network does."""
+    response = web.StreamResponse(status=status, headers={"Content-Type": content_type})
+    response.content_length = len(body)
+    await response.prepare(request)
+    half = len(body) // 2
+    await response.write(body[:half])
+    await asyncio.sleep(pause)
+    await response.write(body[half:])
+    await response.write_eof()
+    return response
+
+
+_FILL = b"x" * 65536
+
+
+async def write_stream(
+    request: web.Request,
+    head: bytes,
+    tail: bytes,
+    size: int | None,
+    record: list[int],
+    content_type: str = "application/json",
+) -> web.StreamResponse:
+    """A 200 of ``head``, filler and ``tail`` making ``size`` bytes (None: without end),
+    written with no length announced; the bytes written are appended to ``record`` when the
+    answer ends, whether it was finished or the client went away."""
+    response = web.StreamResponse(status=200, headers={"Content-Type": content_type})
+    response.enable_chunked_encoding()
+    written = 0
+    try:
+        await response.prepare(request)
+        await response.write(head)
+        written = len(head)
+        while size is None or written + len(tail) < size:
+            room = len(_FILL) if size is None else min(len(_FILL), size - len(tail) - written)
+            await response.write(_FILL[:room])
+            written += room
+        await response.write(tail)
+        written += len(tail)
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client hung up: what it took is recorded below
+    finally:
+        record.append(written)
+    return response
 
 
 @asynccontextmanager

@@ -13,6 +13,7 @@ from aiohttp import web
 from kontod import pings
 from kontod.config import ConfigError, load_settings
 from kontod.job import JobSpec, RunContext
+from kontod.sandbox import write_stream
 from tests.daemon_harness import running_daemon, settings_for
 from tests.helpers import free_port, spec, wait_for
 from tests.ping_sandbox import PingService, serve
@@ -204,3 +205,27 @@ def test_a_ping_url_with_a_bad_port_is_refused_at_start() -> None:
         load_settings({"KONTOD_PING_URL_DAILY_SNAPSHOTS": "https://hc-ping.com:44x/abc"})
     assert bad.value.setting == "KONTOD_PING_URL_DAILY_SNAPSHOTS"
     assert "abc" not in str(bad.value)
+
+
+async def test_an_endless_answer_is_not_read_on() -> None:
+    # Only the start of an answer is shown in a log line; a 200 that never ends is a sent ping.
+    streamed: list[int] = []
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        return await write_stream(request, b"OK", b"", None, streamed, "text/plain")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", endless)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            pinger = pings.Pinger(http, {}, backoff_s=0.01, attempts=1, timeout_s=2.0)
+            sent = await pinger.send(
+                "job", "success", f"http://127.0.0.1:{port}/check", pings.run_uuid("j", 1), b""
+            )
+    finally:
+        await runner.cleanup()
+    assert sent

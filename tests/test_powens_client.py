@@ -7,8 +7,12 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import aiohttp
+import asyncpg
 import pytest
+import structlog
 
+from kontod.job import RunContext
+from kontod.jobs.refresh import make_body
 from kontod.powens import (
     ProviderAuthError,
     ProviderBadResponse,
@@ -19,8 +23,18 @@ from kontod.powens import (
     backoff_seconds,
     retry_after_seconds,
 )
-from kontod.sandbox import Fault, Sandbox, demo_accounts, demo_transactions, token_for
-from tests.sandbox_helpers import Bank, fast_client
+from kontod.sandbox import (
+    Fault,
+    PowensUser,
+    Raw,
+    Sandbox,
+    SandboxTransaction,
+    deep_json,
+    demo_accounts,
+    demo_transactions,
+    token_for,
+)
+from tests.sandbox_helpers import Bank, fast_client, seed_user
 
 TOKEN = token_for(1)
 
@@ -435,3 +449,200 @@ async def test_nul_characters_the_database_cannot_store_are_dropped(
     [tx] = await client.transactions(TOKEN, "1")
 
     assert (tx.id, tx.label, tx.amount) == ("78", "café", Decimal("-4.20"))
+
+
+# Hostile answers: bodies read whole under a cap, JSON of bounded depth, bounded paging.
+
+MiB = 1024 * 1024
+
+
+async def test_a_body_sent_in_two_writes_with_a_pause_is_read_whole(
+    bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    bank.sandbox.behave(TOKEN, Fault(kind="split", pause=0.3, endpoint="accounts"))
+
+    accounts = await fast_client(http, bank.url).accounts(TOKEN)
+
+    assert [a.balance for a in accounts] == [a.balance for a in demo_accounts(1)]
+
+
+async def test_a_body_over_the_cap_is_refused_without_reading_the_rest(
+    bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    # A valid JSON answer of 64 MiB: read whole, it would parse as an empty list of accounts.
+    bank.sandbox.behave(TOKEN, Fault(kind="oversized", size=64 * MiB, endpoint="accounts"))
+    calls = Calls()
+
+    with pytest.raises(ProviderBadResponse) as caught:
+        await fast_client(http, bank.url, observe=calls).accounts(TOKEN)
+
+    message = str(caught.value)
+    assert "larger than 8388608 bytes (8 MiB)" in message
+    assert "KONTOD_PROVIDER_MAX_BODY" in message
+    assert caught.value.kind == "bad_response"
+    # Not retried, and the connection was dropped: the sandbox could not write much more
+    # than the cap and what the loopback socket buffers hold.
+    assert calls.outcomes == ["200"]
+    await wait_streamed(bank.sandbox)
+    assert bank.sandbox.streamed[0] < 32 * MiB
+
+
+async def test_an_endless_body_is_cut_at_the_cap_that_was_set(
+    bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    bank.sandbox.behave(TOKEN, Fault(kind="endless", endpoint="connections"))
+    client = fast_client(http, bank.url, max_body=MiB)
+
+    with pytest.raises(ProviderBadResponse, match=r"larger than 1048576 bytes \(1 MiB\)"):
+        await client.connections(TOKEN)
+
+    await wait_streamed(bank.sandbox)
+    assert bank.sandbox.streamed[0] < 16 * MiB
+
+
+async def wait_streamed(sandbox: Sandbox) -> None:
+    """The streaming answer records its bytes when its handler ends, after the client left."""
+    for _ in range(500):
+        if sandbox.streamed:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the streaming answer never ended")
+
+
+@pytest.mark.parametrize("status", [200, 400, 500])
+async def test_deeply_nested_json_is_refused_before_any_recursion(
+    bank: Bank, http: aiohttp.ClientSession, status: int
+) -> None:
+    bank.sandbox.behave(TOKEN, Fault(status=status, body=deep_json(100_000)))
+
+    with pytest.raises(ProviderError) as caught:
+        await fast_client(http, bank.url, attempts=1).accounts(TOKEN)
+
+    assert caught.value.status == status
+    if status == 200:
+        assert isinstance(caught.value, ProviderBadResponse)
+        assert "nested deeper than 64 levels" in str(caught.value)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+async def test_non_finite_literals_are_refused(
+    bank: Bank, http: aiohttp.ClientSession, literal: str
+) -> None:
+    user = bank.sandbox.user(TOKEN)
+    assert user is not None
+    user.accounts[0].balance = Raw(literal)
+
+    with pytest.raises(ProviderBadResponse, match=f"{literal} is not a number"):
+        await fast_client(http, bank.url).accounts(TOKEN)
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "1e200000", "1.5e308"])
+async def test_numbers_beyond_float_stay_exact_decimals_never_infinity(
+    bank: Bank, http: aiohttp.ClientSession, number: str
+) -> None:
+    user = bank.sandbox.user(TOKEN)
+    assert user is not None
+    user.accounts[0].balance = Raw(number)
+
+    accounts = await fast_client(http, bank.url).accounts(TOKEN)
+
+    assert accounts[0].balance == Decimal(number)
+    assert accounts[0].balance is not None and accounts[0].balance.is_finite()
+
+
+async def test_control_characters_in_an_error_body_are_left_out(
+    bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    body = {"code": "bad\u0000code", "description": "one\u0000two\nthree\x1b]0;title\x07"}
+    bank.sandbox.behave(TOKEN, Fault(status=400, body=body))
+
+    with pytest.raises(ProviderError) as caught:
+        await fast_client(http, bank.url).accounts(TOKEN)
+
+    error = caught.value
+    assert (error.code, error.description) == ("bad code", "one two three ]0;title")
+    assert not any(ord(ch) < 32 for ch in str(error))
+
+
+def transactions_for(user: PowensUser, account_id: int, n: int) -> None:
+    """``n`` transactions on one account of ``user``."""
+    day = date(2026, 2, 1)
+    user.transactions[account_id] = [
+        SandboxTransaction(
+            id=account_id * 1000 + k,
+            id_account=account_id,
+            date=day - timedelta(days=k),
+            value=Decimal("-1.00"),
+            wording=f"CB SHOP {k}",
+            category=None,
+            last_update=datetime(2026, 2, 1, tzinfo=UTC),
+        )
+        for k in range(n)
+    ]
+
+
+async def test_paging_has_a_total_cap_in_transactions(
+    bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    user = bank.sandbox.user(TOKEN)
+    assert user is not None
+    transactions_for(user, 1, 12)
+    client = fast_client(http, bank.url, max_items=9)
+
+    assert len(await fast_client(http, bank.url).transactions(TOKEN, "1", limit=5)) == 12
+    with pytest.raises(ProviderBadResponse, match="more than 9 transactions"):
+        await client.transactions(TOKEN, "1", limit=5)
+    # The third page was never asked for: the second one passed the cap.
+    assert len(bank.sandbox.queries) == 3 + 2
+
+
+async def test_paging_has_a_total_cap_in_bytes(bank: Bank, http: aiohttp.ClientSession) -> None:
+    user = bank.sandbox.user(TOKEN)
+    assert user is not None
+    transactions_for(user, 1, 50)
+    client = fast_client(http, bank.url, max_bytes=4096)
+
+    with pytest.raises(ProviderBadResponse, match=r"more than 4096 bytes \(4 KiB\)"):
+        await client.transactions(TOKEN, "1", limit=2)
+    assert len(bank.sandbox.queries) < 25
+
+
+async def test_a_deep_answer_is_the_failure_of_that_user_only(
+    pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    await seed_user(pool, 1)
+    conn_2 = await seed_user(pool, 2)
+    bank.sandbox.behave(token_for(2), Fault(status=200, body=deep_json(100_000)))
+    ctx = RunContext(
+        run_id=1,
+        job="refresh-stale-connections",
+        trigger="manual",
+        scheduled_for=None,
+        started_at=datetime.now(UTC),
+        log=structlog.get_logger(),
+    )
+
+    await make_body(
+        pool, fast_client(http, bank.url), stale_after=timedelta(days=7), concurrency=2
+    )(ctx)
+
+    assert (ctx.counts["items_refreshed"], ctx.counts["items_failed"]) == (1, 1)
+    row = await pool.fetchrow(
+        "SELECT error, error_kind FROM kontod_connections WHERE connection_id = $1", conn_2
+    )
+    assert row is not None
+    assert row["error_kind"] == "bad_response"
+    assert "nested deeper than 64 levels" in row["error"]
+
+
+async def test_a_length_announced_over_the_cap_is_refused_before_reading(
+    bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    accounts = [{"id": n, "balance": "1.00"} for n in range(200)]
+    bank.sandbox.behave(TOKEN, Fault(status=200, body={"accounts": accounts}))
+
+    with pytest.raises(ProviderBadResponse) as caught:
+        await fast_client(http, bank.url, max_body=1024).accounts(TOKEN)
+
+    assert "larger than 1024 bytes (1 KiB); it announced" in str(caught.value)
+    assert len(await fast_client(http, bank.url, max_body=64 * 1024).accounts(TOKEN)) == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import decimal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,13 +15,14 @@ import asyncpg
 import pytest
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from kontod import db, rates
 from kontod.config import ConfigError, load_settings
 from kontod.daemon import Daemon
 from kontod.job import ClaimLost, Connection, RunContext
 from kontod.jobs.snapshots import Conversion, take_snapshots
-from kontod.rates_sandbox import DEMO_DAY, RateSandbox, urls
+from kontod.rates_sandbox import DEMO_DAY, DEMO_ECB_RATES, RateSandbox, urls
 from tests import pg
 from tests.daemon_harness import TOKEN, running_daemon, settings_for
 from tests.helpers import PARIS, WEBAPP_SCHEMA, snapshot_rows, wait_for
@@ -524,6 +526,7 @@ def test_cross_rates_and_classification() -> None:
         ({"KONTOD_FIAT_RATES_URL": "ftp://x"}, "invalid KONTOD_FIAT_RATES_URL='ftp://x'"),
         ({"KONTOD_CRYPTO_IDS": "BTC"}, "invalid KONTOD_CRYPTO_IDS='BTC': expected SYMBOL=id"),
         ({"KONTOD_MANUAL_RATES": "XAU=-2"}, "invalid KONTOD_MANUAL_RATES='XAU=-2'"),
+        ({"KONTOD_MANUAL_RATES": "XAU=1e13"}, "invalid KONTOD_MANUAL_RATES='XAU=1e13'"),
     ],
 )
 def test_bad_rate_settings_are_named(env: dict[str, str], message: str) -> None:
@@ -632,3 +635,214 @@ async def test_the_price_api_key_goes_in_its_header_and_never_in_an_error() -> N
     settings = load_settings({"HOME": "/nonexistent", "KONTOD_CRYPTO_API_KEY": " cg-secret-123 "})
     assert settings.crypto_api_key == "cg-secret-123"
     assert "cg-secret-123" not in repr(settings)
+
+
+# Hostile answers and implausible rates.
+
+MiB = 1024 * 1024
+
+
+async def test_an_ecb_file_sent_in_two_writes_300_ms_apart_is_read_whole(
+    sources: Sources,
+) -> None:
+    sources.sandbox.fail("ecb", "split", pause=0.3)
+
+    days = await sources.client.ecb()
+
+    assert days == {DEMO_DAY: DEMO_ECB_RATES}
+
+
+async def test_a_large_history_file_is_read_whole(sources: Sources) -> None:
+    sources.sandbox.ecb_history_days = 2000
+    async with aiohttp.ClientSession() as http, http.get(sources.client.fiat_url) as resp:
+        size = len(await resp.read())
+    assert 400_000 < size < 2 * MiB
+
+    days = await sources.client.ecb()
+
+    assert len(days) == 2001
+    assert days[DEMO_DAY - timedelta(days=2000)] == DEMO_ECB_RATES
+
+
+@pytest.mark.parametrize("kind", ["oversized", "endless"])
+async def test_a_body_over_the_cap_is_refused_and_reading_stops_there(
+    sources: Sources, kind: str
+) -> None:
+    sources.sandbox.fail("ecb", kind, size=64 * MiB)
+
+    with pytest.raises(rates.RateSourceError) as caught:
+        await sources.client.ecb()
+
+    assert str(caught.value) == (
+        "ecb: the answer is larger than 2097152 bytes (2 MiB);"
+        " KONTOD_PROVIDER_MAX_BODY sets the limit"
+    )
+    assert sources.sandbox.requests["ecb"] == 1
+    for _ in range(500):
+        if sources.sandbox.streamed:
+            break
+        await asyncio.sleep(0.01)
+    assert sources.sandbox.streamed[0] < 24 * MiB
+
+
+async def test_the_cap_follows_the_setting(sources: Sources) -> None:
+    sources.sandbox.ecb_history_days = 2000
+    async with aiohttp.ClientSession() as http:
+        client = rates.RateSources(
+            http, fiat_url=sources.client.fiat_url, crypto_url="", max_body=64 * 1024
+        )
+        with pytest.raises(rates.RateSourceError, match=r"larger than 65536 bytes \(64 KiB\)"):
+            await client.ecb()
+
+
+@pytest.mark.parametrize("kind", ["deep", "control", "oversized"])
+async def test_a_hostile_price_answer_falls_back_to_stored_rates(
+    pool: asyncpg.Pool, sources: Sources, kind: str
+) -> None:
+    uid, acc, _ = await user_with(pool, [("investment", "2", "BTC")])
+    await run(pool, sources.client, at=AT - timedelta(days=2))
+    sources.sandbox.fail("crypto", kind, size=8 * MiB)
+
+    c = await run(pool, sources.client)
+
+    assert await holdings(pool, uid) == {f"account:{acc[0]}": convert("2", BTC_EUR, Decimal(1))}
+    assert c.counts["rate_sources_failed"] == 1
+    assert c.counts["rate_fallback_BTC"] == 1
+    assert c.counts["items_unconverted"] == 0
+
+
+async def test_deep_xml_from_the_ecb_is_a_failed_source(sources: Sources) -> None:
+    sources.sandbox.fail("ecb", "deep")
+
+    with pytest.raises(rates.RateSourceError, match="ecb: the answer has no <Cube time"):
+        await sources.client.ecb()
+
+
+@pytest.mark.parametrize(
+    ("raw", "size"),
+    [
+        ("8M", 8 * MiB),
+        ("512k", 512 * 1024),
+        ("2MiB", 2 * MiB),
+        ("1048576", MiB),
+        ("1G", 1024 * MiB),
+    ],
+)
+def test_the_body_cap_setting(raw: str, size: int) -> None:
+    assert (
+        load_settings({"HOME": "/nonexistent", "KONTOD_PROVIDER_MAX_BODY": raw}).provider_max_body
+        == size
+    )
+    assert load_settings({"HOME": "/nonexistent"}).provider_max_body is None
+
+
+@pytest.mark.parametrize("raw", ["0", "100", "8 PB", "-1M", "2G", "lots"])
+def test_a_bad_body_cap_is_named(raw: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings({"HOME": "/nonexistent", "KONTOD_PROVIDER_MAX_BODY": raw})
+    assert str(err.value).startswith(f"invalid KONTOD_PROVIDER_MAX_BODY={raw!r}: expected a size")
+
+
+@pytest.mark.parametrize(
+    "price", ["1e400", "1e200000", "1e300", "1e13", "1e-13", "NaN", "Infinity"]
+)
+async def test_an_implausible_price_is_never_stored_and_counts_as_a_failed_source(
+    pool: asyncpg.Pool, sources: Sources, price: str
+) -> None:
+    uid, acc, _ = await user_with(pool, [("investment", "2", "BTC"), ("checking", "1", "USD")])
+    sources.sandbox.prices["bitcoin"]["eur"] = price
+
+    c = await run(pool, sources.client)
+
+    stored = await pool.fetch("SELECT currency FROM kontod_rates ORDER BY currency")
+    assert [r["currency"] for r in stored] == ["USD"]
+    assert c.counts["rate_sources_failed"] == 1
+    assert c.counts["unconverted_BTC"] == 1
+    assert set(await holdings(pool, uid)) == {f"account:{acc[1]}"}
+
+
+async def test_an_implausible_ecb_rate_is_refused_and_the_others_kept(
+    pool: asyncpg.Pool, sources: Sources
+) -> None:
+    await user_with(pool, [("checking", "1", "USD"), ("checking", "1", "CHF")])
+    sources.sandbox.ecb_rates["USD"] = "1e400"
+
+    with capture_logs() as logs:
+        c = await run(pool, sources.client)
+
+    stored = await pool.fetch("SELECT currency FROM kontod_rates ORDER BY currency")
+    assert [r["currency"] for r in stored] == ["CHF"]
+    assert c.counts["rate_sources_failed"] == 1
+    [refused] = [e for e in logs if e["event"] == "rates.refused"]
+    assert (refused["source"], refused["currency"]) == ("ecb", "USD")
+    assert "outside [1e-12, 1e12]" in refused["why"]
+
+
+async def test_a_price_a_thousand_times_off_the_last_stored_one_is_refused(
+    pool: asyncpg.Pool, sources: Sources
+) -> None:
+    uid, acc, _ = await user_with(pool, [("investment", "2", "BTC")])
+    await run(pool, sources.client, at=AT - timedelta(days=2))
+    sources.sandbox.prices["bitcoin"]["eur"] = BTC_EUR * 1001
+
+    c = await run(pool, sources.client)
+
+    assert c.counts["rate_sources_failed"] == 1
+    assert c.counts["rate_fallback_BTC"] == 1
+    assert await holdings(pool, uid) == {f"account:{acc[0]}": convert("2", BTC_EUR, Decimal(1))}
+
+    # Within the factor, it is taken.
+    sources.sandbox.prices["bitcoin"]["eur"] = BTC_EUR * 999
+    c = await run(pool, sources.client)
+    assert c.counts["rate_sources_failed"] == 0
+    assert await holdings(pool, uid) == {
+        f"account:{acc[0]}": convert("2", BTC_EUR * 999, Decimal(1))
+    }
+
+
+@pytest.mark.parametrize("bad", ["'NaN'", "'Infinity'", "1e400", "1e-400"])
+async def test_a_stored_rate_out_of_range_is_passed_over(
+    pool: asyncpg.Pool, sources: Sources, bad: str
+) -> None:
+    await user_with(pool, [("investment", "2", "BTC")])
+    await pool.execute(
+        f"""INSERT INTO kontod_rates (base, currency, day, currency_amount, base_amount, source)
+            VALUES ('EUR', 'BTC', $1, 1, 58000, 'crypto'),
+                   ('EUR', 'BTC', $2, 1, {bad}::numeric, 'crypto')""",
+        DAY - timedelta(days=3),
+        DAY - timedelta(days=1),
+    )
+    sources.sandbox.fail("crypto", "http_404")
+
+    report = await rates.update(
+        pool,
+        sources.client,
+        base="EUR",
+        day=DAY,
+        max_age_days=7,
+        crypto_ids=rates.SHIPPED_CRYPTO_IDS,
+        manual={},
+        now=AT,
+        log=structlog.get_logger(),
+        before_write=_nothing,
+    )
+
+    assert report.currencies["BTC"].day == DAY - timedelta(days=3)
+    assert report.currencies["BTC"].usable
+    # The bad row is not what a new price is held to either.
+    async with pool.acquire() as conn:
+        assert await rates.last_rates(conn, "EUR", ["BTC"], DAY) == {"BTC": Decimal(58000)}
+
+
+async def _nothing(_: Connection) -> None:
+    pass
+
+
+def test_store_refuses_what_is_not_plausible() -> None:
+    quote = rates.Quote("BTC", DAY, Decimal(1), Decimal("1e200000"), "crypto")
+    assert rates.implausible(quote) == "its base amount 1E+200000 is outside [1e-12, 1e12]"
+    assert rates.implausible(rates.Quote("X", DAY, Decimal(1), Decimal("NaN"), "manual"))
+    assert rates.implausible(rates.Quote("X", DAY, Decimal(1), Decimal(5), "ecb"), Decimal("0.004"))
+    assert (
+        rates.implausible(rates.Quote("X", DAY, Decimal(1), Decimal(5), "ecb"), Decimal(4)) is None
+    )

@@ -41,6 +41,7 @@ def declare_jobs(
                     timeout=settings.provider_timeout,
                     attempts=settings.provider_attempts,
                     crypto_api_key=settings.crypto_api_key,
+                    max_body=settings.provider_max_body,
                 ),
                 http,
                 workers=settings.snapshot_workers,
@@ -90,6 +91,7 @@ def _refresh_wiring(
         attempts=settings.provider_attempts,
         observe=observe_request,
         rate=settings.provider_rate,
+        max_body=settings.provider_max_body,
     )
     body = refresh.make_body(
         pool,

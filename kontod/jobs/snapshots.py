@@ -539,6 +539,7 @@ class SourceSettings:
     timeout: float = 30.0
     attempts: int = 4
     crypto_api_key: str | None = field(default=None, repr=False)
+    max_body: int | None = None  # None: the sources' own cap
 
 
 def make_body(
@@ -583,6 +584,7 @@ async def _with_sources(
         timeout=settings.timeout,
         attempts=settings.attempts,
         api_key=settings.crypto_api_key,
+        max_body=settings.max_body,
     )
     await take_snapshots(
         pool, ctx, tz, batch_size, workers=workers, conversion=conversion, sources=sources
