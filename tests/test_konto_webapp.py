@@ -24,7 +24,7 @@ from kontod.jobs.refresh import make_body
 from kontod.sandbox import demo_accounts, demo_transactions, token_for
 from kontod.tokens import WrongKey, check_key, decrypt, encrypt, fingerprint
 from tests.helpers import PARIS, WEBAPP_SCHEMA, konto_schema_of
-from tests.sandbox_helpers import Bank, fast_client
+from tests.sandbox_helpers import Bank, answer_raw, fast_client, raw_accounts, raw_transactions
 
 KEY = bytes.fromhex("5f" * 16 + "a3" * 16)
 KEY_HEX = KEY.hex()
@@ -348,3 +348,43 @@ async def test_the_start_check_passes_a_key_that_opens_one_value_and_plaintext_a
     # Only plaintext tokens: nothing to tell a key by, nothing refused.
     await webapp.execute("DELETE FROM bank_connections WHERE powens_token <> $1", token_for(2))
     assert await check_key(webapp, bytes(range(32))) == 0
+
+
+async def test_a_huge_bank_amount_never_writes_infinity_into_the_web_apps_float_columns(
+    webapp: asyncpg.Connection, empty_dsn: str, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    await seed_webapp(webapp)
+    await db.migrate(webapp)
+    synced = bank.sandbox.synced_at
+
+    async def hostile(token: str, endpoint: str) -> None:
+        if token != token_for(1):
+            return
+        if endpoint == "accounts":
+            answer_raw(raw_accounts(1, synced, {1: "1e400", 2: "-1e400"}))
+        if endpoint == "transactions":
+            answer_raw(raw_transactions({9001: "1e400", 9002: "7.25"}))
+
+    bank.sandbox.on_request = hostile
+    pool = await asyncpg.create_pool(empty_dsn, min_size=1, max_size=4)
+    assert pool is not None
+    try:
+        body = make_body(
+            pool, fast_client(http, bank.url), stale_after=timedelta(days=7), concurrency=2, key=KEY
+        )
+        ctx = ctx_for(REFRESH)
+        await body(ctx)
+    finally:
+        await pool.close()
+
+    infinite = await webapp.fetchval(
+        """SELECT (SELECT count(*) FROM bank_accounts WHERE balance IN ('Infinity', '-Infinity'))
+                + (SELECT count(*) FROM transactions WHERE amount IN ('Infinity', '-Infinity'))"""
+    )
+    assert infinite == 0
+    assert ctx.counts["items_refreshed"] == 2
+    assert (ctx.counts["accounts_invalid"], ctx.counts["transactions_invalid"]) == (2, 3)
+    kept = await webapp.fetch(
+        "SELECT balance FROM bank_accounts WHERE user_id = 1 AND provider_account_id IN ('1', '2')"
+    )
+    assert [r["balance"] for r in kept] == [0.1, 0.1]
