@@ -30,7 +30,7 @@ from kontod.sandbox import (
     demo_transactions,
     token_for,
 )
-from kontod.tokens import encrypt
+from kontod.tokens import WrongKey, encrypt
 from tests import pg
 from tests.sandbox_helpers import (
     Bank,
@@ -1107,3 +1107,21 @@ async def test_a_401_holds_for_the_token_hold_at_most_and_lifts_when_key_or_conn
     with pytest.raises(RefreshFailed):
         await run(body(KEY), at=later + 3 * step + hold + step)
     assert sent() == 5
+
+
+async def test_a_run_with_a_key_that_opens_no_stored_token_fails_before_calling_the_bank(
+    pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    conn_1 = await seed_user(pool, 1)
+    await seed_user(pool, 2)  # plaintext: it would pass a wrong key unnoticed, row by row
+    await pool.execute(
+        "UPDATE bank_connections SET powens_token = $2 WHERE id = $1",
+        conn_1,
+        encrypt(token_for(1), KEY),
+    )
+
+    with pytest.raises(WrongKey, match="none of the 1 stored bank tokens"):
+        await run(body_for(pool, fast_client(http, bank.url), key=bytes(32)))
+
+    assert bank.sandbox.requests.total() == 0
+    assert await pool.fetchval("SELECT count(*) FROM kontod_connections") == 0

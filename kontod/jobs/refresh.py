@@ -508,6 +508,11 @@ class _Refresh:
 
     async def run(self, cutoff: datetime, concurrency: int) -> None:
         ctx = self.ctx
+        if self.key is not None:
+            # As at start, for runs outside the daemon (`kontod jobs run`) and for a key the
+            # web app changed since: a key that opens no stored token fails the run, loudly.
+            async with self.pool.acquire() as conn:
+                await tokens.check_key(conn, self.key)
         users = await self.stale_users(cutoff)
         # Zeros are written too, so a run's stored counts always show every outcome.
         ctx.counts.update(dict.fromkeys(COUNT_KEYS, 0))
