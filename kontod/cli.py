@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from kontod import __version__, commands, db, konto_schema
+from kontod import __version__, commands, db, konto_schema, tokens
 from kontod.config import ConfigError, Settings, load_settings
 from kontod.jobs import REFRESH, SNAPSHOTS
 from kontod.logs import configure
@@ -78,7 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure(settings.log_format, settings.log_level)
     try:
         return asyncio.run(_dispatch(args, settings))
-    except (db.EmbeddedUnavailable, konto_schema.KontoSchemaError, ConfigError) as exc:
+    except (
+        db.EmbeddedUnavailable,
+        konto_schema.KontoSchemaError,
+        ConfigError,
+        tokens.WrongKey,
+    ) as exc:
         print(f"kontod: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

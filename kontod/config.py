@@ -73,6 +73,8 @@ class Settings:
     snapshot_batch_size: int = 1000
     snapshot_workers: int = 2
     stale_after: float = 7 * 86400.0
+    # Longest a connection whose token got a 401 is left alone before it is tried again.
+    rejection_hold: float = 7 * 86400.0
     powens_url: str | None = None
     refresh_concurrency: int = 8
     provider_timeout: float = 30.0
@@ -456,6 +458,7 @@ _SPEC: list[tuple[str, str, Callable[[str], Any], bool]] = [
     ("snapshot_batch_size", "KONTOD_SNAPSHOT_BATCH_SIZE", _parse_positive_int, False),
     ("snapshot_workers", "KONTOD_SNAPSHOT_WORKERS", _parse_workers, False),
     ("stale_after", "KONTOD_STALE_AFTER", _parse_duration, False),
+    ("rejection_hold", "KONTOD_TOKEN_HOLD", _parse_duration, False),
     ("refresh_concurrency", "KONTOD_REFRESH_CONCURRENCY", _parse_positive_int, False),
     ("provider_timeout", "KONTOD_PROVIDER_TIMEOUT", _parse_positive_float, False),
     ("provider_attempts", "KONTOD_PROVIDER_ATTEMPTS", _parse_positive_int, False),

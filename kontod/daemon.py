@@ -22,7 +22,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from kontod import db, konto_schema, pings, schedule, suspicion
+from kontod import db, konto_schema, pings, schedule, suspicion, tokens
 from kontod.board import Board
 from kontod.config import Settings, redact_dsn
 from kontod.history import History
@@ -89,6 +89,8 @@ class Daemon:
         async with self.pool.acquire() as conn:
             applied = await db.migrate(conn)
             await konto_schema.load(conn)  # KontoSchemaError: exit 2, naming the column
+            if s.db_encryption_key is not None:
+                await tokens.check_key(conn, s.db_encryption_key)  # WrongKey: exit 2
         if applied:
             log.info("database.migrated", applied=applied)
         if self._on_migrated is not None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import asyncpg
+from aiohttp import web
 
 from kontod.powens import Observer, PowensClient
 from kontod.sandbox import PowensUser, Sandbox, demo_accounts, token_for
@@ -93,3 +95,44 @@ async def seed_user(
             status,
         )
         return connection_id
+
+
+def answer_raw(text: str) -> None:
+    """From a sandbox ``on_request`` hook: answer 200 with ``text`` as the JSON body, as is.
+
+    Serves what ``json.dumps`` cannot write (a raw ``1e400``, ten thousand brackets).
+    """
+    raise web.HTTPOk(text=text, content_type="application/json")
+
+
+def raw_accounts(user: int, synced_at: datetime, balances: dict[int, str]) -> str:
+    """Demo user ``user``'s accounts as a JSON body, with some balances as raw JSON text."""
+    items = [
+        {
+            "id": a.id,
+            "id_connection": user,
+            "name": a.name,
+            "type": a.type,
+            "usage": a.usage,
+            "balance": f"@balance {a.id}@",
+            "currency": {"id": "EUR"},
+            "last_update": synced_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            "deleted": None,
+            "disabled": None,
+        }
+        for a in demo_accounts(user)
+    ]
+    text = json.dumps({"accounts": items, "total": len(items)})
+    for a in demo_accounts(user):
+        text = text.replace(f'"@balance {a.id}@"', balances.get(a.id, str(a.balance)))
+    return text
+
+
+def raw_transactions(values: dict[int, str]) -> str:
+    """A one-page transactions body: transaction id -> its ``value`` as raw JSON text."""
+    items = [
+        f'{{"id": {tx_id}, "date": "2026-11-02", "value": {raw}, "original_wording": "raw {tx_id}",'
+        f' "coming": false, "deleted": null, "last_update": "2026-11-02 10:00:00"}}'
+        for tx_id, raw in values.items()
+    ]
+    return '{"transactions": [' + ", ".join(items) + '], "_links": {}}'

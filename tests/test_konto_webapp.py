@@ -22,9 +22,9 @@ from kontod.jobs import REFRESH, SNAPSHOTS
 from kontod.jobs import snapshots as snapshots_job
 from kontod.jobs.refresh import make_body
 from kontod.sandbox import demo_accounts, demo_transactions, token_for
-from kontod.tokens import decrypt, encrypt, fingerprint
+from kontod.tokens import WrongKey, check_key, decrypt, encrypt, fingerprint
 from tests.helpers import PARIS, WEBAPP_SCHEMA, konto_schema_of
-from tests.sandbox_helpers import Bank, fast_client
+from tests.sandbox_helpers import Bank, answer_raw, fast_client, raw_accounts, raw_transactions
 
 KEY = bytes.fromhex("5f" * 16 + "a3" * 16)
 KEY_HEX = KEY.hex()
@@ -286,3 +286,105 @@ async def test_history_and_latest_date_read_the_web_apps_text_dates(
         [today.isoformat(), "2", "1", "1.50"],
         [(today - timedelta(days=2)).isoformat(), "1", "1", "1.50"],
     ]
+
+
+async def test_a_wrong_key_stops_kontod_run_with_exit_2_naming_the_setting(
+    webapp: asyncpg.Connection, empty_dsn: str, tmp_path: Path
+) -> None:
+    await seed_webapp(webapp)  # user 1's token encrypted under KEY, user 2's plaintext
+    stored = await webapp.fetchval("SELECT powens_token FROM bank_connections WHERE user_id = 1")
+    wrong = bytes(range(32)).hex()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KONTOD_")}
+    clean.pop("DB_ENCRYPTION_KEY", None)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kontod",
+        "run",
+        env={
+            **clean,
+            "KONTOD_DATABASE_URL": empty_dsn,
+            "KONTOD_DB_ENCRYPTION_KEY": wrong,
+            "KONTOD_LISTEN": "127.0.0.1:0",
+            "KONTOD_STATE_DIR": str(tmp_path),
+            "KONTOD_TIMEZONE": "UTC",
+            "KONTOD_LOG_FORMAT": "json",
+        },
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = out.decode()
+
+    assert proc.returncode == 2, text
+    assert "KONTOD_DB_ENCRYPTION_KEY" in text
+    assert "none of the 1 stored bank tokens that look encrypted" in text
+    for secret in (wrong, stored, token_for(1), token_for(2)):
+        assert secret not in text
+    assert "http.listening" not in text  # stopped before it served anything
+
+
+async def test_the_start_check_passes_a_key_that_opens_one_value_and_plaintext_alone(
+    webapp: asyncpg.Connection,
+) -> None:
+    await seed_webapp(webapp)
+    assert await check_key(webapp, KEY) == 1
+    # A value encrypted under another key beside: the right key still opens one, row by row
+    # the other is taken for plaintext as the web app does.
+    await webapp.execute(
+        """INSERT INTO bank_connections (user_id, powens_connection_id, powens_token, status)
+           VALUES (2, '3', $1, 'active')""",
+        encrypt("other", bytes(32)),
+    )
+    assert await check_key(webapp, KEY) == 1
+    with pytest.raises(WrongKey, match="none of the 2 stored bank tokens") as caught:
+        await check_key(webapp, bytes(range(32)))
+    assert KEY_HEX not in str(caught.value)
+    # Only plaintext tokens: nothing to tell a key by, nothing refused.
+    await webapp.execute("DELETE FROM bank_connections WHERE powens_token <> $1", token_for(2))
+    assert await check_key(webapp, bytes(range(32))) == 0
+
+
+async def test_a_huge_bank_amount_never_writes_infinity_into_the_web_apps_float_columns(
+    webapp: asyncpg.Connection, empty_dsn: str, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    await seed_webapp(webapp)
+    await db.migrate(webapp)
+    synced = bank.sandbox.synced_at
+
+    async def hostile(token: str, endpoint: str) -> None:
+        if token != token_for(1):
+            return
+        if endpoint == "accounts":
+            answer_raw(raw_accounts(1, synced, {1: "1e400", 2: "-1e400"}))
+        if endpoint == "transactions":
+            answer_raw(raw_transactions({9001: "1e400", 9002: "7.25"}))
+
+    bank.sandbox.on_request = hostile
+    pool = await asyncpg.create_pool(empty_dsn, min_size=1, max_size=4)
+    assert pool is not None
+    try:
+        body = make_body(
+            pool, fast_client(http, bank.url), stale_after=timedelta(days=7), concurrency=2, key=KEY
+        )
+        ctx = ctx_for(REFRESH)
+        await body(ctx)
+    finally:
+        await pool.close()
+
+    infinite = await webapp.fetchval(
+        """SELECT (SELECT count(*) FROM bank_accounts WHERE balance IN ('Infinity', '-Infinity'))
+                + (SELECT count(*) FROM transactions WHERE amount IN ('Infinity', '-Infinity'))"""
+    )
+    assert infinite == 0
+    assert ctx.counts["items_refreshed"] == 2
+    assert (ctx.counts["accounts_invalid"], ctx.counts["transactions_invalid"]) == (2, 3)
+    kept = await webapp.fetch(
+        "SELECT balance FROM bank_accounts WHERE user_id = 1 AND provider_account_id IN ('1', '2')"
+    )
+    assert [r["balance"] for r in kept] == [0.1, 0.1]

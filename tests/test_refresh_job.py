@@ -15,7 +15,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from kontod.config import Settings
+from kontod.config import Settings, load_settings
 from kontod.job import ClaimLost, Connection, JobBody, RunContext
 from kontod.jobs import REFRESH, declare_jobs
 from kontod.jobs.refresh import RefreshFailed, make_body, needs_user_hold
@@ -30,9 +30,17 @@ from kontod.sandbox import (
     demo_transactions,
     token_for,
 )
-from kontod.tokens import encrypt
+from kontod.tokens import WrongKey, encrypt
 from tests import pg
-from tests.sandbox_helpers import Bank, fast_client, powens_user, seed_user
+from tests.sandbox_helpers import (
+    Bank,
+    answer_raw,
+    fast_client,
+    powens_user,
+    raw_accounts,
+    raw_transactions,
+    seed_user,
+)
 
 WEEK = timedelta(days=7)
 KEY = bytes(range(32))
@@ -446,9 +454,7 @@ async def test_a_rejected_token_is_not_sent_again_until_the_database_holds_a_new
     row = await kontod_connection(pool, conn_2)
     assert row["error_kind"] == "token_rejected"
     assert "HTTP 401" in row["error"] and "invalidToken" in row["error"]
-    assert await pool.fetchval(
-        "SELECT held_until = 'infinity' FROM kontod_connections WHERE connection_id = $1", conn_2
-    )
+    assert row["held_until"] == ctx.started_at + WEEK  # KONTOD_TOKEN_HOLD's default
     assert ctx.counts["stale_accounts_after.token_rejected"] == 5
     assert ctx.counts["connections_state.token_rejected"] == 1
 
@@ -783,7 +789,7 @@ async def test_a_database_failure_of_one_user_is_that_users_failure(
     assert [r["balance"] for r in await accounts_of(pool, 1)] == [
         a.balance for a in demo_accounts(1)
     ]
-    # None of user 2's writes stayed: one transaction per user.
+    # None of user 2's writes stayed: its only connection's part is written whole or not at all.
     assert {r["balance"] for r in await accounts_of(pool, 2)} == {Decimal(0)}
     assert (
         await pool.fetchval(
@@ -795,8 +801,9 @@ async def test_a_database_failure_of_one_user_is_that_users_failure(
     row = await kontod_connection(pool, conn_2)
     assert row["error_kind"] == "database"
     assert "ForeignKeyViolation" in row["error"]
-    [failed] = [e for e in logs if e["event"] == "refresh.user_write_failed"]
-    assert (failed["user_id"], failed["kind"]) == (2, "database")
+    [failed] = [e for e in logs if e["event"] == "refresh.connection_write_failed"]
+    assert (failed["user_id"], failed["connection_id"], failed["kind"]) == (2, conn_2, "database")
+    assert ctx.counts["connections_failed"] == 1
 
 
 async def test_a_lost_claim_stops_the_run_and_writes_nothing(
@@ -873,3 +880,248 @@ async def test_declared_job_is_idle_without_a_provider_and_works_with_one(
     assert refresh.not_configured is None
     assert outcomes(ctx) == (1, 0, 0)
     assert [(endpoint, code) for endpoint, code, _ in seen].count(("transactions", "200")) == 5
+
+
+@pytest.mark.parametrize(
+    ("bad", "encrypted"),
+    [
+        ("sandbox-user-1\nX-Injected: 1", False),  # a newline would split the header
+        ("tok\x00en", True),  # PostgreSQL's text holds no NUL; a decrypted token can
+        ("tok\u20acen", False),  # beyond Latin-1
+        ("tok\x85en", False),  # a C1 control character
+    ],
+)
+async def test_a_token_a_header_cannot_carry_fails_its_connection_as_token_invalid(
+    pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession, bad: str, encrypted: bool
+) -> None:
+    conn_1 = await seed_user(pool, 1)
+    await seed_user(pool, 2)
+    stored = encrypt(bad, KEY) if encrypted else bad
+    await pool.execute(
+        "UPDATE bank_connections SET powens_token = $2 WHERE id = $1", conn_1, stored
+    )
+
+    with capture_logs() as logs:
+        ctx = await run(body_for(pool, fast_client(http, bank.url), key=KEY))
+
+    assert outcomes(ctx) == (1, 1, 0)
+    assert ctx.counts["connections_failed"] == 1
+    # Nothing was sent for it: every request the bank saw carried user 2's token.
+    assert bank.sandbox.requests.total() == bank.sandbox.requests_by_token[token_for(2)]
+    row = await kontod_connection(pool, conn_1)
+    assert row["error_kind"] == "token_invalid"
+    assert "HTTP header cannot carry" in row["error"]
+    [failed] = [e for e in logs if e["event"] == "refresh.connection_failed"]
+    assert (failed["user_id"], failed["connection_id"], failed["kind"]) == (
+        1,
+        conn_1,
+        "token_invalid",
+    )
+    assert bad not in repr(logs) and bad not in row["error"]
+
+
+async def test_an_answer_no_parser_foresaw_fails_that_user_only(
+    pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    conn_1 = await seed_user(pool, 1)
+    await seed_user(pool, 2)
+
+    async def deep(token: str, endpoint: str) -> None:
+        if token == token_for(1) and endpoint == "accounts":
+            answer_raw("[" * 100_000)  # deeper than any recursive parser goes
+
+    bank.sandbox.on_request = deep
+
+    with capture_logs() as logs:
+        ctx = await run(body_for(pool, fast_client(http, bank.url)))
+
+    assert outcomes(ctx) == (1, 1, 0)
+    assert [r["balance"] for r in await accounts_of(pool, 2)] == [
+        a.balance for a in demo_accounts(2)
+    ]
+    row = await kontod_connection(pool, conn_1)
+    [failed] = [e for e in logs if e["event"] == "refresh.connection_failed"]
+    assert failed["connection_id"] == conn_1
+    assert row["error_kind"] == failed["kind"] is not None
+    assert ctx.counts["connections_failed"] == 1
+
+
+@pytest.mark.parametrize("odd", ["\x00", "\ud800"])  # NUL; a lone surrogate (no UTF-8 for it)
+async def test_a_nul_in_a_bank_error_is_recorded_and_the_users_good_connection_kept(
+    pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession, odd: str
+) -> None:
+    good = await seed_user(pool, 1)
+    await seed_user(pool, 2)
+    broken = await pool.fetchval(
+        """INSERT INTO bank_connections (user_id, powens_connection_id, powens_token, status)
+           VALUES (1, '9', 'broken-bank', 'active') RETURNING id"""
+    )
+    error = {"code": f"bad{odd}code", "description": f"bank says {odd} here"}
+    bank.sandbox.behave("broken-bank", Fault(status=400, body=error))
+
+    ctx = await run(body_for(pool, fast_client(http, bank.url)))
+
+    assert outcomes(ctx) == (1, 1, 0)  # user 1 failed through its broken connection
+    assert [r["balance"] for r in await accounts_of(pool, 1)] == [
+        a.balance for a in demo_accounts(1)
+    ]
+    assert len(await tx_hashes(pool, "1")) == 3
+    assert (await kontod_connection(pool, good))["error_kind"] is None
+    row = await kontod_connection(pool, broken)
+    assert (row["error_kind"], row["error_code"]) == ("provider_error", "bad\ufffdcode")
+    assert "bank says \ufffd here" in row["error"]
+
+
+async def test_a_connection_whose_write_fails_leaves_the_users_other_connection_written(
+    pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    first = await seed_user(pool, 1)
+    await seed_user(pool, 3)
+    second = await pool.fetchval(
+        """INSERT INTO bank_connections (user_id, powens_connection_id, powens_token, status)
+           VALUES (1, '2', $1, 'active') RETURNING id""",
+        token_for(2),
+    )
+    await pool.execute(
+        """INSERT INTO bank_accounts (user_id, provider, provider_account_id, name, balance)
+           SELECT 1, 'powens', unnest($1::text[]), 'other bank', 0""",
+        [str(a.id) for a in demo_accounts(2)],
+    )
+
+    async def web_app_deletes_an_account(token: str, endpoint: str) -> None:
+        # The second bank's account goes while kontod reads it: its transactions now break a
+        # foreign key, in the second connection's part only.
+        if token == token_for(2) and endpoint == "transactions":
+            await pool.execute("DELETE FROM bank_accounts WHERE provider_account_id = '1001'")
+
+    bank.sandbox.on_request = web_app_deletes_an_account
+
+    with capture_logs() as logs:
+        ctx = await run(body_for(pool, fast_client(http, bank.url)))
+
+    assert outcomes(ctx) == (1, 1, 0)
+    assert [r["balance"] for r in await accounts_of(pool, 1)][:5] == [
+        a.balance for a in demo_accounts(1)
+    ]
+    assert len(await tx_hashes(pool, "1")) == 3
+    assert (await kontod_connection(pool, first))["error_kind"] is None
+    row = await kontod_connection(pool, second)
+    assert (row["error_kind"], "ForeignKeyViolation" in row["error"]) == ("database", True)
+    other = await pool.fetch(
+        "SELECT balance FROM bank_accounts WHERE user_id = 1 AND name = 'other bank'"
+    )
+    assert {r["balance"] for r in other} == {Decimal(0)}
+    [failed] = [e for e in logs if e["event"] == "refresh.connection_write_failed"]
+    assert (failed["connection_id"], failed["kind"]) == (second, "database")
+    # Counted as written: the first connection's part only.
+    assert ctx.counts["accounts_updated"] == 5 + 5  # user 1's first bank, user 3
+    assert ctx.counts["connections_failed"] == 1
+
+
+async def test_a_huge_or_absurd_amount_is_refused_for_its_account_or_transaction(
+    pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    await seed_user(pool, 1)
+    synced = bank.sandbox.synced_at
+
+    async def hostile(token: str, endpoint: str) -> None:
+        if endpoint == "accounts":
+            # 1e400 is a finite Decimal whose float is Infinity; 1e16 is no bank balance.
+            answer_raw(raw_accounts(1, synced, {1: "1e400", 2: "1e16"}))
+        if endpoint == "transactions":
+            answer_raw(raw_transactions({9001: "1e400", 9002: "-2e15", 9003: "12.50"}))
+
+    bank.sandbox.on_request = hostile
+
+    with capture_logs() as logs:
+        ctx = await run(body_for(pool, fast_client(http, bank.url)))
+
+    assert outcomes(ctx) == (1, 0, 0)
+    assert (ctx.counts["accounts_invalid"], ctx.counts["accounts_updated"]) == (2, 3)
+    assert (ctx.counts["transactions_invalid"], ctx.counts["transactions_inserted"]) == (6, 3)
+    rows = await accounts_of(pool, 1)
+    # The refused accounts keep what they had and stay stale, to be asked again.
+    assert [(r["balance"], r["last_sync"]) for r in rows[:2]] == [(0, None), (0, None)]
+    assert [r["balance"] for r in rows[2:]] == [a.balance for a in demo_accounts(1)[2:]]
+    assert ctx.counts["stale_accounts_after"] == 2
+    amounts = await pool.fetch("SELECT DISTINCT amount FROM transactions")
+    assert [r["amount"] for r in amounts] == [Decimal("12.50")]
+    refused = [e for e in logs if e["event"] == "refresh.account_invalid"]
+    assert sorted(e["provider_account_id"] for e in refused) == ["1", "2"]
+    assert len([e for e in logs if e["event"] == "refresh.transaction_invalid"]) == 6
+
+
+async def test_a_401_holds_for_the_token_hold_at_most_and_lifts_when_key_or_connection_change(
+    pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    conn_1 = await seed_user(pool, 1)
+    await pool.execute(
+        "UPDATE bank_connections SET powens_token = 'revoked-1' WHERE id = $1", conn_1
+    )
+    hold = timedelta(days=2)
+    assert load_settings({"KONTOD_TOKEN_HOLD": "2d"}).rejection_hold == hold.total_seconds()
+    client = fast_client(http, bank.url)
+
+    def body(key: bytes | None = None) -> JobBody:
+        return make_body(pool, client, stale_after=WEEK, concurrency=1, key=key, token_hold=hold)
+
+    def sent() -> int:
+        return bank.sandbox.requests_by_token["revoked-1"]
+
+    start = datetime.now(UTC)
+    with pytest.raises(RefreshFailed):
+        await run(body(), at=start)
+    assert (await kontod_connection(pool, conn_1))["held_until"] == start + hold
+    ctx = await run(body(), at=start + hold - timedelta(minutes=1))
+    assert (ctx.counts["connections_held"], sent()) == (1, 1)
+
+    # Past the hold: tried once again, and held again from then.
+    later = start + hold + timedelta(minutes=1)
+    with pytest.raises(RefreshFailed):
+        await run(body(), at=later)
+    assert sent() == 2
+    assert (await kontod_connection(pool, conn_1))["held_until"] == later + hold
+
+    # The operator sets (or fixes) the key: the hold decided under the old one lifts.
+    step = timedelta(minutes=1)
+    with pytest.raises(RefreshFailed):
+        await run(body(KEY), at=later + step)
+    assert sent() == 3
+    ctx = await run(body(KEY), at=later + 2 * step)
+    assert (ctx.counts["connections_held"], sent()) == (1, 3)
+
+    # The web app points the row at another Powens connection: tried again.
+    await pool.execute(
+        "UPDATE bank_connections SET powens_connection_id = '77' WHERE id = $1", conn_1
+    )
+    with pytest.raises(RefreshFailed):
+        await run(body(KEY), at=later + 3 * step)
+    assert sent() == 4
+
+    # A hold of 'infinity' left by an older kontod ends with the hold too.
+    await pool.execute(
+        "UPDATE kontod_connections SET held_until = 'infinity' WHERE connection_id = $1", conn_1
+    )
+    ctx = await run(body(KEY), at=later + 4 * step)
+    assert (ctx.counts["connections_held"], sent()) == (1, 4)
+    with pytest.raises(RefreshFailed):
+        await run(body(KEY), at=later + 3 * step + hold + step)
+    assert sent() == 5
+
+
+async def test_a_run_with_a_key_that_opens_no_stored_token_fails_before_calling_the_bank(
+    pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    conn_1 = await seed_user(pool, 1)
+    await seed_user(pool, 2)  # plaintext: it would pass a wrong key unnoticed, row by row
+    await pool.execute(
+        "UPDATE bank_connections SET powens_token = $2 WHERE id = $1",
+        conn_1,
+        encrypt(token_for(1), KEY),
+    )
+
+    with pytest.raises(WrongKey, match="none of the 1 stored bank tokens"):
+        await run(body_for(pool, fast_client(http, bank.url), key=bytes(32)))
+
+    assert bank.sandbox.requests.total() == 0
+    assert await pool.fetchval("SELECT count(*) FROM kontod_connections") == 0

@@ -99,6 +99,7 @@ def _refresh_wiring(
         stale_after=timedelta(seconds=settings.stale_after),
         concurrency=settings.refresh_concurrency,
         key=settings.db_encryption_key,
+        token_hold=timedelta(seconds=settings.rejection_hold),
     )
     return body, None
 

@@ -8,12 +8,16 @@ Powens user and token each), at most ``concurrency`` users at a time:
 - the connection's state (``GET /users/me/connections``), its accounts, deleted and disabled
   ones included (``GET /users/me/accounts?all``), and, for each account whose bank data changed
   since the last import, the transactions changed since then, every page;
-- a connection is not called again while it is held: after a 401 until the stored token
-  changes, and while the bank needs the user (SCA, a password...) for a back-off that doubles
-  from a day up to a week, or until the stored token changes;
-- everything one user brings is written in one transaction; any failure of that user (the
-  provider, a token, the database) is counted and recorded in ``kontod_connections`` and the
-  run goes on. The run fails only when no user could be refreshed, or when it loses its claim.
+- a connection is not called again while it is held: after a 401 for ``token_hold`` (a week
+  by default), and while the bank needs the user (SCA, a password...) for a back-off that
+  doubles from a day up to a week; a change of the stored token, of the key or of the Powens
+  connection id lifts either hold;
+- everything one user brings is written in one transaction, each connection's part in a
+  savepoint of its own, so that one connection's bad write leaves the others' data; any
+  failure (the provider, a token, the database, a bug) is counted, logged and recorded in
+  ``kontod_connections`` and the run goes on. The run fails only when no user could be
+  refreshed, or when it loses its claim. An amount that is not finite or beyond 10^15 once
+  in the column's type is refused for its account or transaction, and counted.
 
 Konto's columns are written with values of their own types (see ``kontod.konto_schema``); what
 kontod needs to remember lives in ``kontod_connections`` and ``kontod_accounts``.
@@ -21,10 +25,11 @@ kontod needs to remember lives in ``kontod_connections`` and ``kontod_accounts``
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal, InvalidOperation
 from typing import NamedTuple
 
 import asyncpg
@@ -56,10 +61,12 @@ COUNT_KEYS = (
     "accounts_deleted",
     "accounts_disabled",
     "balances_null_kept",
+    "accounts_invalid",
     "transactions_inserted",
     "transactions_updated",
     "transactions_deleted",
     "transactions_coming_skipped",
+    "transactions_invalid",
     "stale_accounts_after",
 )
 # Powens connection states where syncing waits for the user (SCA, consent, password...).
@@ -88,6 +95,11 @@ STATE_COUNT = "connections_state."
 STALE_COUNT = "stale_accounts_after."
 HOLD_FIRST = timedelta(days=1)
 HOLD_MAX = timedelta(days=7)
+# Longest a 401 holds a connection unless set otherwise (KONTOD_TOKEN_HOLD).
+TOKEN_HOLD = timedelta(days=7)
+# Amounts beyond this, once in the column's type, are refused: no bank holds that much, and a
+# float column would take 1e400 as Infinity.
+MAX_AMOUNT = Decimal(10) ** 15
 # Errors stored on a connection are cut to this many characters.
 MAX_REASON = 1000
 TX_HASH_PREFIX = "powens_"
@@ -96,6 +108,33 @@ TX_HASH_PREFIX = "powens_"
 def needs_user_hold(streak: int) -> timedelta:
     """How long a connection needing the user is left alone after its ``streak``-th such answer."""
     return min(HOLD_MAX, HOLD_FIRST * (1 << min(8, max(0, streak - 1))))
+
+
+def pg_text(text: str | None) -> str | None:
+    """``text`` as PostgreSQL's text type takes it: NUL and lone surrogates become U+FFFD.
+
+    Provider strings (error bodies, labels, states) can hold either through JSON escapes; both
+    would make the whole statement fail.
+    """
+    if text is None:
+        return None
+    text = text.replace("\x00", "\ufffd")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
+    return text
+
+
+def plausible_amount(value: object) -> bool:
+    """Whether a value about to be written as money is finite and within +-10^15 (None is)."""
+    if value is None:
+        return True
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        return False
+    return amount.is_finite() and abs(amount) <= MAX_AMOUNT
 
 
 def _stale_filter(schema: KontoSchema) -> str:
@@ -123,13 +162,21 @@ SELECT a.user_id::bigint AS user_id, count(*) AS stale,
         "connections": """
 SELECT c.id::bigint AS id, c.user_id::bigint AS user_id,
        c.powens_connection_id::text AS powens_id, c.powens_token::text AS stored,
-       f.fingerprint, k.held_until::text AS held_until,
-       coalesce(k.held_until > $2 AND k.token_fingerprint = f.fingerprint, false) AS held,
+       f.fingerprint, h.until::text AS held_until,
+       -- A hold stands only for what it was decided under: the same stored token, key and
+       -- Powens connection; a 401 holds for $4 at most (rows from before held 'infinity').
+       coalesce(h.until > $2 AND k.token_fingerprint = f.fingerprint
+                AND k.key_fingerprint IS NOT DISTINCT FROM $3::text
+                AND k.powens_connection_id IS NOT DISTINCT FROM c.powens_connection_id::text,
+                false) AS held,
        coalesce(k.needs_user_streak, 0) AS streak
   FROM bank_connections c
   LEFT JOIN kontod_connections k ON k.connection_id = c.id
   CROSS JOIN LATERAL (SELECT encode(sha256(convert_to(c.powens_token::text, 'UTF8')), 'hex')
                              AS fingerprint) f
+  CROSS JOIN LATERAL (SELECT CASE WHEN k.error_kind = 'token_rejected'
+                                  THEN least(k.held_until, k.last_attempt_at + $4::interval)
+                                  ELSE k.held_until END AS until) h
  WHERE c.user_id = ANY($1::bigint[]) AND c.status = 'active'
  ORDER BY c.user_id, c.id""",
         "accounts": """
@@ -204,17 +251,18 @@ ON CONFLICT (bank_account_id) DO UPDATE SET
 INSERT INTO kontod_connections AS k
        (connection_id, last_attempt_at, last_success_at, error_kind, error, error_code,
         powens_state, powens_error_message, powens_last_update, powens_next_try,
-        token_fingerprint, held_until, needs_user_streak)
-SELECT u.id, $13::timestamptz, CASE WHEN u.ok THEN $13 END, u.kind, u.error, u.code, u.state, u.message,
-       u.last_update, u.next_try, u.fingerprint,
-       -- A rejected token is held until the stored token changes, however long that takes.
-       CASE WHEN u.kind = 'token_rejected' THEN 'infinity'::timestamptz ELSE u.held_until END,
-       coalesce(u.streak, 0)
+        token_fingerprint, held_until, needs_user_streak, powens_connection_id,
+        key_fingerprint)
+SELECT u.id, $14::timestamptz, CASE WHEN u.ok THEN $14 END, u.kind, u.error, u.code, u.state,
+       u.message, u.last_update, u.next_try, u.fingerprint,
+       -- A rejected token is held for $16, or until the token, key or connection changes.
+       CASE WHEN u.kind = 'token_rejected' THEN $14 + $16::interval ELSE u.held_until END,
+       coalesce(u.streak, 0), u.powens_id, $15::text
   FROM unnest($1::bigint[], $2::bool[], $3::text[], $4::text[], $5::text[], $6::text[],
               $7::text[], $8::timestamptz[], $9::timestamptz[], $10::text[],
-              $11::timestamptz[], $12::int[])
+              $11::timestamptz[], $12::int[], $13::text[])
        AS u (id, ok, kind, error, code, state, message, last_update, next_try, fingerprint,
-             held_until, streak)
+             held_until, streak, powens_id)
 ON CONFLICT (connection_id) DO UPDATE SET
        last_attempt_at = EXCLUDED.last_attempt_at,
        last_success_at = coalesce(EXCLUDED.last_success_at, k.last_success_at),
@@ -229,6 +277,8 @@ ON CONFLICT (connection_id) DO UPDATE SET
                               ELSE EXCLUDED.powens_next_try END,
        token_fingerprint = EXCLUDED.token_fingerprint,
        held_until = EXCLUDED.held_until,
+       powens_connection_id = EXCLUDED.powens_connection_id,
+       key_fingerprint = EXCLUDED.key_fingerprint,
        needs_user_streak = CASE WHEN EXCLUDED.last_success_at IS NULL
                                 THEN k.needs_user_streak
                                 ELSE EXCLUDED.needs_user_streak END""",
@@ -318,15 +368,43 @@ class StaleUser:
     held: list[BankConnection]
 
 
+@dataclass(frozen=True)
+class Failure:
+    """Why a connection brought or wrote nothing: a kind of few values, and a safe reason."""
+
+    kind: str
+    reason: str
+    code: str | None = None
+
+
 @dataclass
 class Fetched:
     """What one connection brought, or why it brought nothing."""
 
     connection: BankConnection
-    failure: ProviderError | tokens.TokenEncryptedNoKey | None = None
+    failure: Failure | None = None
     remote: ProviderConnection | None = None
     accounts: list[ProviderAccount] = field(default_factory=list)
     transactions: dict[str, list[ProviderTransaction]] = field(default_factory=dict)
+
+
+KNOWN_FAILURES = (ProviderError, tokens.TokenEncryptedNoKey, tokens.TokenInvalid)
+
+
+def failure_of(exc: Exception, *secrets: str) -> Failure:
+    """The failure an exception stands for: its own kind, ``database`` or ``internal``.
+
+    A message from outside kontod's own errors gets its type name and has ``secrets`` (the
+    token) blotted out, since nothing says what it quotes.
+    """
+    if isinstance(exc, KNOWN_FAILURES):
+        return Failure(exc.kind, str(exc)[:MAX_REASON], getattr(exc, "code", None))
+    kind = "database" if isinstance(exc, asyncpg.PostgresError) else "internal"
+    reason = f"{type(exc).__name__}: {exc}"
+    for secret in secrets:
+        if secret:
+            reason = reason.replace(secret, "***")
+    return Failure(kind, reason[:MAX_REASON])
 
 
 class ConnectionRecord(NamedTuple):
@@ -344,18 +422,17 @@ class ConnectionRecord(NamedTuple):
     token_fingerprint: str
     held_until: datetime | None
     needs_user_streak: int | None
+    powens_connection_id: str | None
 
     @classmethod
-    def failed(
-        cls, connection: BankConnection, kind: str, error: str, code: str | None = None
-    ) -> ConnectionRecord:
+    def failed(cls, connection: BankConnection, failure: Failure) -> ConnectionRecord:
         """A failed attempt: what Powens said before is kept; a 401 is held in SQL."""
         return cls(
             connection.id,
             False,
-            kind,
-            error[:MAX_REASON],
-            code,
+            failure.kind,
+            pg_text(failure.reason[:MAX_REASON]),
+            pg_text(failure.code),
             None,
             None,
             None,
@@ -363,6 +440,7 @@ class ConnectionRecord(NamedTuple):
             connection.fingerprint,
             None,
             None,
+            connection.powens_id,
         )
 
 
@@ -382,12 +460,14 @@ def make_body(
     concurrency: int,
     key: bytes | None = None,
     schema: KontoSchema | None = None,
+    token_hold: timedelta = TOKEN_HOLD,
 ) -> JobBody:
     """The job body: refresh every user owning a stale account, ``concurrency`` at a time.
 
-    ``key`` is the web app's token encryption key. Konto's schema is read again at each run
-    unless ``schema`` is given, so a change the web app makes to its tables is seen at the
-    next run rather than at kontod's next start.
+    ``key`` is the web app's token encryption key; ``token_hold`` the longest a 401 holds a
+    connection. Konto's schema is read again at each run unless ``schema`` is given, so a
+    change the web app makes to its tables is seen at the next run rather than at kontod's
+    next start.
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
@@ -397,7 +477,7 @@ def make_body(
         if current is None:
             async with pool.acquire() as conn:
                 current = await konto_schema.load(conn)
-        job = _Refresh(pool, client, current, ctx, key)
+        job = _Refresh(pool, client, current, ctx, key, token_hold)
         await job.run(ctx.started_at - stale_after, concurrency)
 
     return body
@@ -413,6 +493,7 @@ class _Refresh:
         schema: KontoSchema,
         ctx: RunContext,
         key: bytes | None,
+        token_hold: timedelta,
     ) -> None:
         self.pool = pool
         self.client = client
@@ -420,11 +501,18 @@ class _Refresh:
         self.sql = _sql(schema)
         self.ctx = ctx
         self.key = key
+        self.key_fingerprint = tokens.key_fingerprint(key)
+        self.token_hold = token_hold
         self.now = ctx.started_at
         self.tally = _Tally()
 
     async def run(self, cutoff: datetime, concurrency: int) -> None:
         ctx = self.ctx
+        if self.key is not None:
+            # As at start, for runs outside the daemon (`kontod jobs run`) and for a key the
+            # web app changed since: a key that opens no stored token fails the run, loudly.
+            async with self.pool.acquire() as conn:
+                await tokens.check_key(conn, self.key)
         users = await self.stale_users(cutoff)
         # Zeros are written too, so a run's stored counts always show every outcome.
         ctx.counts.update(dict.fromkeys(COUNT_KEYS, 0))
@@ -444,7 +532,7 @@ class _Refresh:
             # Workers share one iterator: each user is taken once, and at most ``concurrency``
             # users are in flight, with as many tasks whatever the number of users.
             for user in queue:
-                await self.refresh_user(user)
+                await self.refresh_user_isolated(user)
                 self.tally.done += 1
                 ctx.report_progress(self.tally.done, len(users))
 
@@ -471,7 +559,9 @@ class _Refresh:
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(self.sql["stale_users"], cutoff)
             ids = [r["user_id"] for r in rows]
-            connections = await conn.fetch(self.sql["connections"], ids, self.now)
+            connections = await conn.fetch(
+                self.sql["connections"], ids, self.now, self.key_fingerprint, self.token_hold
+            )
             accounts = await conn.fetch(self.sql["accounts"], ids)
         by_user_conn: defaultdict[int, list[BankConnection]] = defaultdict(list)
         for r in connections:
@@ -518,6 +608,21 @@ class _Refresh:
             )
         return users
 
+    async def refresh_user_isolated(self, user: StaleUser) -> None:
+        """``refresh_user``, where anything but a lost claim or a cancellation fails the user only."""
+        try:
+            await self.refresh_user(user)
+        except ClaimLost:
+            raise
+        except Exception as exc:
+            # A bug or an error no narrower handler knew: still this user's failure alone.
+            failure = failure_of(exc)
+            self.ctx.log.exception(
+                "refresh.user_failed", user_id=user.user_id, kind=failure.kind, error=failure.reason
+            )
+            await self._record_failures(user, [Fetched(c, failure) for c in user.to_call])
+            self._count_user(user, failure=failure.reason)
+
     async def refresh_user(self, user: StaleUser) -> None:
         """Fetch every connection of the user, then write all of it in one transaction."""
         ctx = self.ctx
@@ -540,33 +645,54 @@ class _Refresh:
             return
         fetched = [await self.fetch(user, c) for c in user.to_call]
         ctx.counts["connections_called"] += len(fetched)
+        fetch_failures = sum(1 for f in fetched if f.failure is not None)
+        ctx.counts["connections_failed"] += fetch_failures
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 await ctx.check_claim(conn)
-                await self.write(conn, user, fetched)
+                written = await self.write(conn, user, fetched)
         except ClaimLost:
             raise
         except Exception as exc:
-            # The user's own failure (a row the web app deleted meanwhile, a value the table
-            # refuses, a bug): nothing of it was written; it is recorded and the run goes on.
-            kind = "database" if isinstance(exc, asyncpg.PostgresError) else "internal"
-            reason = f"{type(exc).__name__}: {exc}"[:MAX_REASON]
+            # The whole transaction is gone (the connection to the database, a failed commit):
+            # nothing of the user was written, every connection is recorded with the failure.
+            failure = failure_of(exc)
             ctx.log.warning(
                 "refresh.user_write_failed",
                 user_id=user.user_id,
-                kind=kind,
-                error=reason,
-                exc_info=kind == "internal",
+                kind=failure.kind,
+                error=failure.reason,
+                exc_info=failure.kind == "internal",
             )
-            async with self.pool.acquire() as conn, conn.transaction():
-                await ctx.check_claim(conn)
-                await self.record(
-                    conn, [ConnectionRecord.failed(f.connection, kind, reason) for f in fetched]
-                )
-            self._count_user(user, failure=reason)
+            ctx.counts["connections_failed"] += len(fetched) - fetch_failures
+            await self._record_failures(
+                user, [Fetched(f.connection, f.failure or failure) for f in fetched]
+            )
+            self._count_user(user, failure=failure.reason)
             return
-        failures = [f for f in fetched if f.failure is not None]
-        self._count_user(user, failure=str(failures[0].failure) if failures else None)
+        # Counted once committed: a rolled back write counts nothing.
+        ctx.counts.update(written)
+        failures = [f.failure for f in fetched if f.failure is not None]
+        self._count_user(user, failure=failures[0].reason if failures else None)
+
+    async def _record_failures(self, user: StaleUser, fetched: list[Fetched]) -> None:
+        """Record failed connections in a transaction of their own; a failure here is logged."""
+        records = [ConnectionRecord.failed(f.connection, f.failure) for f in fetched if f.failure]
+        if not records:
+            return
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await self.ctx.check_claim(conn)
+                await self.record(conn, records)
+        except ClaimLost:
+            raise
+        except Exception as exc:
+            self.ctx.log.error(
+                "refresh.record_failed",
+                user_id=user.user_id,
+                connection_ids=[r.connection_id for r in records],
+                error=failure_of(exc).reason,
+            )
 
     def _count_user(self, user: StaleUser, failure: str | None) -> None:
         if failure is None:
@@ -578,10 +704,12 @@ class _Refresh:
         self.ctx.counts["items_failed"] += 1
 
     async def fetch(self, user: StaleUser, connection: BankConnection) -> Fetched:
-        """Everything one connection gives; a provider or token failure is returned, not raised."""
+        """Everything one connection gives; any failure of it is returned, not raised."""
         out = Fetched(connection)
+        token = ""
         try:
             token = tokens.decrypt(connection.stored, self.key)
+            tokens.header_safe(token)
             remote = await self.client.connections(token)
             out.remote = _pick(remote, connection.powens_id)
             out.accounts = await self.client.accounts(token)
@@ -596,93 +724,169 @@ class _Refresh:
                 out.transactions[account.id] = await self.client.transactions(
                     token, account.id, since=since
                 )
-        except (ProviderError, tokens.TokenEncryptedNoKey) as exc:
+        except ClaimLost:
+            raise
+        except Exception as exc:
             # A connection brings all or nothing: balances without their transactions would
             # look fresh and never be asked for the missing transactions.
-            out.failure = exc
-            out.accounts, out.transactions = [], {}
-            self.ctx.counts["connections_failed"] += 1
+            out.failure = failure_of(exc, token, connection.stored)
+            out.remote, out.accounts, out.transactions = None, [], {}
             self.ctx.log.warning(
                 "refresh.connection_failed",
                 user_id=user.user_id,
                 connection_id=connection.id,
-                kind=exc.kind,
+                kind=out.failure.kind,
                 endpoint=getattr(exc, "endpoint", None),
                 status=getattr(exc, "status", None),
                 code=getattr(exc, "code", None),
                 request_id=getattr(exc, "request_id", None),
-                reason=str(exc)[:MAX_REASON],
+                reason=out.failure.reason,
+                # A traceback for what kontod did not foresee, unless its text quotes the token.
+                exc_info=out.failure.kind == "internal" and not _quotes(exc, token),
             )
         return out
 
-    async def write(self, conn: Connection, user: StaleUser, fetched: list[Fetched]) -> None:
-        """The user's accounts, transactions and connection records: one transaction."""
-        ctx, schema = self.ctx, self.schema
+    async def write(
+        self, conn: Connection, user: StaleUser, fetched: list[Fetched]
+    ) -> Counter[str]:
+        """The user's accounts, transactions and connection records, inside the user's
+        transaction: each connection's part in a savepoint, so that a write the database refuses
+        fails that connection alone. Returns the counts to add once the transaction commits."""
+        counts: Counter[str] = Counter()
         local = _by_provider_id(user.accounts)
-        updates: list[tuple[int, ProviderAccount, LocalAccount]] = []
-        states: list[tuple[int, ProviderAccount, bool]] = []  # (local id, remote, imported)
-        tx_rows: list[tuple[int, ProviderTransaction]] = []
-        tx_gone: list[tuple[int, str]] = []
         returned: set[str] = set()
-        records: list[ConnectionRecord] = []
         for f in fetched:
-            if f.failure is not None:
-                code = getattr(f.failure, "code", None)
-                records.append(
-                    ConnectionRecord.failed(f.connection, f.failure.kind, str(f.failure), code)
+            if f.failure is None:
+                part: Counter[str] = Counter()
+                try:
+                    async with conn.transaction():
+                        await self._write_connection(conn, user, f, local, part)
+                        await self.record(conn, [self._succeeded(f, part)])
+                except ClaimLost:
+                    raise
+                except Exception as exc:
+                    f.failure = failure_of(exc)
+                    counts["connections_failed"] += 1
+                    self.ctx.log.warning(
+                        "refresh.connection_write_failed",
+                        user_id=user.user_id,
+                        connection_id=f.connection.id,
+                        kind=f.failure.kind,
+                        error=f.failure.reason,
+                        exc_info=f.failure.kind == "internal",
+                    )
+                else:
+                    counts.update(part)
+                    returned.update(remote.id for remote in f.accounts)
+                    continue
+            assert f.failure is not None
+            try:
+                async with conn.transaction():
+                    await self.record(conn, [ConnectionRecord.failed(f.connection, f.failure)])
+            except ClaimLost:
+                raise
+            except asyncpg.PostgresError as exc:
+                # Provider text is made fit for the column; should the row still be refused,
+                # the failure stays logged and counted, and the user's other data stays.
+                self.ctx.log.error(
+                    "refresh.record_failed",
+                    user_id=user.user_id,
+                    connection_ids=[f.connection.id],
+                    error=failure_of(exc).reason,
                 )
-                continue
-            records.append(self._succeeded(f))
-            for remote in f.accounts:
-                returned.add(remote.id)
-                for account in local.get(remote.id, []):
-                    txs = f.transactions.get(remote.id)
-                    states.append((account.id, remote, txs is not None))
-                    if remote.deleted or remote.disabled:
-                        continue
-                    updates.append((account.id, remote, account))
-                    for tx in txs or ():
-                        if tx.deleted:
-                            tx_gone.append((account.id, TX_HASH_PREFIX + tx.id))
-                        elif tx.coming:
-                            ctx.counts["transactions_coming_skipped"] += 1
-                        else:
-                            tx_rows.append((account.id, tx))
-        await self._update_accounts(conn, updates)
-        if tx_rows:
-            row = await conn.fetchrow(
-                self.sql["upsert_transactions"],
-                [a for a, _ in tx_rows],
-                schema.encode("transactions", "date", (tx.date for _, tx in tx_rows)),
-                schema.encode("transactions", "amount", (tx.amount for _, tx in tx_rows)),
-                [tx.label for _, tx in tx_rows],
-                [tx.category for _, tx in tx_rows],
-                [TX_HASH_PREFIX + tx.id for _, tx in tx_rows],
-            )
-            assert row is not None
-            ctx.counts["transactions_inserted"] += row["inserted"]
-            ctx.counts["transactions_updated"] += row["updated"]
-        if tx_gone:
-            status = await conn.execute(
-                self.sql["delete_transactions"], [a for a, _ in tx_gone], [h for _, h in tx_gone]
-            )
-            ctx.counts["transactions_deleted"] += int(status.split()[-1])
-        await self._record_accounts(conn, states, fetched)
-        await self.record(conn, records)
         missing = [a.id for a in user.accounts if a.provider_id not in returned]
         if missing and all(f.failure is None for f in fetched):
             # Linked through a connection that is not active, or closed at the bank: worth
             # seeing, not a failure.
-            ctx.counts["accounts_not_returned"] += len(missing)
-            ctx.log.info("refresh.accounts_not_returned", user_id=user.user_id, account_ids=missing)
+            counts["accounts_not_returned"] += len(missing)
+            self.ctx.log.info(
+                "refresh.accounts_not_returned", user_id=user.user_id, account_ids=missing
+            )
+        return counts
 
-    def _succeeded(self, f: Fetched) -> ConnectionRecord:
+    async def _write_connection(
+        self,
+        conn: Connection,
+        user: StaleUser,
+        f: Fetched,
+        local: dict[str, list[LocalAccount]],
+        counts: Counter[str],
+    ) -> None:
+        """One connection's accounts and transactions; an implausible amount is left out."""
+        schema, log = self.schema, self.ctx.log
+        updates: list[tuple[int, ProviderAccount, LocalAccount, object]] = []
+        states: list[tuple[int, ProviderAccount, bool]] = []  # (local id, remote, imported)
+        tx_rows: list[tuple[int, ProviderTransaction, object]] = []
+        tx_gone: list[tuple[int, str]] = []
+        for remote in f.accounts:
+            for account in local.get(remote.id, []):
+                txs = f.transactions.get(remote.id)
+                if not (remote.deleted or remote.disabled):
+                    [balance] = schema.encode("bank_accounts", "balance", [remote.balance])
+                    if not plausible_amount(balance):
+                        # Nothing of the account is written: it stays stale, asked again.
+                        counts["accounts_invalid"] += 1
+                        log.warning(
+                            "refresh.account_invalid",
+                            user_id=user.user_id,
+                            connection_id=f.connection.id,
+                            account_id=account.id,
+                            provider_account_id=remote.id,
+                            balance=str(remote.balance)[:40],
+                        )
+                        continue
+                    updates.append((account.id, remote, account, balance))
+                states.append((account.id, remote, txs is not None))
+                if remote.deleted or remote.disabled:
+                    continue
+                for tx in txs or ():
+                    if tx.deleted:
+                        tx_gone.append((account.id, pg_text(TX_HASH_PREFIX + tx.id) or ""))
+                        continue
+                    if tx.coming:
+                        counts["transactions_coming_skipped"] += 1
+                        continue
+                    [amount] = schema.encode("transactions", "amount", [tx.amount])
+                    if not plausible_amount(amount):
+                        counts["transactions_invalid"] += 1
+                        log.warning(
+                            "refresh.transaction_invalid",
+                            user_id=user.user_id,
+                            connection_id=f.connection.id,
+                            account_id=account.id,
+                            transaction_id=tx.id,
+                            amount=str(tx.amount)[:40],
+                        )
+                        continue
+                    tx_rows.append((account.id, tx, amount))
+        await self._update_accounts(conn, updates, counts)
+        if tx_rows:
+            row = await conn.fetchrow(
+                self.sql["upsert_transactions"],
+                [a for a, _, _ in tx_rows],
+                schema.encode("transactions", "date", (tx.date for _, tx, _ in tx_rows)),
+                [amount for _, _, amount in tx_rows],
+                [pg_text(tx.label) for _, tx, _ in tx_rows],
+                [pg_text(tx.category) for _, tx, _ in tx_rows],
+                [pg_text(TX_HASH_PREFIX + tx.id) for _, tx, _ in tx_rows],
+            )
+            assert row is not None
+            counts["transactions_inserted"] += row["inserted"]
+            counts["transactions_updated"] += row["updated"]
+        if tx_gone:
+            status = await conn.execute(
+                self.sql["delete_transactions"], [a for a, _ in tx_gone], [h for _, h in tx_gone]
+            )
+            counts["transactions_deleted"] += int(status.split()[-1])
+        await self._record_accounts(conn, states, f, counts)
+
+    def _succeeded(self, f: Fetched, counts: Counter[str]) -> ConnectionRecord:
         remote = f.remote
-        state = remote.state if remote else None
+        state = pg_text(remote.state) if remote else None
         streak = f.connection.streak + 1 if state in NEEDS_USER else 0
         held_until = None
         if state in NEEDS_USER:
-            self.ctx.counts["connections_needing_user"] += 1
+            counts["connections_needing_user"] += 1
             held_until = self.now + needs_user_hold(streak)
             if remote is not None and remote.next_try is not None:
                 held_until = max(held_until, remote.next_try)
@@ -693,16 +897,20 @@ class _Refresh:
             None,
             None,
             state,
-            remote.error_message if remote else None,
+            pg_text(remote.error_message) if remote else None,
             remote.last_update if remote else None,
             remote.next_try if remote else None,
             f.connection.fingerprint,
             held_until,
             streak,
+            f.connection.powens_id,
         )
 
     async def _update_accounts(
-        self, conn: Connection, updates: list[tuple[int, ProviderAccount, LocalAccount]]
+        self,
+        conn: Connection,
+        updates: list[tuple[int, ProviderAccount, LocalAccount, object]],
+        counts: Counter[str],
     ) -> None:
         if not updates:
             return
@@ -714,48 +922,42 @@ class _Refresh:
                 usage=remote.usage,
                 has_company=local.has_company,
             )
-            for _, remote, local in updates
+            for _, remote, local, _ in updates
         ]
-        nulls = sum(1 for _, remote, _ in updates if remote.balance is None)
-        self.ctx.counts["balances_null_kept"] += nulls
+        counts["balances_null_kept"] += sum(1 for _, r, _, _ in updates if r.balance is None)
         status = await conn.execute(
             self.sql["update_accounts"],
-            [account_id for account_id, _, _ in updates],
-            schema.encode("bank_accounts", "balance", (r.balance for _, r, _ in updates)),
-            schema.encode("bank_accounts", "last_sync", (r.last_update for _, r, _ in updates)),
-            schema.encode("bank_accounts", "currency", (r.currency for _, r, _ in updates)),
-            [k.type for k in kinds],
-            [k.usage for k in kinds],
-            [k.subtype for k in kinds],
+            [account_id for account_id, _, _, _ in updates],
+            [balance for _, _, _, balance in updates],
+            schema.encode("bank_accounts", "last_sync", (r.last_update for _, r, _, _ in updates)),
+            schema.encode(
+                "bank_accounts", "currency", (pg_text(r.currency) for _, r, _, _ in updates)
+            ),
+            [pg_text(k.type) for k in kinds],
+            [pg_text(k.usage) for k in kinds],
+            [pg_text(k.subtype) for k in kinds],
         )
-        self.ctx.counts["accounts_updated"] += int(status.split()[-1])
+        counts["accounts_updated"] += int(status.split()[-1])
 
     async def _record_accounts(
         self,
         conn: Connection,
         states: list[tuple[int, ProviderAccount, bool]],
-        fetched: list[Fetched],
+        f: Fetched,
+        counts: Counter[str],
     ) -> None:
         if not states:
             return
-        seen_by = {
-            remote.id: f.connection.id
-            for f in fetched
-            if f.failure is None
-            for remote in f.accounts
+        tx_last = {
+            account_id: _max_time(tx.last_update for tx in txs)
+            for account_id, txs in f.transactions.items()
         }
-        tx_last: dict[str, datetime | None] = {}
-        for f in fetched:
-            for account_id, txs in f.transactions.items():
-                tx_last[account_id] = _max_time(tx.last_update for tx in txs)
-        self.ctx.counts["accounts_deleted"] += sum(1 for _, r, _ in states if r.deleted)
-        self.ctx.counts["accounts_disabled"] += sum(
-            1 for _, r, _ in states if r.disabled and not r.deleted
-        )
+        counts["accounts_deleted"] += sum(1 for _, r, _ in states if r.deleted)
+        counts["accounts_disabled"] += sum(1 for _, r, _ in states if r.disabled and not r.deleted)
         await conn.execute(
             self.sql["upsert_kontod_accounts"],
             [account_id for account_id, _, _ in states],
-            [seen_by[r.id] for _, r, _ in states],
+            [f.connection.id] * len(states),
             [r.last_update for _, r, _ in states],
             [r.deleted for _, r, _ in states],
             [r.disabled for _, r, _ in states],
@@ -770,7 +972,13 @@ class _Refresh:
         if not records:
             return
         columns = list(zip(*records, strict=True))
-        await conn.execute(self.sql["record_connections"], *columns, self.now)
+        await conn.execute(
+            self.sql["record_connections"],
+            *columns,
+            self.now,
+            self.key_fingerprint,
+            self.token_hold,
+        )
 
     async def count_after(self, cutoff: datetime) -> None:
         """Stale accounts by reason and active connections by state, into the run's counts."""
@@ -818,3 +1026,15 @@ def _min_time(values: Iterable[datetime | None]) -> datetime | None:
 def _max_time(values: Iterable[datetime | None]) -> datetime | None:
     items = [v for v in values if v is not None]
     return max(items) if items else None
+
+
+def _quotes(exc: BaseException, token: str) -> bool:
+    """Whether an exception's text, or that of its causes, holds the token."""
+    if not token:
+        return False
+    seen: BaseException | None = exc
+    while seen is not None:
+        if token in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
