@@ -13,6 +13,7 @@ from pathlib import Path
 
 import asyncpg
 
+from kontod import suspicion
 from tests.helpers import add_user
 from tests.test_signals import START_TIMEOUT_S, clean_environ, distant_schedule, kontod
 
@@ -127,3 +128,17 @@ async def test_a_snapshot_finding_far_fewer_users_than_the_last_success_is_suspi
         )
     finally:
         await conn.close()
+
+
+def test_the_users_check_follows_the_items_threshold() -> None:
+    limits = suspicion.from_settings(["daily-snapshots", "refresh-stale-connections"], {})
+    snapshots, refresh = limits["daily-snapshots"], limits["refresh-stale-connections"]
+    assert suspicion.assess_population(0, None, snapshots) == "no users found"
+    assert suspicion.assess_population(49, 100, snapshots) == (
+        "users: 49, under 0.5 of the 100 found last time"
+    )
+    assert suspicion.assess_population(50, 100, snapshots) is None
+    assert suspicion.assess_population(3, None, snapshots) is None  # a first run: no usual yet
+    assert suspicion.assess_population(0, 100, refresh) is None  # the refresh finds what is stale
+    off = suspicion.from_settings(["daily-snapshots"], {"daily-snapshots": (None, 0.0)})
+    assert suspicion.assess_population(0, 100, off["daily-snapshots"]) is None
