@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from kontod import __version__, commands, db, konto_schema, tokens
+from kontod import __version__, commands, db, konto_schema, suspicion, tokens
 from kontod.config import ConfigError, Settings, load_settings
 from kontod.jobs import REFRESH, SNAPSHOTS
 from kontod.logs import configure
@@ -80,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_dispatch(args, settings))
     except (
         db.EmbeddedUnavailable,
+        db.NoDatabase,
         konto_schema.KontoSchemaError,
         ConfigError,
         tokens.WrongKey,
@@ -94,6 +95,11 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "run":
         from kontod.daemon import serve
 
+        if settings.database_url is None and not settings.embedded:
+            # An embedded database holds none of the web app's users: a daemon started on one
+            # by mistake would snapshot nobody every night and look healthy.
+            print(f"kontod: {db.run_without_url(settings.state_dir)}", file=sys.stderr)
+            return 2
         return await serve(settings)
     if args.command == "migrate":
         return await _migrate(settings)
@@ -123,11 +129,14 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
 @asynccontextmanager
 async def _database(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    """A migrated pool on the configured (or embedded) database, for one-shot commands."""
+    """A migrated pool on the configured database, or on an embedded one that exists already
+    (the demo's, a ``KONTOD_EMBEDDED=1`` daemon's): a one-shot command never creates one."""
     embedded = None
     dsn = settings.database_url
     if dsn is None:
-        embedded = db.EmbeddedPostgres(settings.state_dir)
+        embedded = db.EmbeddedPostgres(settings.state_dir, create=False)
+        if not embedded.exists():
+            raise db.NoDatabase(db.command_without_database(settings.state_dir))
         log.info("database.embedded", data_dir=str(embedded.data_dir))
         dsn = await embedded.start()
     try:
@@ -187,7 +196,13 @@ async def _run_job(settings: Settings, name: str, reason: str | None = None) -> 
         finally:
             await runner.stop(settings.shutdown_timeout)
             await pinger.drain(pings.DRAIN_S)
-        print(f"{name}: run {outcome.run_id} {status}")
+        note = ""
+        if status == "success":
+            limits = suspicion.from_settings(names, settings.suspicious)
+            verdict = (await suspicion.latest(pool, limits)).get(name)
+            if verdict is not None and verdict.suspicious and verdict.run_id == outcome.run_id:
+                note = f" (suspicious: {verdict.reason})"
+        print(f"{name}: run {outcome.run_id} {status}{note}")
         return 0 if status == "success" else 1
 
 

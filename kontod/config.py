@@ -60,6 +60,8 @@ class Settings:
     """Every knob of kontod, already checked."""
 
     database_url: str | None = None
+    # Whether `kontod run` may start (and create) the embedded PostgreSQL when no URL is set.
+    embedded: bool = False
     state_dir: Path = field(default_factory=lambda: default_state_dir({}))
     listen_host: str = "127.0.0.1"
     listen_port: int = 8435
@@ -210,6 +212,15 @@ def _parse_choice(*choices: str) -> Callable[[str], str]:
         return value
 
     return parse
+
+
+def _parse_flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected 1 or 0 (also true/false, yes/no, on/off)")
 
 
 def _parse_positive_float(raw: str) -> float:
@@ -449,6 +460,7 @@ def _parse_manual_rates(raw: str) -> dict[str, Decimal]:
 # The README's settings table mirrors this list.
 _SPEC: list[tuple[str, str, Callable[[str], Any], bool]] = [
     ("state_dir", "KONTOD_STATE_DIR", Path, False),
+    ("embedded", "KONTOD_EMBEDDED", _parse_flag, False),
     ("timezone", "KONTOD_TIMEZONE", _parse_timezone, False),
     ("snapshot_schedule", "KONTOD_SNAPSHOT_SCHEDULE", _parse_cron, False),
     ("refresh_schedule", "KONTOD_REFRESH_SCHEDULE", _parse_cron, False),

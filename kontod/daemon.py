@@ -76,6 +76,8 @@ class Daemon:
         s = self.settings
         dsn = s.database_url
         if dsn is None:
+            if not s.embedded:
+                raise db.NoDatabase(db.run_without_url(s.state_dir))
             log.info("database.embedded", data_dir=str(s.state_dir / "pgdata"))
             self.embedded = db.EmbeddedPostgres(s.state_dir)
             dsn = await self.embedded.start()

@@ -7,6 +7,7 @@ import contextlib
 import importlib.resources
 import platform
 import re
+import shlex
 import sys
 import uuid
 import warnings
@@ -23,6 +24,11 @@ MIGRATION_LOCK = 0x6B6F6E746F64
 
 class EmbeddedUnavailable(Exception):
     """The embedded PostgreSQL cannot run here; the message says what to do instead."""
+
+
+class NoDatabase(Exception):
+    """No database URL is set and no embedded database may be created; the message says which
+    setting to give."""
 
 
 def new_instance_name() -> str:
@@ -121,13 +127,21 @@ async def migrate(conn: asyncpg.Connection | PoolConnectionProxy) -> list[str]:
 class EmbeddedPostgres:
     """A private PostgreSQL in ``state_dir``, started through pgserver and stopped with kontod."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, create: bool = True) -> None:
         self.data_dir = state_dir / "pgdata"
+        self.create = create
         self._server: Any = None
         self._starting: asyncio.Future[Any] | None = None
 
+    def exists(self) -> bool:
+        """Whether the data folder holds a database already (initdb has run there)."""
+        return (self.data_dir / "PG_VERSION").is_file()
+
     async def start(self) -> str:
-        """Start (or reuse) the server; return its DSN."""
+        """Start (or reuse) the server; return its DSN. Without ``create``, a folder that holds
+        no database yet raises NoDatabase instead of getting a new, empty one."""
+        if not self.create and not self.exists():
+            raise NoDatabase(command_without_database(self.data_dir.parent))
         try:
             with warnings.catch_warnings():
                 # pgserver warns, on import and start, when XDG_RUNTIME_DIR is unset; it then
@@ -157,6 +171,33 @@ class EmbeddedPostgres:
         if self._server is not None:
             server, self._server = self._server, None
             await asyncio.to_thread(server.cleanup)
+
+
+EXAMPLE_URL = "postgresql://user:password@host:5432/dbname"
+
+
+def run_without_url(state_dir: Path) -> str:
+    """Why ``kontod run`` does not start without a database URL, and the two ways out."""
+    return (
+        "no KONTOD_DATABASE_URL is set: set it to the web app's PostgreSQL "
+        f"({EXAMPLE_URL}), or set KONTOD_EMBEDDED=1 to run on kontod's own embedded "
+        f"PostgreSQL in {state_dir / 'pgdata'}, which starts empty"
+    )
+
+
+def command_without_database(state_dir: Path) -> str:
+    """Why a command other than ``run`` and ``demo`` opens no database here, and what to set."""
+    demo = state_dir / "demo"
+    hint = (
+        "for the database of a `kontod demo`, the `export ...` line the demo prints "
+        "(it sets KONTOD_STATE_DIR to the demo's folder and the sandboxes' URLs)"
+    )
+    if (demo / "pgdata" / "PG_VERSION").is_file():
+        hint += f"; the demo's folder here: export KONTOD_STATE_DIR={shlex.quote(str(demo))}"
+    return (
+        f"no KONTOD_DATABASE_URL is set and {state_dir / 'pgdata'} holds no embedded database; "
+        f"this command creates none. Set KONTOD_DATABASE_URL={EXAMPLE_URL}, or, {hint}"
+    )
 
 
 def _start_pgserver(module: Any, data_dir: Path) -> Any:

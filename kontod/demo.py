@@ -112,6 +112,7 @@ async def demo(settings: Settings) -> int:
         database_url=settings.database_url,
         state_dir=settings.state_dir / "demo",
         db_encryption_key=key,
+        embedded=True,  # the demo's own database, created at its first start
     )
 
     async def seed_once(pool: asyncpg.Pool) -> None:

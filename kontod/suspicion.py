@@ -1,9 +1,11 @@
 """Suspicious success: a run that succeeded but did far less, or took far less time, than usual.
 
 A successful scheduled run is compared with the median of the job's previous successful
-scheduled runs (up to ``HISTORY``): below ``duration`` times the median duration, or below ``items`` times the median
-number of items, it is suspicious. The verdict is a pure function; ``latest`` reads what it
-needs for every job in one statement.
+scheduled runs (up to ``HISTORY``): below ``duration`` times the median duration, or below
+``items`` times the median number of items, it is suspicious. A job that counts what it found
+(its population: the users of a snapshot) is also suspicious, whatever its trigger and history,
+when a success found none, or fewer than ``items`` times what the job's previous success found.
+The verdicts are pure functions; ``latest`` reads what they need for every job in one statement.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from kontod.config import ConfigError
 
 HISTORY = 20
 Executor = asyncpg.Connection | asyncpg.Pool
+# Per job, the count of the items it found to work on. daily-snapshots takes every user: a run
+# that finds none, or far fewer than the last time, reads the wrong or an emptied database.
+POPULATIONS = {"daily-snapshots": "users"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,8 @@ class Thresholds:
     min_history: int = 5
     # Below this median, durations are timing noise rather than work done.
     min_median_duration_s: float = 1.0
+    # The count of what the job found (see POPULATIONS); None: the job has none.
+    population: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,11 +100,27 @@ def assess(run: Sample, previous: Sequence[Sample], thresholds: Thresholds) -> S
     )
 
 
-# Per job: its last finished run and, when that run succeeded on schedule, the scheduled
-# successes before it. A manual run is not judged: a re-run after a scheduled one often has
-# less to do (the refresh finds fewer stale accounts), and that is no sign of trouble.
+def assess_population(found: int | None, before: int | None, thresholds: Thresholds) -> str | None:
+    """Why a success that found ``found`` items is suspicious when the previous success found
+    ``before`` (None: it is not)."""
+    if thresholds.population is None or thresholds.items <= 0 or found is None:
+        return None
+    what = thresholds.population
+    if found == 0:
+        return f"no {what} found"
+    if before is not None and found < thresholds.items * before:
+        return f"{what}: {found}, under {thresholds.items:g} of the {before} found last time"
+    return None
+
+
+# Per job: its last finished run, the success before it (any trigger), and, when the last run
+# succeeded on schedule, the scheduled successes before it. A manual run is not judged on its
+# duration and items: a re-run after a scheduled one often has less to do (the refresh finds
+# fewer stale accounts), and that is no sign of trouble. Its population is judged: a snapshot
+# takes every user, whoever asks for it.
 LATEST_SQL = """
-SELECT j.name, last.id, last.status, last.trigger, last.duration_s, last.counts, prev.runs
+SELECT j.name, last.id, last.status, last.trigger, last.duration_s, last.counts, prev.runs,
+       before.counts AS before_counts
   FROM kontod_jobs j
   LEFT JOIN LATERAL (
        SELECT id, status, trigger, started_at, counts,
@@ -112,6 +135,11 @@ SELECT j.name, last.id, last.status, last.trigger, last.duration_s, last.counts,
                   AND last.status = 'success' AND last.trigger <> 'manual'
                   AND started_at < last.started_at
                 ORDER BY started_at DESC LIMIT $2) s) prev ON true
+  LEFT JOIN LATERAL (
+       SELECT counts FROM kontod_runs
+        WHERE job = j.name AND status = 'success' AND last.status = 'success'
+          AND started_at < last.started_at
+        ORDER BY started_at DESC, id DESC LIMIT 1) before ON true
  WHERE j.name = ANY($1::text[])
 """
 
@@ -123,17 +151,25 @@ async def latest(
     rows = await db.fetch(LATEST_SQL, list(thresholds) or [], HISTORY)
     out: dict[str, Suspicion] = {}
     for r in rows:
-        if r["status"] != "success" or r["trigger"] == "manual":
+        if r["status"] != "success":
             out[r["name"]] = Suspicion(run_id=r["id"])
             continue
-        run = Sample(r["duration_s"], items_of(_counts(r["counts"])))
-        previous = [
-            Sample(float(p["d"]), items_of(_counts(p["c"]))) for p in _json(r["runs"]) or []
-        ]
-        verdict = assess(run, previous, thresholds.get(r["name"], default))
+        limits = thresholds.get(r["name"], default)
+        counts = _counts(r["counts"])
+        verdict = Suspicion()
+        if r["trigger"] != "manual":
+            run = Sample(r["duration_s"], items_of(counts))
+            previous = [
+                Sample(float(p["d"]), items_of(_counts(p["c"]))) for p in _json(r["runs"]) or []
+            ]
+            verdict = assess(run, previous, limits)
+        key = limits.population
+        before = _counts(r["before_counts"]).get(key) if key and r["before_counts"] else None
+        shrunk = assess_population(counts.get(key) if key else None, before, limits)
+        reasons = [reason for reason in (shrunk, verdict.reason) if reason]
         out[r["name"]] = Suspicion(
-            verdict.suspicious,
-            verdict.reason,
+            bool(reasons),
+            "; ".join(reasons) or None,
             verdict.median_duration_s,
             verdict.median_items,
             r["id"],
@@ -142,8 +178,15 @@ async def latest(
 
 
 def for_jobs(names: Iterable[str], overrides: Mapping[str, Thresholds]) -> dict[str, Thresholds]:
-    """The thresholds of each job: its own when set, else the defaults."""
-    return {name: overrides.get(name, Thresholds()) for name in names}
+    """The thresholds of each job: its own when set, else the defaults; with the count of
+    what the job finds (POPULATIONS) unless they name one."""
+    out = {}
+    for name in names:
+        limits = overrides.get(name, Thresholds())
+        if limits.population is None and name in POPULATIONS:
+            limits = dataclasses.replace(limits, population=POPULATIONS[name])
+        out[name] = limits
+    return out
 
 
 def from_settings(

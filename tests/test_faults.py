@@ -611,6 +611,7 @@ async def test_a_second_signal_still_stops_the_embedded_database(tmp_path: Path)
     try:
         settings = {
             "KONTOD_STATE_DIR": str(state),
+            "KONTOD_EMBEDDED": "1",
             "KONTOD_SHUTDOWN_TIMEOUT": "60",
             "KONTOD_SNAPSHOT_SCHEDULE": "0 12 1 1 *",
         }
@@ -690,7 +691,8 @@ async def test_a_signal_while_the_embedded_database_starts_leaves_no_server(
 ) -> None:
     state = Path(tempfile.mkdtemp(prefix="kontod-emb-"))  # short: the socket lives in pgdata
     try:
-        async with kontod("", tmp_path, "starting", {"KONTOD_STATE_DIR": str(state)}) as k:
+        embedded = {"KONTOD_STATE_DIR": str(state), "KONTOD_EMBEDDED": "1"}
+        async with kontod("", tmp_path, "starting", embedded) as k:
             await k.wait_logged("database.embedded", timeout=START_TIMEOUT_S)
             k.proc.send_signal(signal.SIGTERM)  # initdb and pg_ctl are still at work
             assert await k.wait_exit(60) == 0, k.log()

@@ -163,7 +163,9 @@ async def test_a_run_doing_a_tenth_of_the_usual_items_is_suspicious(dsn: str) ->
         )
 
     async def light(ctx: RunContext) -> None:
-        ctx.counts["users"] += 100
+        # Every user found (a drop in users is judged on its own: see the test below), a tenth
+        # of the usual items processed.
+        ctx.counts["users"] += 1000
         ctx.counts["items_users"] += 100
 
     jobs = [spec("daily-snapshots", light, catchup=0)]

@@ -9,10 +9,12 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import pytest
 import structlog
+from structlog.testing import capture_logs
 
+from kontod import db
 from kontod.job import ClaimLost, Connection, RunContext
 from kontod.jobs.snapshots import id_ranges, take_snapshots
-from tests.helpers import PARIS, add_user, snapshot_rows
+from tests.helpers import PARIS, WEBAPP_SCHEMA, add_user, snapshot_rows
 
 AT = datetime(2026, 6, 10, 0, 0, tzinfo=UTC)  # 02:00 in Paris
 
@@ -242,3 +244,189 @@ async def test_a_claim_lost_by_one_worker_ends_the_run_as_claim_lost(pool: async
         await take_snapshots(pool, c, PARIS, 1, workers=2)
     written = await pool.fetchval("SELECT count(DISTINCT user_id) FROM patrimoine_snapshots")
     assert written < 8
+
+
+# -- values that are not numbers, values that do not fit, rates that are not plausible --------
+
+
+@pytest.fixture(params=["kontod", "webapp"])
+async def schema(
+    request: pytest.FixtureRequest, empty_pool: asyncpg.Pool
+) -> tuple[asyncpg.Pool, str]:
+    """A pool on kontod's own tables (numeric money) or on the web app's (float money), and
+    the type of its money columns."""
+    if request.param == "webapp":
+        await empty_pool.execute(WEBAPP_SCHEMA)
+    async with empty_pool.acquire() as conn:
+        await db.migrate(conn)
+    return empty_pool, "numeric" if request.param == "kontod" else "double precision"
+
+
+async def owner(
+    pool: asyncpg.Pool,
+    money: str,
+    balances: list[tuple[str, str]] = [],  # noqa: B006 (never changed)
+    assets: list[tuple[str | None, str | None]] = [],  # noqa: B006
+) -> int:
+    """A user with (currency, balance) accounts and (purchase, current) assets, every amount
+    given as SQL text, so that NaN and Infinity can be stored as they are."""
+    uid: int = await pool.fetchval(
+        "INSERT INTO users (email) VALUES ('u' || clock_timestamp()::text) RETURNING id"
+    )
+    for currency, balance in balances:
+        await pool.execute(
+            f"""INSERT INTO bank_accounts (user_id, name, type, currency, balance)
+                VALUES ($1, 'acc', 'checking', $2, CAST($3::text AS {money}))""",
+            uid,
+            currency,
+            balance,
+        )
+    for purchase, current in assets:
+        await pool.execute(
+            f"""INSERT INTO assets (user_id, name, type, purchase_price, current_value)
+                VALUES ($1, 'asset', 'vehicle', CAST($2::text AS {money}),
+                        CAST($3::text AS {money}))""",
+            uid,
+            purchase,
+            current,
+        )
+    return uid
+
+
+async def day_rows(pool: asyncpg.Pool, uid: int) -> dict[str, float]:
+    rows = await pool.fetch(
+        """SELECT category AS k, total_value::float8 AS v FROM patrimoine_snapshots
+            WHERE user_id = $1
+           UNION ALL
+           SELECT holding_key, value::float8 FROM holding_snapshots WHERE user_id = $1""",
+        uid,
+    )
+    return {r["k"]: r["v"] for r in rows}
+
+
+async def test_values_that_are_not_numbers_are_left_out_and_counted(
+    schema: tuple[asyncpg.Pool, str],
+) -> None:
+    pool, money = schema
+    uid = await owner(
+        pool,
+        money,
+        balances=[("EUR", "100"), ("EUR", "NaN"), ("EUR", "Infinity"), ("EUR", "-Infinity")],
+        # current value not a number: left out, not replaced by the purchase price
+        assets=[("5000", "NaN"), ("Infinity", None), ("40", "60")],
+    )
+    plain = await owner(pool, money, balances=[("EUR", "7")])
+    c = ctx()
+    with capture_logs() as logs:
+        await take_snapshots(pool, c, PARIS, 100)
+    rows = await day_rows(pool, uid)
+    assert {k: v for k, v in rows.items() if ":" not in k} == {
+        "checking": 100,
+        "vehicle": 60,
+        "total": 160,
+    }
+    assert sorted(k.split(":")[0] for k in rows if ":" in k) == ["account", "asset"]
+    assert await day_rows(pool, plain) == {
+        "checking": 7,
+        "total": 7,
+        f"account:{await first_account(pool, plain)}": 7,
+    }
+    assert (c.counts["items_invalid"], c.counts["items_users"], c.counts["items_failed"]) == (
+        5,
+        2,
+        0,
+    )
+    assert c.counts["items_unconverted"] == 0
+    [warned] = [e for e in logs if e["event"] == "snapshots.values_invalid"]
+    assert warned["holdings"] == 5 and len(warned["keys"]) == 5
+    # A re-run of the day compares first: the same rows, the same counts.
+    again = ctx(AT + timedelta(hours=1))
+    await take_snapshots(pool, again, PARIS, 100)
+    assert await day_rows(pool, uid) == rows
+    assert (again.counts["items_invalid"], again.counts["rows_written"]) == (5, 0)
+
+
+async def first_account(pool: asyncpg.Pool, uid: int) -> int:
+    found: int = await pool.fetchval("SELECT min(id) FROM bank_accounts WHERE user_id = $1", uid)
+    return found
+
+
+async def test_a_user_whose_values_overflow_the_float_columns_fails_alone(
+    empty_pool: asyncpg.Pool,
+) -> None:
+    pool = empty_pool
+    await pool.execute(WEBAPP_SCHEMA)
+    async with pool.acquire() as conn:
+        await db.migrate(conn)
+    money = "double precision"
+    # Each balance is a float; their sum (3e308) is not.
+    big = await owner(pool, money, balances=[("EUR", "1.5e308"), ("EUR", "1.5e308")])
+    before = await owner(pool, money, balances=[("EUR", "1")])
+    after = await owner(pool, money, balances=[("EUR", "2")])
+    # What the day held for the failing user stays as it was: nothing is removed.
+    await pool.execute(
+        """INSERT INTO patrimoine_snapshots (date, user_id, category, total_value)
+           VALUES ('2026-06-10', $1, 'total', 42)""",
+        big,
+    )
+    for attempt in range(2):  # a new day, then a re-run of it (compared first)
+        c = ctx(AT + timedelta(hours=attempt))
+        with capture_logs() as logs:
+            await take_snapshots(pool, c, PARIS, 100)
+        assert await day_rows(pool, big) == {"total": 42}
+        assert (await day_rows(pool, before))["total"] == 1
+        assert (await day_rows(pool, after))["total"] == 2
+        assert (c.counts["users"], c.counts["items_users"], c.counts["items_failed"]) == (3, 2, 1)
+        [failed] = [e for e in logs if e["event"] == "snapshots.users_failed"]
+        assert (failed["users"], failed["user_ids"]) == (1, [big])
+        assert failed["log_level"] == "error"
+
+
+async def store_rate(
+    pool: asyncpg.Pool, currency: str, day: date, currency_amount: str, base_amount: str
+) -> None:
+    await pool.execute(
+        """INSERT INTO kontod_rates (base, currency, day, currency_amount, base_amount, source)
+           VALUES ('EUR', $1, $2, $3::text::numeric, $4::text::numeric, 'manual')""",
+        currency,
+        day,
+        currency_amount,
+        base_amount,
+    )
+
+
+async def test_stored_rates_that_are_not_plausible_are_no_rate(
+    schema: tuple[asyncpg.Pool, str],
+) -> None:
+    pool, money = schema
+    uid = await owner(
+        pool,
+        money,
+        balances=[
+            ("EUR", "10"),
+            ("USD", "1"),
+            ("BTC", "2"),
+            ("JPY", "3"),
+            ("GBP", "4"),
+            ("CHF", "5"),
+            ("SEK", "6"),
+            ("XAU", "7"),
+        ],
+    )
+    day = date(2026, 6, 10)
+    await store_rate(pool, "USD", day, "1", "NaN")
+    await store_rate(pool, "BTC", day, "1", "1e400")  # a price beyond any plausible one
+    await store_rate(pool, "JPY", day, "Infinity", "1")
+    await store_rate(pool, "GBP", day, "1e13", "1e13")  # a plausible ratio of absurd amounts
+    await store_rate(pool, "CHF", day, "1", "1e-13")
+    await store_rate(pool, "SEK", day - timedelta(days=1), "10", "1")  # usable, a day older
+    await store_rate(pool, "SEK", day, "1", "1e13")  # the newest: not usable
+    await store_rate(pool, "XAU", day, "1", "2000")
+    c = ctx()
+    await take_snapshots(pool, c, PARIS, 100)
+    rows = await day_rows(pool, uid)
+    assert rows["total"] == 10 + 0.6 + 14000
+    assert c.counts["items_unconverted"] == 5
+    assert {k: v for k, v in c.counts.items() if k.startswith("unconverted_")} == {
+        f"unconverted_{cur}": 1 for cur in ("BTC", "CHF", "GBP", "JPY", "USD")
+    }

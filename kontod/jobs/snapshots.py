@@ -10,7 +10,10 @@ computes and writes two batches at once, one on each of its cores.
 
 The statement converts every balance to the base currency with the rates chosen for the
 snapshot date (a join), in exact decimals; an account whose currency has no usable rate is left
-out of the totals and counted, never summed as if it were in the base currency.
+out of the totals and counted, never summed as if it were in the base currency. A balance or an
+asset value that is not a number (NaN, Infinity) is left out and counted too, and a user whose
+values the snapshot columns cannot hold (a float's range) fails alone: nothing of theirs is
+written or removed that day, the other users of the batch are written.
 
 The statement works on kontod's own tables (numeric money, boolean flags, date dates) and on
 the tables Konto's web app creates (float money, 0/1 flags, text dates, holding rows without
@@ -47,12 +50,37 @@ _DAY = {
     "character varying": "to_char($3::date, 'YYYY-MM-DD')",
 }
 _MONEY = {"numeric": "numeric", "double precision": "double precision", "real": "real"}
+# Whether a money value read from the database is a number ({x}: the column). PostgreSQL holds
+# NaN and +-Infinity in floats, and in numeric too (Infinity since version 14); in exact numeric
+# arithmetic adding 1 changes every finite value and none of those three, whatever the version.
+_FINITE = {
+    "numeric": "({x} + 1 <> {x})",
+    "double precision": "({x} NOT IN ('NaN', 'Infinity', '-Infinity'))",
+    "real": "({x} NOT IN ('NaN', 'Infinity', '-Infinity'))",
+    "smallint": "true",
+    "integer": "true",
+    "bigint": "true",
+}
+# Whether an exact value ({x}) fits the money column it is written to: a float column refuses
+# what overflows its range and what underflows it (non-zero, under its smallest normal value).
+_FITS = {
+    "numeric": "true",
+    "double precision": (
+        "({x} = 0 OR abs({x}) BETWEEN 2.2250738585072014e-308 AND 1.7976931348623157e308)"
+    ),
+    "real": "({x} = 0 OR abs({x}) BETWEEN 1.1754944e-38 AND 3.4028234e38)",
+}
+# A stored rate is used when both of its amounts are numbers above 0 and at most 1e12, and one
+# unit of the currency is worth from 1e-12 to 1e12 units of the base; else it is no rate.
+RATE_LIMIT = 10**12
+# How many invalid holdings and failed users of a batch its log line names (it counts them all).
+SHOWN = 20
 
 _COLUMNS_SQL = """
 SELECT c.relname::text AS tbl, a.attname::text AS col, format_type(a.atttypid, NULL) AS type
   FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
- WHERE a.attrelid IN (to_regclass('bank_accounts'), to_regclass('patrimoine_snapshots'),
-                      to_regclass('holding_snapshots'))
+ WHERE a.attrelid IN (to_regclass('bank_accounts'), to_regclass('assets'),
+                      to_regclass('patrimoine_snapshots'), to_regclass('holding_snapshots'))
    AND a.attnum > 0 AND NOT a.attisdropped
 """
 
@@ -87,6 +115,13 @@ class Columns:
     holding_money: str
     # None when holding_snapshots has no currency and amount columns (Konto's web app).
     holding_amount: str | None
+    # Conditions on the columns read (is a number) and on values written (fits the column).
+    balance_finite: str = "true"
+    current_finite: str = "true"
+    purchase_finite: str = "true"
+    snapshot_fits: str = "true"
+    holding_fits: str = "true"
+    amount_fits: str = "true"
 
 
 def _pick(choices: Mapping[str, str], types: Mapping[tuple[str, str], str], col: str) -> str:
@@ -113,15 +148,24 @@ async def columns(conn: Connection) -> Columns:
         holding_day=_pick(_DAY, types, "holding_snapshots.date"),
         holding_money=_pick(_MONEY, types, "holding_snapshots.value"),
         holding_amount=_pick(_MONEY, types, "holding_snapshots.amount") if has_amount else None,
+        balance_finite=_pick(_FINITE, types, "bank_accounts.balance").format(x="a.balance"),
+        current_finite=_pick(_FINITE, types, "assets.current_value").format(x="s.current_value"),
+        purchase_finite=_pick(_FINITE, types, "assets.purchase_price").format(x="s.purchase_price"),
+        snapshot_fits=_pick(_FITS, types, "patrimoine_snapshots.total_value"),
+        holding_fits=_pick(_FITS, types, "holding_snapshots.value"),
+        amount_fits=_pick(_FITS, types, "holding_snapshots.amount") if has_amount else "true",
     )
 
 
 # For the users whose id is in [$1, $2], for the date $3, in base currency $4 with rates at most
 # $5 days old:
 # - every visible account converted with the newest usable rate of its currency (none: NULL,
-#   left out and counted), every asset valued in the base currency;
+#   left out and counted), every asset valued in the base currency; a balance or value that is
+#   not a number (NaN, Infinity) left out and counted as invalid;
 # - one holding row per converted account and per asset, one row per non-zero category and a
 #   total, all sums in exact numeric arithmetic;
+# - a user with any value that the column it goes to cannot hold (beyond a float's range)
+#   failed: none of their rows is written or removed, and they are counted;
 # - rows of that date that no longer apply deleted, rows that differ from what is stored
 #   updated, missing rows inserted, rows already right left untouched, so a re-run with
 #   nothing new writes nothing.
@@ -134,46 +178,80 @@ WITH batch AS (
 ),
 rates AS (
     -- The divisor gets at least 24 decimals, so that the quotient does too before it is
-    -- rounded to 8: one rounding, not two.
+    -- rounded to 8: one rounding, not two. A rate that is no plausible number (NaN, Infinity,
+    -- beyond RATE_LIMIT either way) is not usable; an older usable one may stand in.
     SELECT DISTINCT ON (currency) currency, base_amount,
            round(currency_amount, greatest(scale(currency_amount), 24)) AS currency_amount
       FROM kontod_rates
      WHERE base = $4 AND day <= $3::date AND day >= $3::date - $5::int
+       AND base_amount > 0 AND base_amount <= {rate_limit}
+       AND currency_amount > 0 AND currency_amount <= {rate_limit}
+       AND base_amount / currency_amount BETWEEN 1.0 / {rate_limit} AND {rate_limit}
      ORDER BY currency, day DESC
 ),
 accounts AS (
     SELECT a.user_id, a.id, a.name, coalesce(nullif(a.type, ''), 'checking') AS type,
            coalesce(nullif(upper(btrim(a.currency)), ''), 'EUR') AS currency,
-           coalesce(a.balance::numeric, 0) AS amount
+           CASE WHEN a.balance IS NULL THEN 0
+                WHEN {balance_finite} THEN a.balance::numeric END AS amount
       FROM bank_accounts a
      WHERE a.user_id BETWEEN $1::bigint AND $2::bigint AND {visible}
 ),
 converted AS (
     SELECT c.*,
-           CASE WHEN c.currency = $4 OR c.amount = 0 THEN c.amount
+           CASE WHEN c.amount IS NULL THEN NULL
+                WHEN c.currency = $4 OR c.amount = 0 THEN c.amount
                 ELSE round(c.amount * r.base_amount / r.currency_amount, 8) END AS value
       FROM accounts c LEFT JOIN rates r ON r.currency = c.currency
+),
+valued AS (
+    SELECT s.user_id, s.id, s.name, coalesce(nullif(s.type, ''), 'other') AS type,
+           CASE WHEN s.current_value IS NOT NULL THEN
+                    CASE WHEN {current_finite} THEN s.current_value::numeric END
+                WHEN s.purchase_price IS NOT NULL THEN
+                    CASE WHEN {purchase_finite} THEN s.purchase_price::numeric END
+                ELSE 0 END AS value
+      FROM assets s
+     WHERE s.user_id BETWEEN $1::bigint AND $2::bigint
+),
+invalid AS (
+    SELECT 'account:' || id AS holding_key FROM converted WHERE amount IS NULL
+    UNION ALL
+    SELECT 'asset:' || id FROM valued WHERE value IS NULL
 ),
 holdings AS (
     SELECT user_id, 'account:' || id AS holding_key, 'account' AS kind, id AS ref_id, name,
            type, value, currency, amount
       FROM converted WHERE value IS NOT NULL
     UNION ALL
-    SELECT s.user_id, 'asset:' || s.id, 'asset', s.id, s.name, coalesce(nullif(s.type, ''), 'other'),
-           coalesce(s.current_value::numeric, s.purchase_price::numeric, 0), NULL, NULL
-      FROM assets s
-     WHERE s.user_id BETWEEN $1::bigint AND $2::bigint
+    SELECT user_id, 'asset:' || id, 'asset', id, name, type, value, NULL, NULL
+      FROM valued WHERE value IS NOT NULL
 ),
 categories AS (
     SELECT user_id, type AS category, sum(value) AS total_value
       FROM holdings GROUP BY user_id, type HAVING sum(value) <> 0
 ),
+failed AS (
+    SELECT user_id FROM holdings
+     WHERE NOT {holding_fits_value} OR (amount IS NOT NULL AND NOT {amount_fits_amount})
+    UNION
+    SELECT user_id FROM categories
+     WHERE category <> 'total'
+     GROUP BY user_id
+    HAVING NOT bool_and({snapshot_fits_total}) OR NOT {snapshot_fits_sum}
+),
+kept AS (
+    SELECT h.* FROM holdings h
+     WHERE NOT EXISTS (SELECT 1 FROM failed f WHERE f.user_id = h.user_id)
+),
 fresh AS (
     SELECT user_id, category, total_value::{snapshot_money} AS total_value
-      FROM categories WHERE category <> 'total'
+      FROM categories c
+     WHERE category <> 'total' AND NOT EXISTS (SELECT 1 FROM failed f WHERE f.user_id = c.user_id)
     UNION ALL
     SELECT b.id, 'total', coalesce(sum(c.total_value), 0)::{snapshot_money}
       FROM batch b LEFT JOIN categories c ON c.user_id = b.id AND c.category <> 'total'
+     WHERE NOT EXISTS (SELECT 1 FROM failed f WHERE f.user_id = b.id)
      GROUP BY b.id
 ),
 """
@@ -183,8 +261,9 @@ _COMPARE_SQL = """
 -- ...) index, then set against what it should hold in one full join: a hash or merge join
 -- over two in-memory sets, never a look-up per row.
 stored AS (
-    SELECT user_id, category, total_value FROM patrimoine_snapshots
+    SELECT user_id, category, total_value FROM patrimoine_snapshots p
      WHERE date = {snapshot_day} AND user_id BETWEEN $1::bigint AND $2::bigint
+       AND NOT EXISTS (SELECT 1 FROM failed f WHERE f.user_id = p.user_id)
 ),
 diff AS (
     SELECT coalesce(f.user_id, s.user_id) AS user_id, coalesce(f.category, s.category) AS category,
@@ -195,12 +274,13 @@ diff AS (
 holding_rows AS (
     SELECT user_id, holding_key, kind, ref_id, name, type,
            value::{holding_money} AS value{amount_select}
-      FROM holdings
+      FROM kept
 ),
 holdings_stored AS (
     SELECT user_id, holding_key, kind, ref_id, name, type, value{amount_columns}
-      FROM holding_snapshots
+      FROM holding_snapshots o
      WHERE date = {holding_day} AND user_id BETWEEN $1::bigint AND $2::bigint
+       AND NOT EXISTS (SELECT 1 FROM failed f WHERE f.user_id = o.user_id)
 ),
 holdings_diff AS (
     SELECT coalesce(n.user_id, o.user_id) AS user_id,
@@ -214,7 +294,8 @@ holdings_diff AS (
       FULL JOIN holdings_stored o ON o.user_id = n.user_id AND o.holding_key = n.holding_key
 ),
 unconverted AS (
-    SELECT currency, count(*) AS accounts FROM converted WHERE value IS NULL GROUP BY currency
+    SELECT currency, count(*) AS accounts FROM converted
+     WHERE value IS NULL AND amount IS NOT NULL GROUP BY currency
 )
 """
 
@@ -270,12 +351,19 @@ SELECT (SELECT count(*) FROM batch) AS users,
        (SELECT count(*) FROM fresh) AS fresh_rows,
        (SELECT count(*) FROM inserted) + (SELECT count(*) FROM updated) AS written,
        (SELECT count(*) FROM removed) AS removed,
-       (SELECT count(*) FROM holdings) AS holdings,
+       (SELECT count(*) FROM kept) AS holdings,
        (SELECT count(*) FROM holdings_inserted) + (SELECT count(*) FROM holdings_updated)
            AS holdings_written,
        (SELECT count(*) FROM holdings_removed) AS holdings_removed,
        (SELECT array_agg(currency ORDER BY currency) FROM unconverted) AS unconverted_currencies,
-       (SELECT array_agg(accounts ORDER BY currency) FROM unconverted) AS unconverted_accounts
+       (SELECT array_agg(accounts ORDER BY currency) FROM unconverted) AS unconverted_accounts,
+       (SELECT count(*) FROM invalid) AS invalid,
+       (SELECT array_agg(holding_key)
+          FROM (SELECT holding_key FROM invalid ORDER BY holding_key LIMIT {shown}) i)
+           AS invalid_keys,
+       (SELECT count(*) FROM failed) AS failed,
+       (SELECT array_agg(user_id)
+          FROM (SELECT user_id FROM failed ORDER BY user_id LIMIT {shown}) u) AS failed_users
 """
 
 # What a batch whose date already holds rows would change, nothing written: the comparison
@@ -285,14 +373,21 @@ SELECT (SELECT count(*) FROM batch) AS users,
        (SELECT count(*) FROM fresh) AS fresh_rows,
        0 AS written,
        0 AS removed,
-       (SELECT count(*) FROM holdings) AS holdings,
+       (SELECT count(*) FROM kept) AS holdings,
        0 AS holdings_written,
        0 AS holdings_removed,
        (SELECT count(*) FROM diff WHERE NOT (stored AND wanted AND NOT differs))
      + (SELECT count(*) FROM holdings_diff WHERE NOT (stored AND wanted AND NOT differs))
            AS changes,
        (SELECT array_agg(currency ORDER BY currency) FROM unconverted) AS unconverted_currencies,
-       (SELECT array_agg(accounts ORDER BY currency) FROM unconverted) AS unconverted_accounts
+       (SELECT array_agg(accounts ORDER BY currency) FROM unconverted) AS unconverted_accounts,
+       (SELECT count(*) FROM invalid) AS invalid,
+       (SELECT array_agg(holding_key)
+          FROM (SELECT holding_key FROM invalid ORDER BY holding_key LIMIT {shown}) i)
+           AS invalid_keys,
+       (SELECT count(*) FROM failed) AS failed,
+       (SELECT array_agg(user_id)
+          FROM (SELECT user_id FROM failed ORDER BY user_id LIMIT {shown}) u) AS failed_users
 """
 
 # The batch statement, and the comparison alone.
@@ -327,6 +422,15 @@ def day_held_sql(cols: Columns) -> str:
 def _fragments(cols: Columns) -> dict[str, str]:
     amount = cols.holding_amount
     return dict(
+        rate_limit=str(RATE_LIMIT),
+        shown=str(SHOWN),
+        balance_finite=cols.balance_finite,
+        current_finite=cols.current_finite,
+        purchase_finite=cols.purchase_finite,
+        holding_fits_value=cols.holding_fits.format(x="value"),
+        amount_fits_amount=cols.amount_fits.format(x="amount"),
+        snapshot_fits_total=cols.snapshot_fits.format(x="total_value"),
+        snapshot_fits_sum=cols.snapshot_fits.format(x="sum(total_value)"),
         visible=cols.visible,
         snapshot_day=cols.snapshot_day,
         snapshot_money=cols.snapshot_money,
@@ -414,6 +518,8 @@ async def take_snapshots(
         "holdings_removed",
         "batches",
         "items_unconverted",
+        "items_invalid",
+        "items_failed",
     ):
         ctx.counts[key] += 0  # recorded even when there is no user
     report = await rates.update(
@@ -454,6 +560,8 @@ async def take_snapshots(
         rows_removed=ctx.counts["rows_removed"],
         holdings_written=ctx.counts["holdings_written"],
         unconverted=ctx.counts["items_unconverted"],
+        invalid=ctx.counts["items_invalid"],
+        users_failed=ctx.counts["items_failed"],
     )
 
 
@@ -482,6 +590,7 @@ class _Batch:
                     if row["users"] == 0:
                         continue
                     _count_batch(ctx, row)
+                    _log_batch_problems(ctx, row)
                     ctx.report_progress(ctx.counts["users"], max(expected, ctx.counts["users"]))
                     ctx.log.debug("snapshots.batch", from_id=_shown(low), users=row["users"])
 
@@ -515,7 +624,9 @@ class _Batch:
 def _count_batch(ctx: RunContext, row: asyncpg.Record) -> None:
     c = ctx.counts
     c["users"] += row["users"]
-    c["items_users"] += row["users"]
+    c["items_users"] += row["users"] - row["failed"]
+    c["items_failed"] += row["failed"]
+    c["items_invalid"] += row["invalid"]
     c["rows_written"] += row["written"]
     c["rows_unchanged"] += row["fresh_rows"] - row["written"]
     c["rows_removed"] += row["removed"]
@@ -528,6 +639,24 @@ def _count_batch(ctx: RunContext, row: asyncpg.Record) -> None:
     ):
         c[f"unconverted_{cur}"] += n
         c["items_unconverted"] += n
+
+
+def _log_batch_problems(ctx: RunContext, row: asyncpg.Record) -> None:
+    """Name (up to SHOWN of each) the holdings left out as not a number and the users failed
+    because a value of theirs does not fit its column."""
+    if row["invalid"]:
+        ctx.log.warning(
+            "snapshots.values_invalid",
+            holdings=row["invalid"],
+            keys=list(row["invalid_keys"] or []),
+        )
+    if row["failed"]:
+        ctx.log.error(
+            "snapshots.users_failed",
+            users=row["failed"],
+            user_ids=list(row["failed_users"] or []),
+            reason="value_out_of_range",
+        )
 
 
 @dataclass(frozen=True)
