@@ -22,7 +22,7 @@ import structlog
 from kontod import __version__, commands, db, konto_schema
 from kontod.config import ConfigError, Settings, load_settings
 from kontod.jobs import REFRESH, SNAPSHOTS
-from kontod.logs import configure
+from kontod.logs import configure, watch_loop
 from kontod.runlist import STATUSES
 
 log = structlog.get_logger("kontod.cli")
@@ -86,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    watch_loop(asyncio.get_running_loop())
     if args.command == "run":
         from kontod.daemon import serve
 

@@ -63,6 +63,9 @@ class Settings:
     state_dir: Path = field(default_factory=lambda: default_state_dir({}))
     listen_host: str = "127.0.0.1"
     listen_port: int = 8435
+    # A client gets this long for each request's headers (and again for its body).
+    http_header_timeout: float = 10.0
+    http_max_connections: int = 256
     timezone: str = "UTC"
     snapshot_schedule: str = "0 2 * * *"
     refresh_schedule: str = "0 */6 * * *"
@@ -451,6 +454,8 @@ _SPEC: list[tuple[str, str, Callable[[str], Any], bool]] = [
     ("retry_attempts", "KONTOD_RETRY_ATTEMPTS", _parse_count, False),
     ("retry_delay", "KONTOD_RETRY_DELAY", _parse_duration, False),
     ("history_days", "KONTOD_HISTORY_DAYS", _parse_positive_int, False),
+    ("http_header_timeout", "KONTOD_HTTP_HEADER_TIMEOUT", _parse_duration, False),
+    ("http_max_connections", "KONTOD_HTTP_MAX_CONNECTIONS", _parse_positive_int, False),
 ]
 
 # Secrets may also come from systemd credentials: $CREDENTIALS_DIRECTORY/<file>.
