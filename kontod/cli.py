@@ -73,13 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
     except ConfigError as exc:
-        print(f"kontod: {exc}", file=sys.stderr)
+        print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
         return 2
     configure(settings.log_format, settings.log_level)
     try:
         return asyncio.run(_dispatch(args, settings))
     except (db.EmbeddedUnavailable, konto_schema.KontoSchemaError, ConfigError) as exc:
-        print(f"kontod: {exc}", file=sys.stderr)
+        print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -168,7 +168,9 @@ async def _run_job(settings: Settings, name: str, reason: str | None = None) -> 
         held = await pauses.current(pool, name, utcnow())
         if held is not None:
             print(
-                f"note: {name} is paused by {held.by} ({held.reason}); running it anyway",
+                commands.visible(
+                    f"note: {name} is paused by {held.by} ({held.reason}); running it anyway"
+                ),
                 file=sys.stderr,
             )
         try:
@@ -212,7 +214,7 @@ def _next(settings: Settings, name: str, count: int, start: str | None) -> int:
         try:
             now = commands.parse_time(start, settings.tz)
         except ValueError as exc:
-            print(f"kontod: --from {exc}", file=sys.stderr)
+            print(commands.visible(f"kontod: --from {exc}"), file=sys.stderr)
             return 2
     expr = {SNAPSHOTS: settings.snapshot_schedule, REFRESH: settings.refresh_schedule}[name]
     commands.print_next(name, expr, settings.tz, now, count)
@@ -229,7 +231,7 @@ async def _pause(settings: Settings, args: argparse.Namespace) -> int:
         try:
             until = commands.parse_until(args.until, settings.tz, now)
         except ValueError as exc:
-            print(f"kontod: {exc}", file=sys.stderr)
+            print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
             return 2
     async with _database(settings) as pool:
         if args.jobs_command == "resume":
@@ -238,10 +240,10 @@ async def _pause(settings: Settings, args: argparse.Namespace) -> int:
         try:
             await commands.pause_job(pool, args.name, args.reason, until, settings.tz, now)
         except ValueError as exc:
-            print(f"kontod: {exc}", file=sys.stderr)
+            print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
             return 2
         except pauses.AlreadyPaused as exc:
-            print(f"kontod: {exc}", file=sys.stderr)
+            print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
             return 1
     return 0
 
@@ -253,28 +255,33 @@ def _status(settings: Settings, url: str | None) -> int:
             report: dict[str, Any] = json.load(resp)
     except urllib.error.HTTPError as exc:
         if exc.code != 503:
-            print(f"kontod: {base}/health/cron answered HTTP {exc.code}", file=sys.stderr)
+            print(
+                commands.visible(f"kontod: {base}/health/cron answered HTTP {exc.code}"),
+                file=sys.stderr,
+            )
             return 2
         report = json.load(exc)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        print(f"kontod: cannot reach {base}/health/cron: {reason}", file=sys.stderr)
-        return 2
-    rows = [("JOB", "LAST STATUS", "LAST RUN", "NEXT RUN", "HEALTHY")]
-    for job in report["jobs"]:
-        rows.append(
-            (
-                job["name"],
-                job["lastStatus"],
-                job["lastRun"] or "-",
-                job.get("nextRun") or "-",
-                _health_cell(job),
-            )
+        print(
+            commands.visible(f"kontod: cannot reach {base}/health/cron: {reason}"), file=sys.stderr
         )
+        return 2
+    # What a daemon answers is data too: escaped before it reaches the terminal.
+    rows: list[tuple[str, ...]] = [("JOB", "LAST STATUS", "LAST RUN", "NEXT RUN", "HEALTHY")]
+    for job in report["jobs"]:
+        cells = (
+            job["name"],
+            job["lastStatus"],
+            job["lastRun"] or "-",
+            job.get("nextRun") or "-",
+            _health_cell(job),
+        )
+        rows.append(tuple(commands.visible(str(cell)) for cell in cells))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r[:4])) + "  " + r[4])
-    print(f"overall: {report['status']}")
+    print(commands.visible(f"overall: {report['status']}"))
     return 0 if report["status"] == "healthy" else 1
 
 

@@ -161,3 +161,50 @@ async def test_migrate_then_run_logs_registration_first_and_exits_0_on_sigterm(d
     assert registered[0]["schedule"] == "0 2 * * *"
     assert registered[0]["timezone"] == "Asia/Tokyo"
     assert registered[0]["next_run"].endswith("T17:00:00+00:00")  # 02:00 in Tokyo
+
+
+HOSTILE = "bank said \x1b]0;pwned\x07\x1b[31mred\x1b[0m\rover\u202etxt.exe\x00"
+SHOWN = r"bank said \x1b]0;pwned\x07\x1b[31mred\x1b[0m\rover\u202etxt.exe\x00"
+
+
+def no_controls(text: str) -> bool:
+    """True when ``text`` holds no control character but line ends."""
+    return not any(
+        (ord(c) < 32 and c != "\n") or 0x7F <= ord(c) <= 0x9F or c == "\u202e" for c in text
+    )
+
+
+async def test_data_reaches_the_terminal_with_its_control_characters_escaped(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            """INSERT INTO kontod_runs (job, trigger, started_at, finished_at, status, error,
+                                        instance, lease_until, requested_by, request_reason)
+               VALUES ('daily-snapshots', 'manual', now(), now(), 'error', $1, 'kontod-x',
+                       now(), $2, $3)""",
+            HOSTILE.replace("\x00", ""),  # PostgreSQL's text holds no NUL
+            "cli:\x1b[2Jops@host",
+            "after\nthe upgrade",
+        )
+    finally:
+        await conn.close()
+    env = {"KONTOD_DATABASE_URL": dsn, "KONTOD_TIMEZONE": "Europe/Paris"}
+    code, out, err = await kontod("runs", "daily-snapshots", env=env)
+    assert code == 0, err
+    assert no_controls(out), repr(out)
+    assert SHOWN.replace(r"\x00", "") in out
+    assert r"cli:\x1b[2Jops@host (after\nthe upgrade)" in out
+
+    code, out, err = await kontod(
+        "jobs", "pause", "daily-snapshots", "--reason", "maintenance \x1b[5mblink", env=env
+    )
+    assert code == 0, err
+    assert no_controls(out) and r"maintenance \x1b[5mblink" in out
+
+    # A daemon's answer is data too: the pause reason as kontod status shows it.
+    jobs = [spec("daily-snapshots", catchup=0)]
+    async with running_daemon(settings_for(dsn), lambda *_: jobs) as (_, base):
+        code, out, err = await kontod("status", "--url", base)
+    assert code == 0, out + err
+    assert no_controls(out), repr(out)
+    assert r"paused by cli:" in out and r"maintenance \x1b[5mblink" in out
