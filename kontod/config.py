@@ -117,12 +117,14 @@ def redact_dsn(dsn: str) -> str:
 
     Works on text that does not parse too: a password may hold ``/``, ``#`` or ``?``.
     """
-    # scheme://user:password@ up to the last @ (a user or a password may contain @), then
-    # password= parameters and keyword settings.
+    # scheme://user:password@ up to the last @ (a user or a password may contain @, a user
+    # name a space), then password= parameters and keyword settings, quoted ones whole.
     masked = re.sub(
-        r"([a-z][a-z0-9+.-]*://[^:/\s]*:)(.*)@", r"\1***@", dsn, flags=re.IGNORECASE | re.DOTALL
+        r"([a-z][a-z0-9+.-]*://[^:/]*:)(.*)@", r"\1***@", dsn, flags=re.IGNORECASE | re.DOTALL
     )
-    return re.sub(r"(password\s*=\s*)[^&\s]+", r"\1***", masked, flags=re.IGNORECASE)
+    return re.sub(
+        r"(password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^&\s]+)", r"\1***", masked, flags=re.IGNORECASE
+    )
 
 
 def default_state_dir(env: Mapping[str, str]) -> Path:
