@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -497,12 +498,21 @@ async def test_slow_clients_cannot_hold_kontod(dsn: str, tmp_path: Path) -> None
         "KONTOD_LOG_FORMAT": "json",
         "KONTOD_HTTP_HEADER_TIMEOUT": "3",
         # (A catch-up run the hour may start changes nothing here: the database is empty.)
-        "KONTOD_HTTP_MAX_CONNECTIONS": "40",
     }
+
+    def few_files() -> None:
+        # 128 descriptors: the default cap of 256 connections must come down to 64 by itself.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
     log_path = tmp_path / "kontod.log"
     with log_path.open("w") as log_file:
         proc = await asyncio.create_subprocess_exec(
-            kontod_script(), "run", env=env, stdout=log_file, stderr=subprocess.STDOUT
+            kontod_script(),
+            "run",
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=few_files,
         )
     held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
@@ -510,13 +520,14 @@ async def test_slow_clients_cannot_hold_kontod(dsn: str, tmp_path: Path) -> None
             while "http.listening" not in log_path.read_text():
                 assert proc.returncode is None, log_path.read_text()
                 await asyncio.sleep(0.1)
-        for _ in range(100):  # more than the cap
+        for _ in range(200):  # more than the cap, and more than the file limit
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET /health HTTP/1.1\r\nHost: kontod\r\nX-Slow: ")
             await writer.drain()
             held.append((reader, writer))
         # The newest connections are still open, and a health check gets through them.
-        status, body = await get(f"http://127.0.0.1:{port}/health")
+        async with asyncio.timeout(30):
+            status, body = await get(f"http://127.0.0.1:{port}/health")
         assert (status, body["status"]) == (200, "healthy")
         # Every held connection is closed by kontod without an answer: the oldest made room,
         # the rest ran out of time.
@@ -534,4 +545,7 @@ async def test_slow_clients_cannot_hold_kontod(dsn: str, tmp_path: Path) -> None
     text = log_path.read_text()
     assert code == 0, text
     events = [json.loads(line) for line in text.splitlines()]  # every line is JSON
-    assert "http.connection_cap_reached" in [e["event"] for e in events]
+    names = [e["event"] for e in events]
+    assert "http.connection_cap_reached" in names and "http.accept_failed" not in names
+    [lowered] = [e for e in events if e["event"] == "http.connection_cap_lowered"]
+    assert (lowered["wanted"], lowered["cap"], lowered["file_limit"]) == (256, 64, 128)
