@@ -154,15 +154,19 @@ def parse_until(raw: str, tz: ZoneInfo, now: datetime) -> datetime:
     from now such as 2h, 30m, 1d. Raises ValueError naming what is accepted."""
     text = raw.strip()
     units = {"m": 60, "h": 3600, "d": 86400}
-    if text[:-1].isdecimal() and text[-1:] in units:
-        return now + timedelta(seconds=int(text[:-1]) * units[text[-1]])
     try:
-        return parse_time(text, tz)
-    except ValueError:
+        if text[:-1].isdecimal() and text[-1:] in units:
+            until = now + timedelta(seconds=int(text[:-1]) * units[text[-1]])
+        else:
+            until = parse_time(text, tz)
+        # Converting tells an instant past year 9999 in UTC (9999-12-31T23:59-01:00).
+        until.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise ValueError(
             f"--until {raw!r}: expected a time such as 2026-03-02T08:00 or 2026-03-02T08:00+01:00,"
-            " or a duration such as 30m, 2h or 1d"
+            f" or a duration such as 30m, 2h or 1d, before {pauses.LATEST_UNTIL.year}"
         ) from None
+    return until
 
 
 async def pause_job(

@@ -27,8 +27,6 @@ RUNNER: web.AppKey[Runner] = web.AppKey("runner", Runner)
 SNAPSHOT_JOB = "daily-snapshots"
 MAX_BODY = 64 * 1024  # bytes: the largest body an endpoint needs is a pause of a few fields
 MAX_TEXT = 1000  # characters in a string field (a reason, a name)
-# Pauses end before this: later instants cannot be shown in every zone (Python stops at 9999).
-LATEST_UNTIL = datetime(9000, 1, 1, tzinfo=UTC)
 CAP_LOG_EVERY_S = 60.0
 
 
@@ -188,10 +186,10 @@ def _parse_until(raw: str, tz: Any, now: datetime) -> datetime:
         raise fail(
             web.HTTPBadRequest, f"until must be an ISO 8601 time, not {shown(raw)}", "until"
         ) from None
-    if until >= LATEST_UNTIL:
+    if until >= pauses.LATEST_UNTIL:
         raise fail(
             web.HTTPBadRequest,
-            f"until must be before {LATEST_UNTIL.date().isoformat()}; leave it out to pause"
+            f"until must be before {pauses.LATEST_UNTIL.date().isoformat()}; leave it out to pause"
             " until resumed",
             "until",
         )

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import asyncpg
 
 Executor = asyncpg.Connection | asyncpg.Pool
 
 CACHE_S = 2.0
+# A pause ends before this: later instants cannot be shown in every zone (Python stops at
+# year 9999), and a pause meant to last for ever has no until.
+LATEST_UNTIL = datetime(9000, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,11 @@ async def pause(
         raise ValueError("a pause needs a reason (what is going on, for whoever looks next)")
     if until is not None and until <= now:
         raise ValueError(f"until must be in the future, not {until.isoformat()}")
+    if until is not None and until >= LATEST_UNTIL:
+        raise ValueError(
+            f"until must be before {LATEST_UNTIL.date().isoformat()}; leave it out to pause"
+            " until resumed"
+        )
     # A pause whose `until` has passed is closed first, so that it does not block the new one.
     await db.execute(
         """UPDATE kontod_pauses SET resumed_at = until, resumed_by = 'until'

@@ -303,3 +303,16 @@ async def run_until_listening(env: dict[str, str]) -> tuple[int, str]:
     _, rest = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, "".join(lines) + rest.decode()
+
+
+async def test_a_pause_until_the_end_of_time_is_refused_with_a_message(dsn: str) -> None:
+    env = {"KONTOD_DATABASE_URL": dsn, "KONTOD_TIMEZONE": "Europe/Paris"}
+    for until in ("9999-12-31T23:59:59-01:00", "99999999999999d", "9" * 5000 + "d", "9500-01-01"):
+        code, out, err = await kontod(
+            "jobs", "pause", "daily-snapshots", "--reason", "x", "--until", until, env=env
+        )
+        assert code == 2, out + err
+        assert "Traceback" not in err
+        assert err.startswith("kontod: ") and ("--until" in err or "until must be before" in err)
+    code, out, err = await kontod("jobs", "resume", "daily-snapshots", env=env)
+    assert (code, out.strip()) == (0, "daily-snapshots: was not paused"), err
