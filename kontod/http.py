@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import structlog
 from aiohttp import web
@@ -173,7 +174,7 @@ async def _json_body(request: web.Request, timeout_s: float) -> dict[str, Any]:
     return data
 
 
-def _parse_until(raw: str, tz: Any, now: datetime) -> datetime:
+def _parse_until(raw: str, tz: ZoneInfo, now: datetime) -> datetime:
     """A pause's ``until``: an ISO 8601 time (in the daemon's zone without an offset) between
     now and year 9000; 400 naming the field otherwise."""
     try:
