@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import asyncpg
 import structlog
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
@@ -396,6 +397,16 @@ def build_app(
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# What a handler meets when the database is down, restarting, full or refusing connections:
+# the request was fine, the answer is "try again", not an internal error.
+DATABASE_UNAVAILABLE = (
+    TimeoutError,
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.ObjectNotInPrerequisiteStateError,
+)
 
 
 @web.middleware
@@ -413,6 +424,18 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return web.json_response({"error": message}, status=exc.status, headers=headers)
     except (asyncio.CancelledError, ConnectionResetError):
         raise  # the client went away: nothing to answer
+    except DATABASE_UNAVAILABLE as exc:
+        log.warning(
+            "http.database_unavailable",
+            method=request.method,
+            path=request.path,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        return web.json_response(
+            {"error": "the database did not answer; try again"},
+            status=503,
+            headers={"Retry-After": "10"},
+        )
     except Exception:
         log.exception("http.unhandled_error", method=request.method, path=request.path)
         return web.json_response(

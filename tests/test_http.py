@@ -206,6 +206,19 @@ async def test_health_is_503_when_the_database_is_gone(dsn: str, admin_dsn: str)
             )
             status, body = await get(base + "/health")
             assert (status, body["database"]) == (503, "unreachable")
+            # The endpoints that read or write the database say so too, in JSON, never a 500.
+            for method, path in (
+                ("GET", "/jobs/test-job/runs"),
+                ("POST", "/jobs/test-job/pause"),
+                ("POST", "/jobs/test-job/resume"),
+            ):
+                status, body, _ = await send(
+                    method, base + path, data=json.dumps({"reason": "db move"}), headers=AUTH
+                )
+                assert (status, body["error"]) == (503, "the database did not answer; try again"), (
+                    path,
+                    body,
+                )
             await admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
             await wait_for(lambda: _health_ok(base))
         finally:
