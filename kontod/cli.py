@@ -22,7 +22,7 @@ import structlog
 from kontod import __version__, commands, db, konto_schema, suspicion, tokens
 from kontod.config import ConfigError, Settings, load_settings
 from kontod.jobs import REFRESH, SNAPSHOTS
-from kontod.logs import configure
+from kontod.logs import configure, watch_loop
 from kontod.runlist import STATUSES
 
 log = structlog.get_logger("kontod.cli")
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
     except ConfigError as exc:
-        print(f"kontod: {exc}", file=sys.stderr)
+        print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
         return 2
     configure(settings.log_format, settings.log_level)
     try:
@@ -85,13 +85,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ConfigError,
         tokens.WrongKey,
     ) as exc:
-        print(f"kontod: {exc}", file=sys.stderr)
+        print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
 
 
 async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    watch_loop(asyncio.get_running_loop())
     if args.command == "run":
         from kontod.daemon import serve
 
@@ -181,7 +182,9 @@ async def _run_job(settings: Settings, name: str, reason: str | None = None) -> 
         held = await pauses.current(pool, name, utcnow())
         if held is not None:
             print(
-                f"note: {name} is paused by {held.by} ({held.reason}); running it anyway",
+                commands.visible(
+                    f"note: {name} is paused by {held.by} ({held.reason}); running it anyway"
+                ),
                 file=sys.stderr,
             )
         try:
@@ -231,7 +234,7 @@ def _next(settings: Settings, name: str, count: int, start: str | None) -> int:
         try:
             now = commands.parse_time(start, settings.tz)
         except ValueError as exc:
-            print(f"kontod: --from {exc}", file=sys.stderr)
+            print(commands.visible(f"kontod: --from {exc}"), file=sys.stderr)
             return 2
     expr = {SNAPSHOTS: settings.snapshot_schedule, REFRESH: settings.refresh_schedule}[name]
     commands.print_next(name, expr, settings.tz, now, count)
@@ -248,7 +251,7 @@ async def _pause(settings: Settings, args: argparse.Namespace) -> int:
         try:
             until = commands.parse_until(args.until, settings.tz, now)
         except ValueError as exc:
-            print(f"kontod: {exc}", file=sys.stderr)
+            print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
             return 2
     async with _database(settings) as pool:
         if args.jobs_command == "resume":
@@ -257,10 +260,10 @@ async def _pause(settings: Settings, args: argparse.Namespace) -> int:
         try:
             await commands.pause_job(pool, args.name, args.reason, until, settings.tz, now)
         except ValueError as exc:
-            print(f"kontod: {exc}", file=sys.stderr)
+            print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
             return 2
         except pauses.AlreadyPaused as exc:
-            print(f"kontod: {exc}", file=sys.stderr)
+            print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
             return 1
     return 0
 
@@ -272,28 +275,33 @@ def _status(settings: Settings, url: str | None) -> int:
             report: dict[str, Any] = json.load(resp)
     except urllib.error.HTTPError as exc:
         if exc.code != 503:
-            print(f"kontod: {base}/health/cron answered HTTP {exc.code}", file=sys.stderr)
+            print(
+                commands.visible(f"kontod: {base}/health/cron answered HTTP {exc.code}"),
+                file=sys.stderr,
+            )
             return 2
         report = json.load(exc)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        print(f"kontod: cannot reach {base}/health/cron: {reason}", file=sys.stderr)
-        return 2
-    rows = [("JOB", "LAST STATUS", "LAST RUN", "NEXT RUN", "HEALTHY")]
-    for job in report["jobs"]:
-        rows.append(
-            (
-                job["name"],
-                job["lastStatus"],
-                job["lastRun"] or "-",
-                job.get("nextRun") or "-",
-                _health_cell(job),
-            )
+        print(
+            commands.visible(f"kontod: cannot reach {base}/health/cron: {reason}"), file=sys.stderr
         )
+        return 2
+    # What a daemon answers is data too: escaped before it reaches the terminal.
+    rows: list[tuple[str, ...]] = [("JOB", "LAST STATUS", "LAST RUN", "NEXT RUN", "HEALTHY")]
+    for job in report["jobs"]:
+        cells = (
+            job["name"],
+            job["lastStatus"],
+            job["lastRun"] or "-",
+            job.get("nextRun") or "-",
+            _health_cell(job),
+        )
+        rows.append(tuple(commands.visible(str(cell)) for cell in cells))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r[:4])) + "  " + r[4])
-    print(f"overall: {report['status']}")
+    print(commands.visible(f"overall: {report['status']}"))
     return 0 if report["status"] == "healthy" else 1
 
 

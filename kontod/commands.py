@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import re
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -17,6 +18,16 @@ import asyncpg
 from kontod import pauses, runlist, schedule
 from kontod.board import progress_of
 from kontod.job import RunContext
+
+# C0 and C1 controls, DEL, and the bidirectional overrides that reorder what a terminal shows.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(text: str) -> str:
+    r"""``text`` safe for a terminal: each control character written as its escape (``\x1b``,
+    ``\n``, ``\u202e``), so data (a bank's error text, a reason) can neither move the cursor,
+    retitle the window nor change colours, and shows what it holds."""
+    return _CONTROLS.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def requester() -> str:
@@ -31,10 +42,16 @@ def requester() -> str:
 
 
 def _local(value: datetime | None, tz: ZoneInfo) -> str:
-    return "-" if value is None else value.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S %Z")
+    if value is None:
+        return "-"
+    try:
+        return value.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S %Z")
+    except (OverflowError, ValueError):  # a time written by hand near year 1 or 9999
+        return value.strftime("%Y-%m-%d %H:%M:%S") + " (as stored)"
 
 
 def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    rows = [[visible(cell) for cell in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip(), file=out)
@@ -137,15 +154,19 @@ def parse_until(raw: str, tz: ZoneInfo, now: datetime) -> datetime:
     from now such as 2h, 30m, 1d. Raises ValueError naming what is accepted."""
     text = raw.strip()
     units = {"m": 60, "h": 3600, "d": 86400}
-    if text[:-1].isdecimal() and text[-1:] in units:
-        return now + timedelta(seconds=int(text[:-1]) * units[text[-1]])
     try:
-        return parse_time(text, tz)
-    except ValueError:
+        if text[:-1].isdecimal() and text[-1:] in units:
+            until = now + timedelta(seconds=int(text[:-1]) * units[text[-1]])
+        else:
+            until = parse_time(text, tz)
+        # Converting tells an instant past year 9999 in UTC (9999-12-31T23:59-01:00).
+        until.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise ValueError(
             f"--until {raw!r}: expected a time such as 2026-03-02T08:00 or 2026-03-02T08:00+01:00,"
-            " or a duration such as 30m, 2h or 1d"
+            f" or a duration such as 30m, 2h or 1d, before {pauses.LATEST_UNTIL.year}"
         ) from None
+    return until
 
 
 async def pause_job(
@@ -159,14 +180,14 @@ async def pause_job(
 ) -> None:
     held = await pauses.pause(pool, job, reason, requester(), now, until)
     end = f" until {_local(held.until, tz)}" if held.until else " until resumed"
-    print(f"{job}: paused{end} by {held.by}: {held.reason}", file=out)
+    print(visible(f"{job}: paused{end} by {held.by}: {held.reason}"), file=out)
 
 
 async def resume_job(
     pool: asyncpg.Pool, job: str, now: datetime, out: TextIO | None = None
 ) -> None:
     ended = await pauses.resume(pool, job, requester(), now)
-    print(f"{job}: {'resumed' if ended else 'was not paused'}", file=out)
+    print(visible(f"{job}: {'resumed' if ended else 'was not paused'}"), file=out)
 
 
 # -- progress of kontod jobs run ------------------------------------------------------------

@@ -65,6 +65,9 @@ class Settings:
     state_dir: Path = field(default_factory=lambda: default_state_dir({}))
     listen_host: str = "127.0.0.1"
     listen_port: int = 8435
+    # A client gets this long for each request's headers (and again for its body).
+    http_header_timeout: float = 10.0
+    http_max_connections: int = 256
     timezone: str = "UTC"
     snapshot_schedule: str = "0 2 * * *"
     refresh_schedule: str = "0 */6 * * *"
@@ -120,12 +123,14 @@ def redact_dsn(dsn: str) -> str:
 
     Works on text that does not parse too: a password may hold ``/``, ``#`` or ``?``.
     """
-    # scheme://user:password@ up to the last @ (a user or a password may contain @), then
-    # password= parameters and keyword settings.
+    # scheme://user:password@ up to the last @ (a user or a password may contain @, a user
+    # name a space), then password= parameters and keyword settings, quoted ones whole.
     masked = re.sub(
-        r"([a-z][a-z0-9+.-]*://[^:/\s]*:)(.*)@", r"\1***@", dsn, flags=re.IGNORECASE | re.DOTALL
+        r"([a-z][a-z0-9+.-]*://[^:/]*:)(.*)@", r"\1***@", dsn, flags=re.IGNORECASE | re.DOTALL
     )
-    return re.sub(r"(password\s*=\s*)[^&\s]+", r"\1***", masked, flags=re.IGNORECASE)
+    return re.sub(
+        r"(password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^&\s]+)", r"\1***", masked, flags=re.IGNORECASE
+    )
 
 
 def default_state_dir(env: Mapping[str, str]) -> Path:
@@ -488,6 +493,8 @@ _SPEC: list[tuple[str, str, Callable[[str], Any], bool]] = [
     ("retry_attempts", "KONTOD_RETRY_ATTEMPTS", _parse_count, False),
     ("retry_delay", "KONTOD_RETRY_DELAY", _parse_duration, False),
     ("history_days", "KONTOD_HISTORY_DAYS", _parse_positive_int, False),
+    ("http_header_timeout", "KONTOD_HTTP_HEADER_TIMEOUT", _parse_duration, False),
+    ("http_max_connections", "KONTOD_HTTP_MAX_CONNECTIONS", _parse_positive_int, False),
 ]
 
 # Secrets may also come from systemd credentials: $CREDENTIALS_DIRECTORY/<file>.

@@ -26,7 +26,7 @@ from kontod import db, konto_schema, pings, schedule, suspicion, tokens
 from kontod.board import Board
 from kontod.config import Settings, redact_dsn
 from kontod.history import History
-from kontod.http import build_app
+from kontod.http import GUARD, GuardedSite, HttpLimits, build_app
 from kontod.job import JobSpec
 from kontod.jobs import declare_jobs
 from kontod.metrics import Metrics
@@ -144,13 +144,18 @@ class Daemon:
         self.metrics.latest_snapshot = self.history.latest_snapshot
 
         app = build_app(
-            self.runner, self.metrics.registry, s.admin_token, self.clock, board=self.board
+            self.runner,
+            self.metrics.registry,
+            s.admin_token,
+            self.clock,
+            board=self.board,
+            limits=HttpLimits(s.http_header_timeout, s.http_max_connections),
         )
         self.site_runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_S
         )
         await self.site_runner.setup()
-        site = web.TCPSite(self.site_runner, s.listen_host, s.listen_port)
+        site = GuardedSite(self.site_runner, s.listen_host, s.listen_port, app[GUARD])
         await site.start()
         server = getattr(site, "_server", None)
         sockets = getattr(server, "sockets", None) or []

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import asyncpg
 
 Executor = asyncpg.Connection | asyncpg.Pool
 
 CACHE_S = 2.0
+# A pause ends before this: later instants cannot be shown in every zone (Python stops at
+# year 9999), and a pause meant to last for ever has no until.
+LATEST_UNTIL = datetime(9000, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -42,9 +45,20 @@ class AlreadyPaused(Exception):
     """The job has a pause in force; resume it first (the message says who paused it)."""
 
 
+def shown_time(column: str) -> str:
+    """``column`` clamped to what Python can hold and show in any zone: a row written by hand
+    (until 'infinity', year 12000) is read, not a reason for every read to fail."""
+    # least() and greatest() skip NULLs: without the CASE a NULL would become a date.
+    return (
+        f"CASE WHEN {column} IS NOT NULL THEN"
+        f" least(greatest({column}, '0002-01-01 00:00+00'), '9999-12-30 00:00+00') END"
+    )
+
+
 # The pause in force per job ($1 = now), and the end of the most recent pause that is over.
-STATE_SQL = """
-SELECT j.name AS job, p.reason, p.paused_by, p.paused_at, p.until, ended.at AS last_ended_at
+STATE_SQL = f"""
+SELECT j.name AS job, p.reason, p.paused_by, {shown_time("p.paused_at")} AS paused_at,
+       {shown_time("p.until")} AS until, {shown_time("ended.at")} AS last_ended_at
   FROM unnest($2::text[]) AS j(name)
   LEFT JOIN kontod_pauses p
          ON p.job = j.name AND p.resumed_at IS NULL AND (p.until IS NULL OR p.until > $1)
@@ -79,6 +93,11 @@ async def pause(
         raise ValueError("a pause needs a reason (what is going on, for whoever looks next)")
     if until is not None and until <= now:
         raise ValueError(f"until must be in the future, not {until.isoformat()}")
+    if until is not None and until >= LATEST_UNTIL:
+        raise ValueError(
+            f"until must be before {LATEST_UNTIL.date().isoformat()}; leave it out to pause"
+            " until resumed"
+        )
     # A pause whose `until` has passed is closed first, so that it does not block the new one.
     await db.execute(
         """UPDATE kontod_pauses SET resumed_at = until, resumed_by = 'until'

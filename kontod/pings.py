@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 import structlog
@@ -60,7 +60,7 @@ def ping_urls(
         if job not in names:
             var = "KONTOD_PING_URL_" + job.upper().replace("-", "_")
             raise ConfigError(var, "<hidden>", "names no job; jobs: " + ", ".join(names))
-    urls = {name: f"{base_url}/{name}" for name in names} if base_url else {}
+    urls = {name: _at(base_url, f"/{name}") for name in names} if base_url else {}
     urls.update(per_job)
     return urls
 
@@ -98,17 +98,43 @@ def truncate(text: str, limit: int) -> bytes:
 
 
 def _where(url: str) -> str:
-    """The host of a ping URL: the path holds the check's secret and is never logged."""
-    return urlsplit(url).netloc
+    """The host (and port) of a ping URL, all of it that is logged: user info, path and query
+    can each hold the check's secret."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return f"{host}:{port}" if port else host
+
+
+def _secrets(url: str) -> list[str]:
+    """The parts of ``url`` that may be secret, as written and percent-decoded, longest first."""
+    parts = urlsplit(url)
+    found = {parts.netloc.rpartition("@")[0], parts.path.strip("/"), parts.query}
+    found |= {unquote(part) for part in found}
+    return sorted((part for part in found if part), key=len, reverse=True)
 
 
 def _scrub(text: str, url: str) -> str:
-    """An error text from the HTTP library with the ping URL's secret path blotted out.
+    """A text from the HTTP library or the service with the ping URL's user info, path and
+    query blotted out.
 
-    Some of aiohttp's errors (an invalid URL, too many redirects) quote the whole URL.
+    Some of aiohttp's errors (an invalid URL, too many redirects) quote the whole URL, and a
+    service's error page may quote the path it was asked for.
     """
-    path = urlsplit(url).path
-    return text.replace(path, "/***") if path.strip("/") else text
+    for secret in _secrets(url):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _at(url: str, suffix: str) -> str:
+    """``url`` with ``suffix`` added to its path, its query kept after it."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + suffix))
 
 
 class Pinger:
@@ -141,7 +167,7 @@ class Pinger:
             return
         rid = run_uuid(ctx.job, ctx.run_id)
         self._starts[ctx.run_id] = self._spawn(
-            self.send(ctx.job, "start", f"{url}/start", rid, b"")
+            self.send(ctx.job, "start", _at(url, "/start"), rid, b"")
         )
 
     def run_ended(self, ctx: RunContext, status: str, error: str | None, duration_s: float) -> None:
@@ -160,7 +186,9 @@ class Pinger:
         if url is None:
             return
         start = self._starts.pop(summary.run_id, None)
-        kind, target = ("success", url) if summary.status == "success" else ("fail", url + "/fail")
+        kind, target = (
+            ("success", url) if summary.status == "success" else ("fail", _at(url, "/fail"))
+        )
 
         async def after_start() -> bool:
             if start is not None:
@@ -188,7 +216,7 @@ class Pinger:
                     answer = head.decode(errors="replace")[:200].strip()
                     if 200 <= resp.status < 300:
                         return True
-                    problem = PingFailed(f"HTTP {resp.status}: {answer}")
+                    problem = PingFailed(_scrub(f"HTTP {resp.status}: {answer}", url))
                     if not transient_status(resp.status):
                         raise problem  # the URL or the request is wrong: retrying cannot help
                     retry_after = retry.retry_after(resp.headers.get("Retry-After"))

@@ -149,4 +149,10 @@ def _bars(job: str, runs: Sequence[Run], now: datetime) -> str:
 def _local(value: datetime | None, tz: ZoneInfo) -> str:
     if value is None:
         return "-"
-    return value.astimezone(tz).strftime("%Y-%m-%d %H:%M %Z")
+    try:
+        return value.astimezone(tz).strftime("%Y-%m-%d %H:%M %Z")
+    except (OverflowError, ValueError):
+        # Near year 1 or 9999 the zone's offset leaves Python's range: show the instant as
+        # stored, clamped, rather than fail the page.
+        edge = datetime.max if value.year > 5000 else datetime.min
+        return edge.strftime("%Y-%m-%d %H:%M") + " UTC"

@@ -147,10 +147,22 @@ def test_unknown_key_in_the_file_is_refused(tmp_path: Path) -> None:
         (" postgresql://u:hunter2@db/konto", " postgresql://u:***@db/konto"),
         ("postgresql://me@corp:hunter2@db/konto", "postgresql://me@corp:***@db/konto"),
         ("host=db password = hunter2 dbname=konto", "host=db password = *** dbname=konto"),
+        ("postgresql://my user:hunter2@db/konto", "postgresql://my user:***@db/konto"),
+        ("postgresql://:hunter2@db/konto", "postgresql://:***@db/konto"),
+        ("postgresql://u%20x:hun%40ter2@db/konto", "postgresql://u%20x:***@db/konto"),
+        (
+            "postgresql://u:hunter2@[2001:db8::1]:5432/konto",
+            "postgresql://u:***@[2001:db8::1]:5432/konto",
+        ),
+        ("postgresql://u@[::1]:5432/konto", "postgresql://u@[::1]:5432/konto"),
+        ("postgresql://[::1]/konto?password=hunter2", "postgresql://[::1]/konto?password=***"),
+        ("host=db password='hun ter2' dbname=konto", "host=db password=*** dbname=konto"),
+        ("host=db password='it\\'s hunter2' user=u", "host=db password=*** user=u"),
     ],
 )
 def test_redacted_dsn_never_shows_the_password(dsn: str, shown: str) -> None:
     assert redact_dsn(dsn) == shown
+    assert "hunter2" not in redact_dsn(dsn) and "ter2" not in redact_dsn(dsn)
 
 
 def test_unreadable_credential_is_a_setting_error(tmp_path: Path) -> None:

@@ -229,3 +229,43 @@ async def test_an_endless_answer_is_not_read_on() -> None:
     finally:
         await runner.cleanup()
     assert sent
+
+
+async def test_a_ping_urls_user_info_path_and_query_are_never_logged() -> None:
+    # A service that answers 404 quoting what it was asked for, as many error pages do.
+    async def echo(request: web.Request) -> web.Response:
+        return web.Response(status=404, text=f"no check at {request.raw_path}")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    secrets = ["pinger", "pw-9f2c1e", "chk-0b7d44", "key-5a61e3"]
+    url = f"http://pinger:pw-9f2c1e@127.0.0.1:{port}/ping/chk-0b7d44?api=key-5a61e3"
+    nobody = free_port()
+    closed = f"http://pinger:pw-9f2c1e@127.0.0.1:{nobody}/ping/chk-0b7d44?api=key-5a61e3"
+    try:
+        async with aiohttp.ClientSession() as http:
+            pinger = pings.Pinger(http, {"job": url}, backoff_s=0.01, attempts=2)
+            with structlog.testing.capture_logs() as logs:
+                refused = await pinger.send("job", "success", closed, pings.run_uuid("j", 1), b"")
+                sent = await pinger.send("job", "success", url, pings.run_uuid("j", 1), b"")
+    finally:
+        await runner.cleanup()
+    assert not refused and not sent
+    failed = [e for e in logs if e["event"] == "ping.failed"]
+    assert [e["host"] for e in failed] == [f"127.0.0.1:{nobody}", f"127.0.0.1:{port}"]
+    assert failed[1]["error"].startswith("HTTP 404: no check at /***"), failed[1]
+    for secret in secrets:
+        assert secret not in repr(logs), secret
+
+
+async def test_a_ping_url_with_a_query_keeps_it_after_start_and_fail() -> None:
+    assert pings._at("https://hc.example/ping/abc?k=1", "/start") == (
+        "https://hc.example/ping/abc/start?k=1"
+    )
+    assert pings.ping_urls(["j"], {}, "https://hc.example/ping/key?x=1") == {
+        "j": "https://hc.example/ping/key/j?x=1"
+    }

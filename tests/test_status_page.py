@@ -260,3 +260,38 @@ def test_the_page_escapes_what_it_shows_and_loads_nothing_from_outside() -> None
     assert "&lt;b&gt;job&lt;/b&gt;" in html and "took 1 s &amp; less" in html
     assert 'progress max="10" value="5"' in html
     assert "http://" not in html and "https://" not in html
+
+
+async def test_the_page_renders_any_stored_pause_and_run(dsn: str) -> None:
+    """Pauses and runs written straight into the tables, at instants that leave Python's range
+    once shown in Paris (ahead of UTC): the page shows them, clamped, instead of a 500."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            """INSERT INTO kontod_pauses (job, reason, paused_by, paused_at, until, resumed_at)
+               VALUES ('daily-snapshots', 'retired', 'sql', now(), '9999-12-31 23:30+00', NULL),
+                      ('refresh-stale-connections', 'for good', 'sql', now(), 'infinity', NULL),
+                      ('refresh-stale-connections', 'long ago', 'sql', '-infinity',
+                       '0001-01-01 00:10+00', '-infinity')"""
+        )
+        await conn.execute(
+            """INSERT INTO kontod_runs (job, trigger, scheduled_for, started_at, finished_at,
+                                        status, instance, lease_until)
+               VALUES ('daily-snapshots', 'schedule', '9999-12-31 23:30+00',
+                       '9999-12-31 23:30+00', '9999-12-31 23:45+00', 'success', 'sql',
+                       '9999-12-31 23:45+00')"""
+        )
+    finally:
+        await conn.close()
+    jobs = [spec("daily-snapshots", catchup=0), spec("refresh-stale-connections", catchup=0)]
+    async with running_daemon(settings_for(dsn), lambda *_: jobs) as (daemon, base):
+        assert daemon.board is not None
+        await daemon.board.refresh()
+        status, html = await get(base + "/")
+        assert status == 200, html
+        assert html.count('class="paused"') == 2
+        assert "until 9999-12-30 01:00 CET" in html  # clamped: a day short of the end of time
+        assert 'data-status="success"' in html
+        status, report = await get(base + "/health/cron")
+        assert status in (200, 503), report
+        assert [job["pausedUntil"] for job in report["jobs"]] == ["9999-12-30T00:00:00.000Z"] * 2

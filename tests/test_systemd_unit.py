@@ -131,3 +131,20 @@ def test_env_example_lists_every_setting() -> None:
     assert settings, "no KONTOD_* names found in kontod/config.py"
     assert settings - listed == set(), f"missing from {ENV_EXAMPLE.name}"
     assert listed - settings == set(), f"{ENV_EXAMPLE.name} lists settings kontod does not read"
+
+
+def size(text: str) -> int:
+    """A systemd byte size (512M, 1G) in bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
+def test_files_memory_and_tasks_are_bounded(unit: dict[str, dict[str, list[str]]]) -> None:
+    service = unit["Service"]
+    # kontod keeps its HTTP connections to half the file limit: the default cap must fit.
+    [nofile] = service["LimitNOFILE"]
+    assert int(nofile) >= 2 * Settings().http_max_connections
+    [high], [hard] = service["MemoryHigh"], service["MemoryMax"]
+    assert 150 << 20 < size(high) < size(hard)
+    [tasks] = service["TasksMax"]
+    assert int(tasks) > 100 + 32  # PostgreSQL's sessions and kontod's thread pool
