@@ -7,11 +7,11 @@ import asyncio
 from kontod.daemon import Daemon, run_until_stopped
 from kontod.systemd import Notifier
 from tests.daemon_harness import settings_for
-from tests.helpers import spec
+from tests.helpers import quiet_schedule, spec
 
 
 async def test_daemon_exits_1_when_a_schedule_loop_ends(dsn: str) -> None:
-    jobs = [spec(catchup=0)]
+    jobs = [spec(schedule=quiet_schedule(), catchup=0)]
     daemon = Daemon(settings_for(dsn), jobs=lambda *_: jobs, notifier=Notifier.from_env({}))
     await daemon.start()
     serving = asyncio.create_task(run_until_stopped(daemon, asyncio.Event()))
@@ -22,7 +22,11 @@ async def test_daemon_exits_1_when_a_schedule_loop_ends(dsn: str) -> None:
 
 
 async def test_daemon_exits_0_when_asked_to_stop(dsn: str) -> None:
-    daemon = Daemon(settings_for(dsn), jobs=lambda *_: [spec()], notifier=Notifier.from_env({}))
+    daemon = Daemon(
+        settings_for(dsn),
+        jobs=lambda *_: [spec(schedule=quiet_schedule())],
+        notifier=Notifier.from_env({}),
+    )
     await daemon.start()
     stop = asyncio.Event()
     serving = asyncio.create_task(run_until_stopped(daemon, stop))

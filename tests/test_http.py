@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kontod.job import RunContext
 from kontod.jobs import declare_jobs
 from kontod.metrics import Metrics
-from tests.daemon_harness import TOKEN, running_daemon, settings_for
+from tests.daemon_harness import TOKEN, running_daemon, runs_of, settings_for
 from tests.helpers import add_user, spec, wait_for
 from tests.programs import require_program
 
@@ -63,16 +63,23 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 async def test_health_cron_has_the_old_shape_and_more(dsn: str) -> None:
     async with running_daemon(settings_for(dsn), real_jobs(dsn)) as (daemon, base):
-        await wait_for(lambda: _not_running(daemon))  # the catch-up run of the day, if any
+        assert daemon.pool is not None
+        # The quiet schedule: no run has started, so every job is as healthy as a fresh one.
+        assert await runs_of(daemon.pool, "daily-snapshots") == []
         for path in ("/health/cron", "/api/health/cron"):
             status, body = await get(base + path)
-            assert status in (200, 503)
+            assert (status, body["status"]) == (200, "healthy")
             assert set(body) == {"status", "timestamp", "jobs"}
             names = [job["name"] for job in body["jobs"]]
             assert names == ["daily-snapshots", "refresh-stale-connections"]
             for job in body["jobs"]:
                 assert set(job) >= OLD_FIELDS | NEW_FIELDS
-            refresh = body["jobs"][1]
+            snapshots, refresh = body["jobs"]
+            assert (snapshots["healthy"], snapshots["runCount"], snapshots["lastStatus"]) == (
+                True,
+                0,
+                "never_run",
+            )
             assert refresh["healthy"] is True
             assert refresh["configured"] is False
             assert "not configured" in refresh["reason"]
