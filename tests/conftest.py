@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import asyncpg
@@ -12,6 +14,34 @@ import pytest
 from kontod.sandbox import Sandbox
 from tests import pg
 from tests.sandbox_helpers import Bank
+
+# How far the clock may be past the asked time when it is checked: the session's start and the
+# start of its PostgreSQL come within this, a wrong zone or no fake clock are hours off.
+CLOCK_SLACK = timedelta(minutes=5)
+
+
+def asked_clock() -> datetime | None:
+    """The time ``scripts/test-at-clock`` set the clocks to, if the suite runs under it."""
+    asked = os.environ.get("KONTOD_TEST_CLOCK")
+    return datetime.fromisoformat(asked) if asked else None
+
+
+def check_clock(name: str, now: datetime) -> None:
+    """Fail the session when ``now`` is not the time ``scripts/test-at-clock`` asked for."""
+    asked = asked_clock()
+    if asked is not None and not asked <= now <= asked + CLOCK_SLACK:
+        pytest.exit(f"the clock of {name} is {now.isoformat()}, not {asked.isoformat()}", 2)
+
+
+def pytest_report_header() -> str | None:
+    asked = asked_clock()
+    if asked is None:
+        return None
+    return f"clock: {datetime.now(asked.tzinfo).isoformat()} (asked {asked.isoformat()})"
+
+
+def pytest_sessionstart() -> None:
+    check_clock("pytest", datetime.now(UTC))
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +52,11 @@ def admin_dsn() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 async def template_ready(admin_dsn: str) -> str:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        check_clock("PostgreSQL", await conn.fetchval("SELECT now()"))
+    finally:
+        await conn.close()
     await pg.build_template(admin_dsn)
     return pg.TEMPLATE
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncpg
 
 from kontod import db, runs
+from kontod.history import History
 from tests.helpers import LEGACY_TABLES, konto_schema_of
 
 
@@ -118,3 +119,79 @@ async def test_the_fence_limits_its_own_transaction_only(dsn: str) -> None:
                 assert not await runs.fence(conn, run_id, "fence-test", 30000, 10000)
     finally:
         await pool.close()
+
+
+async def _old_runs(
+    pool: asyncpg.Pool, job: str, statuses: list[str], days_ago: list[float]
+) -> list[int]:
+    """Finished (or running) manual runs of ``job`` started ``days_ago`` days ago; their ids."""
+    ids: list[int] = []
+    for status, age in zip(statuses, days_ago, strict=True):
+        ids.append(
+            await pool.fetchval(
+                """INSERT INTO kontod_runs (job, trigger, started_at, finished_at, status, error,
+                                            instance, lease_until)
+                   VALUES ($1, 'manual', now() - make_interval(secs => $2 * 86400),
+                           CASE WHEN $3 <> 'running'
+                                THEN now() - make_interval(secs => $2 * 86400 - 60) END,
+                           $3, CASE WHEN $3 NOT IN ('running', 'success') THEN 'boom' END,
+                           'prune-test', now() + interval '1 hour')
+                   RETURNING id""",
+                job,
+                age,
+                status,
+            )
+        )
+    return ids
+
+
+async def test_pruning_keeps_the_last_runs_the_last_failure_and_success_and_running_ones(
+    pool: asyncpg.Pool,
+) -> None:
+    await runs.register_jobs(pool, ["failed-once", "succeeded-once", "recent"])
+    # All older than the 90 days window: 120 successes after one old failure.
+    [old_failure] = await _old_runs(pool, "failed-once", ["error"], [300])
+    successes = await _old_runs(
+        pool, "failed-once", ["success"] * 120, [250 - i for i in range(120)]
+    )
+    # One old success, then a run still going since long ago, then 120 failures.
+    [old_success] = await _old_runs(pool, "succeeded-once", ["success"], [300])
+    [running] = await _old_runs(pool, "succeeded-once", ["running"], [299])
+    failures = await _old_runs(
+        pool,
+        "succeeded-once",
+        [("error", "timeout", "interrupted")[i % 3] for i in range(120)],
+        [250 - i for i in range(120)],
+    )
+    # 150 runs younger than the window: all stay, whatever their number.
+    young = await _old_runs(pool, "recent", ["success"] * 150, [60 - i * 0.3 for i in range(150)])
+    await pool.execute(
+        "UPDATE kontod_jobs SET runs = 1000 + length(name), errors = 500 + length(name)"
+    )
+    history = History(pool, "prune-test", lease_s=30)
+    before = await history.refresh()
+
+    assert await history.prune() == 40
+    left = {r["id"] for r in await pool.fetch("SELECT id FROM kontod_runs")}
+    assert (
+        left
+        == {
+            old_failure,
+            *successes[20:],  # the newest 100
+            old_success,
+            running,
+            *failures[20:],
+            *young,
+        }
+    )
+    assert await pool.fetchval("SELECT status FROM kontod_runs WHERE id = $1", running) == (
+        "running"
+    )
+    after = await history.refresh()
+    for job in ("failed-once", "succeeded-once", "recent"):
+        # The counters, and the last success and failure the health reads, are unchanged.
+        assert (after[job].runs, after[job].errors) == (1000 + len(job), 500 + len(job))
+        assert after[job].last_success_at == before[job].last_success_at
+        assert after[job].last_error == before[job].last_error
+    assert await history.prune() == 0
+    assert len(left) == await pool.fetchval("SELECT count(*) FROM kontod_runs")

@@ -30,7 +30,7 @@ from kontod.job import RunContext
 from kontod.jobs import declare_jobs
 from kontod.metrics import Metrics
 from kontod.runner import Runner, utcnow
-from tests.daemon_harness import TOKEN, running_daemon, settings_for
+from tests.daemon_harness import TOKEN, running_daemon, runs_of, settings_for
 from tests.helpers import PARIS, add_user, free_port, spec, wait_for
 from tests.programs import kontod_script, require_program
 
@@ -77,16 +77,23 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 async def test_health_cron_has_the_old_shape_and_more(dsn: str) -> None:
     async with running_daemon(settings_for(dsn), real_jobs(dsn)) as (daemon, base):
-        await wait_for(lambda: _not_running(daemon))  # the catch-up run of the day, if any
+        assert daemon.pool is not None
+        # The quiet schedule: no run has started, so every job is as healthy as a fresh one.
+        assert await runs_of(daemon.pool, "daily-snapshots") == []
         for path in ("/health/cron", "/api/health/cron"):
             status, body = await get(base + path)
-            assert status in (200, 503)
+            assert (status, body["status"]) == (200, "healthy")
             assert set(body) == {"status", "timestamp", "jobs"}
             names = [job["name"] for job in body["jobs"]]
             assert names == ["daily-snapshots", "refresh-stale-connections"]
             for job in body["jobs"]:
                 assert set(job) >= OLD_FIELDS | NEW_FIELDS
-            refresh = body["jobs"][1]
+            snapshots, refresh = body["jobs"]
+            assert (snapshots["healthy"], snapshots["runCount"], snapshots["lastStatus"]) == (
+                True,
+                0,
+                "never_run",
+            )
             assert refresh["healthy"] is True
             assert refresh["configured"] is False
             assert "not configured" in refresh["reason"]
@@ -289,14 +296,10 @@ async def test_metrics_pass_promtool_check(dsn: str) -> None:
     async with running_daemon(settings_for(dsn), real_jobs(dsn)) as (daemon, base):
         await add_user(daemon.pool, accounts=[("checking", "12.5", False)])  # type: ignore[arg-type]
 
-        # The day's catch-up run may be starting (the schedule's tick is today in a fresh
-        # database): a manual run is refused with 409 while it goes, then accepted.
-        async def triggered() -> bool:
-            status = (await post(base + "/api/dashboard/snapshot", AUTH))[0]
-            assert status in (202, 409), status
-            return status == 202
-
-        await wait_for(triggered, every=0.2)
+        # The quiet schedule: no run of the day's tick holds the job, the first ask starts one.
+        assert await runs_of(daemon.pool, "daily-snapshots") == []  # type: ignore[arg-type]
+        status, body = await post(base + "/api/dashboard/snapshot", AUTH)
+        assert status == 202, body
         await wait_for(lambda: _not_running(daemon))
         await daemon._refresh_stats()
         _, text = await get(base + "/metrics")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import quiet_schedule
 from tests.programs import kontod_script
 from tests.test_systemd_notify import Datagram, Receiver
 
@@ -77,6 +78,9 @@ def kontod_env(dsn: str, port: int, notify_socket: str, state_dir: Path) -> dict
         "KONTOD_STATE_DIR": str(state_dir),
         "KONTOD_TIMEZONE": "UTC",
         "KONTOD_LOG_FORMAT": "json",
+        # No catch-up run at any time of day: the test is about the process, not a job.
+        "KONTOD_SNAPSHOT_SCHEDULE": quiet_schedule(),
+        "KONTOD_REFRESH_SCHEDULE": quiet_schedule(),
         "NOTIFY_SOCKET": notify_socket,
         "WATCHDOG_USEC": str(WATCHDOG_USEC),
     }

@@ -19,13 +19,12 @@ from structlog.testing import capture_logs
 
 from kontod import db, rates
 from kontod.config import ConfigError, load_settings
-from kontod.daemon import Daemon
 from kontod.job import ClaimLost, Connection, RunContext
 from kontod.jobs.snapshots import Conversion, take_snapshots
 from kontod.rates_sandbox import DEMO_DAY, DEMO_ECB_RATES, RateSandbox, urls
 from tests import pg
-from tests.daemon_harness import TOKEN, running_daemon, settings_for
-from tests.helpers import PARIS, WEBAPP_SCHEMA, snapshot_rows, wait_for
+from tests.daemon_harness import TOKEN, run_ended, running_daemon, runs_of, settings_for
+from tests.helpers import PARIS, WEBAPP_SCHEMA, snapshot_rows
 
 AT = datetime(2026, 6, 10, 0, 0, tzinfo=UTC)  # 02:00 in Paris, June 10th
 DAY = date(2026, 6, 10)
@@ -567,12 +566,14 @@ async def test_metrics_export_unconverted_accounts_and_rate_ages(dsn: str) -> No
         async with running_daemon(settings) as (daemon, base):
             assert daemon.pool is not None
             await user_with(daemon.pool, [("checking", "5", "USD"), ("investment", "1", "BTC")])
-            await wait_for(lambda: _idle(daemon))  # a catch-up run of the day, if any
+            # The quiet schedule: no run of the day's tick holds the job.
+            assert await runs_of(daemon.pool, "daily-snapshots") == []
             async with aiohttp.ClientSession() as http:
                 auth = {"Authorization": f"Bearer {TOKEN}"}
                 async with http.post(f"{base}/jobs/daily-snapshots/run", headers=auth) as resp:
                     assert resp.status == 202
-                await wait_for(lambda: _idle(daemon))
+                    run_id = (await resp.json())["runId"]
+                assert await run_ended(daemon, "daily-snapshots", run_id) == "success"
                 await daemon._refresh_stats()
                 async with http.get(f"{base}/metrics") as resp:
                     text = await resp.text()
@@ -586,11 +587,6 @@ async def test_metrics_export_unconverted_accounts_and_rate_ages(dsn: str) -> No
     assert found[("kontod_snapshot_rate_age_seconds", "BTC")] == 0
     assert ("kontod_snapshot_rate_age_seconds", "USD") not in found
     assert 'kontod_job_items_total{job_name="daily-snapshots",outcome="unconverted"}' in text
-
-
-async def _idle(daemon: Daemon) -> bool:
-    assert daemon.runner is not None
-    return all(daemon.runner.active(name) is None for name in daemon.runner.jobs)
 
 
 async def test_a_run_that_lost_its_claim_writes_nothing(
