@@ -70,9 +70,6 @@ _FITS = {
     ),
     "real": "({x} = 0 OR abs({x}) BETWEEN 1.1754944e-38 AND 3.4028234e38)",
 }
-# A stored rate is used when both of its amounts are numbers above 0 and at most 1e12, and one
-# unit of the currency is worth from 1e-12 to 1e12 units of the base; else it is no rate.
-RATE_LIMIT = 10**12
 # How many invalid holdings and failed users of a batch its log line names (it counts them all).
 SHOWN = 20
 
@@ -178,15 +175,13 @@ WITH batch AS (
 ),
 rates AS (
     -- The divisor gets at least 24 decimals, so that the quotient does too before it is
-    -- rounded to 8: one rounding, not two. A rate that is no plausible number (NaN, Infinity,
-    -- beyond RATE_LIMIT either way) is not usable; an older usable one may stand in.
+    -- rounded to 8: one rounding, not two. A stored rate that is not plausible by the rule of
+    -- kontod.rates (NaN, Infinity, out of range) is no rate; an older plausible one may stand in.
     SELECT DISTINCT ON (currency) currency, base_amount,
            round(currency_amount, greatest(scale(currency_amount), 24)) AS currency_amount
       FROM kontod_rates
      WHERE base = $4 AND day <= $3::date AND day >= $3::date - $5::int
-       AND base_amount > 0 AND base_amount <= {rate_limit}
-       AND currency_amount > 0 AND currency_amount <= {rate_limit}
-       AND base_amount / currency_amount BETWEEN 1.0 / {rate_limit} AND {rate_limit}
+       AND {plausible}
      ORDER BY currency, day DESC
 ),
 accounts AS (
@@ -422,7 +417,7 @@ def day_held_sql(cols: Columns) -> str:
 def _fragments(cols: Columns) -> dict[str, str]:
     amount = cols.holding_amount
     return dict(
-        rate_limit=str(RATE_LIMIT),
+        plausible=rates.PLAUSIBLE_SQL,
         shown=str(SHOWN),
         balance_finite=cols.balance_finite,
         current_finite=cols.current_finite,
