@@ -659,7 +659,9 @@ async def test_a_postgresql_restart_mid_run_loses_no_tick(tmp_path: Path) -> Non
         pool = await migrated_pool(uri)
         users = await seed(pool)
         await slow_for_victim(pool, users[0], seconds=1, also="replica")
-        settings = FAST | {"KONTOD_SNAPSHOT_SCHEDULE": "*/15 * * * * *", "KONTOD_RETRY_DELAY": "1s"}
+        # Ticks 20 s apart: the cut tick's retry (a second after the restart, 4 s of slow
+        # batches) comes while it is still the newest tick.
+        settings = FAST | {"KONTOD_SNAPSHOT_SCHEDULE": "*/20 * * * * *", "KONTOD_RETRY_DELAY": "1s"}
         try:
             async with (
                 kontod(uri, tmp_path, "victim", settings) as a,
@@ -694,6 +696,18 @@ async def test_a_postgresql_restart_mid_run_loses_no_tick(tmp_path: Path) -> Non
                 await wait_until(ended, "the cut run recorded", [a, b], LEASE_S + 10)
                 cut_row = await pool.fetchrow("SELECT * FROM kontod_runs WHERE id = $1", cut)
                 assert cut_row is not None
+
+                async def cut_tick_ok() -> bool:
+                    # The tick the restart cut is itself made good, not only the ones after.
+                    done = await pool.fetchval(
+                        """SELECT count(*) FROM kontod_runs WHERE status = 'success'
+                            AND scheduled_for = $1 AND attempt > $2""",
+                        cut_row["scheduled_for"],
+                        cut_row["attempt"],
+                    )
+                    return bool(done)
+
+                await wait_until(cut_tick_ok, "the cut tick succeeding", [a, b], 20)
 
                 async def next_tick_ok() -> bool:
                     later = await pool.fetchval(
