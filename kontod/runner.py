@@ -125,7 +125,7 @@ class Runner:
         self._pending: dict[int, asyncio.Task[None]] = {}
         # Runs cancelled because they lost their lease: they record nothing.
         self._lost: set[int] = set()
-        # Per job, a tick this process skipped because the job was running: not tried again.
+        # Per job, a tick that came while the job was paused: not made up after the resume.
         self._given_up: dict[str, datetime] = {}
         self._wake = {name: asyncio.Event() for name in self.jobs}
         self._prepared = False
@@ -262,9 +262,10 @@ class Runner:
         plan = retries.next_attempt(
             state, tick, now, spec.catchup_window, self.retry, on_time=on_time
         )
-        if plan is not None and busy and plan.trigger in ("takeover", "retry"):
-            # Another run of the job goes on (a manual one, say): the attempt waits for its
-            # end rather than being skipped as an overlap.
+        if plan is not None and busy and plan.trigger != "schedule":
+            # A run of the job goes on (another replica's run of this tick, a manual one, a
+            # stale row not yet reaped): the attempt waits for its end, woken by the history
+            # refresh, rather than trying a claim that must fail at every wake.
             return None
         return plan
 
@@ -290,8 +291,10 @@ class Runner:
                 error=describe(exc),
             )
             return
-        if isinstance(outcome, Skipped) and outcome.reason in ("overlap", "paused"):
-            # A paused tick is not made up later either: resuming starts afresh.
+        if isinstance(outcome, Skipped) and outcome.reason == "paused":
+            # A paused tick is not made up later: resuming starts afresh. A tick lost to
+            # another run (``claimed``, ``overlap``) is not given up: when that run ends
+            # without success, the tick is taken over, retried or caught up as usual.
             self._given_up[spec.name] = plan.tick
 
     async def _sleep_until(self, when: datetime, wake: asyncio.Event) -> bool:
@@ -344,7 +347,7 @@ class Runner:
             )
             if run_id is None:
                 reason = await self.history.bounded(
-                    runs.why_not_claimed(self.pool, name), self.bookkeeping_s
+                    runs.why_not_claimed(self.pool, name, scheduled_for), self.bookkeeping_s
                 )
                 self._busy.discard(name)
                 return self._skip(spec, reason, trigger, scheduled_for)

@@ -122,12 +122,20 @@ async def claim(
     return run_id
 
 
-async def why_not_claimed(db: Executor, job: str) -> str:
-    """``overlap`` when the job runs right now (here or elsewhere), else ``claimed``."""
-    running = await db.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM kontod_runs WHERE job = $1 AND status = 'running')", job
+async def why_not_claimed(db: Executor, job: str, scheduled_for: datetime | None) -> str:
+    """Why a claim of ``scheduled_for`` (None: a manual run) was refused.
+
+    ``overlap`` when another run of the job goes on (a manual one, another tick's), else
+    ``claimed``: another replica has this tick, running or ended.
+    """
+    running = await db.fetchrow(
+        "SELECT scheduled_for FROM kontod_runs WHERE job = $1 AND status = 'running'", job
     )
-    return "overlap" if running else "claimed"
+    if running is None:
+        return "claimed"
+    if scheduled_for is not None and running["scheduled_for"] == scheduled_for:
+        return "claimed"
+    return "overlap"
 
 
 async def renew(db: Executor, run_ids: Iterable[int], instance: str, lease_s: float) -> set[int]:

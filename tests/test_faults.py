@@ -306,6 +306,188 @@ async def test_a_killed_or_frozen_replica_is_taken_over_by_a_live_one(
     print(f"takeover: SIGKILL {killed}, SIGSTOP {frozen}")
 
 
+RACE_MARGIN_S = 15  # from the replicas' start to the tick they race: time to start all three
+
+
+async def first_attempt_trouble(pool: asyncpg.Pool, fail: bool) -> None:
+    """Writing a snapshot row sleeps (and then fails, with ``fail``) in the sessions of the
+    replica that holds the first attempt at a tick, whichever replica won it; later attempts
+    and a first attempt no longer running (reaped) go through."""
+    failing = "RAISE EXCEPTION 'snapshot storage is failing';" if fail else ""
+    await pool.execute(
+        f"""CREATE FUNCTION test_first_attempt() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF EXISTS (SELECT 1 FROM kontod_runs
+                            WHERE attempt = 1 AND status = 'running'
+                              AND instance = current_setting('application_name')) THEN
+                    PERFORM pg_sleep(1);
+                    {failing}
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER test_first_attempt BEFORE INSERT ON patrimoine_snapshots
+                FOR EACH ROW EXECUTE FUNCTION test_first_attempt();"""
+    )
+
+
+async def race_the_tick(pool: asyncpg.Pool, tick: datetime, procs: list[Kontod]) -> None:
+    """Hold the run table's inserts from just before ``tick`` until the three replicas all
+    wait to insert their claim of it: then two of them lose the insert itself, not a read of a
+    run already there."""
+    if datetime.now(UTC) > tick - timedelta(seconds=1):
+        pytest.fail(f"the replicas were not all started {RACE_MARGIN_S - 1} s after launch")
+    await asyncio.sleep((tick - datetime.now(UTC)).total_seconds() - 0.5)
+    async with pool.acquire() as gate, gate.transaction():
+        # SHARE mode lets reads through and holds every insert. A claim gives up after a
+        # third of the lease; the three come within milliseconds of the tick, well inside it.
+        await gate.execute("LOCK TABLE kontod_runs IN SHARE MODE")
+
+        async def three_waiting() -> bool:
+            waiting: int = await pool.fetchval(
+                """SELECT count(*) FROM pg_stat_activity
+                    WHERE datname = current_database() AND wait_event_type = 'Lock'
+                      AND query LIKE 'INSERT INTO kontod_runs%'"""
+            )
+            return waiting == 3
+
+        await wait_until(three_waiting, "the three claims waiting", procs, 5)
+
+
+def skips_of(k: Kontod, tick: datetime) -> list[dict[str, Any]]:
+    """The ``tick.skipped`` lines of one replica for ``tick``."""
+    return [
+        e
+        for e in k.events()
+        if e.get("event") == "tick.skipped"
+        and e.get("scheduled_for") is not None
+        and datetime.fromisoformat(e["scheduled_for"]) == tick
+    ]
+
+
+async def race_scenario(admin_dsn: str, tmp_path: Path, ending: str) -> list[tuple[Any, ...]]:
+    """Three replicas race one tick; its owner is then killed (``kill``), frozen (``stop``),
+    or fails its attempt and is killed before it can retry (``error``). The tick's attempts,
+    as (trigger, attempt, status, whether a survivor ran it)."""
+    async with database(admin_dsn) as (dsn, pool):
+        users = await seed(pool, 6)
+        await first_attempt_trouble(pool, fail=ending == "error")
+        tick = (datetime.now(UTC) + timedelta(seconds=RACE_MARGIN_S)).replace(microsecond=0)
+        # Daily at that second: yesterday's tick is outside the catch-up window, so nothing
+        # runs before this one comes.
+        settings = FAST | {
+            "KONTOD_SNAPSHOT_SCHEDULE": f"{tick.second} {tick.minute} {tick.hour} * * *",
+            "KONTOD_RETRY_DELAY": "3s",
+        }
+        folder = tmp_path / ending
+        folder.mkdir()
+        async with (
+            kontod(dsn, folder, f"{ending}-a", settings) as a,
+            kontod(dsn, folder, f"{ending}-b", settings) as b,
+            kontod(dsn, folder, f"{ending}-c", settings) as c,
+        ):
+            everyone = [a, b, c]
+            for k in everyone:
+                await k.wait_logged("job.registered", job=JOB, timeout=START_TIMEOUT_S)
+            await race_the_tick(pool, tick, everyone)
+
+            async def claimed() -> bool:
+                return len(await rows(pool, tick)) == 1
+
+            await wait_until(claimed, "the tick claimed", everyone, 10)
+            [first] = await rows(pool, tick)
+            owner = next(k for k in everyone if k.log_path.stem == first["instance"])
+            survivors = [k for k in everyone if k is not owner]
+            # Both others lost the insert, and said so once.
+            for k in survivors:
+                await k.wait_logged("tick.skipped", job=JOB, timeout=10)
+                assert len(skips_of(k, tick)) == 1, k.log()
+
+            if ending == "error":
+
+                async def failed() -> bool:
+                    return [r["status"] for r in await rows(pool, tick)] == ["error"]
+
+                await wait_until(failed, "the first attempt failing", everyone, 20)
+                owner.proc.send_signal(signal.SIGKILL)
+                await pool.execute("DROP TRIGGER test_first_attempt ON patrimoine_snapshots")
+            else:
+
+                async def renewed() -> bool:
+                    # Two renewals: the others have woken several times meanwhile.
+                    [r] = await rows(pool, tick)
+                    return bool(r["heartbeat_at"] - r["started_at"] >= timedelta(seconds=3))
+
+                await wait_until(renewed, "the owner's run renewed twice", everyone, 20)
+                owner.proc.send_signal(signal.SIGSTOP if ending == "stop" else signal.SIGKILL)
+            # New balances: the next attempt rewrites every row, so that a late write of the
+            # owner would show.
+            await pool.execute("UPDATE bank_accounts SET balance = balance + 1")
+
+            async def succeeded() -> bool:
+                return any(r["status"] == "success" for r in await rows(pool, tick))
+
+            await wait_until(succeeded, "a survivor making the tick good", everyone, 30)
+            if ending == "stop":
+                owner.proc.send_signal(signal.SIGCONT)
+
+                async def woke() -> bool:
+                    return any(
+                        owner.logged(e) is not None for e in ("run.record_lost", "run.claim_lost")
+                    )
+
+                await wait_until(woke, "the frozen owner learning it lost", everyone, 20)
+                assert owner.logged("run.finished", status="success") is None, owner.log()
+            for k in everyone:
+                if k is not owner or ending == "stop":
+                    k.proc.send_signal(signal.SIGTERM)
+            for k in everyone:
+                if k is not owner or ending == "stop":
+                    assert await k.wait_exit(20) == 0, k.log()
+            # While the owner's run went on, the others waited for its end without trying
+            # the tick at every wake: one skip for the race, at most one for the race to take
+            # it over.
+            for k in survivors:
+                assert len(skips_of(k, tick)) <= 2, k.log()
+
+        attempts = await rows(pool, tick)
+        assert sum(r["status"] == "success" for r in attempts) == 1
+        made_good = next(r for r in attempts if r["status"] == "success")
+        # Every snapshot row is the successful attempt's: nothing written late by the owner.
+        written = await pool.fetch("SELECT user_id, created_at FROM patrimoine_snapshots")
+        assert {r["user_id"] for r in written} == set(users)
+        for r in written:
+            assert made_good["started_at"] <= r["created_at"] <= made_good["finished_at"], r
+        totals = await pool.fetch(
+            """SELECT p.total_value = sum(a.balance) AS right
+                 FROM patrimoine_snapshots p JOIN bank_accounts a USING (user_id)
+                WHERE p.category = 'total' GROUP BY p.user_id, p.total_value"""
+        )
+        assert len(totals) == len(users) and all(r["right"] for r in totals), totals
+        survivor_names = {k.log_path.stem for k in survivors}
+        return [
+            (r["trigger"], r["attempt"], r["status"], r["instance"] in survivor_names)
+            for r in attempts
+        ]
+
+
+async def test_a_tick_raced_by_three_replicas_is_taken_over_when_its_owner_dies_or_freezes(
+    admin_dsn: str, template_ready: str, tmp_path: Path
+) -> None:
+    killed, frozen = await asyncio.gather(
+        race_scenario(admin_dsn, tmp_path, "kill"), race_scenario(admin_dsn, tmp_path, "stop")
+    )
+    expected = [("schedule", 1, "interrupted", False), ("takeover", 2, "success", True)]
+    assert killed == expected
+    assert frozen == expected
+
+
+async def test_a_tick_raced_by_three_replicas_is_retried_when_its_failed_owner_died(
+    admin_dsn: str, template_ready: str, tmp_path: Path
+) -> None:
+    attempts = await race_scenario(admin_dsn, tmp_path, "error")
+    assert attempts == [("schedule", 1, "error", False), ("retry", 2, "success", True)]
+
+
 async def fault_scenario(admin_dsn: str, tmp_path: Path, heal_after: int | None) -> list[Any]:
     """A run that fails while a flag is set; the flag is cleared after ``heal_after`` failures."""
     async with database(admin_dsn) as (dsn, pool):
@@ -478,8 +660,14 @@ async def test_a_postgresql_restart_mid_run_loses_no_tick(tmp_path: Path) -> Non
         pool = await migrated_pool(uri)
         users = await seed(pool)
         await slow_for_victim(pool, users[0], seconds=1, also="replica")
-        settings = FAST | {"KONTOD_SNAPSHOT_SCHEDULE": "*/15 * * * * *", "KONTOD_RETRY_DELAY": "1s"}
+        # Ticks 20 s apart: the cut tick's retry (a second after the restart, 4 s of slow
+        # batches) comes while it is still the newest tick.
+        settings = FAST | {"KONTOD_SNAPSHOT_SCHEDULE": "*/20 * * * * *", "KONTOD_RETRY_DELAY": "1s"}
         try:
+            # Only the first run is slow (later ones find their rows unchanged): it is the
+            # catch-up at start. Started just after a tick, it leaves the tick the restart
+            # cuts the newest for long enough to be made good.
+            await asyncio.sleep(20.5 - time.time() % 20)
             async with (
                 kontod(uri, tmp_path, "victim", settings) as a,
                 kontod(uri, tmp_path, "replica", settings) as b,
@@ -513,6 +701,21 @@ async def test_a_postgresql_restart_mid_run_loses_no_tick(tmp_path: Path) -> Non
                 await wait_until(ended, "the cut run recorded", [a, b], LEASE_S + 10)
                 cut_row = await pool.fetchrow("SELECT * FROM kontod_runs WHERE id = $1", cut)
                 assert cut_row is not None
+                next_tick = cut_row["scheduled_for"] + timedelta(seconds=20)
+                if cut_row["finished_at"] > next_tick - timedelta(seconds=8):
+                    pytest.fail(f"the cut run ended too close to the next tick: {dict(cut_row)}")
+
+                async def cut_tick_ok() -> bool:
+                    # The tick the restart cut is itself made good, not only the ones after.
+                    done = await pool.fetchval(
+                        """SELECT count(*) FROM kontod_runs WHERE status = 'success'
+                            AND scheduled_for = $1 AND attempt > $2""",
+                        cut_row["scheduled_for"],
+                        cut_row["attempt"],
+                    )
+                    return bool(done)
+
+                await wait_until(cut_tick_ok, "the cut tick succeeding", [a, b], 20)
 
                 async def next_tick_ok() -> bool:
                     later = await pool.fetchval(

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
 from kontod import runs
 from kontod.job import RunContext
+from kontod.retries import RetryPolicy
 from kontod.runner import Skipped, Started
 from tests.helpers import close, runner_on, spec, wait_for
+from tests.test_schedule_runner import LEASE_S, Clock, Rounds
 
 SUMMER_9AM = datetime(2026, 6, 10, 7, tzinfo=UTC)  # 09:00 in Paris; the 02:00 tick was 7 h ago
 TICK = datetime(2026, 6, 10, 0, tzinfo=UTC)
@@ -429,3 +431,65 @@ async def test_a_takeover_waits_for_another_run_of_the_job_to_end(dsn: str) -> N
 
 async def _status_count(dsn: str, status: str, n: int) -> bool:
     return sum(s == status for _, s in await statuses(dsn)) >= n
+
+
+async def test_a_tick_that_came_while_another_run_went_on_is_made_up_after_it(dsn: str) -> None:
+    release = asyncio.Event()
+
+    async def held(ctx: RunContext) -> None:
+        if ctx.trigger == "manual":
+            await release.wait()
+
+    # 01:59:59 in Paris, the 02:00 tick one second away; yesterday's is outside the window.
+    clock = Clock(datetime(2026, 6, 9, 23, 59, 59, tzinfo=UTC))
+    runner, events = await runner_on(dsn, [spec(body=held)], clock=clock, lease_s=LEASE_S)
+    rounds = Rounds(runner)
+    try:
+        manual = await runner.trigger("test-job", "manual")
+        assert isinstance(manual, Started)
+        await runner.start()
+        await rounds.wait(2)  # the schedule loop now waits for the tick
+        clock.now = TICK + timedelta(seconds=1)
+        await wait_for(lambda: _true(events.skipped[("test-job", "overlap")] == 1))
+        # The tick waits for the manual run's end: no claim, no skip at every wake meanwhile.
+        await rounds.wait(4)
+        assert events.skipped[("test-job", "overlap")] == 1
+        assert sum(events.skipped.values()) == 1
+        assert await statuses(dsn) == [("manual", "running")]
+        release.set()
+        await wait_for(lambda: _status_count(dsn, "success", 2))
+        [made_up, _] = await runs.recent_runs(runner.pool, "test-job", 5)
+        assert (made_up.trigger, made_up.scheduled_for) == ("catchup", TICK)
+        await rounds.wait()
+        assert await statuses(dsn) == [("manual", "success"), ("catchup", "success")]
+    finally:
+        await close(runner)
+
+
+async def test_a_failed_manual_run_is_not_retried_nor_makes_anything_retried(dsn: str) -> None:
+    async def fails_by_hand(ctx: RunContext) -> None:
+        if ctx.trigger == "manual":
+            raise RuntimeError("bank exploded")
+
+    # Retries due at once and plenty of them: only the rules keep them from happening.
+    policy = RetryPolicy(retries=5, delay=timedelta(0))
+    clock = Clock(SUMMER_9AM)
+    runner, _ = await runner_on(
+        dsn, [spec(body=fails_by_hand)], clock=clock, lease_s=LEASE_S, retry=policy
+    )
+    rounds = Rounds(runner)
+    try:
+        # The day's tick already ran, and succeeded.
+        run_id = await runs.claim(runner.pool, "test-job", "schedule", TICK, 1, "gone:1", 30)
+        assert run_id is not None
+        assert await runs.finish(runner.pool, run_id, "gone:1", "success", None, {})
+        await runner.start()
+        manual = await runner.trigger("test-job", "manual")
+        assert isinstance(manual, Started)
+        assert await manual.task == "error"
+        await rounds.wait(4)
+        assert await statuses(dsn) == [("schedule", "success"), ("manual", "error")]
+        stats = runner.stats["test-job"]
+        assert runner.next_retry("test-job", stats, clock()) is None
+    finally:
+        await close(runner)
