@@ -349,17 +349,7 @@ SELECT (SELECT count(*) FROM batch) AS users,
        (SELECT count(*) FROM kept) AS holdings,
        (SELECT count(*) FROM holdings_inserted) + (SELECT count(*) FROM holdings_updated)
            AS holdings_written,
-       (SELECT count(*) FROM holdings_removed) AS holdings_removed,
-       (SELECT array_agg(currency ORDER BY currency) FROM unconverted) AS unconverted_currencies,
-       (SELECT array_agg(accounts ORDER BY currency) FROM unconverted) AS unconverted_accounts,
-       (SELECT count(*) FROM invalid) AS invalid,
-       (SELECT array_agg(holding_key)
-          FROM (SELECT holding_key FROM invalid ORDER BY holding_key LIMIT {shown}) i)
-           AS invalid_keys,
-       (SELECT count(*) FROM failed) AS failed,
-       (SELECT array_agg(user_id)
-          FROM (SELECT user_id FROM failed ORDER BY user_id LIMIT {shown}) u) AS failed_users
-"""
+       (SELECT count(*) FROM holdings_removed) AS holdings_removed,"""
 
 # What a batch whose date already holds rows would change, nothing written: the comparison
 # alone, so that in a re-run where nothing changed a batch reads and compares, and runs no write.
@@ -373,7 +363,10 @@ SELECT (SELECT count(*) FROM batch) AS users,
        0 AS holdings_removed,
        (SELECT count(*) FROM diff WHERE NOT (stored AND wanted AND NOT differs))
      + (SELECT count(*) FROM holdings_diff WHERE NOT (stored AND wanted AND NOT differs))
-           AS changes,
+           AS changes,"""
+
+# What both the batch and the comparison alone report besides their row counts.
+_REPORT_SQL = """
        (SELECT array_agg(currency ORDER BY currency) FROM unconverted) AS unconverted_currencies,
        (SELECT array_agg(accounts ORDER BY currency) FROM unconverted) AS unconverted_accounts,
        (SELECT count(*) FROM invalid) AS invalid,
@@ -386,8 +379,8 @@ SELECT (SELECT count(*) FROM batch) AS users,
 """
 
 # The batch statement, and the comparison alone.
-_BATCH_SQL = _ROWS_SQL + _COMPARE_SQL.rstrip() + ",\n" + _WRITES_SQL + _WRITTEN_SQL
-_BATCH_CHECK_SQL = _ROWS_SQL + _COMPARE_SQL + _CHECK_SQL
+_BATCH_SQL = _ROWS_SQL + _COMPARE_SQL.rstrip() + ",\n" + _WRITES_SQL + _WRITTEN_SQL + _REPORT_SQL
+_BATCH_CHECK_SQL = _ROWS_SQL + _COMPARE_SQL + _CHECK_SQL + _REPORT_SQL
 
 # Whether the date holds any row already ($1: the date; a fresh date needs no comparison first).
 _DAY_HELD_SQL = """
