@@ -73,6 +73,13 @@ class Receiver:
         with self._changed:
             return list(self._got)
 
+    def wait_for_text(self, text: str, timeout: float = 5.0) -> None:
+        """Wait until a datagram reading ``text`` has arrived."""
+        with self._changed:
+            self._changed.wait_for(lambda: any(d.text == text for d in self._got), timeout=timeout)
+            texts = [d.text for d in self._got]
+        assert text in texts, f"expected {text!r}, got {texts}"
+
     def wait_for(self, count: int, timeout: float = 5.0) -> list[str]:
         """The texts of the first ``count`` datagrams, waiting for them to arrive."""
         with self._changed:
@@ -213,8 +220,9 @@ async def test_watchdog_pings_at_half_the_timeout(notify: tuple[Receiver, str]) 
     stop.set()
     await asyncio.wait_for(task, timeout=5)
     stopped_at = time.monotonic()
+    # The marker is sent after the last ping: once it is read, every ping has been read too.
     notifier.status("marker")
-    receiver.wait_for(len(receiver.got()) + 1)
+    receiver.wait_for_text("STATUS=marker")
 
     pings = [d for d in receiver.got() if d.text == "WATCHDOG=1"]
     # About 10 in 2 s; the bounds leave room for a slow machine.
@@ -238,8 +246,9 @@ async def test_blocked_loop_stops_the_pings(notify: tuple[Receiver, str]) -> Non
     await asyncio.sleep(0.6)
     stop.set()
     await asyncio.wait_for(task, timeout=5)
+    # The marker is sent after the last ping: once it is read, every ping has been read too.
     notifier.status("marker")
-    receiver.wait_for(len(receiver.got()) + 1)
+    receiver.wait_for_text("STATUS=marker")
 
     pings = [d.at for d in receiver.got() if d.text == "WATCHDOG=1"]
     before = [t for t in pings if t < blocked_from]
