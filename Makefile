@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo run test test-clock lint pytest programs bench bench-quick clean
+.PHONY: demo run test test-fast test-clock lint pytest programs bench bench-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,25 +24,31 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 pytest: $(VENV)/.installed
 	$(BIN)/pytest
 
 test: programs lint pytest
 
+# The unit tests alone: pure functions and settings, no database, no program, a few seconds.
+test-fast: $(VENV)/.installed
+	$(BIN)/pytest -q tests/unit
+
 # The suite must not depend on the time of day: the tests that start a daemon (in-process or
 # `kontod run`), follow a schedule or write a dated row, with every clock of the run (pytest,
 # PostgreSQL, kontod) moved to 01:59, 02:00 and 06:00 of Europe/Paris by
 # scripts/test-at-clock. Left out: the tests of Go programs, which do not see the moved clock,
-# and tests/test_faults.py (second-by-second schedules, 2.5 min a run), whose slow batches a
-# PostgreSQL under libfaketime cancels early (README, Tests). Each time has a bound: a hang
-# fails, never waits.
+# and tests/integration/test_faults.py (second-by-second schedules, 2.5 min a run), whose slow
+# batches a PostgreSQL under libfaketime cancels early (README, Tests). Each time has a bound: a
+# hang fails, never waits.
 CLOCK_TIMES ?= 01:59 02:00 06:00
-CLOCK_TESTS ?= tests/test_http.py tests/test_rates.py tests/test_status_page.py \
-	tests/test_operations.py tests/test_cli.py tests/test_cli_operations.py tests/test_daemon.py \
-	tests/test_pings.py tests/test_lifecycle.py tests/test_signals.py tests/test_runner.py \
-	tests/test_schedule.py tests/test_schedule_zones.py tests/test_health.py \
-	tests/test_retries.py tests/test_snapshots.py
+IT := tests/integration
+CLOCK_TESTS ?= $(IT)/test_http.py $(IT)/test_rates.py $(IT)/test_status_page.py \
+	$(IT)/test_operations.py $(IT)/test_cli.py $(IT)/test_cli_operations.py $(IT)/test_daemon.py \
+	$(IT)/test_pings.py $(IT)/test_lifecycle.py $(IT)/test_signals.py $(IT)/test_runner.py \
+	$(IT)/test_snapshots.py tests/unit/test_schedule.py tests/unit/test_schedule_zones.py \
+	tests/unit/test_health.py tests/unit/test_retries.py
 
 test-clock: programs $(VENV)/.installed
 	set -e; for at in $(CLOCK_TIMES); do \

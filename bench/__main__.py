@@ -22,7 +22,8 @@ from typing import Any
 import asyncpg
 
 from bench import dataset, refresh, report, scale, service, state
-from kontod import logs, rates_sandbox
+from kontod import logs
+from kontod.demo import rates_sandbox
 
 RESULTS = state.ROOT / "bench" / "results"
 README_BEGIN = "<!-- bench:begin -->"

@@ -33,7 +33,8 @@ from bench.state import (
     template_name,
     with_database,
 )
-from kontod import db, rates_sandbox
+from kontod import db
+from kontod.demo import rates_sandbox
 
 # The history's days end long before any date the benchmark writes, so every timed pass writes
 # the newest date of the table, as the daily job does.

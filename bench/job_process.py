@@ -21,11 +21,11 @@ from pathlib import Path
 
 import aiohttp
 
-from kontod.cli import _database
+from kontod.cli.main import _database
 from kontod.config import load_settings
 from kontod.jobs import SNAPSHOTS, declare_jobs
 from kontod.logs import configure
-from kontod.runner import Runner, Skipped
+from kontod.scheduler.runner import Runner, Skipped
 
 
 def memory_kib(pid: int | str = "self") -> dict[str, int]:

@@ -36,9 +36,9 @@ import structlog
 from bench.state import ROOT, create_database, drop_database, with_database, working_copy
 from kontod import db
 from kontod.config import load_settings
-from kontod.job import RunContext
+from kontod.demo.sandbox import demo_accounts, token_for
 from kontod.jobs import REFRESH, declare_jobs
-from kontod.sandbox import demo_accounts, token_for
+from kontod.scheduler.contract import RunContext
 
 # Far above the most any pass asks for (64 users in flight, 50 ms each: 1 280 requests/s).
 PROVIDER_RATE = "100000"

@@ -24,10 +24,11 @@ import aiohttp
 import asyncpg
 
 from bench import postgres
-from kontod import logs, runs
+from kontod import logs
 from kontod.config import Settings
 from kontod.daemon import Daemon
-from kontod.systemd import Notifier
+from kontod.ops.systemd import Notifier
+from kontod.scheduler import runs
 
 JOBS = ("daily-snapshots", "refresh-stale-connections")
 

@@ -18,7 +18,7 @@ import sys
 
 from aiohttp import web
 
-from kontod.sandbox import Sandbox
+from kontod.demo.sandbox import Sandbox
 
 
 class MeasuredSandbox(Sandbox):

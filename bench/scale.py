@@ -43,8 +43,9 @@ import asyncpg
 from bench import dataset, floor
 from bench.snapshots import old_snapshots
 from bench.state import ROOT, with_database, working_copy
-from kontod import db, rates_sandbox
+from kontod import db
 from kontod.config import Settings
+from kontod.demo import rates_sandbox
 from kontod.jobs.snapshots import id_ranges
 
 # The timed passes write the days from here on, one each, all newer than the history.

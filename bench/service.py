@@ -34,7 +34,7 @@ import asyncpg
 from bench.job_process import memory_kib
 from bench.scale import DEFAULT_WORKERS, job_environment
 from bench.state import ROOT
-from kontod import rates_sandbox
+from kontod.demo import rates_sandbox
 
 ENDPOINTS = ("/metrics", "/health/cron")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

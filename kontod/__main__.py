@@ -1,3 +1,3 @@
-from kontod.cli import main
+from kontod.cli.main import main
 
 raise SystemExit(main())

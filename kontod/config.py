@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
-from kontod import schedule
+from kontod.scheduler import schedule
 
 DEFAULT_LISTEN = "127.0.0.1:8435"
 ECB_DAILY_URL = "https://www.ecb.europa.eu/stats/eurofxref/eurofxref-daily.xml"
@@ -93,7 +93,7 @@ class Settings:
     rate_max_age_days: int = 7
     fiat_rates_url: str = ECB_DAILY_URL
     crypto_prices_url: str = COINGECKO_SIMPLE_PRICE_URL
-    # symbol -> price API id, over the shipped map (kontod/rates.py)
+    # symbol -> price API id, over the shipped map (kontod/providers/rates.py)
     crypto_ids: Mapping[str, str] = field(default_factory=dict)
     # currency -> value of one unit in the base currency
     manual_rates: Mapping[str, Decimal] = field(default_factory=dict)
@@ -454,7 +454,7 @@ def _parse_manual_rates(raw: str) -> dict[str, Decimal]:
             amount = Decimal(value)
         except InvalidOperation:
             raise ValueError(what) from None
-        # The range every stored rate keeps to (kontod/rates.py).
+        # The range every stored rate keeps to (kontod/providers/rates.py).
         if not amount.is_finite() or not Decimal("1e-12") <= amount <= Decimal("1e12"):
             raise ValueError(what)
         out[key] = amount

@@ -22,17 +22,21 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from kontod import db, konto_schema, pings, schedule, suspicion, tokens
-from kontod.board import Board
+from kontod import db
 from kontod.config import Settings, redact_dsn
-from kontod.history import History
-from kontod.http import GUARD, GuardedSite, HttpLimits, build_app
-from kontod.job import JobSpec
 from kontod.jobs import declare_jobs
-from kontod.metrics import Metrics
-from kontod.retries import RetryPolicy
-from kontod.runner import Runner, utcnow
-from kontod.systemd import Notifier
+from kontod.konto import schema as konto_schema
+from kontod.konto import tokens
+from kontod.ops import pings, suspicion
+from kontod.ops.board import Board
+from kontod.ops.http import GUARD, GuardedSite, HttpLimits, build_app
+from kontod.ops.metrics import Metrics
+from kontod.ops.systemd import Notifier
+from kontod.scheduler import schedule
+from kontod.scheduler.contract import JobSpec
+from kontod.scheduler.history import History
+from kontod.scheduler.retries import RetryPolicy
+from kontod.scheduler.runner import Runner, utcnow
 
 log = structlog.get_logger("kontod.daemon")
 HTTP_SHUTDOWN_S = 2.0  # open requests get this long once kontod stops

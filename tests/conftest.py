@@ -11,7 +11,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from kontod.sandbox import Sandbox
+from kontod.demo.sandbox import Sandbox
 from tests import pg
 from tests.sandbox_helpers import Bank
 

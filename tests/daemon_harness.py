@@ -16,13 +16,13 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
-from kontod import schedule
 from kontod.config import Settings
 from kontod.daemon import Daemon
-from kontod.job import JobSpec
-from kontod.metrics import Metrics
-from kontod.runner import utcnow
-from kontod.systemd import Notifier
+from kontod.ops.metrics import Metrics
+from kontod.ops.systemd import Notifier
+from kontod.scheduler import schedule
+from kontod.scheduler.contract import JobSpec
+from kontod.scheduler.runner import utcnow
 from tests.helpers import quiet_schedule, wait_for
 
 TOKEN = "s3cret-admin-token"

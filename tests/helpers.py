@@ -14,9 +14,9 @@ from zoneinfo import ZoneInfo
 import asyncpg
 
 from kontod import db
-from kontod.job import JobBody, JobSpec, RunContext
-from kontod.retries import RetryPolicy
-from kontod.runner import Runner, utcnow
+from kontod.scheduler.contract import JobBody, JobSpec, RunContext
+from kontod.scheduler.retries import RetryPolicy
+from kontod.scheduler.runner import Runner, utcnow
 
 PARIS = ZoneInfo("Europe/Paris")
 

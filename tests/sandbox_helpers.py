@@ -11,8 +11,8 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
-from kontod.powens import Observer, PowensClient
-from kontod.sandbox import PowensUser, Sandbox, demo_accounts, token_for
+from kontod.demo.sandbox import PowensUser, Sandbox, demo_accounts, token_for
+from kontod.providers.powens import Observer, PowensClient
 
 
 @dataclass

@@ -9,10 +9,10 @@ import aiohttp
 import asyncpg
 
 from kontod.config import Settings
-from kontod.job import JobBody, JobSpec, RunContext
 from kontod.jobs import refresh, snapshots
-from kontod.powens import PowensClient
-from kontod.rates import crypto_map
+from kontod.providers.powens import PowensClient
+from kontod.providers.rates import crypto_map
+from kontod.scheduler.contract import JobBody, JobSpec, RunContext
 
 SNAPSHOTS = "daily-snapshots"
 REFRESH = "refresh-stale-connections"

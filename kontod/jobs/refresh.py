@@ -34,17 +34,18 @@ from typing import NamedTuple
 
 import asyncpg
 
-from kontod import konto_schema, tokens
-from kontod.classify import classify
-from kontod.job import ClaimLost, Connection, JobBody, RunContext, run_workers
-from kontod.konto_schema import KontoSchema
-from kontod.powens import (
+from kontod.konto import schema as konto_schema
+from kontod.konto import tokens
+from kontod.konto.classify import classify
+from kontod.konto.schema import KontoSchema
+from kontod.providers.powens import (
     PowensClient,
     ProviderAccount,
     ProviderConnection,
     ProviderError,
     ProviderTransaction,
 )
+from kontod.scheduler.contract import ClaimLost, Connection, JobBody, RunContext, run_workers
 
 COUNT_KEYS = (
     "users",

@@ -1,7 +1,7 @@
 """``daily-snapshots``: one wealth snapshot per user and category for the run's local date,
 in one currency, with one row per holding beside the category rows.
 
-At the start of a run the rate sources are asked once (kontod/rates.py). Then the users are
+At the start of a run the rate sources are asked once (kontod/providers/rates.py). Then the users are
 cut into ranges of ids of ``batch_size`` users each, and a few workers (``workers``, each on a
 connection of its own) take the ranges one after another. Each batch is one statement in one
 transaction, so the number of round trips grows with the number of batches, never with the
@@ -33,8 +33,8 @@ from zoneinfo import ZoneInfo
 import aiohttp
 import asyncpg
 
-from kontod import rates
-from kontod.job import Connection, JobBody, RunContext, run_workers
+from kontod.providers import rates
+from kontod.scheduler.contract import Connection, JobBody, RunContext, run_workers
 
 # How each column type is read or written. Only these fragments ever enter the statement.
 _VISIBLE = {

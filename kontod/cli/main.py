@@ -1,0 +1,346 @@
+"""The ``kontod`` command: run, migrate, jobs run/next/pause/resume, runs, status, history, demo.
+
+Exit status: 0 success, 1 failure (a failed run, an unhealthy report), 2 bad usage or a bad
+setting (and, for ``status``, an unreachable daemon).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import structlog
+
+from kontod import __version__, db
+from kontod.cli import commands
+from kontod.config import ConfigError, Settings, load_settings
+from kontod.jobs import REFRESH, SNAPSHOTS
+from kontod.konto import schema as konto_schema
+from kontod.konto import tokens
+from kontod.logs import configure, watch_loop
+from kontod.ops import suspicion
+from kontod.scheduler.runlist import STATUSES
+
+log = structlog.get_logger("kontod.cli")
+JOB_NAMES = (SNAPSHOTS, REFRESH)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kontod", description="Runs and watches Konto's scheduled jobs."
+    )
+    p.add_argument("--version", action="version", version=f"kontod {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", help="run the daemon (schedules, HTTP, metrics)")
+    sub.add_parser("migrate", help="apply the database migrations and exit")
+    jobs = sub.add_parser("jobs", help="work with one job")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    run_one = jobs_sub.add_parser("run", help="run one job now, in this process")
+    run_one.add_argument("name", help="daily-snapshots or refresh-stale-connections")
+    run_one.add_argument("--reason", help="why, recorded with the run")
+    upcoming = jobs_sub.add_parser("next", help="the next ticks of a job, local time and UTC")
+    upcoming.add_argument("name")
+    upcoming.add_argument("--count", type=int, default=10, help="how many (default 10)")
+    upcoming.add_argument(
+        "--from", dest="start", help="from this time instead of now (2026-03-28T12:00, local)"
+    )
+    pause = jobs_sub.add_parser("pause", help="skip the ticks of a job until it is resumed")
+    pause.add_argument("name")
+    pause.add_argument("--reason", required=True, help="why, shown to whoever looks next")
+    pause.add_argument(
+        "--until", help="when the pause ends by itself: 2026-03-02T08:00 (local), 2h, 1d"
+    )
+    resume = jobs_sub.add_parser("resume", help="end the pause of a job")
+    resume.add_argument("name")
+    runs_cmd = sub.add_parser("runs", help="the last runs of a job, from the database")
+    runs_cmd.add_argument("name")
+    runs_cmd.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    runs_cmd.add_argument("--status", choices=STATUSES, help="only runs with this status")
+    status = sub.add_parser("status", help="show the health of a running daemon")
+    status.add_argument("--url", help="base URL of the daemon (default: from KONTOD_LISTEN)")
+    history = sub.add_parser("history", help="snapshot rows per date, from the database")
+    history.add_argument("--days", type=int, default=7, help="how many days back (default 7)")
+    sub.add_parser("demo", help="demo data, a sandbox bank and the daemon, all local")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
+        return 2
+    configure(settings.log_format, settings.log_level)
+    try:
+        return asyncio.run(_dispatch(args, settings))
+    except (
+        db.EmbeddedUnavailable,
+        db.NoDatabase,
+        konto_schema.KontoSchemaError,
+        ConfigError,
+        tokens.WrongKey,
+    ) as exc:
+        print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    watch_loop(asyncio.get_running_loop())
+    if args.command == "run":
+        from kontod.daemon import serve
+
+        if settings.database_url is None and not settings.embedded:
+            # An embedded database holds none of the web app's users: a daemon started on one
+            # by mistake would snapshot nobody every night and look healthy.
+            print(f"kontod: {db.run_without_url(settings.state_dir)}", file=sys.stderr)
+            return 2
+        return await serve(settings)
+    if args.command == "migrate":
+        return await _migrate(settings)
+    if args.command == "jobs":
+        if args.name not in JOB_NAMES:
+            print(
+                f"kontod: no job named {args.name!r}; jobs: {', '.join(JOB_NAMES)}", file=sys.stderr
+            )
+            return 2
+        if args.jobs_command == "next":
+            return _next(settings, args.name, args.count, args.start)
+        if args.jobs_command in ("pause", "resume"):
+            return await _pause(settings, args)
+        return await _run_job(settings, args.name, args.reason)
+    if args.command == "runs":
+        return await _runs(settings, args.name, args.limit, args.status)
+    if args.command == "status":
+        return await asyncio.to_thread(_status, settings, args.url)
+    if args.command == "history":
+        return await _history(settings, args.days)
+    if args.command == "demo":
+        from kontod.demo.run import demo
+
+        return await demo(settings)
+    raise AssertionError(args.command)
+
+
+@asynccontextmanager
+async def _database(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """A migrated pool on the configured database, or on an embedded one that exists already
+    (the demo's, a ``KONTOD_EMBEDDED=1`` daemon's): a one-shot command never creates one."""
+    embedded = None
+    dsn = settings.database_url
+    if dsn is None:
+        embedded = db.EmbeddedPostgres(settings.state_dir, create=False)
+        if not embedded.exists():
+            raise db.NoDatabase(db.command_without_database(settings.state_dir))
+        log.info("database.embedded", data_dir=str(embedded.data_dir))
+        dsn = await embedded.start()
+    try:
+        pool = await db.create_pool(dsn, settings.instance, max_size=3 + settings.snapshot_workers)
+        try:
+            async with pool.acquire() as conn:
+                applied = await db.migrate(conn)
+                await konto_schema.load(conn)
+            if applied:
+                log.info("database.migrated", applied=applied)
+            yield pool
+        finally:
+            await pool.close()
+    finally:
+        if embedded is not None:
+            await embedded.stop()
+
+
+async def _migrate(settings: Settings) -> int:
+    async with _database(settings):
+        pass
+    return 0
+
+
+async def _run_job(settings: Settings, name: str, reason: str | None = None) -> int:
+    import aiohttp
+
+    from kontod.jobs import declare_jobs
+    from kontod.ops import pings
+    from kontod.scheduler import pauses
+    from kontod.scheduler.runner import Runner, Skipped, utcnow
+
+    async with _database(settings) as pool, aiohttp.ClientSession() as http:
+        jobs = declare_jobs(settings, pool, http)
+        names = [spec.name for spec in jobs]
+        runner = Runner(pool, jobs, settings.tz, settings.instance, lease_s=settings.lease_seconds)
+        follow = commands.Follow()
+        pinger = pings.Pinger(
+            http, pings.ping_urls(names, settings.ping_urls, settings.ping_base_url)
+        )
+        runner.observers += [follow, pinger]
+        await runner.prepare()
+        held = await pauses.current(pool, name, utcnow())
+        if held is not None:
+            print(
+                commands.visible(
+                    f"note: {name} is paused by {held.by} ({held.reason}); running it anyway"
+                ),
+                file=sys.stderr,
+            )
+        try:
+            outcome = await runner.trigger(
+                name, "manual", requested_by=commands.requester(), reason=reason
+            )
+            if isinstance(outcome, Skipped):
+                print(f"kontod: {name} is already running", file=sys.stderr)
+                return 1
+            await commands.show_progress(follow, outcome.task, sys.stdout, utcnow)
+            status = await outcome.task
+        finally:
+            await runner.stop(settings.shutdown_timeout)
+            await pinger.drain(pings.DRAIN_S)
+        note = ""
+        if status == "success":
+            limits = suspicion.from_settings(names, settings.suspicious)
+            verdict = (await suspicion.latest(pool, limits)).get(name)
+            if verdict is not None and verdict.suspicious and verdict.run_id == outcome.run_id:
+                note = f" (suspicious: {verdict.reason})"
+        print(f"{name}: run {outcome.run_id} {status}{note}")
+        return 0 if status == "success" else 1
+
+
+async def _runs(settings: Settings, name: str, limit: int, status: str | None) -> int:
+    from kontod.scheduler.runner import utcnow
+
+    if name not in JOB_NAMES:
+        print(f"kontod: no job named {name!r}; jobs: {', '.join(JOB_NAMES)}", file=sys.stderr)
+        return 2
+    if not 1 <= limit <= 1000:
+        print("kontod: --limit must be from 1 to 1000", file=sys.stderr)
+        return 2
+    async with _database(settings) as pool:
+        await commands.print_runs(pool, name, limit, status, settings.tz, utcnow())
+    return 0
+
+
+def _next(settings: Settings, name: str, count: int, start: str | None) -> int:
+    from kontod.scheduler.runner import utcnow
+
+    if not 1 <= count <= 1000:
+        print("kontod: --count must be from 1 to 1000", file=sys.stderr)
+        return 2
+    now = utcnow()
+    if start is not None:
+        try:
+            now = commands.parse_time(start, settings.tz)
+        except ValueError as exc:
+            print(commands.visible(f"kontod: --from {exc}"), file=sys.stderr)
+            return 2
+    expr = {SNAPSHOTS: settings.snapshot_schedule, REFRESH: settings.refresh_schedule}[name]
+    commands.print_next(name, expr, settings.tz, now, count)
+    return 0
+
+
+async def _pause(settings: Settings, args: argparse.Namespace) -> int:
+    from kontod.scheduler import pauses
+    from kontod.scheduler.runner import utcnow
+
+    now = utcnow()
+    until = None
+    if args.jobs_command == "pause" and args.until:
+        try:
+            until = commands.parse_until(args.until, settings.tz, now)
+        except ValueError as exc:
+            print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
+            return 2
+    async with _database(settings) as pool:
+        if args.jobs_command == "resume":
+            await commands.resume_job(pool, args.name, now)
+            return 0
+        try:
+            await commands.pause_job(pool, args.name, args.reason, until, settings.tz, now)
+        except ValueError as exc:
+            print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
+            return 2
+        except pauses.AlreadyPaused as exc:
+            print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
+            return 1
+    return 0
+
+
+def _status(settings: Settings, url: str | None) -> int:
+    base = (url or f"http://{settings.listen}").rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{base}/health/cron", timeout=10) as resp:  # noqa: S310
+            report: dict[str, Any] = json.load(resp)
+    except urllib.error.HTTPError as exc:
+        if exc.code != 503:
+            print(
+                commands.visible(f"kontod: {base}/health/cron answered HTTP {exc.code}"),
+                file=sys.stderr,
+            )
+            return 2
+        report = json.load(exc)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(
+            commands.visible(f"kontod: cannot reach {base}/health/cron: {reason}"), file=sys.stderr
+        )
+        return 2
+    # What a daemon answers is data too: escaped before it reaches the terminal.
+    rows: list[tuple[str, ...]] = [("JOB", "LAST STATUS", "LAST RUN", "NEXT RUN", "HEALTHY")]
+    for job in report["jobs"]:
+        cells = (
+            job["name"],
+            job["lastStatus"],
+            job["lastRun"] or "-",
+            job.get("nextRun") or "-",
+            _health_cell(job),
+        )
+        rows.append(tuple(commands.visible(str(cell)) for cell in cells))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r[:4])) + "  " + r[4])
+    print(commands.visible(f"overall: {report['status']}"))
+    return 0 if report["status"] == "healthy" else 1
+
+
+def _health_cell(job: dict[str, Any]) -> str:
+    if not job["healthy"]:
+        return f"NO: {job.get('reason') or ''}".strip()
+    if job.get("paused"):
+        return f"yes, paused by {job.get('pausedBy')}: {job.get('pausedReason')}"
+    if job.get("suspicious"):
+        return f"yes, but suspicious: {job.get('suspiciousReason')}"
+    return "yes"
+
+
+async def _history(settings: Settings, days: int) -> int:
+    if days < 1:
+        print("kontod: --days must be at least 1", file=sys.stderr)
+        return 2
+    async with _database(settings) as pool:
+        # date::date and ::numeric read Konto's web app's text dates and float money too.
+        rows = await pool.fetch(
+            """SELECT date::date AS day, count(*) AS snapshot_rows,
+                      count(DISTINCT user_id) AS users,
+                      sum(total_value::numeric) FILTER (WHERE category = 'total') AS total
+                 FROM patrimoine_snapshots
+                WHERE date::date > (now() AT TIME ZONE $2)::date - $1::int
+                GROUP BY 1 ORDER BY 1 DESC""",
+            days,
+            settings.timezone,
+        )
+    # The sum of the users' totals, in the base currency the snapshots are written in.
+    print(f"{'DATE':<12}{'ROWS':>8}{'USERS':>8}{'TOTAL ' + settings.base_currency:>20}")
+    for r in rows:
+        total = f"{r['total'] or 0:,.2f}"
+        print(f"{r['day'].isoformat():<12}{r['snapshot_rows']:>8}{r['users']:>8}{total:>20}")
+    if not rows:
+        print(f"(no snapshot in the last {days} days)")
+    return 0

@@ -1,0 +1,179 @@
+"""``kontod demo``: an embedded database with demo users, a sandbox bank, and the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import shlex
+import signal
+import sys
+from datetime import date, timedelta
+
+import asyncpg
+import structlog
+
+from kontod.config import Settings
+from kontod.daemon import Daemon
+from kontod.demo import rates_sandbox, sandbox
+from kontod.konto import tokens
+from kontod.scheduler.runner import Skipped
+
+log = structlog.get_logger("kontod.demo")
+
+# Three users: one with accounts and assets, one with a Powens connection, one owning nothing.
+DEMO_SQL = """
+INSERT INTO users (id, email, name) VALUES
+    (1, 'alice@example.org', 'Alice'), (2, 'bruno@example.org', 'Bruno'),
+    (3, 'chloe@example.org', 'Chloé');
+INSERT INTO bank_accounts (user_id, provider, provider_account_id, name, balance, hidden, type)
+VALUES
+    (1, NULL, NULL, 'Compte courant', 2450.37, false, 'checking'),
+    (1, NULL, NULL, 'Livret A', 12000.00, false, 'savings'),
+    (1, NULL, NULL, 'Ancien compte', 999.99, true, 'checking'),
+    (1, NULL, NULL, 'Prêt immo', -145000.00, false, 'loan'),
+    (2, 'powens', '1001', 'Compte chèques', 0, false, NULL),
+    (2, 'powens', '1002', 'LDDS', 0, false, NULL),
+    (2, 'powens', '1003', 'PEA', 0, false, NULL);
+INSERT INTO bank_accounts (user_id, provider, name, balance, type, subtype, currency) VALUES
+    (1, 'blockchain', 'Ledger BTC', 0.35, 'investment', 'crypto', 'BTC'),
+    (1, NULL, 'Chase checking (USD)', 1520.40, 'checking', NULL, 'USD');
+INSERT INTO assets (user_id, type, name, purchase_price, current_value) VALUES
+    (1, 'real_estate', 'Appartement', 210000.00, 248500.00),
+    (1, 'vehicle', 'Voiture', 18000.00, NULL),
+    (2, 'valuable', 'Montre', NULL, NULL);
+SELECT setval(pg_get_serial_sequence('users', 'id'), 3);
+"""
+
+
+# The demo's token encryption key, used when no KONTOD_DB_ENCRYPTION_KEY is set: public, so
+# that the demo database looks like the web app's (tokens stored encrypted).
+DEMO_KEY = bytes.fromhex("6b6f6e746f642064656d6f206b6579" + "00" * 17)
+
+
+async def seed(pool: asyncpg.Pool, key: bytes = DEMO_KEY) -> bool:
+    """Insert the demo data into an empty database; False when users already exist."""
+    async with pool.acquire() as conn, conn.transaction():
+        if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM users)"):
+            return False
+        await conn.execute(DEMO_SQL)
+        await conn.execute(
+            """INSERT INTO bank_connections (user_id, powens_connection_id, powens_token, status)
+               VALUES (2, '2', $1, 'active')""",
+            tokens.encrypt(sandbox.token_for(2), key),
+        )
+    return True
+
+
+def demo_env(settings: Settings) -> str:
+    """The settings another ``kontod`` command needs to open the demo's database and sandboxes.
+
+    The demo keeps its embedded database apart from the default one (in
+    ``KONTOD_STATE_DIR/demo``), so the other commands need to be told where it is.
+    """
+    parts = []
+    if settings.database_url is None:
+        parts.append(f"KONTOD_STATE_DIR={shlex.quote(str(settings.state_dir))}")
+    if settings.powens_url is not None:
+        parts.append(f"KONTOD_POWENS_URL={shlex.quote(settings.powens_url)}")
+    parts.append(f"KONTOD_FIAT_RATES_URL={shlex.quote(settings.fiat_rates_url)}")
+    parts.append(f"KONTOD_CRYPTO_PRICES_URL={shlex.quote(settings.crypto_prices_url)}")
+    if settings.db_encryption_key == DEMO_KEY:
+        # The demo's own key is public; a key of the user's own is a secret and never printed.
+        parts.append(f"KONTOD_DB_ENCRYPTION_KEY={DEMO_KEY.hex()}")
+    return " ".join(parts)
+
+
+async def converted_summary(pool: asyncpg.Pool, base: str) -> str:
+    """Alice's newest snapshot: her holdings in other currencies as converted, and her total."""
+    rows = await pool.fetch(
+        """SELECT h.name, h.amount, h.currency, h.value, t.total_value
+             FROM holding_snapshots h
+             JOIN patrimoine_snapshots t
+               ON t.user_id = h.user_id AND t.date = h.date AND t.category = 'total'
+            WHERE h.user_id = 1 AND h.currency IS DISTINCT FROM $1 AND h.kind = 'account'
+              AND h.date = (SELECT max(date) FROM holding_snapshots WHERE user_id = 1)
+            ORDER BY h.name""",
+        base,
+    )
+    if not rows:
+        return "\nno converted holding yet (see the daily-snapshots run's counts)"
+    lines = [f"\nAlice's snapshot, in {base}:"]
+    for r in rows:
+        lines.append(f"  {r['name']}: {r['amount']} {r['currency']} = {r['value']:,.2f} {base}")
+    lines.append(f"  total: {rows[0]['total_value']:,.2f} {base}")
+    return "\n".join(lines)
+
+
+async def demo(settings: Settings) -> int:
+    """Run the demo until Ctrl-C."""
+
+    key = settings.db_encryption_key or DEMO_KEY
+    demo_settings = dataclasses.replace(
+        settings,
+        database_url=settings.database_url,
+        state_dir=settings.state_dir / "demo",
+        db_encryption_key=key,
+        embedded=True,  # the demo's own database, created at its first start
+    )
+
+    async def seed_once(pool: asyncpg.Pool) -> None:
+        if await seed(pool, key):
+            log.info("demo.seeded", users=3)
+
+    # The rate sources' sandbox serves yesterday's reference rates, as the ECB would at 02:00.
+    rate_sources = rates_sandbox.RateSandbox(ecb_day=date.today() - timedelta(days=1))
+    async with sandbox.serve() as bank_url, rate_sources.serve() as rates_root:
+        fiat_url, crypto_url = rates_sandbox.urls(rates_root)
+        demo_settings = dataclasses.replace(
+            demo_settings,
+            powens_url=bank_url,
+            fiat_rates_url=fiat_url,
+            crypto_prices_url=crypto_url,
+        )
+        daemon = Daemon(demo_settings, on_migrated=seed_once)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await daemon.start()
+        try:
+            assert daemon.runner is not None
+            # Show every job at work now rather than at its next tick.
+            started = []
+            for name in daemon.runner.jobs:
+                task = daemon.runner.active(name)
+                if task is None:
+                    outcome = await daemon.runner.trigger(
+                        name, "manual", requested_by="demo", reason="kontod demo start"
+                    )
+                    task = None if isinstance(outcome, Skipped) else outcome.task
+                if task is not None:
+                    started.append(task)
+            await asyncio.gather(*started)
+            assert daemon.pool is not None
+            print(await converted_summary(daemon.pool, settings.base_currency), file=sys.stderr)
+            base = f"http://{demo_settings.listen_host}:{daemon.port}"
+            env = demo_env(demo_settings)
+            print(
+                "\nkontod demo is running; open:\n"
+                f"  {base}/\n"
+                f"  {base}/health/cron\n"
+                f"  {base}/metrics\n"
+                f"  {base}/jobs/daily-snapshots/runs\n"
+                f"  {base}/jobs/refresh-stale-connections/runs\n"
+                f"sandbox bank: {bank_url}\n"
+                f"sandbox rates: {fiat_url}\n               {crypto_url}\n"
+                "and try, in another terminal (the demo's database and sandboxes):\n"
+                f"  export {env}\n"
+                "  kontod history\n"
+                "  kontod runs daily-snapshots\n"
+                "  kontod jobs run daily-snapshots\n"
+                "  kontod jobs pause refresh-stale-connections --reason 'bank maintenance' --until 2h\n"
+                "Ctrl-C stops it.\n",
+                file=sys.stderr,
+                flush=True,
+            )
+            await stop.wait()
+        finally:
+            await daemon.stop()
+    return 0

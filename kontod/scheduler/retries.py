@@ -1,0 +1,71 @@
+"""What a tick needs next: its first run, a takeover, a retry, or nothing (pure functions).
+
+A tick is tried until one attempt succeeds, while it is the job's newest tick and inside the
+job's catch-up window. An attempt that was ``interrupted`` (its owner stopped or lost its
+lease) is taken over at once; one that ended ``error`` or ``timeout`` is retried after a delay
+that doubles with each attempt. Takeovers and retries together are bounded by ``retries``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from kontod.scheduler.runs import TickState
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    retries: int = 3  # attempts after the first one
+    delay: timedelta = timedelta(minutes=5)  # before the first retry; doubles each time
+
+
+@dataclass(frozen=True)
+class Planned:
+    """The next attempt at a tick and when it is due."""
+
+    tick: datetime
+    attempt: int
+    trigger: str  # "schedule", "catchup", "takeover" or "retry"
+    due: datetime
+
+
+def next_attempt(
+    state: TickState | None,
+    tick: datetime,
+    now: datetime,
+    window: timedelta,
+    policy: RetryPolicy,
+    *,
+    on_time: bool = False,
+) -> Planned | None:
+    """The attempt ``tick`` needs next given its newest attempt ``state``, or None.
+
+    ``on_time``: the caller waited for this tick and it has just come (trigger ``schedule``,
+    whatever the window); otherwise a tick without a run is made up (``catchup``).
+    """
+    if state is None and on_time:
+        return Planned(tick, 1, "schedule", tick)
+    if now - tick > window:
+        return None
+    if state is None:
+        return Planned(tick, 1, "catchup", tick)
+    if state.status in ("running", "success") or state.attempt > policy.retries:
+        return None
+    if state.status == "interrupted":
+        return Planned(tick, state.attempt + 1, "takeover", now)
+    ended = state.finished_at or now
+    due = ended + policy.delay * 2 ** (state.attempt - 1)
+    if due - tick > window:
+        return None
+    return Planned(tick, state.attempt + 1, "retry", due)
+
+
+def next_retry(
+    state: TickState | None, now: datetime, window: timedelta, policy: RetryPolicy
+) -> datetime | None:
+    """When the newest tick's failed attempt is due to be run again, if it will be."""
+    if state is None:
+        return None
+    planned = next_attempt(state, state.tick, now, window, policy)
+    return planned.due if planned is not None else None

@@ -1,0 +1,94 @@
+"""Runs read back for people: the table of ``kontod runs`` and the bars of the status page.
+
+Unlike the runner's history cache, these rows carry who asked for a manual run and why.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from kontod.scheduler.runs import RunRecord
+
+Executor = asyncpg.Connection | asyncpg.Pool
+STATUSES = ("running", "success", "error", "timeout", "interrupted")
+COLUMNS = """id, job, trigger, scheduled_for, attempt, started_at, finished_at, status, error,
+             counts, instance, requested_by, request_reason"""
+
+
+@dataclass(frozen=True)
+class Run(RunRecord):
+    """A run with who asked for it and why (manual runs)."""
+
+    requested_by: str | None = None
+    reason: str | None = None
+
+    def duration_s(self, now: datetime) -> float:
+        """How long it ran (so far, for a run still going)."""
+        return ((self.finished_at or now) - self.started_at).total_seconds()
+
+
+async def runs_of(db: Executor, job: str, limit: int, status: str | None = None) -> list[Run]:
+    """The newest runs of ``job``, newest first, optionally only those with ``status``."""
+    rows = await db.fetch(
+        f"""SELECT {COLUMNS} FROM kontod_runs
+             WHERE job = $1 AND ($3::text IS NULL OR status = $3)
+             ORDER BY started_at DESC, id DESC LIMIT $2""",
+        job,
+        limit,
+        status,
+    )
+    return [_run(r) for r in rows]
+
+
+async def recent(db: Executor, jobs: Iterable[str], limit: int) -> dict[str, list[Run]]:
+    """The newest ``limit`` runs of every job, newest first, in one statement."""
+    rows = await db.fetch(
+        f"""SELECT r.* FROM unnest($1::text[]) AS j(name)
+              CROSS JOIN LATERAL (
+                    SELECT {COLUMNS} FROM kontod_runs WHERE job = j.name
+                     ORDER BY started_at DESC, id DESC LIMIT $2) r""",
+        list(jobs),
+        limit,
+    )
+    out: dict[str, list[Run]] = {}
+    for r in rows:
+        out.setdefault(r["job"], []).append(_run(r))
+    return out
+
+
+async def record_request(db: Executor, run_id: int, by: str, reason: str | None) -> None:
+    """Remember who asked for a manual run, and why."""
+    await db.execute(
+        "UPDATE kontod_runs SET requested_by = $2, request_reason = $3 WHERE id = $1",
+        run_id,
+        by,
+        reason,
+    )
+
+
+_PLAIN = (
+    "id",
+    "job",
+    "trigger",
+    "scheduled_for",
+    "attempt",
+    "started_at",
+    "finished_at",
+    "status",
+    "error",
+    "instance",
+)
+
+
+def _run(r: Any) -> Run:
+    raw = r["counts"]
+    data = json.loads(raw) if isinstance(raw, str) else (raw or {})
+    counts = {str(k): int(v) for k, v in data.items()}
+    plain = {key: r[key] for key in _PLAIN}
+    return Run(**plain, counts=counts, requested_by=r["requested_by"], reason=r["request_reason"])

@@ -1,0 +1,150 @@
+"""The shipped systemd unit: accepted by systemd-analyze, hardened to an exposure of at most 2.0,
+and in step with kontod's own settings."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from kontod.config import Settings
+from tests.programs import kontod_script, require_program
+
+ROOT = Path(__file__).resolve().parents[2]
+UNIT = ROOT / "deploy" / "systemd" / "kontod.service"
+ENV_EXAMPLE = ROOT / "deploy" / "systemd" / "kontod.env.example"
+MAX_EXPOSURE = 2.0
+
+
+def directives(unit_text: str) -> dict[str, dict[str, list[str]]]:
+    """section -> key -> values, keeping repeated keys (systemd allows them)."""
+    found: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    section = ""
+    for line in unit_text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        found[section][key.strip()].append(value.strip())
+    return found
+
+
+def seconds(span: str) -> float:
+    """A systemd time span made of the units this unit uses (45s, 3min, 1min 30s)."""
+    units = {"s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600}
+    total = 0.0
+    for number, unit in re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", span):
+        total += float(number) * units[unit or "s"]
+    return total
+
+
+@pytest.fixture(scope="module")
+def unit() -> dict[str, dict[str, list[str]]]:
+    return directives(UNIT.read_text())
+
+
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = require_program("systemd-analyze", "systemd")
+    # verify insists that ExecStart= exists: point it at this environment's kontod instead
+    # of /opt/kontod, keeping the rest of the unit as shipped.
+    original = "ExecStart=/opt/kontod/bin/kontod run"
+    text = UNIT.read_text()
+    assert text.count(original) == 1, f"{UNIT} should contain exactly one {original!r}"
+    copy = tmp_path / "kontod.service"
+    copy.write_text(text.replace(original, f"ExecStart={kontod_script()} run"))
+
+    done = subprocess.run(
+        [analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60, check=False
+    )
+
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    # verify also reports on units of the host that ours pulls in; only ours must be clean.
+    assert "kontod.service" not in output, output
+
+
+def test_exposure_is_at_most_2(tmp_path: Path) -> None:
+    analyze = require_program("systemd-analyze", "systemd")
+
+    done = subprocess.run(
+        [analyze, "security", "--offline=yes", "--threshold=20", str(UNIT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    m = re.search(r"Overall exposure level for kontod\.service: (\d+\.\d+)", output)
+    assert m, f"no exposure score in the output of systemd-analyze security:\n{output}"
+    assert float(m.group(1)) <= MAX_EXPOSURE, output
+
+
+def test_notify_watchdog_and_restart(unit: dict[str, dict[str, list[str]]]) -> None:
+    service = unit["Service"]
+    assert service["Type"] == ["notify"]
+    assert service["NotifyAccess"] == ["main"]
+    assert service["Restart"] == ["on-failure"]
+    assert seconds(service["WatchdogSec"][0]) > 0
+
+
+def test_stop_timeout_outlasts_kontods_own(unit: dict[str, dict[str, list[str]]]) -> None:
+    stop_after = seconds(unit["Service"]["TimeoutStopSec"][0])
+    # kontod must get to stop its embedded PostgreSQL after waiting for the running job.
+    assert stop_after >= Settings().shutdown_timeout + 10
+
+
+def test_credentials_are_the_ones_kontod_reads(unit: dict[str, dict[str, list[str]]]) -> None:
+    from kontod.config import _CREDENTIALS  # the names config.py looks for
+
+    loaded = {value.split(":", 1)[0] for value in unit["Service"]["LoadCredential"]}
+    assert loaded == set(_CREDENTIALS.values())
+    for value in unit["Service"]["LoadCredential"]:
+        source = value.split(":", 1)[1]
+        # An absolute path would make a missing secret fail the start; the embedded database
+        # mode needs none.
+        assert not source.startswith("/"), value
+
+
+def test_env_example_lists_every_setting() -> None:
+    config_source = (ROOT / "kontod" / "config.py").read_text()
+    settings = set(re.findall(r'"(KONTOD_[A-Z_]+)"', config_source))
+    example = ENV_EXAMPLE.read_text()
+    listed = set(re.findall(r"^#?\s*(KONTOD_[A-Z_]+)=", example, flags=re.MULTILINE))
+
+    # A name ending in "_" is the prefix of per-job settings (KONTOD_PING_URL_<JOB>): the
+    # example shows it with a job's name.
+    prefixes = {name for name in settings if name.endswith("_")}
+    settings -= prefixes
+    for prefix in prefixes:
+        shown = {name for name in listed if name.startswith(prefix)}
+        assert shown, f"{prefix}<JOB> missing from {ENV_EXAMPLE.name}"
+        listed -= shown
+
+    assert settings, "no KONTOD_* names found in kontod/config.py"
+    assert settings - listed == set(), f"missing from {ENV_EXAMPLE.name}"
+    assert listed - settings == set(), f"{ENV_EXAMPLE.name} lists settings kontod does not read"
+
+
+def size(text: str) -> int:
+    """A systemd byte size (512M, 1G) in bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
+def test_files_memory_and_tasks_are_bounded(unit: dict[str, dict[str, list[str]]]) -> None:
+    service = unit["Service"]
+    # kontod keeps its HTTP connections to half the file limit: the default cap must fit.
+    [nofile] = service["LimitNOFILE"]
+    assert int(nofile) >= 2 * Settings().http_max_connections
+    [high], [hard] = service["MemoryHigh"], service["MemoryMax"]
+    assert 150 << 20 < size(high) < size(hard)
+    [tasks] = service["TasksMax"]
+    assert int(tasks) > 100 + 32  # PostgreSQL's sessions and kontod's thread pool
