@@ -18,6 +18,10 @@ from typing import Any
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+# One connection, taken from a pool or not; and anything that runs a statement.
+Connection = asyncpg.Connection | PoolConnectionProxy
+Executor = asyncpg.Connection | asyncpg.Pool | PoolConnectionProxy
+
 # Any fixed 64-bit number works; this one spells "kontod" in ASCII.
 MIGRATION_LOCK = 0x6B6F6E746F64
 

@@ -17,12 +17,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
-
 from kontod.config import ConfigError
+from kontod.db import Executor
 
 HISTORY = 20
-Executor = asyncpg.Connection | asyncpg.Pool
 # Per job, the count of the items it found to work on. daily-snapshots takes every user: a run
 # that finds none, or far fewer than the last time, reads the wrong or an emptied database.
 POPULATIONS = {"daily-snapshots": "users"}

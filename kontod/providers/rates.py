@@ -29,12 +29,10 @@ from urllib.parse import urlsplit
 import aiohttp
 import asyncpg
 import structlog
-from asyncpg.pool import PoolConnectionProxy
 
+from kontod.db import Connection
 from kontod.providers.answers import RATES_MAX_BODY, BodyTooLarge, loads, read_body
 from kontod.providers.backoff import Backoff, BackoffOptions, Transient, transient_status
-
-Connection = asyncpg.Connection | PoolConnectionProxy
 
 ECB = "ecb"
 CRYPTO = "crypto"
@@ -128,7 +126,7 @@ class RateReport:
     stored: int = 0
 
 
-def classify(
+def split_sources(
     currencies: Iterable[str], base: str, crypto_ids: Mapping[str, str]
 ) -> tuple[list[str], list[str]]:
     """(fiat currencies to ask the ECB for, crypto symbols to ask the price API for).
@@ -352,7 +350,7 @@ async def update(
     async with pool.acquire() as conn:
         used = [cur for cur in await currencies_in_use(conn) if cur != base]
         last = await last_rates(conn, base, used, day)
-    fiat, crypto = classify((cur for cur in used if cur not in manual), base, crypto_ids)
+    fiat, crypto = split_sources((cur for cur in used if cur not in manual), base, crypto_ids)
     quotes: list[Quote] = []
     fetched: set[str] = set()
     if sources is not None:

@@ -9,11 +9,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-import asyncpg
 import structlog
-from asyncpg.pool import PoolConnectionProxy
 
-Connection = asyncpg.Connection | PoolConnectionProxy
+from kontod.db import Connection as Connection  # the jobs take it from their contract
 
 
 class ClaimLost(Exception):
@@ -83,10 +81,6 @@ async def run_workers(work: Callable[[], Coroutine[Any, Any, None]], count: int,
     except ExceptionGroup as errors:
         lost = [e for e in errors.exceptions if isinstance(e, ClaimLost)]
         raise (lost or errors.exceptions)[0] from None
-
-
-class JobNotConfigured(Exception):
-    """Raised at declaration time by a job that has nothing to do in this setup (with why)."""
 
 
 @dataclass(frozen=True)

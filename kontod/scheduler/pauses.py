@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-Executor = asyncpg.Connection | asyncpg.Pool
+from kontod.db import Executor
 
 CACHE_S = 2.0
 # A pause ends before this: later instants cannot be shown in every zone (Python stops at

@@ -11,11 +11,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import asyncpg
-
+from kontod.db import Executor
 from kontod.scheduler.runs import RunRecord
 
-Executor = asyncpg.Connection | asyncpg.Pool
 STATUSES = ("running", "success", "error", "timeout", "interrupted")
 COLUMNS = """id, job, trigger, scheduled_for, attempt, started_at, finished_at, status, error,
              counts, instance, requested_by, request_reason"""

@@ -14,12 +14,9 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
-import asyncpg
-from asyncpg.pool import PoolConnectionProxy
+from kontod.db import Executor
 
 FAILED_STATUSES = ("error", "timeout", "interrupted")
-
-Executor = asyncpg.Connection | asyncpg.Pool | PoolConnectionProxy
 
 
 @dataclass(frozen=True)

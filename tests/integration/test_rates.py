@@ -508,7 +508,9 @@ def test_cross_rates_and_classification() -> None:
         ("EUR", Decimal(1), Decimal("0.93")),
     ]
     assert rates.fiat_quotes(days, "GBP", ["USD"]) == []  # the file has no GBP
-    fiat, crypto = rates.classify(["EUR", "USD", "BTC", "XYZW", "CHF"], "CHF", {"BTC": "bitcoin"})
+    fiat, crypto = rates.split_sources(
+        ["EUR", "USD", "BTC", "XYZW", "CHF"], "CHF", {"BTC": "bitcoin"}
+    )
     assert (fiat, crypto) == (["EUR", "USD"], ["BTC"])
 
 
