@@ -479,6 +479,16 @@ class Event:
     name: str
     fields: dict[str, object]
 
+    @classmethod
+    def info(cls, name: str, /, **fields: object) -> Event:
+        """An info line, written as the log call it stands for."""
+        return cls("info", name, fields)
+
+    @classmethod
+    def warning(cls, name: str, /, **fields: object) -> Event:
+        """A warning line, written as the log call it stands for."""
+        return cls("warning", name, fields)
+
 
 class AccountRow(NamedTuple):
     """One bank_accounts row to update, values in the columns' own types."""
@@ -572,10 +582,8 @@ def connections_to_ask(
 def triage(user: StaleUser) -> Triage:
     """Held connections are counted and logged; a user with nothing to call is skipped."""
     events = [
-        Event(
-            "info",
-            "refresh.connection_held",
-            {"user_id": user.user_id, "connection_id": c.id, "until": c.held_until},
+        Event.info(
+            "refresh.connection_held", user_id=user.user_id, connection_id=c.id, until=c.held_until
         )
         for c in user.held
     ]
@@ -584,14 +592,11 @@ def triage(user: StaleUser) -> Triage:
         return Triage(False, _nonzero(counts), tuple(events))
     counts["items_skipped"] = 1
     events.append(
-        Event(
-            "info",
+        Event.info(
             "refresh.user_skipped",
-            {
-                "user_id": user.user_id,
-                "reason": "connections_held" if user.held else "no_active_connection",
-                "stale_accounts": user.stale_accounts,
-            },
+            user_id=user.user_id,
+            reason="connections_held" if user.held else "no_active_connection",
+            stale_accounts=user.stale_accounts,
         )
     )
     return Triage(True, _nonzero(counts), tuple(events))
@@ -656,16 +661,13 @@ def _plan_connection(
                     # Nothing of the account is written: it stays stale, asked again.
                     counts["accounts_invalid"] += 1
                     events.append(
-                        Event(
-                            "warning",
+                        Event.warning(
                             "refresh.account_invalid",
-                            {
-                                "user_id": user.user_id,
-                                "connection_id": f.connection.id,
-                                "account_id": account.id,
-                                "provider_account_id": remote.id,
-                                "balance": str(remote.balance)[:40],
-                            },
+                            user_id=user.user_id,
+                            connection_id=f.connection.id,
+                            account_id=account.id,
+                            provider_account_id=remote.id,
+                            balance=str(remote.balance)[:40],
                         )
                     )
                     continue
@@ -684,16 +686,13 @@ def _plan_connection(
                 if not plausible_amount(amount):
                     counts["transactions_invalid"] += 1
                     events.append(
-                        Event(
-                            "warning",
+                        Event.warning(
                             "refresh.transaction_invalid",
-                            {
-                                "user_id": user.user_id,
-                                "connection_id": f.connection.id,
-                                "account_id": account.id,
-                                "transaction_id": tx.id,
-                                "amount": str(tx.amount)[:40],
-                            },
+                            user_id=user.user_id,
+                            connection_id=f.connection.id,
+                            account_id=account.id,
+                            transaction_id=tx.id,
+                            amount=str(tx.amount)[:40],
                         )
                     )
                     continue
