@@ -21,16 +21,22 @@ Powens user and token each), at most ``concurrency`` users at a time:
 
 Konto's columns are written with values of their own types (see ``kontod.konto_schema``); what
 kontod needs to remember lives in ``kontod_connections`` and ``kontod_accounts``.
+
+The module reads top to bottom as the job runs: ``statements`` (the SQL, one attribute per
+statement), the pure core (``connections_to_ask``, ``triage``, ``transactions_wanted``,
+``plan``: every decision as plain data, with neither database nor HTTP), and the shell
+(``_Refresh``) that reads, fetches, plans, and applies each user's plan in one fenced
+transaction, adding the counts the database's answers give.
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import asyncpg
 
@@ -145,22 +151,38 @@ def _stale_filter(schema: KontoSchema) -> str:
        AND ({last_sync} IS NULL OR {last_sync} < $1)"""
 
 
-def _sql(schema: KontoSchema) -> dict[str, str]:
+@dataclass(frozen=True)
+class Statements:
+    """The job's SQL, one attribute per statement, so that a misspelt name fails mypy."""
+
+    stale_users: str
+    connections: str
+    accounts: str
+    update_accounts: str
+    upsert_transactions: str
+    delete_transactions: str
+    upsert_kontod_accounts: str
+    record_connections: str
+    stale_reasons: str
+    connection_states: str
+
+
+def statements(schema: KontoSchema) -> Statements:
     """The job's statements, with each Konto column's own type in its casts."""
     c = schema.cast
     stale = _stale_filter(schema)
     last_sync = schema.timestamptz("bank_accounts", "last_sync", "a")
-    return {
+    return Statements(
         # Users owning a stale account, and the connections their stale accounts were last
         # seen through (NULL: not known yet, so every active connection of the user is asked).
-        "stale_users": f"""
+        stale_users=f"""
 SELECT a.user_id::bigint AS user_id, count(*) AS stale,
        array_agg(DISTINCT k.connection_id) FILTER (WHERE k.connection_id IS NOT NULL) AS known,
        bool_or(k.connection_id IS NULL) AS unknown
   FROM bank_accounts a LEFT JOIN kontod_accounts k ON k.bank_account_id = a.id
  WHERE {stale}
  GROUP BY a.user_id ORDER BY a.user_id""",
-        "connections": """
+        connections="""
 SELECT c.id::bigint AS id, c.user_id::bigint AS user_id,
        c.powens_connection_id::text AS powens_id, c.powens_token::text AS stored,
        f.fingerprint, h.until::text AS held_until,
@@ -180,7 +202,7 @@ SELECT c.id::bigint AS id, c.user_id::bigint AS user_id,
                                   ELSE k.held_until END AS until) h
  WHERE c.user_id = ANY($1::bigint[]) AND c.status = 'active'
  ORDER BY c.user_id, c.id""",
-        "accounts": """
+        accounts="""
 SELECT a.id::bigint AS id, a.user_id::bigint AS user_id,
        a.provider_account_id::text AS provider_id, a.name::text AS name,
        a.company_id IS NOT NULL AS company, k.powens_last_update,
@@ -188,7 +210,7 @@ SELECT a.id::bigint AS id, a.user_id::bigint AS user_id,
   FROM bank_accounts a LEFT JOIN kontod_accounts k ON k.bank_account_id = a.id
  WHERE a.provider = 'powens' AND a.user_id = ANY($1::bigint[])
  ORDER BY a.id""",
-        "update_accounts": f"""
+        update_accounts=f"""
 UPDATE bank_accounts a
    SET balance = coalesce(u.balance, a.balance),
        last_sync = coalesce(u.last_sync, a.last_sync),
@@ -202,7 +224,7 @@ UPDATE bank_accounts a
  WHERE a.id = u.id""",
         # The web app's key: a row it imported is updated, never doubled. xmax = 0 tells an
         # inserted row from an updated one; unchanged rows are not touched at all.
-        "upsert_transactions": f"""
+        upsert_transactions=f"""
 WITH written AS (
     INSERT INTO transactions AS t (bank_account_id, date, amount, label, category, tx_hash)
     SELECT * FROM unnest($1::{c("transactions", "bank_account_id")}[],
@@ -220,11 +242,11 @@ WITH written AS (
 SELECT count(*) FILTER (WHERE inserted) AS inserted,
        count(*) FILTER (WHERE NOT inserted) AS updated
   FROM written""",
-        "delete_transactions": """
+        delete_transactions="""
 DELETE FROM transactions t
  USING unnest($1::bigint[], $2::text[]) AS d (account_id, tx_hash)
  WHERE t.bank_account_id = d.account_id AND t.tx_hash = d.tx_hash""",
-        "upsert_kontod_accounts": """
+        upsert_kontod_accounts="""
 INSERT INTO kontod_accounts AS k
        (bank_account_id, connection_id, powens_last_update, deleted_at, disabled_at,
         transactions_last_update, transactions_imported_at, null_balance_at)
@@ -248,7 +270,7 @@ ON CONFLICT (bank_account_id) DO UPDATE SET
                                            k.transactions_imported_at),
        null_balance_at = coalesce(EXCLUDED.null_balance_at, k.null_balance_at)""",
         # One row per connection tried. A failure keeps what Powens said last time.
-        "record_connections": """
+        record_connections="""
 INSERT INTO kontod_connections AS k
        (connection_id, last_attempt_at, last_success_at, error_kind, error, error_code,
         powens_state, powens_error_message, powens_last_update, powens_next_try,
@@ -285,7 +307,7 @@ ON CONFLICT (connection_id) DO UPDATE SET
                                 ELSE EXCLUDED.needs_user_streak END""",
         # After the run: why each stale account is still stale. The account's own connection
         # when known, else the most troubled active connection of its user.
-        "stale_reasons": f"""
+        stale_reasons=f"""
 SELECT CASE
          WHEN NOT EXISTS (SELECT 1 FROM bank_connections c
                            WHERE c.user_id = a.user_id AND c.status = 'active')
@@ -308,14 +330,14 @@ SELECT CASE
         LIMIT 1) kc ON true
  WHERE {stale}
  GROUP BY 1""",
-        "connection_states": """
+        connection_states="""
 SELECT coalesce(k.error_kind, k.powens_state,
                 CASE WHEN k.connection_id IS NULL THEN 'never_tried' ELSE 'ok' END) AS state,
        count(*) AS connections
   FROM bank_connections c LEFT JOIN kontod_connections k ON k.connection_id = c.id
  WHERE c.status = 'active'
  GROUP BY 1""",
-    }
+    )
 
 
 class RefreshFailed(Exception):
@@ -445,6 +467,341 @@ class ConnectionRecord(NamedTuple):
         )
 
 
+# The pure core: every decision the job makes between reading and writing, as plain data.
+# Nothing below reaches the database or the provider; the shell (_Refresh) fetches, plans,
+# fences and applies.
+
+
+@dataclass(frozen=True)
+class Event:
+    """A log line a decision asks for: its level, its constant name and its fields."""
+
+    level: Literal["info", "warning"]
+    name: str
+    fields: dict[str, object]
+
+    @classmethod
+    def info(cls, name: str, /, **fields: object) -> Event:
+        """An info line, written as the log call it stands for."""
+        return cls("info", name, fields)
+
+    @classmethod
+    def warning(cls, name: str, /, **fields: object) -> Event:
+        """A warning line, written as the log call it stands for."""
+        return cls("warning", name, fields)
+
+
+class AccountRow(NamedTuple):
+    """One bank_accounts row to update, values in the columns' own types."""
+
+    account_id: int
+    balance: object
+    last_sync: object
+    currency: object
+    type: str | None
+    usage: str | None
+    subtype: str | None
+
+
+class TransactionRow(NamedTuple):
+    """One transactions row to insert or update, values in the columns' own types."""
+
+    account_id: int
+    date: object
+    amount: object
+    label: str | None
+    category: str | None
+    tx_hash: str | None
+
+
+class AccountState(NamedTuple):
+    """One kontod_accounts row: what kontod remembers of an account Powens returned."""
+
+    account_id: int
+    connection_id: int
+    powens_last_update: datetime | None
+    deleted: bool
+    disabled: bool
+    transactions_last_update: datetime | None
+    imported: bool
+    null_balance: bool
+
+
+@dataclass(frozen=True)
+class ConnectionPlan:
+    """One connection's part of its user's write, applied whole in a savepoint or not at all.
+
+    With ``failure`` set (nothing fetched), only ``record`` is written. ``counts`` are added
+    once the part and its user's transaction commit; ``events`` are logged as it is applied.
+    """
+
+    connection: BankConnection
+    record: ConnectionRecord
+    failure: Failure | None = None
+    accounts: tuple[AccountRow, ...] = ()
+    transactions: tuple[TransactionRow, ...] = ()
+    deleted: tuple[tuple[int, str], ...] = ()
+    states: tuple[AccountState, ...] = ()
+    counts: dict[str, int] = field(default_factory=dict)
+    events: tuple[Event, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every decision of one user's refresh between fetching and writing.
+
+    ``counts`` are counted at once, whatever becomes of the write; ``not_returned`` (accounts
+    no connection returned) is counted and logged only when every part is written.
+    """
+
+    parts: tuple[ConnectionPlan, ...]
+    counts: dict[str, int]
+    not_returned: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Triage:
+    """What is decided for a user before any call: the held connections, and whether to skip."""
+
+    skip: bool
+    counts: dict[str, int]
+    events: tuple[Event, ...]
+
+
+def connections_to_ask(
+    active: list[BankConnection], known: set[int], unknown: bool
+) -> tuple[list[BankConnection], list[BankConnection]]:
+    """The user's connections to call and those held, from the active ones and the ids their
+    stale accounts were last seen through (``unknown``: some stale account was never seen)."""
+    # A stale account seen through a connection that is no longer active is as good as
+    # unknown: every active connection is asked.
+    everyone = unknown or not known <= {c.id for c in active}
+    wanted = [c for c in active if everyone or c.id in known]
+    return [c for c in wanted if not c.held], [c for c in wanted if c.held]
+
+
+def triage(user: StaleUser) -> Triage:
+    """Held connections are counted and logged; a user with nothing to call is skipped."""
+    events = [
+        Event.info(
+            "refresh.connection_held", user_id=user.user_id, connection_id=c.id, until=c.held_until
+        )
+        for c in user.held
+    ]
+    counts = {"connections_held": len(user.held)}
+    if user.to_call:
+        return Triage(False, _nonzero(counts), tuple(events))
+    counts["items_skipped"] = 1
+    events.append(
+        Event.info(
+            "refresh.user_skipped",
+            user_id=user.user_id,
+            reason="connections_held" if user.held else "no_active_connection",
+            stale_accounts=user.stale_accounts,
+        )
+    )
+    return Triage(True, _nonzero(counts), tuple(events))
+
+
+def transactions_wanted(
+    local: list[LocalAccount], remote: list[ProviderAccount]
+) -> list[tuple[str, datetime | None]]:
+    """The Powens accounts whose transactions to fetch, each with the time to fetch from (None:
+    from the start): live accounts some local account has never imported or saw change."""
+    by_id = _by_provider_id(local)
+    wanted = []
+    for account in remote:
+        if account.deleted or account.disabled:
+            continue
+        wanting = [a for a in by_id.get(account.id, []) if a.wants_transactions(account)]
+        if wanting:
+            wanted.append((account.id, _min_time(a.transactions_last_update for a in wanting)))
+    return wanted
+
+
+def plan(user: StaleUser, fetched: list[Fetched], now: datetime, schema: KontoSchema) -> Plan:
+    """What to write for a user from what their connections brought at ``now``, and the counts."""
+    local = _by_provider_id(user.accounts)
+    parts = tuple(
+        ConnectionPlan(f.connection, ConnectionRecord.failed(f.connection, f.failure), f.failure)
+        if f.failure is not None
+        else _plan_connection(user, f, local, now, schema)
+        for f in fetched
+    )
+    failed = sum(1 for f in fetched if f.failure is not None)
+    returned = {remote.id for f in fetched for remote in f.accounts}
+    # Linked through a connection that is not active, or closed at the bank: worth seeing,
+    # not a failure; unknowable when a connection brought nothing.
+    not_returned = (
+        () if failed else tuple(a.id for a in user.accounts if a.provider_id not in returned)
+    )
+    counts = {"connections_called": len(fetched), "connections_failed": failed}
+    return Plan(parts, _nonzero(counts), not_returned)
+
+
+def _plan_connection(
+    user: StaleUser,
+    f: Fetched,
+    local: dict[str, list[LocalAccount]],
+    now: datetime,
+    schema: KontoSchema,
+) -> ConnectionPlan:
+    """One connection's accounts and transactions; an implausible amount is left out."""
+    counts: Counter[str] = Counter()
+    events: list[Event] = []
+    updates: list[tuple[int, ProviderAccount, LocalAccount, object]] = []
+    states: list[tuple[int, ProviderAccount, bool]] = []  # (local id, remote, imported)
+    tx_rows: list[tuple[int, ProviderTransaction, object]] = []
+    tx_gone: list[tuple[int, str]] = []
+    for remote in f.accounts:
+        for account in local.get(remote.id, []):
+            txs = f.transactions.get(remote.id)
+            if not (remote.deleted or remote.disabled):
+                [balance] = schema.encode("bank_accounts", "balance", [remote.balance])
+                if not plausible_amount(balance):
+                    # Nothing of the account is written: it stays stale, asked again.
+                    counts["accounts_invalid"] += 1
+                    events.append(
+                        Event.warning(
+                            "refresh.account_invalid",
+                            user_id=user.user_id,
+                            connection_id=f.connection.id,
+                            account_id=account.id,
+                            provider_account_id=remote.id,
+                            balance=str(remote.balance)[:40],
+                        )
+                    )
+                    continue
+                updates.append((account.id, remote, account, balance))
+            states.append((account.id, remote, txs is not None))
+            if remote.deleted or remote.disabled:
+                continue
+            for tx in txs or ():
+                if tx.deleted:
+                    tx_gone.append((account.id, pg_text(TX_HASH_PREFIX + tx.id) or ""))
+                    continue
+                if tx.coming:
+                    counts["transactions_coming_skipped"] += 1
+                    continue
+                [amount] = schema.encode("transactions", "amount", [tx.amount])
+                if not plausible_amount(amount):
+                    counts["transactions_invalid"] += 1
+                    events.append(
+                        Event.warning(
+                            "refresh.transaction_invalid",
+                            user_id=user.user_id,
+                            connection_id=f.connection.id,
+                            account_id=account.id,
+                            transaction_id=tx.id,
+                            amount=str(tx.amount)[:40],
+                        )
+                    )
+                    continue
+                tx_rows.append((account.id, tx, amount))
+    counts["balances_null_kept"] += sum(1 for _, r, _, _ in updates if r.balance is None)
+    counts["accounts_deleted"] += sum(1 for _, r, _ in states if r.deleted)
+    counts["accounts_disabled"] += sum(1 for _, r, _ in states if r.disabled and not r.deleted)
+    record = _succeeded(f, now, counts)
+    tx_last = {
+        remote_id: _max_time(tx.last_update for tx in txs)
+        for remote_id, txs in f.transactions.items()
+    }
+    return ConnectionPlan(
+        f.connection,
+        record,
+        accounts=tuple(_account_row(schema, a, r, loc, b) for a, r, loc, b in updates),
+        transactions=tuple(
+            TransactionRow(
+                account_id,
+                _encode_one(schema, "transactions", "date", tx.date),
+                amount,
+                pg_text(tx.label),
+                pg_text(tx.category),
+                pg_text(TX_HASH_PREFIX + tx.id),
+            )
+            for account_id, tx, amount in tx_rows
+        ),
+        deleted=tuple(tx_gone),
+        states=tuple(
+            AccountState(
+                account_id,
+                f.connection.id,
+                r.last_update,
+                r.deleted,
+                r.disabled,
+                tx_last.get(r.id),
+                imported,
+                r.balance is None,
+            )
+            for account_id, r, imported in states
+        ),
+        counts=_nonzero(counts),
+        events=tuple(events),
+    )
+
+
+def _account_row(
+    schema: KontoSchema,
+    account_id: int,
+    remote: ProviderAccount,
+    local: LocalAccount,
+    balance: object,
+) -> AccountRow:
+    kind = classify(
+        provider_type=remote.type,
+        name=remote.name or local.name,
+        usage=remote.usage,
+        has_company=local.has_company,
+    )
+    return AccountRow(
+        account_id,
+        balance,
+        _encode_one(schema, "bank_accounts", "last_sync", remote.last_update),
+        _encode_one(schema, "bank_accounts", "currency", pg_text(remote.currency)),
+        pg_text(kind.type),
+        pg_text(kind.usage),
+        pg_text(kind.subtype),
+    )
+
+
+def _succeeded(f: Fetched, now: datetime, counts: Counter[str]) -> ConnectionRecord:
+    """The record of a connection that brought its data: a needs-user state holds it."""
+    remote = f.remote
+    state = pg_text(remote.state) if remote else None
+    streak = f.connection.streak + 1 if state in NEEDS_USER else 0
+    held_until = None
+    if state in NEEDS_USER:
+        counts["connections_needing_user"] += 1
+        held_until = now + needs_user_hold(streak)
+        if remote is not None and remote.next_try is not None:
+            held_until = max(held_until, remote.next_try)
+    return ConnectionRecord(
+        f.connection.id,
+        True,
+        None,
+        None,
+        None,
+        state,
+        pg_text(remote.error_message) if remote else None,
+        remote.last_update if remote else None,
+        remote.next_try if remote else None,
+        f.connection.fingerprint,
+        held_until,
+        streak,
+        f.connection.powens_id,
+    )
+
+
+def _encode_one(schema: KontoSchema, table: str, column: str, value: object) -> object:
+    [encoded] = schema.encode(table, column, [value])
+    return encoded
+
+
+def _nonzero(counts: Mapping[str, int]) -> dict[str, int]:
+    """The counts that change: a zero adds nothing, the run's counts start at zero."""
+    return {key: n for key, n in counts.items() if n}
+
+
 @dataclass
 class _Tally:
     refreshed: int = 0
@@ -499,7 +856,7 @@ class _Refresh:
         self.pool = pool
         self.client = client
         self.schema = schema
-        self.sql = _sql(schema)
+        self.sql = statements(schema)
         self.ctx = ctx
         self.key = key
         self.key_fingerprint = tokens.key_fingerprint(key)
@@ -558,12 +915,12 @@ class _Refresh:
     async def stale_users(self, cutoff: datetime) -> list[StaleUser]:
         """Every user owning a stale account, with the connections to ask (three statements)."""
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(self.sql["stale_users"], cutoff)
+            rows = await conn.fetch(self.sql.stale_users, cutoff)
             ids = [r["user_id"] for r in rows]
             connections = await conn.fetch(
-                self.sql["connections"], ids, self.now, self.key_fingerprint, self.token_hold
+                self.sql.connections, ids, self.now, self.key_fingerprint, self.token_hold
             )
-            accounts = await conn.fetch(self.sql["accounts"], ids)
+            accounts = await conn.fetch(self.sql.accounts, ids)
         by_user_conn: defaultdict[int, list[BankConnection]] = defaultdict(list)
         for r in connections:
             by_user_conn[r["user_id"]].append(
@@ -592,19 +949,16 @@ class _Refresh:
             )
         users = []
         for r in rows:
-            active = by_user_conn[r["user_id"]]
-            known = set(r["known"] or ())
-            # A stale account seen through a connection that is no longer active is as good
-            # as unknown: every active connection is asked.
-            everyone = r["unknown"] or not known <= {c.id for c in active}
-            wanted = [c for c in active if everyone or c.id in known]
+            to_call, held = connections_to_ask(
+                by_user_conn[r["user_id"]], set(r["known"] or ()), r["unknown"]
+            )
             users.append(
                 StaleUser(
                     user_id=r["user_id"],
                     stale_accounts=r["stale"],
                     accounts=by_user_acc[r["user_id"]],
-                    to_call=[c for c in wanted if not c.held],
-                    held=[c for c in wanted if c.held],
+                    to_call=to_call,
+                    held=held,
                 )
             )
         return users
@@ -621,37 +975,28 @@ class _Refresh:
             self.ctx.log.exception(
                 "refresh.user_failed", user_id=user.user_id, kind=failure.kind, error=failure.reason
             )
-            await self._record_failures(user, [Fetched(c, failure) for c in user.to_call])
+            await self._record_failures(
+                user, [ConnectionRecord.failed(c, failure) for c in user.to_call]
+            )
             self._count_user(user, failure=failure.reason)
 
     async def refresh_user(self, user: StaleUser) -> None:
-        """Fetch every connection of the user, then write all of it in one transaction."""
+        """Fetch every connection of the user, plan, then apply the plan in one transaction."""
         ctx = self.ctx
-        ctx.counts["connections_held"] += len(user.held)
-        for c in user.held:
-            ctx.log.info(
-                "refresh.connection_held",
-                user_id=user.user_id,
-                connection_id=c.id,
-                until=c.held_until,
-            )
-        if not user.to_call:
-            ctx.counts["items_skipped"] += 1
-            ctx.log.info(
-                "refresh.user_skipped",
-                user_id=user.user_id,
-                reason="connections_held" if user.held else "no_active_connection",
-                stale_accounts=user.stale_accounts,
-            )
+        before = triage(user)
+        ctx.counts.update(before.counts)
+        self._emit(before.events)
+        if before.skip:
             return
         fetched = [await self.fetch(user, c) for c in user.to_call]
-        ctx.counts["connections_called"] += len(fetched)
-        fetch_failures = sum(1 for f in fetched if f.failure is not None)
-        ctx.counts["connections_failed"] += fetch_failures
+        planned = plan(user, fetched, self.now, self.schema)
+        ctx.counts.update(planned.counts)
+        # Each part's failure: the fetch's, or its write's once applied.
+        failures = [part.failure for part in planned.parts]
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 await ctx.check_claim(conn)
-                written = await self.write(conn, user, fetched)
+                written = await self.apply(conn, user, planned, failures)
         except ClaimLost:
             raise
         except Exception as exc:
@@ -665,20 +1010,23 @@ class _Refresh:
                 error=failure.reason,
                 exc_info=failure.kind == "internal",
             )
-            ctx.counts["connections_failed"] += len(fetched) - fetch_failures
+            ctx.counts["connections_failed"] += sum(1 for p in planned.parts if p.failure is None)
             await self._record_failures(
-                user, [Fetched(f.connection, f.failure or failure) for f in fetched]
+                user,
+                [
+                    ConnectionRecord.failed(part.connection, own or failure)
+                    for part, own in zip(planned.parts, failures, strict=True)
+                ],
             )
             self._count_user(user, failure=failure.reason)
             return
         # Counted once committed: a rolled back write counts nothing.
         ctx.counts.update(written)
-        failures = [f.failure for f in fetched if f.failure is not None]
-        self._count_user(user, failure=failures[0].reason if failures else None)
+        first = next((f for f in failures if f is not None), None)
+        self._count_user(user, failure=first.reason if first else None)
 
-    async def _record_failures(self, user: StaleUser, fetched: list[Fetched]) -> None:
+    async def _record_failures(self, user: StaleUser, records: list[ConnectionRecord]) -> None:
         """Record failed connections in a transaction of their own; a failure here is logged."""
-        records = [ConnectionRecord.failed(f.connection, f.failure) for f in fetched if f.failure]
         if not records:
             return
         try:
@@ -704,6 +1052,14 @@ class _Refresh:
         self.tally.first_failure = self.tally.first_failure or failure[:MAX_REASON]
         self.ctx.counts["items_failed"] += 1
 
+    def _emit(self, events: Iterable[Event]) -> None:
+        log = self.ctx.log
+        for event in events:
+            if event.level == "warning":
+                log.warning(event.name, **event.fields)
+            else:
+                log.info(event.name, **event.fields)
+
     async def fetch(self, user: StaleUser, connection: BankConnection) -> Fetched:
         """Everything one connection gives; any failure of it is returned, not raised."""
         out = Fetched(connection)
@@ -714,16 +1070,9 @@ class _Refresh:
             remote = await self.client.connections(token)
             out.remote = _pick(remote, connection.powens_id)
             out.accounts = await self.client.accounts(token)
-            local = _by_provider_id(user.accounts)
-            for account in out.accounts:
-                if account.deleted or account.disabled:
-                    continue
-                wanting = [a for a in local.get(account.id, []) if a.wants_transactions(account)]
-                if not wanting:
-                    continue
-                since = _min_time(a.transactions_last_update for a in wanting)
-                out.transactions[account.id] = await self.client.transactions(
-                    token, account.id, since=since
+            for account_id, since in transactions_wanted(user.accounts, out.accounts):
+                out.transactions[account_id] = await self.client.transactions(
+                    token, account_id, since=since
                 )
         except ClaimLost:
             raise
@@ -747,43 +1096,39 @@ class _Refresh:
             )
         return out
 
-    async def write(
-        self, conn: Connection, user: StaleUser, fetched: list[Fetched]
+    async def apply(
+        self, conn: Connection, user: StaleUser, planned: Plan, failures: list[Failure | None]
     ) -> Counter[str]:
-        """The user's accounts, transactions and connection records, inside the user's
-        transaction: each connection's part in a savepoint, so that a write the database refuses
-        fails that connection alone. Returns the counts to add once the transaction commits."""
+        """The user's plan, inside the user's transaction: each connection's part in a savepoint,
+        so that a write the database refuses fails that connection alone (set in ``failures``).
+        Returns the counts to add once the transaction commits."""
         counts: Counter[str] = Counter()
-        local = _by_provider_id(user.accounts)
-        returned: set[str] = set()
-        for f in fetched:
-            if f.failure is None:
-                part: Counter[str] = Counter()
+        for i, part in enumerate(planned.parts):
+            record = part.record
+            if part.failure is None:
                 try:
                     async with conn.transaction():
-                        await self._write_connection(conn, user, f, local, part)
-                        await self.record(conn, [self._succeeded(f, part)])
+                        written = await self._apply_part(conn, part)
                 except ClaimLost:
                     raise
                 except Exception as exc:
-                    f.failure = failure_of(exc)
+                    failures[i] = failure = failure_of(exc)
                     counts["connections_failed"] += 1
                     self.ctx.log.warning(
                         "refresh.connection_write_failed",
                         user_id=user.user_id,
-                        connection_id=f.connection.id,
-                        kind=f.failure.kind,
-                        error=f.failure.reason,
-                        exc_info=f.failure.kind == "internal",
+                        connection_id=part.connection.id,
+                        kind=failure.kind,
+                        error=failure.reason,
+                        exc_info=failure.kind == "internal",
                     )
+                    record = ConnectionRecord.failed(part.connection, failure)
                 else:
-                    counts.update(part)
-                    returned.update(remote.id for remote in f.accounts)
+                    counts.update(written)
                     continue
-            assert f.failure is not None
             try:
                 async with conn.transaction():
-                    await self.record(conn, [ConnectionRecord.failed(f.connection, f.failure)])
+                    await self.record(conn, [record])
             except ClaimLost:
                 raise
             except asyncpg.PostgresError as exc:
@@ -792,190 +1137,45 @@ class _Refresh:
                 self.ctx.log.error(
                     "refresh.record_failed",
                     user_id=user.user_id,
-                    connection_ids=[f.connection.id],
+                    connection_ids=[part.connection.id],
                     error=failure_of(exc).reason,
                 )
-        missing = [a.id for a in user.accounts if a.provider_id not in returned]
-        if missing and all(f.failure is None for f in fetched):
-            # Linked through a connection that is not active, or closed at the bank: worth
-            # seeing, not a failure.
-            counts["accounts_not_returned"] += len(missing)
+        if planned.not_returned and all(f is None for f in failures):
+            counts["accounts_not_returned"] += len(planned.not_returned)
             self.ctx.log.info(
-                "refresh.accounts_not_returned", user_id=user.user_id, account_ids=missing
+                "refresh.accounts_not_returned",
+                user_id=user.user_id,
+                account_ids=list(planned.not_returned),
             )
         return counts
 
-    async def _write_connection(
-        self,
-        conn: Connection,
-        user: StaleUser,
-        f: Fetched,
-        local: dict[str, list[LocalAccount]],
-        counts: Counter[str],
-    ) -> None:
-        """One connection's accounts and transactions; an implausible amount is left out."""
-        schema, log = self.schema, self.ctx.log
-        updates: list[tuple[int, ProviderAccount, LocalAccount, object]] = []
-        states: list[tuple[int, ProviderAccount, bool]] = []  # (local id, remote, imported)
-        tx_rows: list[tuple[int, ProviderTransaction, object]] = []
-        tx_gone: list[tuple[int, str]] = []
-        for remote in f.accounts:
-            for account in local.get(remote.id, []):
-                txs = f.transactions.get(remote.id)
-                if not (remote.deleted or remote.disabled):
-                    [balance] = schema.encode("bank_accounts", "balance", [remote.balance])
-                    if not plausible_amount(balance):
-                        # Nothing of the account is written: it stays stale, asked again.
-                        counts["accounts_invalid"] += 1
-                        log.warning(
-                            "refresh.account_invalid",
-                            user_id=user.user_id,
-                            connection_id=f.connection.id,
-                            account_id=account.id,
-                            provider_account_id=remote.id,
-                            balance=str(remote.balance)[:40],
-                        )
-                        continue
-                    updates.append((account.id, remote, account, balance))
-                states.append((account.id, remote, txs is not None))
-                if remote.deleted or remote.disabled:
-                    continue
-                for tx in txs or ():
-                    if tx.deleted:
-                        tx_gone.append((account.id, pg_text(TX_HASH_PREFIX + tx.id) or ""))
-                        continue
-                    if tx.coming:
-                        counts["transactions_coming_skipped"] += 1
-                        continue
-                    [amount] = schema.encode("transactions", "amount", [tx.amount])
-                    if not plausible_amount(amount):
-                        counts["transactions_invalid"] += 1
-                        log.warning(
-                            "refresh.transaction_invalid",
-                            user_id=user.user_id,
-                            connection_id=f.connection.id,
-                            account_id=account.id,
-                            transaction_id=tx.id,
-                            amount=str(tx.amount)[:40],
-                        )
-                        continue
-                    tx_rows.append((account.id, tx, amount))
-        await self._update_accounts(conn, updates, counts)
-        if tx_rows:
-            row = await conn.fetchrow(
-                self.sql["upsert_transactions"],
-                [a for a, _, _ in tx_rows],
-                schema.encode("transactions", "date", (tx.date for _, tx, _ in tx_rows)),
-                [amount for _, _, amount in tx_rows],
-                [pg_text(tx.label) for _, tx, _ in tx_rows],
-                [pg_text(tx.category) for _, tx, _ in tx_rows],
-                [pg_text(TX_HASH_PREFIX + tx.id) for _, tx, _ in tx_rows],
-            )
+    async def _apply_part(self, conn: Connection, part: ConnectionPlan) -> Counter[str]:
+        """One connection's writes and its record; the counts the database's answers add."""
+        self._emit(part.events)
+        counts: Counter[str] = Counter(part.counts)
+        if part.accounts:
+            status = await conn.execute(self.sql.update_accounts, *_columns(part.accounts))
+            counts["accounts_updated"] += int(status.split()[-1])
+        if part.transactions:
+            row = await conn.fetchrow(self.sql.upsert_transactions, *_columns(part.transactions))
             assert row is not None
             counts["transactions_inserted"] += row["inserted"]
             counts["transactions_updated"] += row["updated"]
-        if tx_gone:
-            status = await conn.execute(
-                self.sql["delete_transactions"], [a for a, _ in tx_gone], [h for _, h in tx_gone]
-            )
+        if part.deleted:
+            status = await conn.execute(self.sql.delete_transactions, *_columns(part.deleted))
             counts["transactions_deleted"] += int(status.split()[-1])
-        await self._record_accounts(conn, states, f, counts)
-
-    def _succeeded(self, f: Fetched, counts: Counter[str]) -> ConnectionRecord:
-        remote = f.remote
-        state = pg_text(remote.state) if remote else None
-        streak = f.connection.streak + 1 if state in NEEDS_USER else 0
-        held_until = None
-        if state in NEEDS_USER:
-            counts["connections_needing_user"] += 1
-            held_until = self.now + needs_user_hold(streak)
-            if remote is not None and remote.next_try is not None:
-                held_until = max(held_until, remote.next_try)
-        return ConnectionRecord(
-            f.connection.id,
-            True,
-            None,
-            None,
-            None,
-            state,
-            pg_text(remote.error_message) if remote else None,
-            remote.last_update if remote else None,
-            remote.next_try if remote else None,
-            f.connection.fingerprint,
-            held_until,
-            streak,
-            f.connection.powens_id,
-        )
-
-    async def _update_accounts(
-        self,
-        conn: Connection,
-        updates: list[tuple[int, ProviderAccount, LocalAccount, object]],
-        counts: Counter[str],
-    ) -> None:
-        if not updates:
-            return
-        schema = self.schema
-        kinds = [
-            classify(
-                provider_type=remote.type,
-                name=remote.name or local.name,
-                usage=remote.usage,
-                has_company=local.has_company,
-            )
-            for _, remote, local, _ in updates
-        ]
-        counts["balances_null_kept"] += sum(1 for _, r, _, _ in updates if r.balance is None)
-        status = await conn.execute(
-            self.sql["update_accounts"],
-            [account_id for account_id, _, _, _ in updates],
-            [balance for _, _, _, balance in updates],
-            schema.encode("bank_accounts", "last_sync", (r.last_update for _, r, _, _ in updates)),
-            schema.encode(
-                "bank_accounts", "currency", (pg_text(r.currency) for _, r, _, _ in updates)
-            ),
-            [pg_text(k.type) for k in kinds],
-            [pg_text(k.usage) for k in kinds],
-            [pg_text(k.subtype) for k in kinds],
-        )
-        counts["accounts_updated"] += int(status.split()[-1])
-
-    async def _record_accounts(
-        self,
-        conn: Connection,
-        states: list[tuple[int, ProviderAccount, bool]],
-        f: Fetched,
-        counts: Counter[str],
-    ) -> None:
-        if not states:
-            return
-        tx_last = {
-            account_id: _max_time(tx.last_update for tx in txs)
-            for account_id, txs in f.transactions.items()
-        }
-        counts["accounts_deleted"] += sum(1 for _, r, _ in states if r.deleted)
-        counts["accounts_disabled"] += sum(1 for _, r, _ in states if r.disabled and not r.deleted)
-        await conn.execute(
-            self.sql["upsert_kontod_accounts"],
-            [account_id for account_id, _, _ in states],
-            [f.connection.id] * len(states),
-            [r.last_update for _, r, _ in states],
-            [r.deleted for _, r, _ in states],
-            [r.disabled for _, r, _ in states],
-            [tx_last.get(r.id) for _, r, _ in states],
-            [imported for _, _, imported in states],
-            [r.balance is None for _, r, _ in states],
-            self.now,
-        )
+        if part.states:
+            await conn.execute(self.sql.upsert_kontod_accounts, *_columns(part.states), self.now)
+        await self.record(conn, [part.record])
+        return counts
 
     async def record(self, conn: Connection, records: list[ConnectionRecord]) -> None:
         """Upsert one kontod_connections row per connection tried."""
         if not records:
             return
-        columns = list(zip(*records, strict=True))
         await conn.execute(
-            self.sql["record_connections"],
-            *columns,
+            self.sql.record_connections,
+            *_columns(records),
             self.now,
             self.key_fingerprint,
             self.token_hold,
@@ -984,8 +1184,8 @@ class _Refresh:
     async def count_after(self, cutoff: datetime) -> None:
         """Stale accounts by reason and active connections by state, into the run's counts."""
         async with self.pool.acquire() as conn:
-            reasons = await conn.fetch(self.sql["stale_reasons"], cutoff, sorted(NEEDS_USER))
-            states = await conn.fetch(self.sql["connection_states"])
+            reasons = await conn.fetch(self.sql.stale_reasons, cutoff, sorted(NEEDS_USER))
+            states = await conn.fetch(self.sql.connection_states)
         counts = self.ctx.counts
         for reason in STALE_REASONS:
             counts[STALE_COUNT + reason] = 0
@@ -1006,6 +1206,11 @@ def _pick(remote: list[ProviderConnection], powens_id: str | None) -> ProviderCo
         return remote[0]
     # Several and none matching: the most troubled one speaks for the token.
     return next((c for c in remote if c.state), remote[0] if remote else None)
+
+
+def _columns(rows: Iterable[tuple[object, ...]]) -> list[list[object]]:
+    """Rows turned into the parameter arrays of an unnest statement, one list per column."""
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 def _by_provider_id(accounts: list[LocalAccount]) -> dict[str, list[LocalAccount]]:

@@ -23,6 +23,7 @@ and each one is handled by a fixed SQL fragment chosen from the lists below.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -439,15 +440,22 @@ def snapshot_date(ctx: RunContext, tz: ZoneInfo) -> date:
 
 
 def _record_rates(ctx: RunContext, report: rates.RateReport) -> None:
+    ctx.counts.update(rate_counts(report))
+
+
+def rate_counts(report: rates.RateReport) -> dict[str, int]:
     """Which sources failed, and for each currency the age of its rate and whether it fell
-    back to a rate stored by an earlier run."""
-    ctx.counts["rates_stored"] += report.stored
-    ctx.counts["rate_sources_failed"] += len(report.failed_sources)
+    back to a rate stored by an earlier run (zeros included: they are recorded)."""
+    counts = {
+        "rates_stored": report.stored,
+        "rate_sources_failed": len(report.failed_sources),
+    }
     for cur, rate in report.currencies.items():
         if rate.age_days is not None:
-            ctx.counts[f"rate_age_days_{cur}"] = rate.age_days
+            counts[f"rate_age_days_{cur}"] = rate.age_days
             if not rate.fetched:
-                ctx.counts[f"rate_fallback_{cur}"] = 1
+                counts[f"rate_fallback_{cur}"] = 1
+    return counts
 
 
 # The id of every ``$1``-th user: the ends of the batches' id ranges, read in one index scan.
@@ -610,7 +618,12 @@ class _Batch:
 
 
 def _count_batch(ctx: RunContext, row: asyncpg.Record) -> None:
-    c = ctx.counts
+    ctx.counts.update(batch_counts(row))
+
+
+def batch_counts(row: asyncpg.Record | Mapping[str, Any]) -> Counter[str]:
+    """What a batch adds to the run's counts, from the row its statement returns."""
+    c: Counter[str] = Counter()
     c["users"] += row["users"]
     c["items_users"] += row["users"] - row["failed"]
     c["items_failed"] += row["failed"]
@@ -627,6 +640,7 @@ def _count_batch(ctx: RunContext, row: asyncpg.Record) -> None:
     ):
         c[f"unconverted_{cur}"] += n
         c["items_unconverted"] += n
+    return c
 
 
 def _log_batch_problems(ctx: RunContext, row: asyncpg.Record) -> None:
