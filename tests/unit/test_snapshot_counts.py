@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from kontod.jobs.snapshots import batch_counts, rate_counts
-from kontod.rates import CurrencyRate, RateReport
+from kontod.providers.rates import CurrencyRate, RateReport
 
 DAY = date(2026, 3, 1)
 

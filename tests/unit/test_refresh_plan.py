@@ -23,8 +23,8 @@ from kontod.jobs.refresh import (
     transactions_wanted,
     triage,
 )
-from kontod.konto_schema import REQUIRED, KontoSchema
-from kontod.powens import ProviderAccount, ProviderConnection, ProviderTransaction
+from kontod.konto.schema import REQUIRED, KontoSchema
+from kontod.providers.powens import ProviderAccount, ProviderConnection, ProviderTransaction
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 SYNCED = NOW - timedelta(hours=2)
