@@ -19,14 +19,14 @@ from typing import Any
 import asyncpg
 import structlog
 
-from kontod import __version__, commands, db, konto_schema, suspicion, tokens
+from kontod import __version__, commands, db, jobs, konto_schema, suspicion, tokens
 from kontod.config import ConfigError, Settings, load_settings
-from kontod.jobs import REFRESH, SNAPSHOTS
+from kontod.job import RunStatus, Trigger
 from kontod.logs import configure, watch_loop
 from kontod.runlist import STATUSES
 
 log = structlog.get_logger("kontod.cli")
-JOB_NAMES = (SNAPSHOTS, REFRESH)
+JOB_NAMES = jobs.NAMES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,10 +37,10 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="run the daemon (schedules, HTTP, metrics)")
     sub.add_parser("migrate", help="apply the database migrations and exit")
-    jobs = sub.add_parser("jobs", help="work with one job")
-    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    jobs_cmd = sub.add_parser("jobs", help="work with one job")
+    jobs_sub = jobs_cmd.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
     run_one = jobs_sub.add_parser("run", help="run one job now, in this process")
-    run_one.add_argument("name", help="daily-snapshots or refresh-stale-connections")
+    run_one.add_argument("name", help=" or ".join(JOB_NAMES))
     run_one.add_argument("--reason", help="why, recorded with the run")
     upcoming = jobs_sub.add_parser("next", help="the next ticks of a job, local time and UTC")
     upcoming.add_argument("name")
@@ -166,13 +166,12 @@ async def _run_job(settings: Settings, name: str, reason: str | None = None) -> 
     import aiohttp
 
     from kontod import pauses, pings
-    from kontod.jobs import declare_jobs
     from kontod.runner import Runner, Skipped, utcnow
 
     async with _database(settings) as pool, aiohttp.ClientSession() as http:
-        jobs = declare_jobs(settings, pool, http)
-        names = [spec.name for spec in jobs]
-        runner = Runner(pool, jobs, settings.tz, settings.instance, lease_s=settings.lease_seconds)
+        specs = jobs.declare_jobs(settings, pool, http)
+        names = [spec.name for spec in specs]
+        runner = Runner(pool, specs, settings.tz, settings.instance, lease_s=settings.lease_seconds)
         follow = commands.Follow()
         pinger = pings.Pinger(
             http, pings.ping_urls(names, settings.ping_urls, settings.ping_base_url)
@@ -189,7 +188,7 @@ async def _run_job(settings: Settings, name: str, reason: str | None = None) -> 
             )
         try:
             outcome = await runner.trigger(
-                name, "manual", requested_by=commands.requester(), reason=reason
+                name, Trigger.MANUAL, requested_by=commands.requester(), reason=reason
             )
             if isinstance(outcome, Skipped):
                 print(f"kontod: {name} is already running", file=sys.stderr)
@@ -200,13 +199,13 @@ async def _run_job(settings: Settings, name: str, reason: str | None = None) -> 
             await runner.stop(settings.shutdown_timeout)
             await pinger.drain(pings.DRAIN_S)
         note = ""
-        if status == "success":
-            limits = suspicion.from_settings(names, settings.suspicious)
+        if status == RunStatus.SUCCESS:
+            limits = suspicion.from_settings(suspicion.populations(specs), settings.suspicious)
             verdict = (await suspicion.latest(pool, limits)).get(name)
             if verdict is not None and verdict.suspicious and verdict.run_id == outcome.run_id:
                 note = f" (suspicious: {verdict.reason})"
         print(f"{name}: run {outcome.run_id} {status}{note}")
-        return 0 if status == "success" else 1
+        return 0 if status == RunStatus.SUCCESS else 1
 
 
 async def _runs(settings: Settings, name: str, limit: int, status: str | None) -> int:
@@ -236,7 +235,7 @@ def _next(settings: Settings, name: str, count: int, start: str | None) -> int:
         except ValueError as exc:
             print(commands.visible(f"kontod: --from {exc}"), file=sys.stderr)
             return 2
-    expr = {SNAPSHOTS: settings.snapshot_schedule, REFRESH: settings.refresh_schedule}[name]
+    expr = jobs.schedules(settings)[name]
     commands.print_next(name, expr, settings.tz, now, count)
     return 0
 

@@ -15,6 +15,7 @@ import structlog
 from kontod import rates_sandbox, sandbox, tokens
 from kontod.config import Settings
 from kontod.daemon import Daemon
+from kontod.job import Trigger
 from kontod.runner import Skipped
 
 log = structlog.get_logger("kontod.demo")
@@ -143,7 +144,7 @@ async def demo(settings: Settings) -> int:
                 task = daemon.runner.active(name)
                 if task is None:
                     outcome = await daemon.runner.trigger(
-                        name, "manual", requested_by="demo", reason="kontod demo start"
+                        name, Trigger.MANUAL, requested_by="demo", reason="kontod demo start"
                     )
                     task = None if isinstance(outcome, Skipped) else outcome.task
                 if task is not None:

@@ -13,10 +13,11 @@ from typing import Any
 
 import asyncpg
 
+from kontod.job import RunStatus
 from kontod.runs import RunRecord
 
 Executor = asyncpg.Connection | asyncpg.Pool
-STATUSES = ("running", "success", "error", "timeout", "interrupted")
+STATUSES = tuple(status.value for status in RunStatus)
 COLUMNS = """id, job, trigger, scheduled_for, attempt, started_at, finished_at, status, error,
              counts, instance, requested_by, request_reason"""
 

@@ -28,7 +28,7 @@ from kontod import logs
 from kontod.http import GUARD, GuardedSite, build_app
 from kontod.job import RunContext
 from kontod.jobs import declare_jobs
-from kontod.metrics import Metrics
+from kontod.metrics import ProviderInstruments
 from kontod.runner import Runner, utcnow
 from tests.daemon_harness import TOKEN, running_daemon, runs_of, settings_for
 from tests.helpers import PARIS, add_user, free_port, spec, wait_for
@@ -61,7 +61,9 @@ async def post(url: str, headers: dict[str, str] | None = None) -> tuple[int, An
 
 
 def real_jobs(dsn: str) -> Any:
-    def build(pool: asyncpg.Pool, http: aiohttp.ClientSession, _: Metrics | None) -> Any:
+    def build(
+        pool: asyncpg.Pool, http: aiohttp.ClientSession, _: ProviderInstruments | None
+    ) -> Any:
         return declare_jobs(settings_for(dsn), pool, http)
 
     return build

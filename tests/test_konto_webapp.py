@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 import structlog
 
-from kontod import db, demo, konto_schema, runs
+from kontod import db, demo, konto_schema
 from kontod.job import RunContext
 from kontod.jobs import REFRESH, SNAPSHOTS
 from kontod.jobs import snapshots as snapshots_job
@@ -276,7 +276,7 @@ async def test_history_and_latest_date_read_the_web_apps_text_dates(
             category,
         )
 
-    assert await runs.latest_snapshot_date(webapp) == today
+    assert await snapshots_job.latest_snapshot_date(webapp) == today
     code, out = await kontod(
         "history", "--days", "7", env={"KONTOD_DATABASE_URL": empty_dsn, "KONTOD_TIMEZONE": "UTC"}
     )

@@ -12,7 +12,7 @@ import pytest
 
 from kontod import pauses, runlist, suspicion
 from kontod.board import progress_of
-from kontod.job import JobSpec, RunContext
+from kontod.job import JobSpec, RunContext, SkipReason
 from kontod.jobs import snapshots
 from kontod.runner import Skipped, Started
 from kontod.suspicion import Sample, Thresholds
@@ -40,7 +40,7 @@ async def test_a_pause_on_one_replica_makes_the_other_skip_ticks_until_resumed(d
         await b.prepare()
         await pauses.pause(a.pool, "test-job", "database upgrade", "cli:ops@a", TICK)
         outcome = await b.trigger("test-job", "schedule", TICK)
-        assert outcome == Skipped("paused")
+        assert outcome == Skipped(SkipReason.PAUSED)
         assert b_events.skipped[("test-job", "paused")] == 1
         # A manual run of a paused job is still allowed, and says who asked and why.
         manual = await b.trigger("test-job", "manual", requested_by="cli:ops@b", reason="check")
@@ -221,7 +221,7 @@ def test_suspicious_thresholds_are_settable_per_job() -> None:
         isatty=False,
     )
     got = suspicion.from_settings(
-        ["daily-snapshots", "refresh-stale-connections"], settings.suspicious
+        {"daily-snapshots": "users", "refresh-stale-connections": None}, settings.suspicious
     )
     assert (got["daily-snapshots"].duration, got["daily-snapshots"].items) == (0, 0)
     assert (got["refresh-stale-connections"].duration, got["refresh-stale-connections"].items) == (

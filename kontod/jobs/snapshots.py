@@ -34,7 +34,57 @@ import aiohttp
 import asyncpg
 
 from kontod import rates
-from kontod.job import Connection, JobBody, RunContext, run_workers
+from kontod.job import (
+    Connection,
+    CountFamily,
+    Freshness,
+    JobBody,
+    JobExports,
+    RunContext,
+    run_workers,
+)
+
+
+async def latest_snapshot_date(db: asyncpg.Pool | Connection) -> date | None:
+    """The newest date in patrimoine_snapshots (an index-only look-up).
+
+    The cast is outside max(): Konto's web app stores the date as ISO text, whose order is
+    the dates' order, and the index on the column still serves max().
+    """
+    value: date | None = await db.fetchval("SELECT max(date)::date FROM patrimoine_snapshots")
+    return value
+
+
+# Accounts left out of the totals, and the age of each rate, by currency: from the last run's
+# counts (``unconverted_<CUR>``, ``rate_age_days_<CUR>``), so every replica exports the same.
+UNCONVERTED = CountFamily(
+    metric="kontod_snapshot_unconverted_accounts",
+    doc="Accounts the last snapshot left out of the totals for want of a usable rate",
+    prefix="unconverted_",
+    label="currency",
+)
+RATE_AGE = CountFamily(
+    metric="kontod_snapshot_rate_age_seconds",
+    doc="Age, at the last snapshot's date, of the newest stored rate of each currency in use",
+    prefix="rate_age_days_",
+    label="currency",
+    scale=86400.0,
+)
+EXPORTS = JobExports(
+    families=(UNCONVERTED, RATE_AGE),
+    freshness=(
+        Freshness(
+            metric="kontod_snapshot_latest_date_timestamp_seconds",
+            doc="Midnight, in kontod's zone, of the newest date in patrimoine_snapshots",
+            probe=latest_snapshot_date,
+        ),
+    ),
+    # A snapshot takes every user: a run that finds none, or far fewer than the last time,
+    # reads the wrong or an emptied database.
+    population="users",
+    # The web app's dashboard button, which predates kontod's /jobs/{name}/run.
+    trigger_paths=("/api/dashboard/snapshot",),
+)
 
 # How each column type is read or written. Only these fragments ever enter the statement.
 _VISIBLE = {
@@ -445,7 +495,7 @@ def _record_rates(ctx: RunContext, report: rates.RateReport) -> None:
     ctx.counts["rate_sources_failed"] += len(report.failed_sources)
     for cur, rate in report.currencies.items():
         if rate.age_days is not None:
-            ctx.counts[f"rate_age_days_{cur}"] = rate.age_days
+            ctx.set_in(RATE_AGE, cur, rate.age_days)
             if not rate.fetched:
                 ctx.counts[f"rate_fallback_{cur}"] = 1
 
@@ -533,11 +583,7 @@ async def take_snapshots(
     ctx.report_progress(0, expected)
     batch = _Batch(ctx, batch_sql(cols), check_sql(cols) if held else None, day, conv)
     await run_workers(batch.worker(pool, iter(id_ranges(bounds)), expected), workers, "snapshots")
-    unconverted = {
-        key.removeprefix("unconverted_"): n
-        for key, n in ctx.counts.items()
-        if key.startswith("unconverted_")
-    }
+    unconverted = UNCONVERTED.values(ctx.counts) or {}
     if unconverted:
         ctx.log.warning("snapshots.unconverted", base=conv.base, accounts=unconverted)
     ctx.log.info(
@@ -625,7 +671,7 @@ def _count_batch(ctx: RunContext, row: asyncpg.Record) -> None:
     for cur, n in zip(
         row["unconverted_currencies"] or [], row["unconverted_accounts"] or [], strict=True
     ):
-        c[f"unconverted_{cur}"] += n
+        c[UNCONVERTED.key(cur)] += n
         c["items_unconverted"] += n
 
 
