@@ -9,10 +9,18 @@ the daemon and walks its user through the two real jobs by name, as a user of ko
 from __future__ import annotations
 
 import re
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import structlog
 
 from kontod import job
+from kontod.health import assess_job
+from kontod.job import CountFamily, Freshness, JobExports, JobSpec, RunContext, Trigger
 from kontod.jobs import NAMES, refresh, snapshots
+from kontod.metrics import JobExportsCollector, RunTableCollector, new_registry
+from kontod.runs import JobStats
 
 KONTOD = Path(job.__file__).parent
 # Above the daemon, a user of the jobs rather than part of the platform (see the docstring).
@@ -78,3 +86,71 @@ def test_the_real_jobs_declare_what_the_platform_used_to_know_of_them() -> None:
     assert [f.metric for f in snapshots.EXPORTS.freshness] == [
         "kontod_snapshot_latest_date_timestamp_seconds"
     ]
+
+
+def test_any_jobs_declarations_are_rendered_from_its_last_counts() -> None:
+    # A job the platform has never heard of: its families and its probe reach /metrics as
+    # declared, and its own-only counts leave the plain counts.
+    backlog = CountFamily("demo_backlog", "Items waiting, by queue", "backlog.", "queue")
+    lag = CountFamily(
+        "demo_lag_seconds",
+        "Lag by source",
+        "lag_min.",
+        "source",
+        per_job=False,
+        always=("a", "b"),
+        scale=60.0,
+        in_run_counts=False,
+    )
+
+    async def never(_: object) -> date | None:
+        raise AssertionError("probes are read by the history, not on scrape")
+
+    exports = JobExports(
+        families=(backlog, lag),
+        freshness=(Freshness("demo_fresh_timestamp_seconds", "Newest output", never),),
+    )
+    ctx = RunContext(1, "queues", Trigger.MANUAL, None, datetime.now(UTC), structlog.get_logger())
+    ctx.count_in(backlog, "mail", 2)
+    ctx.count_in(backlog, "mail")
+    ctx.set_in(lag, "b", 5)
+    ctx.counts["items_done"] = 4
+    assert dict(ctx.counts) == {"backlog.mail": 3, "lag_min.b": 5, "items_done": 4}
+
+    stats = {"queues": JobStats(last_counts=dict(ctx.counts))}
+    readings: dict[str, date | datetime | None] = {"demo_fresh_timestamp_seconds": date(2026, 3, 2)}
+    registry = new_registry()
+    paris = ZoneInfo("Europe/Paris")
+    JobExportsCollector(registry, {"queues": exports}, paris, lambda: stats, lambda: readings)
+    jobs = [JobSpec("queues", "0 2 * * *", never_run, HOUR, HOUR, HOUR, exports=exports)]
+    RunTableCollector(
+        registry,
+        jobs,
+        lambda: stats,
+        lambda: datetime(2026, 3, 2, 12, tzinfo=UTC),
+        lambda spec, st, now: assess_job(spec, paris, st, now),
+        lambda job, st, now: None,
+    )
+    sample = registry.get_sample_value
+    assert sample("demo_backlog", {"job_name": "queues", "queue": "mail"}) == 3
+    assert sample("demo_lag_seconds", {"source": "a"}) == 0
+    assert sample("demo_lag_seconds", {"source": "b"}) == 300
+    midnight = datetime(2026, 3, 2, tzinfo=paris).timestamp()
+    assert sample("demo_fresh_timestamp_seconds") == midnight
+    counts = {"job_name": "queues", "count": "backlog.mail"}
+    assert sample("kontod_job_last_run_counts", counts) == 3
+    assert sample("kontod_job_last_run_counts", {**counts, "count": "lag_min.b"}) is None
+
+    # Before a run exported them, a family has no sample, whatever it would always show.
+    stats["queues"] = JobStats(last_counts={"items_done": 1})
+    readings.clear()
+    assert sample("demo_lag_seconds", {"source": "a"}) is None
+    assert sample("demo_backlog", {"job_name": "queues", "queue": "mail"}) is None
+    assert sample("demo_fresh_timestamp_seconds") is None
+
+
+async def never_run(ctx: RunContext) -> None:
+    raise AssertionError("not run")
+
+
+HOUR = timedelta(hours=1)
