@@ -318,18 +318,10 @@ async def _history(settings: Settings, days: int) -> int:
     if days < 1:
         print("kontod: --days must be at least 1", file=sys.stderr)
         return 2
+    from kontod.jobs.snapshots import daily_totals
+
     async with _database(settings) as pool:
-        # date::date and ::numeric read Konto's web app's text dates and float money too.
-        rows = await pool.fetch(
-            """SELECT date::date AS day, count(*) AS snapshot_rows,
-                      count(DISTINCT user_id) AS users,
-                      sum(total_value::numeric) FILTER (WHERE category = 'total') AS total
-                 FROM patrimoine_snapshots
-                WHERE date::date > (now() AT TIME ZONE $2)::date - $1::int
-                GROUP BY 1 ORDER BY 1 DESC""",
-            days,
-            settings.timezone,
-        )
+        rows = await daily_totals(pool, days, settings.timezone)
     # The sum of the users' totals, in the base currency the snapshots are written in.
     print(f"{'DATE':<12}{'ROWS':>8}{'USERS':>8}{'TOTAL ' + settings.base_currency:>20}")
     for r in rows:

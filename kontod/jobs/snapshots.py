@@ -55,6 +55,23 @@ async def latest_snapshot_date(db: asyncpg.Pool | Connection) -> date | None:
     return value
 
 
+async def daily_totals(pool: asyncpg.Pool, days: int, timezone: str) -> list[asyncpg.Record]:
+    """Snapshot rows, users and the sum of the users' totals per date over the last ``days``
+    days in ``timezone``, newest first (``kontod history``)."""
+    # date::date and ::numeric read Konto's web app's text dates and float money too.
+    rows: list[asyncpg.Record] = await pool.fetch(
+        """SELECT date::date AS day, count(*) AS snapshot_rows,
+                  count(DISTINCT user_id) AS users,
+                  sum(total_value::numeric) FILTER (WHERE category = 'total') AS total
+             FROM patrimoine_snapshots
+            WHERE date::date > (now() AT TIME ZONE $2)::date - $1::int
+            GROUP BY 1 ORDER BY 1 DESC""",
+        days,
+        timezone,
+    )
+    return rows
+
+
 # Accounts left out of the totals, and the age of each rate, by currency: from the last run's
 # counts (``unconverted_<CUR>``, ``rate_age_days_<CUR>``), so every replica exports the same.
 UNCONVERTED = CountFamily(
