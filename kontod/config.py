@@ -370,7 +370,7 @@ def _parse_thresholds(raw: str) -> tuple[float | None, float | None]:
 def _per_job(
     env: Mapping[str, str], file_values: Mapping[str, Any], prefix: str
 ) -> dict[str, tuple[str, str]]:
-    """Settings named ``<prefix><JOB>``: job name (``DAILY_SNAPSHOTS`` -> ``daily-snapshots``)
+    """Settings named ``<prefix><JOB>``: job name (``NIGHTLY_EXPORT`` -> ``nightly-export``)
     -> (label for errors, raw text); the environment wins over the file."""
     found: dict[str, tuple[str, str]] = {}
     key_prefix = prefix.removeprefix("KONTOD_").lower()

@@ -21,6 +21,7 @@ import aiohttp
 import asyncpg
 import structlog
 from aiohttp import web
+from prometheus_client.registry import CollectorRegistry
 
 from kontod import db
 from kontod.config import Settings, redact_dsn
@@ -30,13 +31,21 @@ from kontod.konto import tokens
 from kontod.ops import pings, suspicion
 from kontod.ops.board import Board
 from kontod.ops.http import GUARD, GuardedSite, HttpLimits, build_app
-from kontod.ops.metrics import Metrics
+from kontod.ops.metrics import (
+    BoardCollector,
+    JobExportsCollector,
+    ProviderInstruments,
+    RunInstruments,
+    RunTableCollector,
+    new_registry,
+)
 from kontod.ops.systemd import Notifier
 from kontod.scheduler import schedule
 from kontod.scheduler.contract import JobSpec
 from kontod.scheduler.history import History
 from kontod.scheduler.retries import RetryPolicy
 from kontod.scheduler.runner import Runner, utcnow
+from kontod.scheduler.runs import JobStats
 
 log = structlog.get_logger("kontod.daemon")
 HTTP_SHUTDOWN_S = 2.0  # open requests get this long once kontod stops
@@ -51,7 +60,9 @@ class Daemon:
         self,
         settings: Settings,
         *,
-        jobs: Callable[[asyncpg.Pool, aiohttp.ClientSession, Metrics | None], list[JobSpec]]
+        jobs: Callable[
+            [asyncpg.Pool, aiohttp.ClientSession, ProviderInstruments | None], list[JobSpec]
+        ]
         | None = None,
         clock: Callable[[], datetime] = utcnow,
         notifier: Notifier | None = None,
@@ -70,7 +81,7 @@ class Daemon:
         self.history: History | None = None
         self.board: Board | None = None
         self.pinger: pings.Pinger | None = None
-        self.metrics: Metrics | None = None
+        self.registry: CollectorRegistry | None = None
         self.site_runner: web.AppRunner | None = None
         self.port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -103,17 +114,20 @@ class Daemon:
             await self._on_migrated(self.pool)
 
         self.http = aiohttp.ClientSession()
-        metrics_ref: list[Metrics] = []
-
-        def observe_request(endpoint: str, code: str, seconds: float) -> None:
-            metrics_ref[0].provider_request(endpoint, code, seconds)
-
+        self.registry = registry = new_registry()
+        provider = ProviderInstruments(registry)
         if self._jobs_factory is not None:
             jobs = self._jobs_factory(self.pool, self.http, None)
         else:
-            jobs = declare_jobs(s, self.pool, self.http, observe_request)
-        self.history = History(
-            self.pool, self.instance, lease_s=s.lease_seconds, history_days=s.history_days
+            jobs = declare_jobs(s, self.pool, self.http, provider.provider_request)
+        names = [spec.name for spec in jobs]
+        instruments = RunInstruments(registry, names)
+        self.history = history = History(
+            self.pool,
+            self.instance,
+            lease_s=s.lease_seconds,
+            history_days=s.history_days,
+            freshness=[probe for spec in jobs for probe in spec.exports.freshness],
         )
         self.runner = Runner(
             self.pool,
@@ -123,33 +137,40 @@ class Daemon:
             clock=self.clock,
             lease_s=s.lease_seconds,
             retry=RetryPolicy(s.retry_attempts, timedelta(seconds=s.retry_delay)),
-            history=self.history,
+            history=history,
+            events=instruments,
         )
-        self.metrics = Metrics(
-            jobs, s.tz, lambda: self.history.stats if self.history else {}, self.clock
-        )
-        metrics_ref.append(self.metrics)
-        self.metrics.next_retry = self.runner.next_retry
-        self.runner.events = self.metrics
         self.history.on_refresh(self._after_housekeeping)
-        names = [spec.name for spec in jobs]
         self.board = Board(
-            self.pool, jobs, s.tz, suspicion.from_settings(names, s.suspicious), self.clock
+            self.pool,
+            jobs,
+            s.tz,
+            suspicion.from_settings(suspicion.populations(jobs), s.suspicious),
+            self.clock,
         )
         self.pinger = pings.Pinger(
             self.http,
             pings.ping_urls(names, s.ping_urls, s.ping_base_url),
-            observe=self.metrics.ping,
+            observe=instruments.ping,
         )
         self.runner.observers += [self.board, self.pinger]
-        self.metrics.watch_board(self.board)
+
+        def stats() -> dict[str, JobStats]:
+            return history.stats
+
+        RunTableCollector(
+            registry, jobs, stats, self.clock, self.board.verdict, self.runner.next_retry
+        )
+        JobExportsCollector(
+            registry, {spec.name: spec.exports for spec in jobs}, s.tz, stats, lambda: history.fresh
+        )
+        BoardCollector(registry, self.board, stats, self.clock)
         await self.runner.prepare()
         await self.board.refresh()
-        self.metrics.latest_snapshot = self.history.latest_snapshot
 
         app = build_app(
             self.runner,
-            self.metrics.registry,
+            registry,
             s.admin_token,
             self.clock,
             board=self.board,
@@ -195,9 +216,6 @@ class Daemon:
         return f"{len(upcoming)} job(s) scheduled; next: {name} at {local}"
 
     def _after_housekeeping(self) -> None:
-        assert self.history is not None
-        if self.metrics is not None:
-            self.metrics.latest_snapshot = self.history.latest_snapshot
         if self.runner is not None:
             self.notifier.status(self.status_line())
 

@@ -18,7 +18,7 @@ import asyncpg
 
 from kontod.config import Settings
 from kontod.daemon import Daemon
-from kontod.ops.metrics import Metrics
+from kontod.ops.metrics import ProviderInstruments
 from kontod.ops.systemd import Notifier
 from kontod.scheduler import schedule
 from kontod.scheduler.contract import JobSpec
@@ -29,7 +29,9 @@ TOKEN = "s3cret-admin-token"
 # A test lasts far less than this: a tick further away than it cannot start during one.
 QUIET_AHEAD = timedelta(days=7)
 
-JobsFactory = Callable[[asyncpg.Pool, aiohttp.ClientSession, Metrics | None], list[JobSpec]]
+JobsFactory = Callable[
+    [asyncpg.Pool, aiohttp.ClientSession, ProviderInstruments | None], list[JobSpec]
+]
 
 
 def settings_for(dsn: str, **changes: object) -> Settings:
@@ -54,7 +56,7 @@ def quieted(jobs: JobsFactory) -> JobsFactory:
     """The same jobs, each on the quiet schedule."""
 
     def build(
-        pool: asyncpg.Pool, http: aiohttp.ClientSession, metrics: Metrics | None
+        pool: asyncpg.Pool, http: aiohttp.ClientSession, metrics: ProviderInstruments | None
     ) -> list[JobSpec]:
         quiet = quiet_schedule()
         return [dataclasses.replace(s, schedule=quiet) for s in jobs(pool, http, metrics)]

@@ -14,7 +14,8 @@ from zoneinfo import ZoneInfo
 import asyncpg
 
 from kontod import db
-from kontod.scheduler.contract import JobBody, JobSpec, RunContext
+from kontod.jobs import REFRESH, SNAPSHOTS, refresh, snapshots
+from kontod.scheduler.contract import JobBody, JobExports, JobSpec, RunContext
 from kontod.scheduler.retries import RetryPolicy
 from kontod.scheduler.runner import Runner, utcnow
 
@@ -120,6 +121,10 @@ def quiet_schedule(now: datetime | None = None) -> str:
     return f"0 12 15 {month} *"
 
 
+# What the real jobs declare, by name (see spec).
+REAL_EXPORTS = {SNAPSHOTS: snapshots.EXPORTS, REFRESH: refresh.EXPORTS}
+
+
 def spec(
     name: str = "test-job",
     body: JobBody | None = None,
@@ -128,7 +133,11 @@ def spec(
     grace: float = 3600,
     max_runtime: float = 60,
     catchup: float = 20 * 3600,
+    exports: JobExports | None = None,
 ) -> JobSpec:
+    """A job spec for tests; one named like a real job declares what that job declares, as
+    the platform knows the real jobs only by their declarations."""
+
     async def nothing(ctx: RunContext) -> None:
         ctx.counts["items_done"] += 1
 
@@ -139,6 +148,7 @@ def spec(
         grace=timedelta(seconds=grace),
         max_runtime=timedelta(seconds=max_runtime),
         catchup_window=timedelta(seconds=catchup),
+        exports=exports if exports is not None else REAL_EXPORTS.get(name, JobExports()),
     )
 
 

@@ -19,18 +19,18 @@ from typing import Any
 import asyncpg
 import structlog
 
-from kontod import __version__, db
+from kontod import __version__, db, jobs
 from kontod.cli import commands
 from kontod.config import ConfigError, Settings, load_settings
-from kontod.jobs import REFRESH, SNAPSHOTS
 from kontod.konto import schema as konto_schema
 from kontod.konto import tokens
 from kontod.logs import configure, watch_loop
 from kontod.ops import suspicion
+from kontod.scheduler.contract import RunStatus, Trigger
 from kontod.scheduler.runlist import STATUSES
 
 log = structlog.get_logger("kontod.cli")
-JOB_NAMES = (SNAPSHOTS, REFRESH)
+JOB_NAMES = jobs.NAMES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,10 +41,10 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="run the daemon (schedules, HTTP, metrics)")
     sub.add_parser("migrate", help="apply the database migrations and exit")
-    jobs = sub.add_parser("jobs", help="work with one job")
-    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    jobs_cmd = sub.add_parser("jobs", help="work with one job")
+    jobs_sub = jobs_cmd.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
     run_one = jobs_sub.add_parser("run", help="run one job now, in this process")
-    run_one.add_argument("name", help="daily-snapshots or refresh-stale-connections")
+    run_one.add_argument("name", help=" or ".join(JOB_NAMES))
     run_one.add_argument("--reason", help="why, recorded with the run")
     upcoming = jobs_sub.add_parser("next", help="the next ticks of a job, local time and UTC")
     upcoming.add_argument("name")
@@ -169,15 +169,14 @@ async def _migrate(settings: Settings) -> int:
 async def _run_job(settings: Settings, name: str, reason: str | None = None) -> int:
     import aiohttp
 
-    from kontod.jobs import declare_jobs
     from kontod.ops import pings
     from kontod.scheduler import pauses
     from kontod.scheduler.runner import Runner, Skipped, utcnow
 
     async with _database(settings) as pool, aiohttp.ClientSession() as http:
-        jobs = declare_jobs(settings, pool, http)
-        names = [spec.name for spec in jobs]
-        runner = Runner(pool, jobs, settings.tz, settings.instance, lease_s=settings.lease_seconds)
+        specs = jobs.declare_jobs(settings, pool, http)
+        names = [spec.name for spec in specs]
+        runner = Runner(pool, specs, settings.tz, settings.instance, lease_s=settings.lease_seconds)
         follow = commands.Follow()
         pinger = pings.Pinger(
             http, pings.ping_urls(names, settings.ping_urls, settings.ping_base_url)
@@ -194,7 +193,7 @@ async def _run_job(settings: Settings, name: str, reason: str | None = None) -> 
             )
         try:
             outcome = await runner.trigger(
-                name, "manual", requested_by=commands.requester(), reason=reason
+                name, Trigger.MANUAL, requested_by=commands.requester(), reason=reason
             )
             if isinstance(outcome, Skipped):
                 print(f"kontod: {name} is already running", file=sys.stderr)
@@ -205,13 +204,13 @@ async def _run_job(settings: Settings, name: str, reason: str | None = None) -> 
             await runner.stop(settings.shutdown_timeout)
             await pinger.drain(pings.DRAIN_S)
         note = ""
-        if status == "success":
-            limits = suspicion.from_settings(names, settings.suspicious)
+        if status == RunStatus.SUCCESS:
+            limits = suspicion.from_settings(suspicion.populations(specs), settings.suspicious)
             verdict = (await suspicion.latest(pool, limits)).get(name)
             if verdict is not None and verdict.suspicious and verdict.run_id == outcome.run_id:
                 note = f" (suspicious: {verdict.reason})"
         print(f"{name}: run {outcome.run_id} {status}{note}")
-        return 0 if status == "success" else 1
+        return 0 if status == RunStatus.SUCCESS else 1
 
 
 async def _runs(settings: Settings, name: str, limit: int, status: str | None) -> int:
@@ -241,7 +240,7 @@ def _next(settings: Settings, name: str, count: int, start: str | None) -> int:
         except ValueError as exc:
             print(commands.visible(f"kontod: --from {exc}"), file=sys.stderr)
             return 2
-    expr = {SNAPSHOTS: settings.snapshot_schedule, REFRESH: settings.refresh_schedule}[name]
+    expr = jobs.schedules(settings)[name]
     commands.print_next(name, expr, settings.tz, now, count)
     return 0
 
@@ -324,18 +323,10 @@ async def _history(settings: Settings, days: int) -> int:
     if days < 1:
         print("kontod: --days must be at least 1", file=sys.stderr)
         return 2
+    from kontod.jobs.snapshots import daily_totals
+
     async with _database(settings) as pool:
-        # date::date and ::numeric read Konto's web app's text dates and float money too.
-        rows = await pool.fetch(
-            """SELECT date::date AS day, count(*) AS snapshot_rows,
-                      count(DISTINCT user_id) AS users,
-                      sum(total_value::numeric) FILTER (WHERE category = 'total') AS total
-                 FROM patrimoine_snapshots
-                WHERE date::date > (now() AT TIME ZONE $2)::date - $1::int
-                GROUP BY 1 ORDER BY 1 DESC""",
-            days,
-            settings.timezone,
-        )
+        rows = await daily_totals(pool, days, settings.timezone)
     # The sum of the users' totals, in the base currency the snapshots are written in.
     print(f"{'DATE':<12}{'ROWS':>8}{'USERS':>8}{'TOTAL ' + settings.base_currency:>20}")
     for r in rows:

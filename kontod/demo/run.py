@@ -16,6 +16,7 @@ from kontod.config import Settings
 from kontod.daemon import Daemon
 from kontod.demo import rates_sandbox, sandbox
 from kontod.konto import tokens
+from kontod.scheduler.contract import Trigger
 from kontod.scheduler.runner import Skipped
 
 log = structlog.get_logger("kontod.demo")
@@ -144,7 +145,7 @@ async def demo(settings: Settings) -> int:
                 task = daemon.runner.active(name)
                 if task is None:
                     outcome = await daemon.runner.trigger(
-                        name, "manual", requested_by="demo", reason="kontod demo start"
+                        name, Trigger.MANUAL, requested_by="demo", reason="kontod demo start"
                     )
                     task = None if isinstance(outcome, Skipped) else outcome.task
                 if task is not None:

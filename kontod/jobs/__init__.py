@@ -16,6 +16,13 @@ from kontod.scheduler.contract import JobBody, JobSpec, RunContext
 
 SNAPSHOTS = "daily-snapshots"
 REFRESH = "refresh-stale-connections"
+# Every job's name, known before anything is wired (the CLI checks a name against them).
+NAMES = (SNAPSHOTS, REFRESH)
+
+
+def schedules(settings: Settings) -> dict[str, str]:
+    """Each job's schedule expression, by name, as the settings give it."""
+    return {SNAPSHOTS: settings.snapshot_schedule, REFRESH: settings.refresh_schedule}
 
 
 def declare_jobs(
@@ -29,7 +36,7 @@ def declare_jobs(
     return [
         JobSpec(
             name=SNAPSHOTS,
-            schedule=settings.snapshot_schedule,
+            schedule=schedules(settings)[SNAPSHOTS],
             body=snapshots.make_body(
                 pool,
                 settings.tz,
@@ -50,16 +57,18 @@ def declare_jobs(
             max_runtime=timedelta(hours=2),
             catchup_window=timedelta(hours=20),
             description="wealth snapshot of every user, once a day",
+            exports=snapshots.EXPORTS,
         ),
         JobSpec(
             name=REFRESH,
-            schedule=settings.refresh_schedule,
+            schedule=schedules(settings)[REFRESH],
             body=refresh_body,
             grace=timedelta(minutes=30),
             max_runtime=timedelta(hours=5),
             catchup_window=timedelta(hours=5),
             description="refresh of stale bank connections through Powens",
             not_configured=refresh_not_configured,
+            exports=refresh.EXPORTS,
         ),
     ]
 

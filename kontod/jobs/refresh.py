@@ -51,7 +51,15 @@ from kontod.providers.powens import (
     ProviderError,
     ProviderTransaction,
 )
-from kontod.scheduler.contract import ClaimLost, Connection, JobBody, RunContext, run_workers
+from kontod.scheduler.contract import (
+    ClaimLost,
+    Connection,
+    CountFamily,
+    JobBody,
+    JobExports,
+    RunContext,
+    run_workers,
+)
 
 COUNT_KEYS = (
     "users",
@@ -100,6 +108,30 @@ STALE_REASONS = (
 )
 STATE_COUNT = "connections_state."
 STALE_COUNT = "stale_accounts_after."
+# Connections by state and stale accounts by reason, as of the last finished refresh. The
+# states that need the user and every reason are exported even at 0, so that rules comparing
+# with an hour or a day ago always have both sides.
+CONNECTIONS = CountFamily(
+    metric="kontod_provider_connections",
+    doc="Active bank connections by Powens state (ok: synced fine) or kontod's error kind,"
+    " as of the last refresh",
+    prefix=STATE_COUNT,
+    label="state",
+    per_job=False,
+    always=("ok", *sorted(NEEDS_USER)),
+    in_run_counts=False,
+)
+STALE = CountFamily(
+    metric="kontod_refresh_stale_accounts",
+    doc="Bank accounts still stale after the last refresh, by reason",
+    prefix=STALE_COUNT,
+    label="reason",
+    per_job=False,
+    always=STALE_REASONS,
+    shown_with=STATE_COUNT,
+    in_run_counts=False,
+)
+EXPORTS = JobExports(families=(CONNECTIONS, STALE))
 HOLD_FIRST = timedelta(days=1)
 HOLD_MAX = timedelta(days=7)
 # Longest a 401 holds a connection unless set otherwise (KONTOD_TOKEN_HOLD).
@@ -1188,13 +1220,13 @@ class _Refresh:
             states = await conn.fetch(self.sql.connection_states)
         counts = self.ctx.counts
         for reason in STALE_REASONS:
-            counts[STALE_COUNT + reason] = 0
+            self.ctx.set_in(STALE, reason, 0)
         for r in reasons:
-            counts[STALE_COUNT + r["reason"]] = r["accounts"]
+            self.ctx.set_in(STALE, r["reason"], r["accounts"])
         counts["stale_accounts_after"] = sum(r["accounts"] for r in reasons)
-        counts[STATE_COUNT + "ok"] = 0  # present even with no connection: the metric exists
+        self.ctx.set_in(CONNECTIONS, "ok", 0)  # present even with no connection: the metric exists
         for r in states:
-            counts[STATE_COUNT + r["state"]] = r["connections"]
+            self.ctx.set_in(CONNECTIONS, r["state"], r["connections"])
 
 
 def _pick(remote: list[ProviderConnection], powens_id: str | None) -> ProviderConnection | None:

@@ -35,7 +35,74 @@ import aiohttp
 import asyncpg
 
 from kontod.providers import rates
-from kontod.scheduler.contract import Connection, JobBody, RunContext, run_workers
+from kontod.scheduler.contract import (
+    Connection,
+    CountFamily,
+    Freshness,
+    JobBody,
+    JobExports,
+    RunContext,
+    run_workers,
+)
+
+
+async def latest_snapshot_date(db: asyncpg.Pool | Connection) -> date | None:
+    """The newest date in patrimoine_snapshots (an index-only look-up).
+
+    The cast is outside max(): Konto's web app stores the date as ISO text, whose order is
+    the dates' order, and the index on the column still serves max().
+    """
+    value: date | None = await db.fetchval("SELECT max(date)::date FROM patrimoine_snapshots")
+    return value
+
+
+async def daily_totals(pool: asyncpg.Pool, days: int, timezone: str) -> list[asyncpg.Record]:
+    """Snapshot rows, users and the sum of the users' totals per date over the last ``days``
+    days in ``timezone``, newest first (``kontod history``)."""
+    # date::date and ::numeric read Konto's web app's text dates and float money too.
+    rows: list[asyncpg.Record] = await pool.fetch(
+        """SELECT date::date AS day, count(*) AS snapshot_rows,
+                  count(DISTINCT user_id) AS users,
+                  sum(total_value::numeric) FILTER (WHERE category = 'total') AS total
+             FROM patrimoine_snapshots
+            WHERE date::date > (now() AT TIME ZONE $2)::date - $1::int
+            GROUP BY 1 ORDER BY 1 DESC""",
+        days,
+        timezone,
+    )
+    return rows
+
+
+# Accounts left out of the totals, and the age of each rate, by currency: from the last run's
+# counts (``unconverted_<CUR>``, ``rate_age_days_<CUR>``), so every replica exports the same.
+UNCONVERTED = CountFamily(
+    metric="kontod_snapshot_unconverted_accounts",
+    doc="Accounts the last snapshot left out of the totals for want of a usable rate",
+    prefix="unconverted_",
+    label="currency",
+)
+RATE_AGE = CountFamily(
+    metric="kontod_snapshot_rate_age_seconds",
+    doc="Age, at the last snapshot's date, of the newest stored rate of each currency in use",
+    prefix="rate_age_days_",
+    label="currency",
+    scale=86400.0,
+)
+EXPORTS = JobExports(
+    families=(UNCONVERTED, RATE_AGE),
+    freshness=(
+        Freshness(
+            metric="kontod_snapshot_latest_date_timestamp_seconds",
+            doc="Midnight, in kontod's zone, of the newest date in patrimoine_snapshots",
+            probe=latest_snapshot_date,
+        ),
+    ),
+    # A snapshot takes every user: a run that finds none, or far fewer than the last time,
+    # reads the wrong or an emptied database.
+    population="users",
+    # The web app's dashboard button, which predates kontod's /jobs/{name}/run.
+    trigger_paths=("/api/dashboard/snapshot",),
+)
 
 # How each column type is read or written. Only these fragments ever enter the statement.
 _VISIBLE = {
@@ -452,7 +519,7 @@ def rate_counts(report: rates.RateReport) -> dict[str, int]:
     }
     for cur, rate in report.currencies.items():
         if rate.age_days is not None:
-            counts[f"rate_age_days_{cur}"] = rate.age_days
+            counts[RATE_AGE.key(cur)] = rate.age_days
             if not rate.fetched:
                 counts[f"rate_fallback_{cur}"] = 1
     return counts
@@ -541,11 +608,7 @@ async def take_snapshots(
     ctx.report_progress(0, expected)
     batch = _Batch(ctx, batch_sql(cols), check_sql(cols) if held else None, day, conv)
     await run_workers(batch.worker(pool, iter(id_ranges(bounds)), expected), workers, "snapshots")
-    unconverted = {
-        key.removeprefix("unconverted_"): n
-        for key, n in ctx.counts.items()
-        if key.startswith("unconverted_")
-    }
+    unconverted = UNCONVERTED.values(ctx.counts) or {}
     if unconverted:
         ctx.log.warning("snapshots.unconverted", base=conv.base, accounts=unconverted)
     ctx.log.info(
@@ -638,7 +701,7 @@ def batch_counts(row: asyncpg.Record | Mapping[str, Any]) -> Counter[str]:
     for cur, n in zip(
         row["unconverted_currencies"] or [], row["unconverted_accounts"] or [], strict=True
     ):
-        c[f"unconverted_{cur}"] += n
+        c[UNCONVERTED.key(cur)] += n
         c["items_unconverted"] += n
     return c
 

@@ -106,7 +106,7 @@ class Board:
         self.tz = tz
         self.clock = clock
         names = [spec.name for spec in jobs]
-        self.thresholds = suspicion.for_jobs(names, thresholds or {})
+        self.thresholds = suspicion.for_jobs(suspicion.populations(jobs), thresholds or {})
         self.pauses = PauseCache(pool, names)
         self.suspicions: dict[str, Suspicion] = {}
         self.runs: dict[str, list[runlist.Run]] = {}

@@ -7,8 +7,8 @@ from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from kontod.scheduler import schedule
-from kontod.scheduler.contract import JobSpec
-from kontod.scheduler.runs import FAILED_STATUSES, JobStats
+from kontod.scheduler.contract import FAILED_STATUSES, JobSpec, RunStatus
+from kontod.scheduler.runs import JobStats
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,9 @@ def assess(
         return Verdict(False, f"last run ended with {stats.last_status}", last_tick, next_tick)
     newest = stats.latest_attempt
     if (
-        stats.last_status == "running"
+        stats.last_status == RunStatus.RUNNING
         and newest is not None
-        and newest.status == "running"
+        and newest.status == RunStatus.RUNNING
         and newest.attempt > 1
         and newest.tick == last_tick
     ):
@@ -57,7 +57,7 @@ def assess(
             last_tick,
             next_tick,
         )
-    if stats.last_status == "running":
+    if stats.last_status == RunStatus.RUNNING:
         since = stats.running_since or stats.last_started_at
         if max_runtime is not None and since is not None and now - since > max_runtime:
             # kontod stops runs at that limit: one still going means nobody is watching it.

@@ -23,11 +23,11 @@ from kontod.ops import status_page
 from kontod.ops.board import Board, JobView
 from kontod.ops.health import assess_job
 from kontod.scheduler import pauses, runs
+from kontod.scheduler.contract import SkipReason, Trigger
 from kontod.scheduler.runner import Runner, Skipped, UnknownJob
 
 log = structlog.get_logger("kontod.http")
 RUNNER: web.AppKey[Runner] = web.AppKey("runner", Runner)
-SNAPSHOT_JOB = "daily-snapshots"
 MAX_BODY = 64 * 1024  # bytes: the largest body an endpoint needs is a pause of a few fields
 MAX_TEXT = 1000  # characters in a string field (a reason, a name)
 CAP_LOG_EVERY_S = 60.0
@@ -280,11 +280,14 @@ def build_app(
         body = await _json_body(request, limits.header_timeout_s)
         try:
             outcome = await runner.trigger(
-                name, "manual", requested_by=f"http {request.remote}", reason=body.get("reason")
+                name,
+                Trigger.MANUAL,
+                requested_by=f"http {request.remote}",
+                reason=body.get("reason"),
             )
         except UnknownJob:
             raise fail(web.HTTPNotFound, f"no job named {shown(name)}", "name") from None
-        if isinstance(outcome, Skipped) and outcome.reason == "stopping":
+        if isinstance(outcome, Skipped) and outcome.reason == SkipReason.STOPPING:
             return web.json_response({"error": "kontod is stopping"}, status=503)
         if isinstance(outcome, Skipped):
             return web.json_response(
@@ -296,8 +299,11 @@ def build_app(
     async def run_job(request: web.Request) -> web.Response:
         return await start_run(request, request.match_info["name"])
 
-    async def dashboard_snapshot(request: web.Request) -> web.Response:
-        return await start_run(request, SNAPSHOT_JOB)
+    def run_of(name: str) -> Handler:
+        async def handler(request: web.Request) -> web.Response:
+            return await start_run(request, name)
+
+        return handler
 
     async def job_runs(request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -392,7 +398,10 @@ def build_app(
     app.router.add_get("/api/health/cron", health_cron)
     app.router.add_get("/metrics", make_aiohttp_handler(registry))
     app.router.add_post("/jobs/{name}/run", run_job)
-    app.router.add_post("/api/dashboard/snapshot", dashboard_snapshot)
+    # The further trigger routes jobs declare (an older client's own), after the generic one.
+    for spec in runner.jobs.values():
+        for path in spec.exports.trigger_paths:
+            app.router.add_post(path, run_of(spec.name))
     app.router.add_get("/jobs/{name}/runs", job_runs)
     return app
 

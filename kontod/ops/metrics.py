@@ -1,14 +1,18 @@
-"""Prometheus metrics on a registry of kontod's own.
+"""Prometheus metrics on a registry of kontod's own, in two kinds of parts.
 
-Run and error counts, last success and the state of each job come from the run table (through
-the runner's cache of it), so they are right after a restart and the same on every replica.
-Durations, items, skipped ticks and provider requests are counted by this process.
+Instruments are pushed to as things happen in this process: durations, items, skipped ticks
+and pings (``RunInstruments``, the runner's event sink) and provider requests
+(``ProviderInstruments``, the provider client's observer). Collectors read on each scrape:
+run and error counts, last success and the state of each job from the run table (through the
+history's cache of it, so they are right after a restart and the same on every replica), what
+each job declares it exports (``JobExportsCollector``), and the board. Each part is built with
+its constructor arguments and registers itself on the registry it is given.
 """
 
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import date, datetime, time
 from zoneinfo import ZoneInfo
 
@@ -25,149 +29,106 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kontod import __version__
-from kontod.jobs.refresh import NEEDS_USER, STALE_COUNT, STALE_REASONS, STATE_COUNT
 from kontod.ops.board import Board
-from kontod.ops.health import Verdict, assess_job
-from kontod.scheduler.contract import JobSpec
+from kontod.ops.health import Verdict
+from kontod.scheduler.contract import CountFamily, JobExports, JobSpec, RunStatus, SkipReason
 from kontod.scheduler.runs import JobStats
 
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 21600)
 PROVIDER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-SKIP_REASONS = ("overlap", "claimed", "paused")
+# The reasons a scheduled tick is skipped (``stopping`` is not counted: the process is ending).
+SKIP_REASONS = (SkipReason.OVERLAP, SkipReason.CLAIMED, SkipReason.PAUSED)
+
+Stats = Callable[[], Mapping[str, JobStats]]
+Clock = Callable[[], datetime]
 
 
-class Metrics:
-    """Every kontod metric; also the runner's event sink and the provider client's observer."""
+def new_registry() -> CollectorRegistry:
+    """An empty registry of kontod's own, with the process, platform and GC metrics."""
+    # The *_created series add nothing kontod's rules or dashboard use.
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # the library leaves it unannotated
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(_BuildInfo())
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(_Forward(collector))
+    return registry
 
-    def __init__(
-        self,
-        jobs: list[JobSpec],
-        tz: ZoneInfo,
-        stats: Callable[[], Mapping[str, JobStats]],
-        clock: Callable[[], datetime],
-    ) -> None:
-        # The *_created series add nothing kontod's rules or dashboard use.
-        self.stats_source = stats
-        self.clock = clock
-        disable_created_metrics()  # type: ignore[no-untyped-call]  # the library leaves it unannotated
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.latest_snapshot: date | None = None
+
+class RunInstruments:
+    """What this process counts of its runs: the runner's event sink and the pinger's observer."""
+
+    def __init__(self, registry: CollectorRegistry, jobs: Sequence[str]) -> None:
         self.duration = Histogram(
             "kontod_job_duration_seconds",
             "Run duration of each job",
             ["job_name"],
             buckets=DURATION_BUCKETS,
-            registry=self.registry,
+            registry=registry,
         )
         self.items = Counter(
             "kontod_job_items",
             "Items processed by jobs, by outcome",
             ["job_name", "outcome"],
-            registry=self.registry,
+            registry=registry,
         )
         self.skipped = Counter(
             "kontod_job_ticks_skipped",
             "Scheduled ticks this process did not run, by reason",
             ["job_name", "reason"],
-            registry=self.registry,
-        )
-        self.provider_requests = Counter(
-            "kontod_provider_requests",
-            "HTTP requests to the bank provider, by endpoint and status code",
-            ["endpoint", "code"],
-            registry=self.registry,
-        )
-        self.provider_duration = Histogram(
-            "kontod_provider_request_duration_seconds",
-            "Duration of HTTP requests to the bank provider",
-            ["endpoint"],
-            buckets=PROVIDER_BUCKETS,
-            registry=self.registry,
+            registry=registry,
         )
         self.pings = Counter(
             "kontod_pings",
             "Pings sent to the outside dead man's switch, by kind and outcome (after retries)",
             ["job_name", "kind", "outcome"],
-            registry=self.registry,
+            registry=registry,
         )
-        # When the newest tick of a job is tried again; the daemon sets the runner's.
-        self.next_retry: Callable[[str, JobStats, datetime], datetime | None] = (
-            lambda job, st, now: None
-        )
-        # The health verdict of a job; the daemon replaces it with the board's (pauses).
-        self.verdict: Callable[[JobSpec, JobStats, datetime], Verdict] = lambda spec, st, now: (
-            assess_job(spec, tz, st, now)
-        )
-        for spec in jobs:
-            self.duration.labels(spec.name)
+        for name in jobs:
+            self.duration.labels(name)
             for reason in SKIP_REASONS:
-                self.skipped.labels(spec.name, reason)
-        self.registry.register(_JobCollector(jobs, tz, stats, clock, self))
-        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
-            self.registry.register(_Forward(collector))
+                self.skipped.labels(name, reason)
 
     # RunEvents
     def run_finished(
         self, job: str, status: str, duration_s: float, counts: Mapping[str, int]
     ) -> None:
+        """A run of ``job`` ended here: its duration and items by outcome."""
         self.duration.labels(job).observe(duration_s)
         for key, value in counts.items():
             if key.startswith("items_") and value > 0:
                 self.items.labels(job, key.removeprefix("items_")).inc(value)
 
     def tick_skipped(self, job: str, reason: str) -> None:
+        """A scheduled tick of ``job`` started no run here, for ``reason``."""
         self.skipped.labels(job, reason).inc()
 
     def ping(self, job: str, kind: str, outcome: str) -> None:
+        """A ping of ``job`` was sent (or given up)."""
         self.pings.labels(job, kind, outcome).inc()
 
-    def watch_board(self, board: Board) -> None:
-        """Export the board's state (pauses, suspicious success, progress) and its verdicts."""
-        self.verdict = board.verdict
-        self.registry.register(_BoardCollector(board, self.stats_source, self.clock))
 
-    # Provider client observer
+class ProviderInstruments:
+    """HTTP requests to the bank provider: the provider client's observer."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "kontod_provider_requests",
+            "HTTP requests to the bank provider, by endpoint and status code",
+            ["endpoint", "code"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "kontod_provider_request_duration_seconds",
+            "Duration of HTTP requests to the bank provider",
+            ["endpoint"],
+            buckets=PROVIDER_BUCKETS,
+            registry=registry,
+        )
+
     def provider_request(self, endpoint: str, code: str, seconds: float) -> None:
-        self.provider_requests.labels(endpoint, code).inc()
-        self.provider_duration.labels(endpoint).observe(seconds)
-
-
-def _refresh_families(all_stats: Mapping[str, JobStats]) -> Iterator[GaugeMetricFamily]:
-    """Connections by state and stale accounts by reason, as of the last finished refresh.
-
-    Read from the run's stored counts, so every replica exports the same values after a
-    restart; the states that need the user and every reason are exported even at 0, so that
-    rules comparing with an hour or a day ago always have both sides.
-    """
-    connections = GaugeMetricFamily(
-        "kontod_provider_connections",
-        "Active bank connections by Powens state (ok: synced fine) or kontod's error kind,"
-        " as of the last refresh",
-        labels=["state"],
-    )
-    stale = GaugeMetricFamily(
-        "kontod_refresh_stale_accounts",
-        "Bank accounts still stale after the last refresh, by reason",
-        labels=["reason"],
-    )
-    last: Mapping[str, int] = {}
-    for stats in all_stats.values():
-        if any(key.startswith(STATE_COUNT) for key in stats.last_counts):
-            last = stats.last_counts
-    if last:
-        by_state = dict.fromkeys(("ok", *sorted(NEEDS_USER)), 0)
-        by_reason = dict.fromkeys(STALE_REASONS, 0)
-        for key, value in last.items():
-            if key.startswith(STATE_COUNT):
-                by_state[key.removeprefix(STATE_COUNT)] = value
-            elif key.startswith(STALE_COUNT):
-                by_reason[key.removeprefix(STALE_COUNT)] = value
-        for state, value in sorted(by_state.items()):
-            connections.add_metric([state], value)
-        for reason, value in sorted(by_reason.items()):
-            stale.add_metric([reason], value)
-    yield connections
-    yield stale
+        """One request (one attempt) to ``endpoint`` answered ``code`` in ``seconds``."""
+        self.requests.labels(endpoint, code).inc()
+        self.duration.labels(endpoint).observe(seconds)
 
 
 class _Forward(Collector):
@@ -186,20 +147,26 @@ def _ts(value: datetime | None) -> float | None:
     return value.timestamp() if value is not None else None
 
 
-class _JobCollector(Collector):
+class RunTableCollector(Collector):
+    """Each job's runs, errors, last outcome, ticks, limits and health, read on scrape from
+    the run table's cached stats; ``verdict`` and ``next_retry`` are the board's and the
+    runner's."""
+
     def __init__(
         self,
-        jobs: list[JobSpec],
-        tz: ZoneInfo,
-        stats: Callable[[], Mapping[str, JobStats]],
-        clock: Callable[[], datetime],
-        metrics: Metrics,
+        registry: CollectorRegistry,
+        jobs: Sequence[JobSpec],
+        stats: Stats,
+        clock: Clock,
+        verdict: Callable[[JobSpec, JobStats, datetime], Verdict],
+        next_retry: Callable[[str, JobStats, datetime], datetime | None],
     ) -> None:
-        self.jobs = jobs
-        self.tz = tz
+        self.jobs = list(jobs)
         self.stats = stats
         self.clock = clock
-        self.metrics = metrics
+        self.verdict = verdict
+        self.next_retry = next_retry
+        registry.register(self)
 
     def collect(self) -> Iterator[object]:  # type: ignore[override]
         now = self.clock()
@@ -246,7 +213,7 @@ class _JobCollector(Collector):
         )
         for spec in self.jobs:
             st = all_stats.get(spec.name, JobStats())
-            verdict = self.metrics.verdict(spec, st, now)
+            verdict = self.verdict(spec, st, now)
             name = [spec.name]
             runs.add_metric(name, st.runs)
             errors.add_metric(name, st.errors)
@@ -259,7 +226,9 @@ class _JobCollector(Collector):
                 if value is not None:
                     family.add_metric(name, value)
             if st.last_finished_status is not None:
-                last_ok.add_metric(name, 1.0 if st.last_finished_status == "success" else 0.0)
+                last_ok.add_metric(
+                    name, 1.0 if st.last_finished_status == RunStatus.SUCCESS else 0.0
+                )
             running.add_metric(name, 1.0 if st.running_since else 0.0)
             last_tick.add_metric(name, verdict.last_tick.timestamp())
             next_tick.add_metric(name, verdict.next_tick.timestamp())
@@ -267,72 +236,101 @@ class _JobCollector(Collector):
             max_runtime.add_metric(name, spec.max_runtime.total_seconds())
             configured.add_metric(name, 0.0 if spec.not_configured else 1.0)
             healthy.add_metric(name, 1.0 if verdict.healthy else 0.0)
-            retry_at = _ts(self.metrics.next_retry(spec.name, st, now))
+            retry_at = _ts(self.next_retry(spec.name, st, now))
             if retry_at is not None:
                 next_retry.add_metric(name, retry_at)
+            # A family the job exports on its own only is left out of the plain counts.
+            own = tuple(f.prefix for f in spec.exports.families if not f.in_run_counts)
             for key, value in sorted(st.last_counts.items()):
-                if not key.startswith((STATE_COUNT, STALE_COUNT)):
+                if not (own and key.startswith(own)):
                     counts.add_metric([spec.name, key], value)
         yield from (runs, errors, last_success, last_finished, last_ok, running, running_since)
         yield from (last_tick, next_tick, grace, max_runtime, registered, configured, healthy)
         yield next_retry
         yield counts
-        yield from _refresh_families(all_stats)
-        yield from _conversion_families(self.jobs, all_stats)
 
+
+class JobExportsCollector(Collector):
+    """What each job declares it exports (``JobExports``), read on scrape: its count families
+    from its last finished run's counts, and its freshness from the history's last probe.
+
+    ``exports`` maps each job's name to its declarations; ``freshness`` gives each probe's
+    last reading by metric name.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        exports: Mapping[str, JobExports],
+        tz: ZoneInfo,
+        stats: Stats,
+        freshness: Callable[[], Mapping[str, date | datetime | None]],
+    ) -> None:
+        self.exports = dict(exports)
+        self.tz = tz
+        self.stats = stats
+        self.freshness = freshness
+        registry.register(self)
+
+    def collect(self) -> Iterator[object]:  # type: ignore[override]
+        all_stats = self.stats()
+        # One metric family per name, whichever jobs declare it, in declaration order.
+        families: dict[str, tuple[CountFamily, GaugeMetricFamily]] = {}
+        owners: dict[str, list[str]] = {}
+        for job, exports in self.exports.items():
+            for fam in exports.families:
+                if fam.metric not in families:
+                    labels = ["job_name", fam.label] if fam.per_job else [fam.label]
+                    families[fam.metric] = (
+                        fam,
+                        GaugeMetricFamily(fam.metric, fam.doc, labels=labels),
+                    )
+                owners.setdefault(fam.metric, []).append(job)
+        for metric, (fam, family) in families.items():
+            if fam.per_job:
+                for job in owners[metric]:
+                    values = fam.values(all_stats.get(job, JobStats()).last_counts) or {}
+                    for value, n in sorted(values.items()):
+                        family.add_metric([job, value], n * fam.scale)
+            else:
+                # One job owns the metric: the last declaring job that exported it wins.
+                found: dict[str, int] | None = None
+                for job in owners[metric]:
+                    found = fam.values(all_stats.get(job, JobStats()).last_counts) or found
+                for value, n in sorted((found or {}).items()):
+                    family.add_metric([value], n * fam.scale)
+            yield family
+        readings = self.freshness()
+        for exports in self.exports.values():
+            for probe in exports.freshness:
+                gauge = GaugeMetricFamily(probe.metric, probe.doc)
+                at = readings.get(probe.metric)
+                if isinstance(at, datetime):
+                    gauge.add_metric([], at.timestamp())
+                elif at is not None:
+                    gauge.add_metric([], datetime.combine(at, time(), self.tz).timestamp())
+                yield gauge
+
+
+class _BuildInfo(Collector):
+    def collect(self) -> Iterator[object]:  # type: ignore[override]
         info = GaugeMetricFamily(
             "kontod_build_info", "kontod version and Python", labels=["version", "python"]
         )
         info.add_metric([__version__, platform.python_version()], 1.0)
         yield info
-        latest = GaugeMetricFamily(
-            "kontod_snapshot_latest_date_timestamp_seconds",
-            "Midnight, in kontod's zone, of the newest date in patrimoine_snapshots",
-        )
-        if self.metrics.latest_snapshot is not None:
-            midnight = datetime.combine(self.metrics.latest_snapshot, time(), self.tz)
-            latest.add_metric([], midnight.timestamp())
-        yield latest
 
 
-def _conversion_families(
-    jobs: list[JobSpec], all_stats: Mapping[str, JobStats]
-) -> Iterator[GaugeMetricFamily]:
-    """Unconverted accounts and rate ages by currency, from the last run's counts
-    (``unconverted_<CUR>``, ``rate_age_days_<CUR>``), so every replica exports the same."""
-    unconverted = GaugeMetricFamily(
-        "kontod_snapshot_unconverted_accounts",
-        "Accounts the last snapshot left out of the totals for want of a usable rate",
-        labels=["job_name", "currency"],
-    )
-    age = GaugeMetricFamily(
-        "kontod_snapshot_rate_age_seconds",
-        "Age, at the last snapshot's date, of the newest stored rate of each currency in use",
-        labels=["job_name", "currency"],
-    )
-    for spec in jobs:
-        counts = all_stats.get(spec.name, JobStats()).last_counts
-        for key, value in sorted(counts.items()):
-            if key.startswith("unconverted_"):
-                unconverted.add_metric([spec.name, key.removeprefix("unconverted_")], value)
-            elif key.startswith("rate_age_days_"):
-                age.add_metric([spec.name, key.removeprefix("rate_age_days_")], value * 86400.0)
-    yield unconverted
-    yield age
-
-
-class _BoardCollector(Collector):
+class BoardCollector(Collector):
     """What operators set and see beside the run history: pauses, suspicion, progress."""
 
     def __init__(
-        self,
-        board: Board,
-        stats: Callable[[], Mapping[str, JobStats]],
-        clock: Callable[[], datetime],
+        self, registry: CollectorRegistry, board: Board, stats: Stats, clock: Clock
     ) -> None:
         self.board = board
         self.stats = stats
         self.clock = clock
+        registry.register(self)
 
     def collect(self) -> Iterator[object]:  # type: ignore[override]
         now = self.clock()

@@ -25,7 +25,7 @@ import structlog
 from kontod.config import ConfigError
 from kontod.providers.answers import read_prefix
 from kontod.providers.backoff import Backoff, Transient, transient_status
-from kontod.scheduler.contract import RunContext
+from kontod.scheduler.contract import LOST, RunContext, RunStatus
 
 BODY_LIMIT = 10_000  # bytes; what Healthchecks stores of a ping body by default
 ATTEMPTS = 4
@@ -173,7 +173,7 @@ class Pinger:
     def run_ended(self, ctx: RunContext, status: str, error: str | None, duration_s: float) -> None:
         """A run ended: send its success or /fail ping with its summary. A run that lost its
         claim sends nothing: the replica that takes it over pings for it."""
-        if status == "lost":
+        if status == LOST:
             self._starts.pop(ctx.run_id, None)
             return
         self.finished(
@@ -187,7 +187,7 @@ class Pinger:
             return
         start = self._starts.pop(summary.run_id, None)
         kind, target = (
-            ("success", url) if summary.status == "success" else ("fail", _at(url, "/fail"))
+            ("success", url) if summary.status == RunStatus.SUCCESS else ("fail", _at(url, "/fail"))
         )
 
         async def after_start() -> bool:

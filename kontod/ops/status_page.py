@@ -11,16 +11,17 @@ from html import escape
 from zoneinfo import ZoneInfo
 
 from kontod.ops.board import BARS, JobView
+from kontod.scheduler.contract import RunStatus
 from kontod.scheduler.runlist import Run
 
 # What the page may load: its own inline style and data: URLs, nothing else.
 CONTENT_SECURITY_POLICY = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
-COLOURS = {
-    "success": "#2e7d32",
-    "error": "#c62828",
-    "timeout": "#ad1457",
-    "interrupted": "#ef6c00",
-    "running": "#1565c0",
+COLOURS: dict[str, str] = {
+    RunStatus.SUCCESS: "#2e7d32",
+    RunStatus.ERROR: "#c62828",
+    RunStatus.TIMEOUT: "#ad1457",
+    RunStatus.INTERRUPTED: "#ef6c00",
+    RunStatus.RUNNING: "#1565c0",
 }
 BAR_W, BAR_GAP, CHART_H = 7, 2, 44
 

@@ -2,8 +2,8 @@
 
 A successful scheduled run is compared with the median of the job's previous successful
 scheduled runs (up to ``HISTORY``): below ``duration`` times the median duration, or below
-``items`` times the median number of items, it is suspicious. A job that counts what it found
-(its population: the users of a snapshot) is also suspicious, whatever its trigger and history,
+``items`` times the median number of items, it is suspicious. A job that declares the count of what it
+found (its population, ``JobExports.population``) is also suspicious, whatever its trigger and history,
 when a success found none, or fewer than ``items`` times what the job's previous success found.
 The verdicts are pure functions; ``latest`` reads what they need for every job in one statement.
 """
@@ -19,11 +19,9 @@ from typing import Any
 
 from kontod.config import ConfigError
 from kontod.db import Executor
+from kontod.scheduler.contract import JobSpec, RunStatus, Trigger
 
 HISTORY = 20
-# Per job, the count of the items it found to work on. daily-snapshots takes every user: a run
-# that finds none, or far fewer than the last time, reads the wrong or an emptied database.
-POPULATIONS = {"daily-snapshots": "users"}
 
 
 @dataclass(frozen=True)
@@ -36,7 +34,7 @@ class Thresholds:
     min_history: int = 5
     # Below this median, durations are timing noise rather than work done.
     min_median_duration_s: float = 1.0
-    # The count of what the job found (see POPULATIONS); None: the job has none.
+    # The count of what the job found (its declared population); None: the job has none.
     population: str | None = None
 
 
@@ -114,8 +112,8 @@ def assess_population(found: int | None, before: int | None, thresholds: Thresho
 # Per job: its last finished run, the success before it (any trigger), and, when the last run
 # succeeded on schedule, the scheduled successes before it. A manual run is not judged on its
 # duration and items: a re-run after a scheduled one often has less to do (the refresh finds
-# fewer stale accounts), and that is no sign of trouble. Its population is judged: a snapshot
-# takes every user, whoever asks for it.
+# fewer stale accounts), and that is no sign of trouble. Its population is judged: a job that
+# declares one takes all of it, whoever asks for the run.
 LATEST_SQL = """
 SELECT j.name, last.id, last.status, last.trigger, last.duration_s, last.counts, prev.runs,
        before.counts AS before_counts
@@ -149,13 +147,13 @@ async def latest(
     rows = await db.fetch(LATEST_SQL, list(thresholds) or [], HISTORY)
     out: dict[str, Suspicion] = {}
     for r in rows:
-        if r["status"] != "success":
+        if r["status"] != RunStatus.SUCCESS:
             out[r["name"]] = Suspicion(run_id=r["id"])
             continue
         limits = thresholds.get(r["name"], default)
         counts = _counts(r["counts"])
         verdict = Suspicion()
-        if r["trigger"] != "manual":
+        if r["trigger"] != Trigger.MANUAL:
             run = Sample(r["duration_s"], items_of(counts))
             previous = [
                 Sample(float(p["d"]), items_of(_counts(p["c"]))) for p in _json(r["runs"]) or []
@@ -175,23 +173,31 @@ async def latest(
     return out
 
 
-def for_jobs(names: Iterable[str], overrides: Mapping[str, Thresholds]) -> dict[str, Thresholds]:
-    """The thresholds of each job: its own when set, else the defaults; with the count of
-    what the job finds (POPULATIONS) unless they name one."""
+def populations(jobs: Iterable[JobSpec]) -> dict[str, str | None]:
+    """Each job's declared population count, by job name (None: it declares none)."""
+    return {spec.name: spec.exports.population for spec in jobs}
+
+
+def for_jobs(
+    jobs: Mapping[str, str | None], overrides: Mapping[str, Thresholds]
+) -> dict[str, Thresholds]:
+    """The thresholds of each job (``jobs``: its population count by name): its own when set,
+    else the defaults; with the job's population unless they name one."""
     out = {}
-    for name in names:
+    for name, population in jobs.items():
         limits = overrides.get(name, Thresholds())
-        if limits.population is None and name in POPULATIONS:
-            limits = dataclasses.replace(limits, population=POPULATIONS[name])
+        if limits.population is None and population is not None:
+            limits = dataclasses.replace(limits, population=population)
         out[name] = limits
     return out
 
 
 def from_settings(
-    names: Iterable[str], configured: Mapping[str, tuple[float | None, float | None]]
+    jobs: Mapping[str, str | None], configured: Mapping[str, tuple[float | None, float | None]]
 ) -> dict[str, Thresholds]:
-    """Thresholds from ``KONTOD_SUSPICIOUS_<JOB>`` settings; ConfigError for an unknown job."""
-    known = list(names)
+    """Thresholds from ``KONTOD_SUSPICIOUS_<JOB>`` settings (``jobs``: each job's population
+    count by name, see ``populations``); ConfigError for an unknown job."""
+    known = list(jobs)
     out: dict[str, Thresholds] = {}
     for job, (duration, items) in configured.items():
         if job not in known:
@@ -203,7 +209,7 @@ def from_settings(
             duration=default.duration if duration is None else duration,
             items=default.items if items is None else items,
         )
-    return for_jobs(known, out)
+    return for_jobs(jobs, out)
 
 
 def _json(raw: Any) -> Any:

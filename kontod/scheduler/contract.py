@@ -1,14 +1,20 @@
-"""The contract between the runner and a job: what a job declares and what a run hands it."""
+"""The contract between the runner and a job: what a job declares and what a run hands it.
+
+Besides its body and schedule, a job declares as plain data what it exports beyond its plain
+counts (``JobExports``): the platform renders any job's declarations and names none itself.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
+import asyncpg
 import structlog
 
 from kontod.db import Connection as Connection  # the jobs take it from their contract
@@ -19,6 +25,112 @@ class ClaimLost(Exception):
 
 
 Fence = Callable[[Connection], Awaitable[None]]
+
+
+class RunStatus(StrEnum):
+    """The status of a run as the run table stores it."""
+
+    RUNNING = "running"
+    SUCCESS = "success"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    INTERRUPTED = "interrupted"
+
+
+# The statuses that count as a failed run.
+FAILED_STATUSES = (RunStatus.ERROR, RunStatus.TIMEOUT, RunStatus.INTERRUPTED)
+# How the observers hear of a run that lost its claim: it records nothing, so it has no
+# stored status.
+LOST = "lost"
+
+
+class Trigger(StrEnum):
+    """Why a run was started, as the run table stores it."""
+
+    SCHEDULE = "schedule"  # its tick came while the runner waited for it
+    CATCHUP = "catchup"  # a recent tick without a run, found at start or after a gap
+    TAKEOVER = "takeover"  # the tick's run was interrupted (its owner stopped or vanished)
+    RETRY = "retry"  # the tick's run failed and the retry policy tries again
+    MANUAL = "manual"  # someone asked (HTTP, CLI, demo)
+
+
+class SkipReason(StrEnum):
+    """Why a tick or a manual request started no run."""
+
+    OVERLAP = "overlap"  # another run of the job goes on
+    CLAIMED = "claimed"  # another replica has this tick, running or ended
+    PAUSED = "paused"  # the job is paused (scheduled ticks only)
+    STOPPING = "stopping"  # this kontod is shutting down
+
+
+@dataclass(frozen=True)
+class CountFamily:
+    """Counts of a run that share a prefix and differ by one label value (``<prefix><value>``),
+    exported as one metric family with that label.
+
+    The run stores them under ``key(value)`` like any count; the metric is read from the last
+    finished run's counts, so every replica exports the same values after a restart.
+    """
+
+    metric: str
+    doc: str
+    prefix: str
+    label: str
+    # Whether the family carries a ``job_name`` label (False: one job owns the metric).
+    per_job: bool = True
+    # Label values exported at 0 when the run has none, so that rules comparing with an hour
+    # or a day ago always have both sides.
+    always: tuple[str, ...] = ()
+    # Factor from the stored count to the metric's unit (days to seconds, say).
+    scale: float = 1.0
+    # The family is exported only when the run has a count starting with this prefix (None:
+    # the family's own prefix): a run that did not get that far exports nothing stale.
+    shown_with: str | None = None
+    # Whether these counts also appear in ``kontod_job_last_run_counts``.
+    in_run_counts: bool = True
+
+    def key(self, value: str) -> str:
+        """The count under which the run stores the value for ``value``."""
+        return self.prefix + value
+
+    def values(self, counts: Mapping[str, int]) -> dict[str, int] | None:
+        """The family's values by label in ``counts`` (with the ``always`` ones), or None
+        when the run exported none."""
+        gate = self.shown_with or self.prefix
+        if not any(key.startswith(gate) for key in counts):
+            return None
+        out = dict.fromkeys(self.always, 0)
+        for key, value in counts.items():
+            if key.startswith(self.prefix):
+                out[key.removeprefix(self.prefix)] = value
+        return out
+
+
+# Reads how fresh a job's output is (the newest date it wrote), None when there is none.
+Probe = Callable[[asyncpg.Pool], Awaitable[date | datetime | None]]
+
+
+@dataclass(frozen=True)
+class Freshness:
+    """A probe of how fresh a job's output is, read with the run table's stats and exported as
+    ``metric``: a timestamp, or midnight in kontod's zone for a date."""
+
+    metric: str
+    doc: str
+    probe: Probe
+
+
+@dataclass(frozen=True)
+class JobExports:
+    """What a job exports besides its plain counts, for metrics, rules and the dashboard."""
+
+    families: tuple[CountFamily, ...] = ()
+    freshness: tuple[Freshness, ...] = ()
+    # The count of the items the job found to work on: a success that found none, or far
+    # fewer than the success before it, is suspicious (None: the job has no such count).
+    population: str | None = None
+    # Further POST paths that start a manual run of the job (an older client's own route).
+    trigger_paths: tuple[str, ...] = ()
 
 
 async def _no_fence(conn: Connection) -> None:
@@ -36,7 +148,7 @@ class RunContext:
 
     run_id: int
     job: str
-    trigger: str
+    trigger: Trigger | str
     scheduled_for: datetime | None
     started_at: datetime
     log: structlog.typing.FilteringBoundLogger
@@ -51,6 +163,14 @@ class RunContext:
     async def check_claim(self, conn: Connection) -> None:
         """Call inside every write transaction: raises ClaimLost when the run lost its claim."""
         await self.fence(conn)
+
+    def count_in(self, family: CountFamily, value: str, n: int = 1) -> None:
+        """Add ``n`` to the count of ``family`` for the label ``value``."""
+        self.counts[family.key(value)] += n
+
+    def set_in(self, family: CountFamily, value: str, n: int) -> None:
+        """Set the count of ``family`` for the label ``value`` (a level, not a tally)."""
+        self.counts[family.key(value)] = n
 
     def report_progress(self, done: int, expected: int | None) -> None:
         """Record how many items are done and how many are expected (None: not known yet)."""
@@ -97,3 +217,4 @@ class JobSpec:
     # Set when the job is registered but has nothing to do here; health reports it, the
     # runner does not schedule it.
     not_configured: str | None = None
+    exports: JobExports = field(default_factory=JobExports)

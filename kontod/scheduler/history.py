@@ -9,7 +9,8 @@ side by side, so a slow one never delays another:
   whose lease could not be renewed (another replica reaped it, or the database stayed away for
   a whole lease) is reported lost to its owner, which stops it;
 - housekeeping: every lease/3, mark ``interrupted`` the runs whose lease expired (on any
-  replica), reload the stats, then tell the listeners (the runner looks for takeovers);
+  replica), reload the stats and read the jobs' freshness probes, then tell the listeners
+  (the runner looks for takeovers);
 - retention: once a day, delete old runs.
 """
 
@@ -17,14 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from datetime import date
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import date, datetime
 from typing import TypeVar
 
 import asyncpg
 import structlog
 
 from kontod.scheduler import runs
+from kontod.scheduler.contract import Freshness
 
 log = structlog.get_logger("kontod.history")
 KEEP_RUNS = 100  # per job, whatever their age
@@ -43,13 +45,16 @@ class History:
         *,
         lease_s: float,
         history_days: int = 90,
+        freshness: Sequence[Freshness] = (),
     ) -> None:
         self.pool = pool
         self.instance = instance
         self.lease_s = lease_s
         self.history_days = history_days
         self.stats: dict[str, runs.JobStats] = {}
-        self.latest_snapshot: date | None = None
+        self.freshness = tuple(freshness)
+        # The last reading of each probe, by the metric it feeds.
+        self.fresh: dict[str, date | datetime | None] = {}
         self._held: dict[int, Callable[[], None]] = {}
         self._renewed_at: dict[int, float] = {}
         self._listeners: list[Callable[[], None]] = []
@@ -130,9 +135,10 @@ class History:
         async with self._reloading:
             try:
                 self.stats = await self.bounded(runs.job_stats(self.pool), self.every_s)
-                self.latest_snapshot = await self.bounded(
-                    runs.latest_snapshot_date(self.pool), self.every_s
-                )
+                for probe in self.freshness:
+                    self.fresh[probe.metric] = await self.bounded(
+                        probe.probe(self.pool), self.every_s
+                    )
             except Exception as exc:  # the next round tries again
                 log.warning("stats.refresh_failed", error=describe(exc))
         return self.stats

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from kontod.scheduler.contract import RunStatus, Trigger
 from kontod.scheduler.runs import TickState
 
 
@@ -26,7 +27,7 @@ class Planned:
 
     tick: datetime
     attempt: int
-    trigger: str  # "schedule", "catchup", "takeover" or "retry"
+    trigger: Trigger
     due: datetime
 
 
@@ -45,20 +46,20 @@ def next_attempt(
     whatever the window); otherwise a tick without a run is made up (``catchup``).
     """
     if state is None and on_time:
-        return Planned(tick, 1, "schedule", tick)
+        return Planned(tick, 1, Trigger.SCHEDULE, tick)
     if now - tick > window:
         return None
     if state is None:
-        return Planned(tick, 1, "catchup", tick)
-    if state.status in ("running", "success") or state.attempt > policy.retries:
+        return Planned(tick, 1, Trigger.CATCHUP, tick)
+    if state.status in (RunStatus.RUNNING, RunStatus.SUCCESS) or state.attempt > policy.retries:
         return None
-    if state.status == "interrupted":
-        return Planned(tick, state.attempt + 1, "takeover", now)
+    if state.status == RunStatus.INTERRUPTED:
+        return Planned(tick, state.attempt + 1, Trigger.TAKEOVER, now)
     ended = state.finished_at or now
     due = ended + policy.delay * 2 ** (state.attempt - 1)
     if due - tick > window:
         return None
-    return Planned(tick, state.attempt + 1, "retry", due)
+    return Planned(tick, state.attempt + 1, Trigger.RETRY, due)
 
 
 def next_retry(

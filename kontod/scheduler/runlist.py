@@ -12,9 +12,10 @@ from datetime import datetime
 from typing import Any
 
 from kontod.db import Executor
+from kontod.scheduler.contract import RunStatus
 from kontod.scheduler.runs import RunRecord
 
-STATUSES = ("running", "success", "error", "timeout", "interrupted")
+STATUSES = tuple(status.value for status in RunStatus)
 COLUMNS = """id, job, trigger, scheduled_for, attempt, started_at, finished_at, status, error,
              counts, instance, requested_by, request_reason"""
 

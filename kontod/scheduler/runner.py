@@ -23,7 +23,17 @@ import asyncpg
 import structlog
 
 from kontod.scheduler import pauses, retries, runlist, runs, schedule
-from kontod.scheduler.contract import ClaimLost, Connection, Fence, JobSpec, RunContext
+from kontod.scheduler.contract import (
+    LOST,
+    ClaimLost,
+    Connection,
+    Fence,
+    JobSpec,
+    RunContext,
+    RunStatus,
+    SkipReason,
+    Trigger,
+)
 from kontod.scheduler.history import History, describe
 from kontod.scheduler.retries import RetryPolicy
 
@@ -80,12 +90,12 @@ class Started:
 
 @dataclass(frozen=True)
 class Skipped:
-    reason: str  # "overlap", "claimed" or "stopping"
+    reason: SkipReason
 
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str
+    status: RunStatus
     error: str | None
     counts: Mapping[str, int]
 
@@ -114,7 +124,12 @@ class Runner:
         self.clock = clock
         self.lease_s = lease_s
         self.retry = retry or RetryPolicy()
-        self.history = history or History(pool, instance, lease_s=lease_s)
+        self.history = history or History(
+            pool,
+            instance,
+            lease_s=lease_s,
+            freshness=[probe for spec in jobs for probe in spec.exports.freshness],
+        )
         self.observers: list[RunObserver] = []
         # Every bookkeeping statement answers within this, or is given up and tried again.
         self.bookkeeping_s = min(5.0, lease_s / 3)
@@ -262,7 +277,7 @@ class Runner:
         plan = retries.next_attempt(
             state, tick, now, spec.catchup_window, self.retry, on_time=on_time
         )
-        if plan is not None and busy and plan.trigger != "schedule":
+        if plan is not None and busy and plan.trigger != Trigger.SCHEDULE:
             # A run of the job goes on (another replica's run of this tick, a manual one, a
             # stale row not yet reaped): the attempt waits for its end, woken by the history
             # refresh, rather than trying a claim that must fail at every wake.
@@ -270,11 +285,11 @@ class Runner:
         return plan
 
     async def _run_planned(self, spec: JobSpec, plan: retries.Planned) -> None:
-        if plan.trigger == "catchup":
+        if plan.trigger == Trigger.CATCHUP:
             log.info("tick.catchup", job=spec.name, scheduled_for=plan.tick.isoformat())
-        elif plan.trigger in ("takeover", "retry"):
+        elif plan.trigger in (Trigger.TAKEOVER, Trigger.RETRY):
             log.info(
-                "tick.retry" if plan.trigger == "retry" else "tick.takeover",
+                "tick.retry" if plan.trigger == Trigger.RETRY else "tick.takeover",
                 job=spec.name,
                 scheduled_for=plan.tick.isoformat(),
                 attempt=plan.attempt,
@@ -291,7 +306,7 @@ class Runner:
                 error=describe(exc),
             )
             return
-        if isinstance(outcome, Skipped) and outcome.reason == "paused":
+        if isinstance(outcome, Skipped) and outcome.reason == SkipReason.PAUSED:
             # A paused tick is not made up later: resuming starts afresh. A tick lost to
             # another run (``claimed``, ``overlap``) is not given up: when that run ends
             # without success, the tick is taken over, retried or caught up as usual.
@@ -315,28 +330,30 @@ class Runner:
     async def trigger(
         self,
         name: str,
-        trigger: str,
+        trigger: Trigger | str,
         scheduled_for: datetime | None = None,
         *,
         attempt: int = 1,
         requested_by: str | None = None,
         reason: str | None = None,
     ) -> Started | Skipped:
-        """Claim a run of ``name`` and start it in the background."""
+        """Claim a run of ``name`` and start it in the background (ValueError for a trigger
+        that is not a ``Trigger``)."""
+        trigger = Trigger(trigger)
         spec = self.jobs.get(name)
         if spec is None:
             raise UnknownJob(name)
         if self._stopping.is_set():
-            return self._skip(spec, "stopping", trigger, scheduled_for)
+            return self._skip(spec, SkipReason.STOPPING, trigger, scheduled_for)
         # Read from the database at every tick, so a pause made on any replica holds here.
-        if trigger != "manual":
+        if trigger != Trigger.MANUAL:
             held = await self.history.bounded(
                 pauses.current(self.pool, name, self.clock()), self.bookkeeping_s
             )
             if held is not None:
-                return self._skip(spec, "paused", trigger, scheduled_for)
+                return self._skip(spec, SkipReason.PAUSED, trigger, scheduled_for)
         if name in self._busy:
-            return self._skip(spec, "overlap", trigger, scheduled_for)
+            return self._skip(spec, SkipReason.OVERLAP, trigger, scheduled_for)
         self._busy.add(name)
         try:
             run_id = await self.history.bounded(
@@ -361,10 +378,10 @@ class Runner:
         if self._stopping.is_set():
             # stop() began during the claim and will not wait for this run: give it back.
             await self._write_outcome(
-                spec, run_id, Outcome("interrupted", "kontod was stopping", {})
+                spec, run_id, Outcome(RunStatus.INTERRUPTED, "kontod was stopping", {})
             )
             self._busy.discard(name)
-            return self._skip(spec, "stopping", trigger, scheduled_for)
+            return self._skip(spec, SkipReason.STOPPING, trigger, scheduled_for)
         task = asyncio.create_task(
             self._execute(spec, run_id, trigger, scheduled_for, attempt),
             name=f"run:{name}:{run_id}",
@@ -389,9 +406,9 @@ class Runner:
             log.warning("run.request_not_recorded", run_id=run_id, error=describe(exc))
 
     def _skip(
-        self, spec: JobSpec, reason: str, trigger: str, scheduled_for: datetime | None
+        self, spec: JobSpec, reason: SkipReason, trigger: Trigger, scheduled_for: datetime | None
     ) -> Skipped:
-        if trigger == "manual":
+        if trigger == Trigger.MANUAL:
             log.warning("run.refused", job=spec.name, reason=reason)
             return Skipped(reason)
         log.warning(
@@ -433,7 +450,7 @@ class Runner:
         self,
         spec: JobSpec,
         run_id: int,
-        trigger: str,
+        trigger: Trigger,
         scheduled_for: datetime | None,
         attempt: int,
     ) -> str:
@@ -451,28 +468,29 @@ class Runner:
         )
         for observer in self.observers:
             observer.run_started(ctx)
-        status, error = "success", None
+        status: RunStatus = RunStatus.SUCCESS
+        error: str | None = None
         limit = asyncio.timeout(spec.max_runtime.total_seconds())
         try:
             async with limit:
                 await spec.body(ctx)
         except ClaimLost as exc:
-            self._observe_end(ctx, "lost", describe(exc), began)
+            self._observe_end(ctx, LOST, describe(exc), began)
             return self._abandon(run_id, describe(exc))
         except TimeoutError as exc:
             if limit.expired():
-                status = "timeout"
+                status = RunStatus.TIMEOUT
                 error = f"exceeded its maximum run time of {spec.max_runtime.total_seconds():g} s"
             else:
-                status, error = "error", describe(exc)
+                status, error = RunStatus.ERROR, describe(exc)
         except asyncio.CancelledError:
             if run_id in self._lost:
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()
-                self._observe_end(ctx, "lost", "its lease was lost", began)
+                self._observe_end(ctx, LOST, "its lease was lost", began)
                 return self._abandon(run_id, "its lease was lost")
-            status, error = "interrupted", "cancelled while kontod was stopping"
+            status, error = RunStatus.INTERRUPTED, "cancelled while kontod was stopping"
             try:
                 await self._record(spec, run_id, Outcome(status, error, dict(ctx.counts)), began)
             finally:
@@ -480,9 +498,9 @@ class Runner:
             raise
         except Exception as exc:  # a job's failure is recorded, never fatal to the daemon
             if run_id in self._lost or isinstance(exc.__cause__, ClaimLost):
-                self._observe_end(ctx, "lost", describe(exc), began)
+                self._observe_end(ctx, LOST, describe(exc), began)
                 return self._abandon(run_id, describe(exc))
-            status, error = "error", describe(exc)
+            status, error = RunStatus.ERROR, describe(exc)
             run_log.exception("run.failed", error=error)
         # The observers hear of the end once it is recorded, so that what they show or send
         # next (the status page reloading the run table, a ping) already finds it written.
@@ -501,12 +519,12 @@ class Runner:
         """A run that lost its claim stops here: it writes and records nothing more."""
         self.history.release(run_id)
         log.error("run.claim_lost", run_id=run_id, reason=why)
-        return "lost"
+        return LOST
 
     async def _record(self, spec: JobSpec, run_id: int, outcome: Outcome, began: float) -> None:
         """Report the outcome, then write it; the write goes on if this task is cancelled."""
         duration = time.monotonic() - began
-        level = "info" if outcome.status == "success" else "error"
+        level = "info" if outcome.status == RunStatus.SUCCESS else "error"
         getattr(log, level)(
             "run.finished",
             status=outcome.status,

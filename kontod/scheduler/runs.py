@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import datetime
 from typing import Any
 
 from kontod.db import Executor
-
-FAILED_STATUSES = ("error", "timeout", "interrupted")
+from kontod.scheduler.contract import SkipReason
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ async def claim(
     return run_id
 
 
-async def why_not_claimed(db: Executor, job: str, scheduled_for: datetime | None) -> str:
+async def why_not_claimed(db: Executor, job: str, scheduled_for: datetime | None) -> SkipReason:
     """Why a claim of ``scheduled_for`` (None: a manual run) was refused.
 
     ``overlap`` when another run of the job goes on (a manual one, another tick's), else
@@ -129,10 +128,10 @@ async def why_not_claimed(db: Executor, job: str, scheduled_for: datetime | None
         "SELECT scheduled_for FROM kontod_runs WHERE job = $1 AND status = 'running'", job
     )
     if running is None:
-        return "claimed"
+        return SkipReason.CLAIMED
     if scheduled_for is not None and running["scheduled_for"] == scheduled_for:
-        return "claimed"
-    return "overlap"
+        return SkipReason.CLAIMED
+    return SkipReason.OVERLAP
 
 
 async def renew(db: Executor, run_ids: Iterable[int], instance: str, lease_s: float) -> set[int]:
@@ -386,16 +385,6 @@ async def recent_runs(db: Executor, job: str, limit: int) -> list[RunRecord]:
         )
         for r in rows
     ]
-
-
-async def latest_snapshot_date(db: Executor) -> date | None:
-    """The newest date in patrimoine_snapshots (an index-only look-up).
-
-    The cast is outside max(): Konto's web app stores the date as ISO text, whose order is
-    the dates' order, and the index on the column still serves max().
-    """
-    value: date | None = await db.fetchval("SELECT max(date)::date FROM patrimoine_snapshots")
-    return value
 
 
 def _counts(raw: Any) -> dict[str, int]:

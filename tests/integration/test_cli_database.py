@@ -13,6 +13,9 @@ from pathlib import Path
 
 import asyncpg
 
+from kontod.jobs import REFRESH, SNAPSHOTS
+from kontod.jobs import refresh as refresh_job
+from kontod.jobs import snapshots as snapshot_job
 from kontod.ops import suspicion
 from tests.helpers import add_user
 from tests.integration.test_signals import START_TIMEOUT_S, clean_environ, distant_schedule, kontod
@@ -131,7 +134,9 @@ async def test_a_snapshot_finding_far_fewer_users_than_the_last_success_is_suspi
 
 
 def test_the_users_check_follows_the_items_threshold() -> None:
-    limits = suspicion.from_settings(["daily-snapshots", "refresh-stale-connections"], {})
+    limits = suspicion.from_settings(
+        {SNAPSHOTS: snapshot_job.EXPORTS.population, REFRESH: refresh_job.EXPORTS.population}, {}
+    )
     snapshots, refresh = limits["daily-snapshots"], limits["refresh-stale-connections"]
     assert suspicion.assess_population(0, None, snapshots) == "no users found"
     assert suspicion.assess_population(49, 100, snapshots) == (
@@ -140,5 +145,7 @@ def test_the_users_check_follows_the_items_threshold() -> None:
     assert suspicion.assess_population(50, 100, snapshots) is None
     assert suspicion.assess_population(3, None, snapshots) is None  # a first run: no usual yet
     assert suspicion.assess_population(0, 100, refresh) is None  # the refresh finds what is stale
-    off = suspicion.from_settings(["daily-snapshots"], {"daily-snapshots": (None, 0.0)})
+    off = suspicion.from_settings(
+        {SNAPSHOTS: snapshot_job.EXPORTS.population}, {"daily-snapshots": (None, 0.0)}
+    )
     assert suspicion.assess_population(0, 100, off["daily-snapshots"]) is None

@@ -27,7 +27,7 @@ from prometheus_client.registry import CollectorRegistry
 from kontod import logs
 from kontod.jobs import declare_jobs
 from kontod.ops.http import GUARD, GuardedSite, build_app
-from kontod.ops.metrics import Metrics
+from kontod.ops.metrics import ProviderInstruments
 from kontod.scheduler.contract import RunContext
 from kontod.scheduler.runner import Runner, utcnow
 from tests.daemon_harness import TOKEN, running_daemon, runs_of, settings_for
@@ -61,7 +61,9 @@ async def post(url: str, headers: dict[str, str] | None = None) -> tuple[int, An
 
 
 def real_jobs(dsn: str) -> Any:
-    def build(pool: asyncpg.Pool, http: aiohttp.ClientSession, _: Metrics | None) -> Any:
+    def build(
+        pool: asyncpg.Pool, http: aiohttp.ClientSession, _: ProviderInstruments | None
+    ) -> Any:
         return declare_jobs(settings_for(dsn), pool, http)
 
     return build

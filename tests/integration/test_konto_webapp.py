@@ -24,7 +24,6 @@ from kontod.jobs import snapshots as snapshots_job
 from kontod.jobs.refresh import make_body
 from kontod.konto import schema as konto_schema
 from kontod.konto.tokens import WrongKey, check_key, decrypt, encrypt, fingerprint
-from kontod.scheduler import runs
 from kontod.scheduler.contract import RunContext
 from tests.helpers import PARIS, WEBAPP_SCHEMA, konto_schema_of
 from tests.sandbox_helpers import Bank, answer_raw, fast_client, raw_accounts, raw_transactions
@@ -279,7 +278,7 @@ async def test_history_and_latest_date_read_the_web_apps_text_dates(
             category,
         )
 
-    assert await runs.latest_snapshot_date(webapp) == today
+    assert await snapshots_job.latest_snapshot_date(webapp) == today
     code, out = await kontod(
         "history", "--days", "7", env={"KONTOD_DATABASE_URL": empty_dsn, "KONTOD_TIMEZONE": "UTC"}
     )

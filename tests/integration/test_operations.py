@@ -15,7 +15,7 @@ from kontod.ops import suspicion
 from kontod.ops.board import progress_of
 from kontod.ops.suspicion import Sample, Thresholds
 from kontod.scheduler import pauses, runlist
-from kontod.scheduler.contract import JobSpec, RunContext
+from kontod.scheduler.contract import JobSpec, RunContext, SkipReason
 from kontod.scheduler.runner import Skipped, Started
 from tests.daemon_harness import running_daemon, settings_for
 from tests.helpers import PARIS, add_user, close, runner_on, spec, wait_for
@@ -41,7 +41,7 @@ async def test_a_pause_on_one_replica_makes_the_other_skip_ticks_until_resumed(d
         await b.prepare()
         await pauses.pause(a.pool, "test-job", "database upgrade", "cli:ops@a", TICK)
         outcome = await b.trigger("test-job", "schedule", TICK)
-        assert outcome == Skipped("paused")
+        assert outcome == Skipped(SkipReason.PAUSED)
         assert b_events.skipped[("test-job", "paused")] == 1
         # A manual run of a paused job is still allowed, and says who asked and why.
         manual = await b.trigger("test-job", "manual", requested_by="cli:ops@b", reason="check")
@@ -222,7 +222,7 @@ def test_suspicious_thresholds_are_settable_per_job() -> None:
         isatty=False,
     )
     got = suspicion.from_settings(
-        ["daily-snapshots", "refresh-stale-connections"], settings.suspicious
+        {"daily-snapshots": "users", "refresh-stale-connections": None}, settings.suspicious
     )
     assert (got["daily-snapshots"].duration, got["daily-snapshots"].items) == (0, 0)
     assert (got["refresh-stale-connections"].duration, got["refresh-stale-connections"].items) == (

@@ -25,9 +25,9 @@ from kontod.demo.sandbox import (
     token_for,
 )
 from kontod.jobs import REFRESH, declare_jobs
-from kontod.jobs.refresh import RefreshFailed, make_body, needs_user_hold
+from kontod.jobs.refresh import EXPORTS, RefreshFailed, make_body, needs_user_hold
 from kontod.konto.tokens import WrongKey, encrypt
-from kontod.ops.metrics import Metrics
+from kontod.ops.metrics import JobExportsCollector, new_registry
 from kontod.providers.powens import PowensClient
 from kontod.scheduler.contract import ClaimLost, Connection, JobBody, RunContext
 from kontod.scheduler.runs import JobStats
@@ -325,8 +325,9 @@ async def test_a_connection_needing_the_user_stays_stale_and_is_left_alone(
 
     # The state reaches /metrics, from the run's stored counts.
     stats = {REFRESH: JobStats(last_counts=dict(ctx.counts))}
-    metrics = Metrics([], ZoneInfo("UTC"), lambda: stats, lambda: now)
-    sample = metrics.registry.get_sample_value
+    registry = new_registry()
+    JobExportsCollector(registry, {REFRESH: EXPORTS}, ZoneInfo("UTC"), lambda: stats, dict)
+    sample = registry.get_sample_value
     assert sample("kontod_provider_connections", {"state": "SCARequired"}) == 1
     assert sample("kontod_provider_connections", {"state": "wrongpass"}) == 0
     assert sample("kontod_refresh_stale_accounts", {"reason": "needs_user"}) == 5

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from kontod.scheduler import runs
-from kontod.scheduler.contract import RunContext
+from kontod.scheduler.contract import RunContext, SkipReason
 from kontod.scheduler.retries import RetryPolicy
 from kontod.scheduler.runner import Skipped, Started
 from tests.helpers import close, runner_on, spec, wait_for
@@ -118,7 +118,7 @@ async def test_manual_run_while_running_is_refused(dsn: str) -> None:
     try:
         first = await runner.trigger("test-job", "manual")
         assert isinstance(first, Started)
-        assert await runner.trigger("test-job", "manual") == Skipped("overlap")
+        assert await runner.trigger("test-job", "manual") == Skipped(SkipReason.OVERLAP)
         release.set()
         assert await first.task == "success"
     finally:
@@ -265,7 +265,7 @@ async def test_a_live_replicas_run_is_not_interrupted(dsn: str) -> None:
         started = await a.trigger("test-job", "manual")
         assert isinstance(started, Started)
         await b.prepare()
-        assert await b.trigger("test-job", "manual") == Skipped("overlap")
+        assert await b.trigger("test-job", "manual") == Skipped(SkipReason.OVERLAP)
         assert await statuses(dsn) == [("manual", "running")]
         release.set()
         await started.task
@@ -388,7 +388,7 @@ async def test_no_run_starts_once_stopping(dsn: str) -> None:
         assert isinstance(first, Started)
         stopping = asyncio.create_task(runner.stop(5))
         await asyncio.sleep(0.1)
-        assert await runner.trigger("other", "manual") == Skipped("stopping")
+        assert await runner.trigger("other", "manual") == Skipped(SkipReason.STOPPING)
         release.set()
         await stopping
     finally:

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from kontod.scheduler.contract import Trigger
 from kontod.scheduler.retries import Planned, RetryPolicy, next_attempt, next_retry
 from kontod.scheduler.runs import TickState
 
@@ -26,18 +27,18 @@ def state(attempt: int, status: str, ended: float | None) -> TickState:
     ("newest", "now", "on_time", "expected"),
     [
         # No run yet: on time it is the schedule's, later a catch-up; too late, nothing.
-        (None, at(0), True, Planned(TICK, 1, "schedule", TICK)),
-        (None, at(60), False, Planned(TICK, 1, "catchup", TICK)),
+        (None, at(0), True, Planned(TICK, 1, Trigger.SCHEDULE, TICK)),
+        (None, at(60), False, Planned(TICK, 1, Trigger.CATCHUP, TICK)),
         (None, at(21 * 60), False, None),
         # Running or done: nothing.
         (state(1, "running", None), at(1), False, None),
         (state(2, "success", 7), at(8), False, None),
         # Interrupted (its owner stopped or lost its lease): taken over now.
-        (state(1, "interrupted", 3), at(4), False, Planned(TICK, 2, "takeover", at(4))),
+        (state(1, "interrupted", 3), at(4), False, Planned(TICK, 2, Trigger.TAKEOVER, at(4))),
         # Failed: retried after 5, 10, 20 minutes, then no more (3 retries).
-        (state(1, "error", 1), at(2), False, Planned(TICK, 2, "retry", at(6))),
-        (state(2, "timeout", 7), at(8), False, Planned(TICK, 3, "retry", at(17))),
-        (state(3, "error", 18), at(19), False, Planned(TICK, 4, "retry", at(38))),
+        (state(1, "error", 1), at(2), False, Planned(TICK, 2, Trigger.RETRY, at(6))),
+        (state(2, "timeout", 7), at(8), False, Planned(TICK, 3, Trigger.RETRY, at(17))),
+        (state(3, "error", 18), at(19), False, Planned(TICK, 4, Trigger.RETRY, at(38))),
         (state(4, "error", 39), at(40), False, None),
         (state(4, "interrupted", 39), at(40), False, None),
         # A retry that would fall outside the catch-up window is not planned.
