@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import date
 from typing import TypeVar
 
@@ -43,6 +43,7 @@ class History:
         *,
         lease_s: float,
         history_days: int = 90,
+        listeners: Sequence[Callable[[], None]] = (),
     ) -> None:
         self.pool = pool
         self.instance = instance
@@ -52,7 +53,8 @@ class History:
         self.latest_snapshot: date | None = None
         self._held: dict[int, Callable[[], None]] = {}
         self._renewed_at: dict[int, float] = {}
-        self._listeners: list[Callable[[], None]] = []
+        # Called after each housekeeping round (see on_refresh).
+        self._listeners: list[Callable[[], None]] = list(listeners)
         self._tasks: list[asyncio.Task[None]] = []
         self._reloading = asyncio.Lock()
 

@@ -36,8 +36,47 @@ PROVIDER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 SKIP_REASONS = ("overlap", "claimed", "paused")
 
 
+def new_registry() -> CollectorRegistry:
+    """A registry of kontod's own, for ``Metrics`` and what is built before it."""
+    # The *_created series add nothing kontod's rules or dashboard use.
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # the library leaves it unannotated
+    return CollectorRegistry(auto_describe=True)
+
+
+class ProviderMetrics:
+    """The bank provider's requests, by endpoint and status code: the provider client's observer.
+
+    Built before the jobs (whose client reports to it), and so before ``Metrics``, on the same
+    registry.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "kontod_provider_requests",
+            "HTTP requests to the bank provider, by endpoint and status code",
+            ["endpoint", "code"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "kontod_provider_request_duration_seconds",
+            "Duration of HTTP requests to the bank provider",
+            ["endpoint"],
+            buckets=PROVIDER_BUCKETS,
+            registry=registry,
+        )
+
+    def request(self, endpoint: str, code: str, seconds: float) -> None:
+        self.requests.labels(endpoint, code).inc()
+        self.duration.labels(endpoint).observe(seconds)
+
+
 class Metrics:
-    """Every kontod metric; also the runner's event sink and the provider client's observer."""
+    """Every kontod metric; also the runner's event sink and the pinger's observer.
+
+    Everything it reads is given to its constructor: the per-job history (``stats``), the board
+    (verdicts with pauses, and its own families), when a failed tick is retried
+    (``next_retry``) and the newest snapshot date (``latest_snapshot``).
+    """
 
     def __init__(
         self,
@@ -45,13 +84,15 @@ class Metrics:
         tz: ZoneInfo,
         stats: Callable[[], Mapping[str, JobStats]],
         clock: Callable[[], datetime],
+        *,
+        registry: CollectorRegistry | None = None,
+        provider: ProviderMetrics | None = None,
+        board: Board | None = None,
+        next_retry: Callable[[str, JobStats, datetime], datetime | None] | None = None,
+        latest_snapshot: Callable[[], date | None] = lambda: None,
     ) -> None:
-        # The *_created series add nothing kontod's rules or dashboard use.
-        self.stats_source = stats
-        self.clock = clock
-        disable_created_metrics()  # type: ignore[no-untyped-call]  # the library leaves it unannotated
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.latest_snapshot: date | None = None
+        self.registry = registry if registry is not None else new_registry()
+        self.latest_snapshot = latest_snapshot
         self.duration = Histogram(
             "kontod_job_duration_seconds",
             "Run duration of each job",
@@ -71,32 +112,22 @@ class Metrics:
             ["job_name", "reason"],
             registry=self.registry,
         )
-        self.provider_requests = Counter(
-            "kontod_provider_requests",
-            "HTTP requests to the bank provider, by endpoint and status code",
-            ["endpoint", "code"],
-            registry=self.registry,
-        )
-        self.provider_duration = Histogram(
-            "kontod_provider_request_duration_seconds",
-            "Duration of HTTP requests to the bank provider",
-            ["endpoint"],
-            buckets=PROVIDER_BUCKETS,
-            registry=self.registry,
-        )
+        self.provider = provider if provider is not None else ProviderMetrics(self.registry)
         self.pings = Counter(
             "kontod_pings",
             "Pings sent to the outside dead man's switch, by kind and outcome (after retries)",
             ["job_name", "kind", "outcome"],
             registry=self.registry,
         )
-        # When the newest tick of a job is tried again; the daemon sets the runner's.
+        # When the newest tick of a job is tried again (the runner's retry policy).
         self.next_retry: Callable[[str, JobStats, datetime], datetime | None] = (
-            lambda job, st, now: None
+            next_retry if next_retry is not None else lambda job, st, now: None
         )
-        # The health verdict of a job; the daemon replaces it with the board's (pauses).
-        self.verdict: Callable[[JobSpec, JobStats, datetime], Verdict] = lambda spec, st, now: (
-            assess_job(spec, tz, st, now)
+        # The health verdict of a job: the board's (it knows the pauses) when there is one.
+        self.verdict: Callable[[JobSpec, JobStats, datetime], Verdict] = (
+            board.verdict
+            if board is not None
+            else lambda spec, st, now: assess_job(spec, tz, st, now)
         )
         for spec in jobs:
             self.duration.labels(spec.name)
@@ -105,6 +136,9 @@ class Metrics:
         self.registry.register(_JobCollector(jobs, tz, stats, clock, self))
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             self.registry.register(_Forward(collector))
+        if board is not None:
+            # Pauses, suspicious success and progress, beside the run history.
+            self.registry.register(_BoardCollector(board, stats, clock))
 
     # RunEvents
     def run_finished(
@@ -120,16 +154,6 @@ class Metrics:
 
     def ping(self, job: str, kind: str, outcome: str) -> None:
         self.pings.labels(job, kind, outcome).inc()
-
-    def watch_board(self, board: Board) -> None:
-        """Export the board's state (pauses, suspicious success, progress) and its verdicts."""
-        self.verdict = board.verdict
-        self.registry.register(_BoardCollector(board, self.stats_source, self.clock))
-
-    # Provider client observer
-    def provider_request(self, endpoint: str, code: str, seconds: float) -> None:
-        self.provider_requests.labels(endpoint, code).inc()
-        self.provider_duration.labels(endpoint).observe(seconds)
 
 
 def _refresh_families(all_stats: Mapping[str, JobStats]) -> Iterator[GaugeMetricFamily]:
@@ -289,8 +313,9 @@ class _JobCollector(Collector):
             "kontod_snapshot_latest_date_timestamp_seconds",
             "Midnight, in kontod's zone, of the newest date in patrimoine_snapshots",
         )
-        if self.metrics.latest_snapshot is not None:
-            midnight = datetime.combine(self.metrics.latest_snapshot, time(), self.tz)
+        newest = self.metrics.latest_snapshot()
+        if newest is not None:
+            midnight = datetime.combine(newest, time(), self.tz)
             latest.add_metric([], midnight.timestamp())
         yield latest
 

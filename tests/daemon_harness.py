@@ -18,9 +18,9 @@ import asyncpg
 
 from kontod import schedule
 from kontod.config import Settings
-from kontod.daemon import Daemon
+from kontod.daemon import Daemon, JobsFactory
 from kontod.job import JobSpec
-from kontod.metrics import Metrics
+from kontod.powens import Observer
 from kontod.runner import utcnow
 from kontod.systemd import Notifier
 from tests.helpers import quiet_schedule, wait_for
@@ -28,8 +28,6 @@ from tests.helpers import quiet_schedule, wait_for
 TOKEN = "s3cret-admin-token"
 # A test lasts far less than this: a tick further away than it cannot start during one.
 QUIET_AHEAD = timedelta(days=7)
-
-JobsFactory = Callable[[asyncpg.Pool, aiohttp.ClientSession, Metrics | None], list[JobSpec]]
 
 
 def settings_for(dsn: str, **changes: object) -> Settings:
@@ -53,11 +51,9 @@ def settings_for(dsn: str, **changes: object) -> Settings:
 def quieted(jobs: JobsFactory) -> JobsFactory:
     """The same jobs, each on the quiet schedule."""
 
-    def build(
-        pool: asyncpg.Pool, http: aiohttp.ClientSession, metrics: Metrics | None
-    ) -> list[JobSpec]:
+    def build(pool: asyncpg.Pool, http: aiohttp.ClientSession, observe: Observer) -> list[JobSpec]:
         quiet = quiet_schedule()
-        return [dataclasses.replace(s, schedule=quiet) for s in jobs(pool, http, metrics)]
+        return [dataclasses.replace(s, schedule=quiet) for s in jobs(pool, http, observe)]
 
     return build
 

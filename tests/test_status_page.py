@@ -25,7 +25,7 @@ from kontod.board import JobView, Progress
 from kontod.config import Settings
 from kontod.health import Verdict
 from kontod.jobs import declare_jobs
-from kontod.metrics import Metrics
+from kontod.powens import Observer
 from kontod.rates_sandbox import RateSandbox
 from kontod.rates_sandbox import urls as rate_urls
 from kontod.runner import Started
@@ -194,7 +194,7 @@ async def _open_status_page(
     """Run both jobs once in a daemon, open its status page in Chromium: (screenshot,
     problems seen by the browser, what the page shows)."""
 
-    def jobs(pool: asyncpg.Pool, http: aiohttp.ClientSession, _: Metrics | None) -> Any:
+    def jobs(pool: asyncpg.Pool, http: aiohttp.ClientSession, _: Observer) -> Any:
         return declare_jobs(settings, pool, http)
 
     async with running_daemon(settings, jobs) as (daemon, base):
