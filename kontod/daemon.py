@@ -1,5 +1,6 @@
 """The daemon: wires the database, the jobs, the runner, the history, the HTTP server and
-systemd together.
+systemd together. ``assemble`` builds the objects in dependency order, each from its
+constructor's arguments; ``Daemon.start`` starts them.
 
 Start-up order: database (embedded or not) -> migrations -> runner prepared -> HTTP bound ->
 schedules started -> READY=1. A signal during start cancels it (no READY=1). Shutdown runs the
@@ -15,12 +16,15 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import aiohttp
 import asyncpg
 import structlog
 from aiohttp import web
+from asyncpg.pool import PoolConnectionProxy
 from prometheus_client.registry import CollectorRegistry
 
 from kontod import db
@@ -40,7 +44,8 @@ from kontod.ops.metrics import (
     new_registry,
 )
 from kontod.ops.systemd import Notifier
-from kontod.scheduler import schedule
+from kontod.providers.powens import Observer
+from kontod.scheduler import retries, schedule
 from kontod.scheduler.contract import JobSpec
 from kontod.scheduler.history import History
 from kontod.scheduler.retries import RetryPolicy
@@ -49,8 +54,129 @@ from kontod.scheduler.runs import JobStats
 
 log = structlog.get_logger("kontod.daemon")
 HTTP_SHUTDOWN_S = 2.0  # open requests get this long once kontod stops
-POOL_CLOSE_S = 2.0
+POOL_CLOSE_S = db.POOL_CLOSE_S
 START_ABORT_S = 5.0  # how long an aborted start may take to unwind
+
+# Builds the jobs on the pool and the HTTP session, reporting provider requests to the observer.
+JobsFactory = Callable[[asyncpg.Pool, aiohttp.ClientSession, Observer], list[JobSpec]]
+
+
+def konto_check(key: bytes | None) -> db.Check:
+    """What the daemon checks once the database is migrated: the web app's schema as kontod
+    reads it (KontoSchemaError) and, when one is set, the token key (WrongKey); both exit 2."""
+
+    async def check(conn: PoolConnectionProxy) -> None:
+        await konto_schema.load(conn)
+        if key is not None:
+            await tokens.check_key(conn, key)
+
+    return check
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The daemon's objects, each built by ``assemble`` from the ones before it."""
+
+    jobs: list[JobSpec]
+    history: History
+    board: Board
+    registry: CollectorRegistry
+    instruments: RunInstruments
+    pinger: pings.Pinger
+    runner: Runner
+    app: web.Application
+
+
+def assemble(
+    settings: Settings,
+    pool: asyncpg.Pool,
+    http: aiohttp.ClientSession,
+    jobs_factory: JobsFactory,
+    clock: Callable[[], datetime],
+    notifier: Notifier,
+) -> Parts:
+    """Build the daemon's objects in dependency order, each from its constructor's arguments.
+
+    Nothing here does I/O or starts a task: ``Daemon.start`` does that, in its own order.
+    """
+    s = settings
+    registry = new_registry()
+    # The provider client reports to these from inside the jobs.
+    provider = ProviderInstruments(registry)
+    jobs = jobs_factory(pool, http, provider.provider_request)
+    names = [spec.name for spec in jobs]
+    retry = RetryPolicy(s.retry_attempts, timedelta(seconds=s.retry_delay))
+    instruments = RunInstruments(registry, names)
+
+    def show_status() -> None:
+        notifier.status(status_line(jobs, s.tz, clock()))
+
+    history = History(
+        pool,
+        s.instance,
+        lease_s=s.lease_seconds,
+        history_days=s.history_days,
+        freshness=[probe for spec in jobs for probe in spec.exports.freshness],
+        listeners=[show_status],
+    )
+    board = Board(
+        pool, jobs, s.tz, suspicion.from_settings(suspicion.populations(jobs), s.suspicious), clock
+    )
+    pinger = pings.Pinger(
+        http, pings.ping_urls(names, s.ping_urls, s.ping_base_url), observe=instruments.ping
+    )
+    runner = Runner(
+        pool,
+        jobs,
+        s.tz,
+        s.instance,
+        events=instruments,
+        clock=clock,
+        lease_s=s.lease_seconds,
+        retry=retry,
+        history=history,
+        observers=[board, pinger],
+    )
+
+    def stats() -> dict[str, JobStats]:
+        return history.stats
+
+    # The collectors read on each scrape; each registers itself on the registry.
+    RunTableCollector(
+        registry,
+        jobs,
+        stats,
+        clock,
+        board.verdict,
+        retries.retry_times({j.name: j.catchup_window for j in jobs}, retry),
+    )
+    JobExportsCollector(
+        registry, {spec.name: spec.exports for spec in jobs}, s.tz, stats, lambda: history.fresh
+    )
+    BoardCollector(registry, board, stats, clock)
+    app = build_app(
+        runner,
+        registry,
+        s.admin_token,
+        clock,
+        board=board,
+        limits=HttpLimits(s.http_header_timeout, s.http_max_connections),
+    )
+    return Parts(jobs, history, board, registry, instruments, pinger, runner, app)
+
+
+def status_line(jobs: list[JobSpec], tz: ZoneInfo, now: datetime) -> str:
+    """What systemd shows: the jobs scheduled and the next tick."""
+    upcoming = [
+        (schedule.next_tick(spec.schedule, tz, now), spec.name)
+        for spec in jobs
+        if not spec.not_configured
+    ]
+    if not upcoming:
+        return "no job scheduled"
+    when, name = min(upcoming)
+    local = when.astimezone(tz).strftime("%Y-%m-%d %H:%M %Z")
+    return f"{len(upcoming)} job(s) scheduled; next: {name} at {local}"
 
 
 class Daemon:
@@ -60,10 +186,7 @@ class Daemon:
         self,
         settings: Settings,
         *,
-        jobs: Callable[
-            [asyncpg.Pool, aiohttp.ClientSession, ProviderInstruments | None], list[JobSpec]
-        ]
-        | None = None,
+        jobs: JobsFactory | None = None,
         clock: Callable[[], datetime] = utcnow,
         notifier: Notifier | None = None,
         on_migrated: Callable[[asyncpg.Pool], Awaitable[None]] | None = None,
@@ -71,124 +194,75 @@ class Daemon:
         self.settings = settings
         self.clock = clock
         self.notifier = notifier or Notifier.from_env()
-        self._jobs_factory = jobs
+        self._jobs_factory: JobsFactory = jobs or (
+            lambda pool, http, observe: declare_jobs(settings, pool, http, observe)
+        )
         self._on_migrated = on_migrated
         self.instance = settings.instance
-        self.embedded: db.EmbeddedPostgres | None = None
-        self.pool: asyncpg.Pool | None = None
+        # Only the daemon (kontod run, the demo) may create an embedded database.
+        self.database = db.open(
+            settings, create=True, check=konto_check(settings.db_encryption_key)
+        )
+        # What start has brought up so far; stop takes down whatever is there.
         self.http: aiohttp.ClientSession | None = None
-        self.runner: Runner | None = None
-        self.history: History | None = None
-        self.board: Board | None = None
-        self.pinger: pings.Pinger | None = None
-        self.registry: CollectorRegistry | None = None
+        self.parts: Parts | None = None
         self.site_runner: web.AppRunner | None = None
         self.port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stop_watchdog = asyncio.Event()
 
+    @property
+    def pool(self) -> asyncpg.Pool | None:
+        return self.database.pool
+
+    @property
+    def runner(self) -> Runner | None:
+        return self.parts.runner if self.parts is not None else None
+
+    @property
+    def history(self) -> History | None:
+        return self.parts.history if self.parts is not None else None
+
+    @property
+    def board(self) -> Board | None:
+        return self.parts.board if self.parts is not None else None
+
+    @property
+    def registry(self) -> CollectorRegistry | None:
+        return self.parts.registry if self.parts is not None else None
+
+    @property
+    def pinger(self) -> pings.Pinger | None:
+        return self.parts.pinger if self.parts is not None else None
+
     async def start(self) -> None:
         s = self.settings
-        dsn = s.database_url
-        if dsn is None:
-            if not s.embedded:
-                raise db.NoDatabase(db.run_without_url(s.state_dir))
-            log.info("database.embedded", data_dir=str(s.state_dir / "pgdata"))
-            self.embedded = db.EmbeddedPostgres(s.state_dir)
-            dsn = await self.embedded.start()
-        else:
-            log.info("database.external", url=redact_dsn(dsn))
-        # The snapshot workers hold a connection each for the whole run; the rest is left to
-        # the refresh writes and the bookkeeping as before.
-        self.pool = await db.create_pool(
-            dsn, self.instance, max_size=db.POOL_SIZE + s.snapshot_workers - 1
-        )
-        async with self.pool.acquire() as conn:
-            applied = await db.migrate(conn)
-            await konto_schema.load(conn)  # KontoSchemaError: exit 2, naming the column
-            if s.db_encryption_key is not None:
-                await tokens.check_key(conn, s.db_encryption_key)  # WrongKey: exit 2
-        if applied:
-            log.info("database.migrated", applied=applied)
+        if s.database_url is not None:
+            # The daemon's first line names its database; the commands name only an embedded one.
+            log.info("database.external", url=redact_dsn(s.database_url))
+        pool = await self.database.start()
         if self._on_migrated is not None:
-            await self._on_migrated(self.pool)
-
+            await self._on_migrated(pool)
         self.http = aiohttp.ClientSession()
-        self.registry = registry = new_registry()
-        provider = ProviderInstruments(registry)
-        if self._jobs_factory is not None:
-            jobs = self._jobs_factory(self.pool, self.http, None)
-        else:
-            jobs = declare_jobs(s, self.pool, self.http, provider.provider_request)
-        names = [spec.name for spec in jobs]
-        instruments = RunInstruments(registry, names)
-        self.history = history = History(
-            self.pool,
-            self.instance,
-            lease_s=s.lease_seconds,
-            history_days=s.history_days,
-            freshness=[probe for spec in jobs for probe in spec.exports.freshness],
+        self.parts = parts = assemble(
+            s, pool, self.http, self._jobs_factory, self.clock, self.notifier
         )
-        self.runner = Runner(
-            self.pool,
-            jobs,
-            s.tz,
-            self.instance,
-            clock=self.clock,
-            lease_s=s.lease_seconds,
-            retry=RetryPolicy(s.retry_attempts, timedelta(seconds=s.retry_delay)),
-            history=history,
-            events=instruments,
-        )
-        self.history.on_refresh(self._after_housekeeping)
-        self.board = Board(
-            self.pool,
-            jobs,
-            s.tz,
-            suspicion.from_settings(suspicion.populations(jobs), s.suspicious),
-            self.clock,
-        )
-        self.pinger = pings.Pinger(
-            self.http,
-            pings.ping_urls(names, s.ping_urls, s.ping_base_url),
-            observe=instruments.ping,
-        )
-        self.runner.observers += [self.board, self.pinger]
+        await parts.runner.prepare()
+        await parts.board.refresh()
 
-        def stats() -> dict[str, JobStats]:
-            return history.stats
-
-        RunTableCollector(
-            registry, jobs, stats, self.clock, self.board.verdict, self.runner.next_retry
-        )
-        JobExportsCollector(
-            registry, {spec.name: spec.exports for spec in jobs}, s.tz, stats, lambda: history.fresh
-        )
-        BoardCollector(registry, self.board, stats, self.clock)
-        await self.runner.prepare()
-        await self.board.refresh()
-
-        app = build_app(
-            self.runner,
-            registry,
-            s.admin_token,
-            self.clock,
-            board=self.board,
-            limits=HttpLimits(s.http_header_timeout, s.http_max_connections),
-        )
         self.site_runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_S
+            parts.app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_S
         )
         await self.site_runner.setup()
-        site = GuardedSite(self.site_runner, s.listen_host, s.listen_port, app[GUARD])
+        site = GuardedSite(self.site_runner, s.listen_host, s.listen_port, parts.app[GUARD])
         await site.start()
         server = getattr(site, "_server", None)
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else s.listen_port
         log.info("http.listening", url=f"http://{s.listen_host}:{self.port}")
 
-        await self.runner.start()
-        self._tasks.append(self.board.start())
+        await parts.runner.start()
+        self._tasks.append(parts.board.start())
         self._tasks.append(
             asyncio.create_task(self.notifier.run_watchdog(self._stop_watchdog), name="watchdog")
         )
@@ -196,33 +270,19 @@ class Daemon:
 
     def side_tasks(self) -> list[asyncio.Task[None]]:
         """The long-lived tasks that must never end while the daemon runs."""
-        loops = self.runner.loops if self.runner is not None else []
-        history = self.history.tasks if self.history is not None else []
-        return [*loops, *history, *self._tasks]
+        if self.parts is None:
+            return list(self._tasks)
+        return [*self.parts.runner.loops, *self.parts.history.tasks, *self._tasks]
 
     def status_line(self) -> str:
         """What systemd shows: the jobs scheduled and the next tick."""
-        assert self.runner is not None
-        now = self.clock()
-        upcoming = [
-            (schedule.next_tick(spec.schedule, self.settings.tz, now), spec.name)
-            for spec in self.runner.jobs.values()
-            if not spec.not_configured
-        ]
-        if not upcoming:
-            return "no job scheduled"
-        when, name = min(upcoming)
-        local = when.astimezone(self.settings.tz).strftime("%Y-%m-%d %H:%M %Z")
-        return f"{len(upcoming)} job(s) scheduled; next: {name} at {local}"
-
-    def _after_housekeeping(self) -> None:
-        if self.runner is not None:
-            self.notifier.status(self.status_line())
+        assert self.parts is not None
+        return status_line(self.parts.jobs, self.settings.tz, self.clock())
 
     async def _refresh_stats(self) -> None:
         """One housekeeping round now (tests use it instead of waiting for the next one)."""
-        assert self.history is not None
-        await self.history.housekeeping()
+        assert self.parts is not None
+        await self.parts.history.housekeeping()
 
     async def stop(self) -> None:
         """Stop taking ticks, give running jobs the shutdown timeout, then close everything.
@@ -232,12 +292,9 @@ class Daemon:
         """
         self.notifier.stopping()
         log.info("daemon.stopping", timeout_s=self.settings.shutdown_timeout)
-        if self.runner is not None:
-            await self.runner.stop(self.settings.shutdown_timeout)
-        elif self.history is not None:
-            await self.history.stop()
-        if self.pinger is not None:
-            await self.pinger.drain(pings.DRAIN_S)
+        if self.parts is not None:
+            await self.parts.runner.stop(self.settings.shutdown_timeout)
+            await self.parts.pinger.drain(pings.DRAIN_S)
         self._stop_watchdog.set()
         for task in self._tasks:
             task.cancel()
@@ -246,20 +303,12 @@ class Daemon:
             await self.site_runner.cleanup()
         if self.http is not None:
             await self.http.close()
-        if self.pool is not None:
-            await db.close_pool(self.pool, POOL_CLOSE_S)
-        await self.stop_database()
+        await self.database.close(POOL_CLOSE_S)
         log.info("daemon.stopped")
 
     async def abort(self) -> None:
         """The quickest clean exit (a second signal): drop connections, stop the database."""
-        if self.pool is not None:
-            self.pool.terminate()
-        await self.stop_database()
-
-    async def stop_database(self) -> None:
-        if self.embedded is not None:
-            await self.embedded.stop()
+        await self.database.abort()
 
 
 async def serve(settings: Settings) -> int:

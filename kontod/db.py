@@ -11,16 +11,38 @@ import shlex
 import sys
 import uuid
 import warnings
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Protocol
 
 import asyncpg
+import structlog
 from asyncpg.pool import PoolConnectionProxy
 
 # One connection, taken from a pool or not; and anything that runs a statement.
 Connection = asyncpg.Connection | PoolConnectionProxy
 Executor = asyncpg.Connection | asyncpg.Pool | PoolConnectionProxy
+
+log = structlog.get_logger("kontod.db")
+
+
+class DatabaseSettings(Protocol):
+    """What opening the database reads of kontod's settings (``kontod.config.Settings`` has
+    it); a protocol, so that this bottom layer imports nothing above it."""
+
+    @property
+    def database_url(self) -> str | None: ...
+    @property
+    def embedded(self) -> bool: ...
+    @property
+    def state_dir(self) -> Path: ...
+    @property
+    def instance(self) -> str: ...
+    @property
+    def snapshot_workers(self) -> int: ...
+
 
 # Any fixed 64-bit number works; this one spells "kontod" in ASCII.
 MIGRATION_LOCK = 0x6B6F6E746F64
@@ -42,6 +64,16 @@ def new_instance_name() -> str:
 
 CONNECT_TIMEOUT_S = 10.0
 POOL_SIZE = 10
+# Connections a process needs beside the snapshot workers: the refresh job's writes, the
+# leases, housekeeping and outcomes of the runs, the board's reads and /health.
+POOL_HEADROOM = 9
+POOL_CLOSE_S = 2.0
+
+
+def pool_size(workers: int) -> int:
+    """The one pool size of kontod, daemon and commands alike: one connection per snapshot
+    worker (each holds its own for the whole run) plus ``POOL_HEADROOM``."""
+    return workers + POOL_HEADROOM
 
 
 async def create_pool(
@@ -175,6 +207,104 @@ class EmbeddedPostgres:
         if self._server is not None:
             server, self._server = self._server, None
             await asyncio.to_thread(server.cleanup)
+
+
+Check = Callable[[PoolConnectionProxy], Awaitable[object]]
+
+
+def refusal(settings: DatabaseSettings, *, create: bool) -> str | None:
+    """Why no database would be opened with ``settings``, or None when one would.
+
+    Only a process allowed to ``create`` (``kontod run``, ``kontod demo``) may create an
+    embedded database, and only with ``KONTOD_EMBEDDED=1``; any other opens an existing one.
+    """
+    if settings.database_url is not None:
+        return None
+    if create:
+        return None if settings.embedded else run_without_url(settings.state_dir)
+    if EmbeddedPostgres(settings.state_dir, create=False).exists():
+        return None
+    return command_without_database(settings.state_dir)
+
+
+class Database:
+    """The database of one kontod process: the external one or the embedded one, migrated, with
+    the pool on it; made by ``open``.
+
+    ``start`` brings it up (the daemon calls it, then ``close`` or ``abort``); ``async with``
+    does both for a one-shot command and yields the pool.
+    """
+
+    def __init__(self, settings: DatabaseSettings, *, create: bool, check: Check | None) -> None:
+        self.settings = settings
+        self.create = create
+        self.check = check
+        self.embedded: EmbeddedPostgres | None = None
+        self.pool: asyncpg.Pool | None = None
+
+    async def start(self) -> asyncpg.Pool:
+        """Start or reach the database, open the pool, migrate, then run ``check`` on the same
+        connection. NoDatabase when there is none to open (see ``refusal``)."""
+        s = self.settings
+        why = refusal(s, create=self.create)
+        if why is not None:
+            raise NoDatabase(why)
+        dsn = s.database_url
+        if dsn is None:
+            # Set before its start is awaited: a start that is cancelled (a signal) is still
+            # stopped by close or abort.
+            self.embedded = EmbeddedPostgres(s.state_dir, create=self.create)
+            log.info("database.embedded", data_dir=str(self.embedded.data_dir))
+            dsn = await self.embedded.start()
+        self.pool = await create_pool(dsn, s.instance, max_size=pool_size(s.snapshot_workers))
+        async with self.pool.acquire() as conn:
+            applied = await migrate(conn)
+            if self.check is not None:
+                await self.check(conn)
+        if applied:
+            log.info("database.migrated", applied=applied)
+        return self.pool
+
+    async def close(self, within_s: float = POOL_CLOSE_S) -> None:
+        """Close the pool within ``within_s`` seconds (then drop what is left), then stop the
+        embedded server if there is one."""
+        if self.pool is not None:
+            await close_pool(self.pool, within_s)
+        await self._stop_embedded()
+
+    async def abort(self) -> None:
+        """The quickest clean end: drop every connection, then stop the embedded server."""
+        if self.pool is not None:
+            self.pool.terminate()
+        await self._stop_embedded()
+
+    async def _stop_embedded(self) -> None:
+        if self.embedded is not None:
+            await self.embedded.stop()
+
+    async def __aenter__(self) -> asyncpg.Pool:
+        try:
+            return await self.start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def open(
+    settings: DatabaseSettings, *, create: bool = False, check: Check | None = None
+) -> Database:
+    """The database of ``settings``, not yet started: the one ``KONTOD_DATABASE_URL`` names, or
+    the embedded one in ``KONTOD_STATE_DIR``, which only a process allowed to ``create`` (the
+    daemon, the demo) may create. ``check`` runs once migrated (the Konto schema, the key)."""
+    return Database(settings, create=create, check=check)
 
 
 EXAMPLE_URL = "postgresql://user:password@host:5432/dbname"

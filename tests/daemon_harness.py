@@ -17,9 +17,9 @@ import aiohttp
 import asyncpg
 
 from kontod.config import Settings
-from kontod.daemon import Daemon
-from kontod.ops.metrics import ProviderInstruments
+from kontod.daemon import Daemon, JobsFactory
 from kontod.ops.systemd import Notifier
+from kontod.providers.powens import Observer
 from kontod.scheduler import schedule
 from kontod.scheduler.contract import JobSpec
 from kontod.scheduler.runner import utcnow
@@ -28,10 +28,6 @@ from tests.helpers import quiet_schedule, wait_for
 TOKEN = "s3cret-admin-token"
 # A test lasts far less than this: a tick further away than it cannot start during one.
 QUIET_AHEAD = timedelta(days=7)
-
-JobsFactory = Callable[
-    [asyncpg.Pool, aiohttp.ClientSession, ProviderInstruments | None], list[JobSpec]
-]
 
 
 def settings_for(dsn: str, **changes: object) -> Settings:
@@ -55,11 +51,9 @@ def settings_for(dsn: str, **changes: object) -> Settings:
 def quieted(jobs: JobsFactory) -> JobsFactory:
     """The same jobs, each on the quiet schedule."""
 
-    def build(
-        pool: asyncpg.Pool, http: aiohttp.ClientSession, metrics: ProviderInstruments | None
-    ) -> list[JobSpec]:
+    def build(pool: asyncpg.Pool, http: aiohttp.ClientSession, observe: Observer) -> list[JobSpec]:
         quiet = quiet_schedule()
-        return [dataclasses.replace(s, schedule=quiet) for s in jobs(pool, http, metrics)]
+        return [dataclasses.replace(s, schedule=quiet) for s in jobs(pool, http, observe)]
 
     return build
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -17,7 +17,7 @@ from kontod import db
 from kontod.jobs import REFRESH, SNAPSHOTS, refresh, snapshots
 from kontod.scheduler.contract import JobBody, JobExports, JobSpec, RunContext
 from kontod.scheduler.retries import RetryPolicy
-from kontod.scheduler.runner import Runner, utcnow
+from kontod.scheduler.runner import Runner, RunObserver, utcnow
 
 PARIS = ZoneInfo("Europe/Paris")
 
@@ -176,13 +176,22 @@ async def runner_on(
     clock: Callable[[], datetime] = utcnow,
     lease_s: float = 30.0,
     retry: RetryPolicy | None = None,
+    observers: Sequence[RunObserver] = (),
 ) -> tuple[Runner, Events]:
     """A runner with a pool and an instance name of its own, as a kontod process has."""
     instance = db.new_instance_name()
     pool = await db.create_pool(dsn, instance, max_size=4)
     events = Events()
     runner = Runner(
-        pool, jobs, tz, instance, events=events, clock=clock, lease_s=lease_s, retry=retry
+        pool,
+        jobs,
+        tz,
+        instance,
+        events=events,
+        clock=clock,
+        lease_s=lease_s,
+        retry=retry,
+        observers=observers,
     )
     return runner, events
 

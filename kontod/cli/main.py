@@ -12,11 +12,9 @@ import json
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from typing import Any
 
-import asyncpg
 import structlog
 
 from kontod import __version__, db, jobs
@@ -100,10 +98,12 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "run":
         from kontod.daemon import serve
 
-        if settings.database_url is None and not settings.embedded:
-            # An embedded database holds none of the web app's users: a daemon started on one
-            # by mistake would snapshot nobody every night and look healthy.
-            print(f"kontod: {db.run_without_url(settings.state_dir)}", file=sys.stderr)
+        # An embedded database holds none of the web app's users: a daemon started on one by
+        # mistake would snapshot nobody every night and look healthy. Refused before anything
+        # starts, so that the one line saying why is all there is.
+        why = db.refusal(settings, create=True)
+        if why is not None:
+            print(f"kontod: {why}", file=sys.stderr)
             return 2
         return await serve(settings)
     if args.command == "migrate":
@@ -132,32 +132,10 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     raise AssertionError(args.command)
 
 
-@asynccontextmanager
-async def _database(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+def _database(settings: Settings) -> db.Database:
     """A migrated pool on the configured database, or on an embedded one that exists already
     (the demo's, a ``KONTOD_EMBEDDED=1`` daemon's): a one-shot command never creates one."""
-    embedded = None
-    dsn = settings.database_url
-    if dsn is None:
-        embedded = db.EmbeddedPostgres(settings.state_dir, create=False)
-        if not embedded.exists():
-            raise db.NoDatabase(db.command_without_database(settings.state_dir))
-        log.info("database.embedded", data_dir=str(embedded.data_dir))
-        dsn = await embedded.start()
-    try:
-        pool = await db.create_pool(dsn, settings.instance, max_size=3 + settings.snapshot_workers)
-        try:
-            async with pool.acquire() as conn:
-                applied = await db.migrate(conn)
-                await konto_schema.load(conn)
-            if applied:
-                log.info("database.migrated", applied=applied)
-            yield pool
-        finally:
-            await pool.close()
-    finally:
-        if embedded is not None:
-            await embedded.stop()
+    return db.open(settings, check=konto_schema.load)
 
 
 async def _migrate(settings: Settings) -> int:
@@ -176,12 +154,18 @@ async def _run_job(settings: Settings, name: str, reason: str | None = None) -> 
     async with _database(settings) as pool, aiohttp.ClientSession() as http:
         specs = jobs.declare_jobs(settings, pool, http)
         names = [spec.name for spec in specs]
-        runner = Runner(pool, specs, settings.tz, settings.instance, lease_s=settings.lease_seconds)
         follow = commands.Follow()
         pinger = pings.Pinger(
             http, pings.ping_urls(names, settings.ping_urls, settings.ping_base_url)
         )
-        runner.observers += [follow, pinger]
+        runner = Runner(
+            pool,
+            specs,
+            settings.tz,
+            settings.instance,
+            lease_s=settings.lease_seconds,
+            observers=[follow, pinger],
+        )
         await runner.prepare()
         held = await pauses.current(pool, name, utcnow())
         if held is not None:

@@ -46,6 +46,7 @@ class History:
         lease_s: float,
         history_days: int = 90,
         freshness: Sequence[Freshness] = (),
+        listeners: Sequence[Callable[[], None]] = (),
     ) -> None:
         self.pool = pool
         self.instance = instance
@@ -57,7 +58,8 @@ class History:
         self.fresh: dict[str, date | datetime | None] = {}
         self._held: dict[int, Callable[[], None]] = {}
         self._renewed_at: dict[int, float] = {}
-        self._listeners: list[Callable[[], None]] = []
+        # Called after each housekeeping round (see on_refresh).
+        self._listeners: list[Callable[[], None]] = list(listeners)
         self._tasks: list[asyncio.Task[None]] = []
         self._reloading = asyncio.Lock()
 

@@ -8,11 +8,12 @@ that doubles with each attempt. Takeovers and retries together are bounded by ``
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from kontod.scheduler.contract import RunStatus, Trigger
-from kontod.scheduler.runs import TickState
+from kontod.scheduler.runs import JobStats, TickState
 
 
 @dataclass(frozen=True)
@@ -70,3 +71,15 @@ def next_retry(
         return None
     planned = next_attempt(state, state.tick, now, window, policy)
     return planned.due if planned is not None else None
+
+
+def retry_times(
+    windows: Mapping[str, timedelta], policy: RetryPolicy
+) -> Callable[[str, JobStats, datetime], datetime | None]:
+    """``next_retry`` for each job by name, given its catch-up window: what the runner plans
+    and ``/metrics`` exports, for whoever needs it without the runner."""
+
+    def due(job: str, stats: JobStats, now: datetime) -> datetime | None:
+        return next_retry(stats.latest_attempt, now, windows[job], policy)
+
+    return due

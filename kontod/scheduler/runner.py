@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -115,6 +115,7 @@ class Runner:
         lease_s: float = 30.0,
         retry: RetryPolicy | None = None,
         history: History | None = None,
+        observers: Sequence[RunObserver] = (),
     ) -> None:
         self.pool = pool
         self.jobs = {spec.name: spec for spec in jobs}
@@ -124,13 +125,17 @@ class Runner:
         self.clock = clock
         self.lease_s = lease_s
         self.retry = retry or RetryPolicy()
+        self._next_retry = retries.retry_times(
+            {spec.name: spec.catchup_window for spec in jobs}, self.retry
+        )
         self.history = history or History(
             pool,
             instance,
             lease_s=lease_s,
             freshness=[probe for spec in jobs for probe in spec.exports.freshness],
         )
-        self.observers: list[RunObserver] = []
+        # Told of each run's start and end, in this order (the board, pings, a progress display).
+        self.observers: tuple[RunObserver, ...] = tuple(observers)
         # Every bookkeeping statement answers within this, or is given up and tried again.
         self.bookkeeping_s = min(5.0, lease_s / 3)
         self._active: dict[str, asyncio.Task[str]] = {}
@@ -234,8 +239,7 @@ class Runner:
 
     def next_retry(self, job: str, stats: runs.JobStats, now: datetime) -> datetime | None:
         """When the newest tick of ``job`` is due to be tried again, if it will be."""
-        spec = self.jobs[job]
-        return retries.next_retry(stats.latest_attempt, now, spec.catchup_window, self.retry)
+        return self._next_retry(job, stats, now)
 
     # -- scheduling ------------------------------------------------------------------------
 

@@ -125,9 +125,8 @@ async def test_the_progress_of_jobs_run_is_a_bar_on_a_terminal_and_lines_otherwi
         for out in (terminal, plain):
             for step in steps:
                 step.clear()
-            runner, _ = await runner_on(dsn, [spec(body=batches, catchup=0)])
             follow = commands.Follow()
-            runner.observers.append(follow)
+            runner, _ = await runner_on(dsn, [spec(body=batches, catchup=0)], observers=[follow])
             try:
                 await runner.prepare()
                 outcome = await runner.trigger("test-job", "manual")

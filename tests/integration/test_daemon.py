@@ -6,11 +6,18 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+import aiohttp
+import asyncpg
 import pytest
 
-from kontod.daemon import Daemon, run_until_stopped
+from kontod import db
+from kontod.cli.main import _database
+from kontod.daemon import Daemon, assemble, run_until_stopped
 from kontod.ops.systemd import Notifier
+from kontod.providers.powens import Observer
 from kontod.scheduler import schedule
+from kontod.scheduler.contract import JobSpec
+from kontod.scheduler.runner import utcnow
 from tests.daemon_harness import running_daemon, runs_of, settings_for
 from tests.helpers import PARIS, quiet_schedule, spec
 
@@ -59,3 +66,39 @@ async def test_the_harness_refuses_a_daemon_that_could_start_a_run_by_itself(dsn
     with pytest.raises(AssertionError, match="daily-snapshots on '0 2 \\* \\* \\*' may start"):
         async with running_daemon(settings, clock=lambda: at_three):
             pass
+
+
+async def test_each_part_is_wired_by_its_constructor_and_nothing_starts(dsn: str) -> None:
+    seen: list[Observer] = []
+
+    def jobs(pool: asyncpg.Pool, http: aiohttp.ClientSession, observe: Observer) -> list[JobSpec]:
+        seen.append(observe)
+        return [spec(schedule=quiet_schedule(), catchup=0)]
+
+    settings = settings_for(dsn)
+    pool = await db.create_pool(dsn, settings.instance, max_size=2)
+    before = asyncio.all_tasks()
+    try:
+        async with aiohttp.ClientSession() as http:
+            parts = assemble(settings, pool, http, jobs, utcnow, Notifier.from_env({}))
+            assert asyncio.all_tasks() == before
+            assert parts.runner.history is parts.history
+            assert parts.runner.events is parts.instruments
+            assert parts.runner.observers == (parts.board, parts.pinger)
+            # What the provider client reports from inside a job reaches the daemon's registry.
+            [observe] = seen
+            observe("/users/me/connections", "200", 0.2)
+            sample = parts.registry.get_sample_value
+            labels = {"endpoint": "/users/me/connections", "code": "200"}
+            assert sample("kontod_provider_requests_total", labels) == 1
+    finally:
+        await pool.close()
+
+
+async def test_the_daemon_and_the_commands_open_pools_of_one_size(dsn: str) -> None:
+    settings = settings_for(dsn, snapshot_workers=5)
+    async with _database(settings) as pool:
+        command = pool.get_max_size()
+    async with running_daemon(settings) as (daemon, _):
+        assert daemon.pool is not None
+        assert daemon.pool.get_max_size() == command == db.pool_size(5)

@@ -11,7 +11,7 @@ import resource
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,7 +27,7 @@ from prometheus_client.registry import CollectorRegistry
 from kontod import logs
 from kontod.jobs import declare_jobs
 from kontod.ops.http import GUARD, GuardedSite, build_app
-from kontod.ops.metrics import ProviderInstruments
+from kontod.providers.powens import Observer
 from kontod.scheduler.contract import RunContext
 from kontod.scheduler.runner import Runner, utcnow
 from tests.daemon_harness import TOKEN, running_daemon, runs_of, settings_for
@@ -61,9 +61,7 @@ async def post(url: str, headers: dict[str, str] | None = None) -> tuple[int, An
 
 
 def real_jobs(dsn: str) -> Any:
-    def build(
-        pool: asyncpg.Pool, http: aiohttp.ClientSession, _: ProviderInstruments | None
-    ) -> Any:
+    def build(pool: asyncpg.Pool, http: aiohttp.ClientSession, _: Observer) -> Any:
         return declare_jobs(settings_for(dsn), pool, http)
 
     return build
@@ -291,6 +289,26 @@ async def test_metrics_names_and_values_come_from_the_run_table(dsn: str) -> Non
     assert m[("kontod_job_errors_total", job)] == 1
     assert ("kontod_job_last_success_timestamp_seconds", job) in m
     assert ("kontod_job_duration_seconds_count", job) in m
+
+
+async def test_the_newest_snapshot_date_reaches_metrics_with_the_run(dsn: str) -> None:
+    async with running_daemon(settings_for(dsn), real_jobs(dsn)) as (daemon, base):
+        await add_user(daemon.pool, accounts=[("checking", "12.5", False)])  # type: ignore[arg-type]
+        latest = ("kontod_snapshot_latest_date_timestamp_seconds", ())
+        _, text = await get(base + "/metrics")
+        assert latest not in samples(text)
+        status, body = await post(base + "/api/dashboard/snapshot", AUTH)
+        assert status == 202, body
+        await wait_for(lambda: _not_running(daemon))
+        # No housekeeping round waited for: /metrics reads the history the run's end reloaded,
+        # so the newest date comes with the run's success, not up to lease/3 later.
+        _, text = await get(base + "/metrics")
+        newest = await daemon.pool.fetchval(  # type: ignore[union-attr]
+            "SELECT max(date::date) FROM patrimoine_snapshots"
+        )
+    m = samples(text)
+    assert ("kontod_job_last_success_timestamp_seconds", (("job_name", "daily-snapshots"),)) in m
+    assert m[latest] == datetime.combine(newest, time(), PARIS).timestamp()
 
 
 async def test_metrics_pass_promtool_check(dsn: str) -> None:

@@ -27,8 +27,8 @@ from kontod.jobs import declare_jobs
 from kontod.ops import status_page
 from kontod.ops.board import JobView, Progress
 from kontod.ops.health import Verdict
-from kontod.ops.metrics import ProviderInstruments
 from kontod.ops.suspicion import Suspicion
+from kontod.providers.powens import Observer
 from kontod.scheduler import pauses
 from kontod.scheduler.runner import Started
 from kontod.scheduler.runs import JobStats
@@ -195,7 +195,7 @@ async def _open_status_page(
     """Run both jobs once in a daemon, open its status page in Chromium: (screenshot,
     problems seen by the browser, what the page shows)."""
 
-    def jobs(pool: asyncpg.Pool, http: aiohttp.ClientSession, _: ProviderInstruments | None) -> Any:
+    def jobs(pool: asyncpg.Pool, http: aiohttp.ClientSession, _: Observer) -> Any:
         return declare_jobs(settings, pool, http)
 
     async with running_daemon(settings, jobs) as (daemon, base):
