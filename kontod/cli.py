@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
         return 2
-    configure(settings.log_format, settings.log_level)
+    configure(settings.logging.format, settings.logging.level)
     try:
         return asyncio.run(_dispatch(args, settings))
     except (
@@ -96,10 +96,10 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "run":
         from kontod.daemon import serve
 
-        if settings.database_url is None and not settings.embedded:
+        if settings.database.url is None and not settings.database.embedded:
             # An embedded database holds none of the web app's users: a daemon started on one
             # by mistake would snapshot nobody every night and look healthy.
-            print(f"kontod: {db.run_without_url(settings.state_dir)}", file=sys.stderr)
+            print(f"kontod: {db.run_without_url(settings.database.state_dir)}", file=sys.stderr)
             return 2
         return await serve(settings)
     if args.command == "migrate":
@@ -133,15 +133,17 @@ async def _database(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     """A migrated pool on the configured database, or on an embedded one that exists already
     (the demo's, a ``KONTOD_EMBEDDED=1`` daemon's): a one-shot command never creates one."""
     embedded = None
-    dsn = settings.database_url
+    dsn = settings.database.url
     if dsn is None:
-        embedded = db.EmbeddedPostgres(settings.state_dir, create=False)
+        embedded = db.EmbeddedPostgres(settings.database.state_dir, create=False)
         if not embedded.exists():
-            raise db.NoDatabase(db.command_without_database(settings.state_dir))
+            raise db.NoDatabase(db.command_without_database(settings.database.state_dir))
         log.info("database.embedded", data_dir=str(embedded.data_dir))
         dsn = await embedded.start()
     try:
-        pool = await db.create_pool(dsn, settings.instance, max_size=3 + settings.snapshot_workers)
+        pool = await db.create_pool(
+            dsn, settings.runner.instance, max_size=3 + settings.snapshots.workers
+        )
         try:
             async with pool.acquire() as conn:
                 applied = await db.migrate(conn)
@@ -172,10 +174,11 @@ async def _run_job(settings: Settings, name: str, reason: str | None = None) -> 
     async with _database(settings) as pool, aiohttp.ClientSession() as http:
         jobs = declare_jobs(settings, pool, http)
         names = [spec.name for spec in jobs]
-        runner = Runner(pool, jobs, settings.tz, settings.instance, lease_s=settings.lease_seconds)
+        run = settings.runner
+        runner = Runner(pool, jobs, run.tz, run.instance, lease_s=run.lease.total_seconds())
         follow = commands.Follow()
         pinger = pings.Pinger(
-            http, pings.ping_urls(names, settings.ping_urls, settings.ping_base_url)
+            http, pings.ping_urls(names, settings.pings.urls, settings.pings.base_url)
         )
         runner.observers += [follow, pinger]
         await runner.prepare()
@@ -197,11 +200,11 @@ async def _run_job(settings: Settings, name: str, reason: str | None = None) -> 
             await commands.show_progress(follow, outcome.task, sys.stdout, utcnow)
             status = await outcome.task
         finally:
-            await runner.stop(settings.shutdown_timeout)
+            await runner.stop(run.shutdown_timeout.total_seconds())
             await pinger.drain(pings.DRAIN_S)
         note = ""
         if status == "success":
-            limits = suspicion.from_settings(names, settings.suspicious)
+            limits = suspicion.from_settings(names, settings.suspicion.thresholds)
             verdict = (await suspicion.latest(pool, limits)).get(name)
             if verdict is not None and verdict.suspicious and verdict.run_id == outcome.run_id:
                 note = f" (suspicious: {verdict.reason})"
@@ -219,7 +222,7 @@ async def _runs(settings: Settings, name: str, limit: int, status: str | None) -
         print("kontod: --limit must be from 1 to 1000", file=sys.stderr)
         return 2
     async with _database(settings) as pool:
-        await commands.print_runs(pool, name, limit, status, settings.tz, utcnow())
+        await commands.print_runs(pool, name, limit, status, settings.runner.tz, utcnow())
     return 0
 
 
@@ -232,12 +235,12 @@ def _next(settings: Settings, name: str, count: int, start: str | None) -> int:
     now = utcnow()
     if start is not None:
         try:
-            now = commands.parse_time(start, settings.tz)
+            now = commands.parse_time(start, settings.runner.tz)
         except ValueError as exc:
             print(commands.visible(f"kontod: --from {exc}"), file=sys.stderr)
             return 2
-    expr = {SNAPSHOTS: settings.snapshot_schedule, REFRESH: settings.refresh_schedule}[name]
-    commands.print_next(name, expr, settings.tz, now, count)
+    expr = {SNAPSHOTS: settings.snapshots.schedule, REFRESH: settings.refresh.schedule}[name]
+    commands.print_next(name, expr, settings.runner.tz, now, count)
     return 0
 
 
@@ -249,7 +252,7 @@ async def _pause(settings: Settings, args: argparse.Namespace) -> int:
     until = None
     if args.jobs_command == "pause" and args.until:
         try:
-            until = commands.parse_until(args.until, settings.tz, now)
+            until = commands.parse_until(args.until, settings.runner.tz, now)
         except ValueError as exc:
             print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
             return 2
@@ -258,7 +261,7 @@ async def _pause(settings: Settings, args: argparse.Namespace) -> int:
             await commands.resume_job(pool, args.name, now)
             return 0
         try:
-            await commands.pause_job(pool, args.name, args.reason, until, settings.tz, now)
+            await commands.pause_job(pool, args.name, args.reason, until, settings.runner.tz, now)
         except ValueError as exc:
             print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
             return 2
@@ -269,7 +272,7 @@ async def _pause(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _status(settings: Settings, url: str | None) -> int:
-    base = (url or f"http://{settings.listen}").rstrip("/")
+    base = (url or f"http://{settings.http.address}").rstrip("/")
     try:
         with urllib.request.urlopen(f"{base}/health/cron", timeout=10) as resp:  # noqa: S310
             report: dict[str, Any] = json.load(resp)
@@ -329,10 +332,10 @@ async def _history(settings: Settings, days: int) -> int:
                 WHERE date::date > (now() AT TIME ZONE $2)::date - $1::int
                 GROUP BY 1 ORDER BY 1 DESC""",
             days,
-            settings.timezone,
+            settings.runner.timezone,
         )
     # The sum of the users' totals, in the base currency the snapshots are written in.
-    print(f"{'DATE':<12}{'ROWS':>8}{'USERS':>8}{'TOTAL ' + settings.base_currency:>20}")
+    print(f"{'DATE':<12}{'ROWS':>8}{'USERS':>8}{'TOTAL ' + settings.rates.base_currency:>20}")
     for r in rows:
         total = f"{r['total'] or 0:,.2f}"
         print(f"{r['day'].isoformat():<12}{r['snapshot_rows']:>8}{r['users']:>8}{total:>20}")

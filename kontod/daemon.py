@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import aiohttp
 import asyncpg
@@ -58,7 +58,7 @@ class Daemon:
         self.notifier = notifier or Notifier.from_env()
         self._jobs_factory = jobs
         self._on_migrated = on_migrated
-        self.instance = settings.instance
+        self.instance = settings.runner.instance
         self.embedded: db.EmbeddedPostgres | None = None
         self.pool: asyncpg.Pool | None = None
         self.http: aiohttp.ClientSession | None = None
@@ -74,25 +74,25 @@ class Daemon:
 
     async def start(self) -> None:
         s = self.settings
-        dsn = s.database_url
+        dsn = s.database.url
         if dsn is None:
-            if not s.embedded:
-                raise db.NoDatabase(db.run_without_url(s.state_dir))
-            log.info("database.embedded", data_dir=str(s.state_dir / "pgdata"))
-            self.embedded = db.EmbeddedPostgres(s.state_dir)
+            if not s.database.embedded:
+                raise db.NoDatabase(db.run_without_url(s.database.state_dir))
+            log.info("database.embedded", data_dir=str(s.database.state_dir / "pgdata"))
+            self.embedded = db.EmbeddedPostgres(s.database.state_dir)
             dsn = await self.embedded.start()
         else:
             log.info("database.external", url=redact_dsn(dsn))
         # The snapshot workers hold a connection each for the whole run; the rest is left to
         # the refresh writes and the bookkeeping as before.
         self.pool = await db.create_pool(
-            dsn, self.instance, max_size=db.POOL_SIZE + s.snapshot_workers - 1
+            dsn, self.instance, max_size=db.POOL_SIZE + s.snapshots.workers - 1
         )
         async with self.pool.acquire() as conn:
             applied = await db.migrate(conn)
             await konto_schema.load(conn)  # KontoSchemaError: exit 2, naming the column
-            if s.db_encryption_key is not None:
-                await tokens.check_key(conn, s.db_encryption_key)  # WrongKey: exit 2
+            if s.refresh.db_encryption_key is not None:
+                await tokens.check_key(conn, s.refresh.db_encryption_key)  # WrongKey: exit 2
         if applied:
             log.info("database.migrated", applied=applied)
         if self._on_migrated is not None:
@@ -109,20 +109,23 @@ class Daemon:
         else:
             jobs = declare_jobs(s, self.pool, self.http, observe_request)
         self.history = History(
-            self.pool, self.instance, lease_s=s.lease_seconds, history_days=s.history_days
+            self.pool,
+            self.instance,
+            lease_s=s.runner.lease.total_seconds(),
+            history_days=s.runner.history_days,
         )
         self.runner = Runner(
             self.pool,
             jobs,
-            s.tz,
+            s.runner.tz,
             self.instance,
             clock=self.clock,
-            lease_s=s.lease_seconds,
-            retry=RetryPolicy(s.retry_attempts, timedelta(seconds=s.retry_delay)),
+            lease_s=s.runner.lease.total_seconds(),
+            retry=RetryPolicy(s.runner.retry_attempts, s.runner.retry_delay),
             history=self.history,
         )
         self.metrics = Metrics(
-            jobs, s.tz, lambda: self.history.stats if self.history else {}, self.clock
+            jobs, s.runner.tz, lambda: self.history.stats if self.history else {}, self.clock
         )
         metrics_ref.append(self.metrics)
         self.metrics.next_retry = self.runner.next_retry
@@ -130,11 +133,15 @@ class Daemon:
         self.history.on_refresh(self._after_housekeeping)
         names = [spec.name for spec in jobs]
         self.board = Board(
-            self.pool, jobs, s.tz, suspicion.from_settings(names, s.suspicious), self.clock
+            self.pool,
+            jobs,
+            s.runner.tz,
+            suspicion.from_settings(names, s.suspicion.thresholds),
+            self.clock,
         )
         self.pinger = pings.Pinger(
             self.http,
-            pings.ping_urls(names, s.ping_urls, s.ping_base_url),
+            pings.ping_urls(names, s.pings.urls, s.pings.base_url),
             observe=self.metrics.ping,
         )
         self.runner.observers += [self.board, self.pinger]
@@ -146,21 +153,21 @@ class Daemon:
         app = build_app(
             self.runner,
             self.metrics.registry,
-            s.admin_token,
+            s.http.admin_token,
             self.clock,
             board=self.board,
-            limits=HttpLimits(s.http_header_timeout, s.http_max_connections),
+            limits=HttpLimits(s.http.header_timeout.total_seconds(), s.http.max_connections),
         )
         self.site_runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_S
         )
         await self.site_runner.setup()
-        site = GuardedSite(self.site_runner, s.listen_host, s.listen_port, app[GUARD])
+        site = GuardedSite(self.site_runner, s.http.host, s.http.port, app[GUARD])
         await site.start()
         server = getattr(site, "_server", None)
         sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else s.listen_port
-        log.info("http.listening", url=f"http://{s.listen_host}:{self.port}")
+        self.port = sockets[0].getsockname()[1] if sockets else s.http.port
+        log.info("http.listening", url=f"http://{s.http.host}:{self.port}")
 
         await self.runner.start()
         self._tasks.append(self.board.start())
@@ -180,14 +187,14 @@ class Daemon:
         assert self.runner is not None
         now = self.clock()
         upcoming = [
-            (schedule.next_tick(spec.schedule, self.settings.tz, now), spec.name)
+            (schedule.next_tick(spec.schedule, self.settings.runner.tz, now), spec.name)
             for spec in self.runner.jobs.values()
             if not spec.not_configured
         ]
         if not upcoming:
             return "no job scheduled"
         when, name = min(upcoming)
-        local = when.astimezone(self.settings.tz).strftime("%Y-%m-%d %H:%M %Z")
+        local = when.astimezone(self.settings.runner.tz).strftime("%Y-%m-%d %H:%M %Z")
         return f"{len(upcoming)} job(s) scheduled; next: {name} at {local}"
 
     def _after_housekeeping(self) -> None:
@@ -209,9 +216,10 @@ class Daemon:
         seconds more, open HTTP requests 2 s, the pool 2 s before its connections are dropped.
         """
         self.notifier.stopping()
-        log.info("daemon.stopping", timeout_s=self.settings.shutdown_timeout)
+        timeout_s = self.settings.runner.shutdown_timeout.total_seconds()
+        log.info("daemon.stopping", timeout_s=timeout_s)
         if self.runner is not None:
-            await self.runner.stop(self.settings.shutdown_timeout)
+            await self.runner.stop(timeout_s)
         elif self.history is not None:
             await self.history.stop()
         if self.pinger is not None:
@@ -261,7 +269,7 @@ async def serve(settings: Settings) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    structlog.contextvars.bind_contextvars(instance=settings.instance)
+    structlog.contextvars.bind_contextvars(instance=settings.runner.instance)
 
     daemon = Daemon(settings)
     starting = asyncio.create_task(daemon.start(), name="start")

@@ -55,7 +55,7 @@ async def test_the_harness_refuses_a_daemon_that_could_start_a_run_by_itself(dsn
     async with running_daemon(settings_for(dsn), clock=lambda: at_three) as (daemon, _):
         assert daemon.pool is not None
         assert await runs_of(daemon.pool, "daily-snapshots") == []
-    settings = settings_for(dsn, snapshot_schedule="0 2 * * *")
+    settings = settings_for(dsn, snapshots={"schedule": "0 2 * * *"})
     with pytest.raises(AssertionError, match="daily-snapshots on '0 2 \\* \\* \\*' may start"):
         async with running_daemon(settings, clock=lambda: at_three):
             pass
