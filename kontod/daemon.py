@@ -156,7 +156,7 @@ class Daemon:
             s.http.admin_token,
             self.clock,
             board=self.board,
-            limits=HttpLimits(s.http.header_timeout.total_seconds(), s.http.max_connections),
+            limits=HttpLimits(s.http.header_timeout, s.http.max_connections),
         )
         self.site_runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_S
