@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -1007,8 +1007,9 @@ def load_settings(
                 break
         else:
             if spec.computed is not None:
-                tty = sys.stderr.isatty() if isatty is None else isatty
-                section[spec.attr] = spec.computed(env, tty)
+                if isatty is None:
+                    isatty = sys.stderr.isatty()
+                section[spec.attr] = spec.computed(env, isatty)
 
     settings = Settings(
         **{
@@ -1020,10 +1021,8 @@ def load_settings(
     return settings
 
 
-_SECTION_TYPES: dict[str, Callable[..., Any]] = {
-    f.name: f.default_factory  # type: ignore[misc]
-    for f in dataclasses.fields(Settings)
-}
+# Section name -> its dataclass, as Settings declares them.
+_SECTION_TYPES: dict[str, Any] = get_type_hints(Settings)
 
 
 def _check_schedules(settings: Settings, labels: Mapping[str, str], now: datetime) -> None:
