@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo run test test-fast test-clock lint pytest programs bench bench-quick clean
+.PHONY: demo run test test-fast test-clock lint pytest programs bench bench-quick settings-table clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,10 @@ bench: $(VENV)/.installed
 
 bench-quick: $(VENV)/.installed
 	$(BIN)/python -m bench --quick
+
+# The README's settings table, made from the spec table in kontod/config.py.
+settings-table: $(VENV)/.installed
+	$(BIN)/python scripts/settings-table README.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

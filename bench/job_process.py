@@ -40,10 +40,11 @@ def memory_kib(pid: int | str = "self") -> dict[str, int]:
 
 async def _run(tick: datetime) -> dict[str, object]:
     settings = load_settings()
-    configure(settings.log_format, settings.log_level)
+    configure(settings.logging.format, settings.logging.level)
     async with _database(settings) as pool, aiohttp.ClientSession() as http:
         jobs = declare_jobs(settings, pool, http)
-        runner = Runner(pool, jobs, settings.tz, settings.instance, lease_s=settings.lease_seconds)
+        run = settings.runner
+        runner = Runner(pool, jobs, run.tz, run.instance, lease_s=run.lease.total_seconds())
         await runner.prepare()
         try:
             outcome = await runner.trigger(SNAPSHOTS, "schedule", tick)
@@ -51,7 +52,7 @@ async def _run(tick: datetime) -> dict[str, object]:
                 return {"skipped": outcome.reason}
             status = await outcome.task
         finally:
-            await runner.stop(settings.shutdown_timeout)
+            await runner.stop(run.shutdown_timeout.total_seconds())
         return {"run_id": outcome.run_id, "status": status, **memory_kib()}
 
 

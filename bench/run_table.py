@@ -98,14 +98,12 @@ async def time_stats(pool: asyncpg.Pool, n: int) -> Latency:
 
 
 async def time_health(dsn: str, n: int) -> Latency:
-    settings = Settings(
-        database_url=dsn,
-        state_dir=Path("/nonexistent"),
-        listen_port=0,
-        timezone="UTC",
-        log_format="json",
-        log_level="error",
-        snapshot_schedule="0 12 1 1 *",  # no run during the measurement
+    settings = Settings().replace(
+        database={"url": dsn, "state_dir": Path("/nonexistent")},
+        http={"listen": ("127.0.0.1", 0)},
+        runner={"timezone": "UTC"},
+        logging={"format": "json", "level": "error"},
+        snapshots={"schedule": "0 12 1 1 *"},  # no run during the measurement
     )
     daemon = Daemon(settings, notifier=Notifier.from_env({}))
     await daemon.start()

@@ -57,7 +57,7 @@ SELECT status, extract(epoch FROM finished_at - started_at)::float8 AS seconds, 
 
 Progress = Callable[[str], None]
 # kontod's own default, unless the run says otherwise (--snapshot-workers).
-DEFAULT_WORKERS = Settings().snapshot_workers
+DEFAULT_WORKERS = Settings().snapshots.workers
 # The counts of a kontod run that say it wrote or removed a snapshot row.
 WRITE_COUNTS = ("rows_written", "rows_removed", "holdings_written", "holdings_removed")
 

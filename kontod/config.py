@@ -1,13 +1,18 @@
 """Settings: read once from the environment and an optional TOML file, checked before anything starts.
 
-Every setting has an environment variable ``KONTOD_<NAME>``; the TOML file named by
+Every setting is one row of ``SETTINGS``: its variable ``KONTOD_<NAME>`` (or the prefix of a
+per-job one), the other names it is read under, its parser, default, whether it is a secret,
+its systemd credential, and the section and attribute it lands in. The TOML file named by
 ``KONTOD_CONFIG`` may hold the same settings as lower-case keys without the prefix
-(``timezone = "Europe/Paris"``). The environment wins. Of kontod this module imports only the
-schedule maths (a pure module that imports nothing of kontod), to check schedules in the zone.
+(``timezone = "Europe/Paris"``); the environment wins. The README's settings table is generated
+from the same rows (``make settings-table``). Each section goes to the one part of kontod that
+uses it; durations are ``timedelta``. Of kontod this module imports only the schedule maths (a
+pure module that imports nothing of kontod), to check schedules in the zone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -15,10 +20,10 @@ import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, get_type_hints
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -42,7 +47,6 @@ ISO_4217 = frozenset(
     VUV WST XAF XAG XAU XBA XBB XBC XBD XCD XCG XDR XOF XPD XPF XPT XSU XUA YER ZAR ZMW ZWG""".split()  # noqa: SIM905 (a word list reads best as words)
 )
 LOG_LEVELS = ("debug", "info", "warning", "error")
-T = TypeVar("T")
 
 
 class ConfigError(Exception):
@@ -53,69 +57,6 @@ class ConfigError(Exception):
         self.value = value
         self.accepted = accepted
         super().__init__(f"invalid {setting}={value!r}: {accepted}")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Every knob of kontod, already checked."""
-
-    database_url: str | None = None
-    # Whether `kontod run` may start (and create) the embedded PostgreSQL when no URL is set.
-    embedded: bool = False
-    state_dir: Path = field(default_factory=lambda: default_state_dir({}))
-    listen_host: str = "127.0.0.1"
-    listen_port: int = 8435
-    # A client gets this long for each request's headers (and again for its body).
-    http_header_timeout: float = 10.0
-    http_max_connections: int = 256
-    timezone: str = "UTC"
-    snapshot_schedule: str = "0 2 * * *"
-    refresh_schedule: str = "0 */6 * * *"
-    admin_token: str | None = field(default=None, repr=False)
-    log_format: str = "json"
-    log_level: str = "info"
-    shutdown_timeout: float = 25.0
-    snapshot_batch_size: int = 1000
-    snapshot_workers: int = 2
-    stale_after: float = 7 * 86400.0
-    # Longest a connection whose token got a 401 is left alone before it is tried again.
-    rejection_hold: float = 7 * 86400.0
-    powens_url: str | None = None
-    refresh_concurrency: int = 8
-    provider_timeout: float = 30.0
-    provider_attempts: int = 4
-    provider_rate: float = 10.0
-    # bytes of one answer from the bank or a rate source; None: 8 MiB and 2 MiB (answers.py)
-    provider_max_body: int | None = None
-    # The web app's DB_ENCRYPTION_KEY (32 bytes), to read the bank tokens it stores encrypted.
-    db_encryption_key: bytes | None = field(default=None, repr=False)
-    base_currency: str = "EUR"
-    rate_max_age_days: int = 7
-    fiat_rates_url: str = ECB_DAILY_URL
-    crypto_prices_url: str = COINGECKO_SIMPLE_PRICE_URL
-    # symbol -> price API id, over the shipped map (kontod/providers/rates.py)
-    crypto_ids: Mapping[str, str] = field(default_factory=dict)
-    # currency -> value of one unit in the base currency
-    manual_rates: Mapping[str, Decimal] = field(default_factory=dict)
-    crypto_api_key: str | None = field(default=None, repr=False)
-    instance: str = field(default_factory=lambda: default_instance())
-    lease_seconds: float = 30.0
-    retry_attempts: int = 3
-    retry_delay: float = 300.0
-    history_days: int = 90
-    # Per job name: a Healthchecks-style ping URL, and suspicious-success thresholds.
-    ping_urls: Mapping[str, str] = field(default_factory=dict)
-    ping_base_url: str | None = None
-    suspicious: Mapping[str, tuple[float | None, float | None]] = field(default_factory=dict)
-
-    @property
-    def tz(self) -> ZoneInfo:
-        return ZoneInfo(self.timezone)
-
-    @property
-    def listen(self) -> str:
-        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
-        return f"{host}:{self.listen_port}"
 
 
 def redact_dsn(dsn: str) -> str:
@@ -158,7 +99,11 @@ def system_timezone() -> str:
     return name or "UTC"
 
 
-# Parsers: each takes the raw text and returns the value or raises ValueError with what is accepted.
+# Parsers: each takes the raw text and returns the value or raises ValueError with what is
+# accepted. Most are made by kind (seconds, whole numbers, URLs, choices) so that two settings
+# of one kind are checked alike.
+
+Parser = Callable[[str], Any]
 
 
 def _parse_dsn(raw: str) -> str:
@@ -199,8 +144,6 @@ def _parse_cron(raw: str) -> str:
     if len(expr.split()) not in (5, 6):
         raise ValueError("expected a cron expression of 5 fields, or 6 with seconds first")
     try:
-        from datetime import UTC, datetime
-
         CronSim(expr, datetime(2026, 1, 1, tzinfo=UTC))
     except (CronSimError, ValueError) as exc:
         raise ValueError(
@@ -209,7 +152,7 @@ def _parse_cron(raw: str) -> str:
     return expr
 
 
-def _parse_choice(*choices: str) -> Callable[[str], str]:
+def _choice(*choices: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip().lower()
         if value not in choices:
@@ -228,14 +171,40 @@ def _parse_flag(raw: str) -> bool:
     raise ValueError("expected 1 or 0 (also true/false, yes/no, on/off)")
 
 
-def _parse_positive_float(raw: str) -> float:
+def _as_timedelta(seconds: float, accepted: str) -> timedelta:
     try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError("expected a number of seconds greater than 0") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise ValueError("expected a number of seconds greater than 0")
-    return value
+        return timedelta(seconds=seconds)
+    except OverflowError:  # more days than a timedelta holds (about 2.7 million years)
+        raise ValueError(accepted) from None
+
+
+def _seconds(minimum: float, *, inclusive: bool) -> Callable[[str], timedelta]:
+    """A number of seconds above ``minimum`` (or from it, ``inclusive``), finite."""
+    bound = "of at least" if inclusive else "greater than"
+    accepted = f"expected a number of seconds {bound} {minimum:g}"
+
+    def parse(raw: str) -> timedelta:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(accepted) from None
+        # NaN fails both comparisons.
+        if not (minimum <= value if inclusive else minimum < value) or value == float("inf"):
+            raise ValueError(accepted)
+        return _as_timedelta(value, accepted)
+
+    return parse
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _parse_duration(raw: str) -> timedelta:
+    accepted = "expected a duration such as 7d, 12h, 30m, 45s or a number of seconds"
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", raw)
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(accepted)
+    return _as_timedelta(float(m.group(1)) * _UNITS[m.group(2) or "s"], accepted)
 
 
 def _parse_rate(raw: str) -> float:
@@ -266,39 +235,33 @@ def _parse_size(raw: str) -> int:
     return size
 
 
-def _parse_positive_int(raw: str) -> int:
-    if not re.fullmatch(r"\s*\d+\s*", raw) or int(raw) < 1:
-        raise ValueError("expected a whole number of at least 1")
-    return int(raw)
+def _whole(minimum: int, maximum: int | None = None, why: str = "") -> Callable[[str], int]:
+    """A whole number from ``minimum`` (to ``maximum``, ``why`` saying what bounds it)."""
+    if minimum == 0:
+        accepted = "expected a whole number of 0 or more"
+    else:
+        accepted = f"expected a whole number of at least {minimum}"
+
+    def parse(raw: str) -> int:
+        if not re.fullmatch(r"\s*\d+\s*", raw) or int(raw) < minimum:
+            raise ValueError(accepted)
+        value = int(raw)
+        if maximum is not None and value > maximum:
+            raise ValueError(f"expected at most {maximum}{why}")
+        return value
+
+    return parse
 
 
 MAX_SNAPSHOT_WORKERS = 16
-
-
-def _parse_workers(raw: str) -> int:
-    value = _parse_positive_int(raw)
-    if value > MAX_SNAPSHOT_WORKERS:
-        raise ValueError(f"expected at most {MAX_SNAPSHOT_WORKERS} (one database core each)")
-    return value
-
-
 MIN_LEASE_S = 5.0
 
 
-def _parse_lease(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not MIN_LEASE_S <= value < float("inf"):
-        raise ValueError(f"expected a number of seconds of at least {MIN_LEASE_S:g}")
-    return value
-
-
-def _parse_count(raw: str) -> int:
-    if not re.fullmatch(r"\s*\d+\s*", raw):
-        raise ValueError("expected a whole number of 0 or more")
-    return int(raw)
+def _parse_days(raw: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*d?\s*", raw)
+    if not m:
+        raise ValueError("expected a whole number of days such as 7d (rates are daily)")
+    return int(m.group(1))
 
 
 def _parse_instance(raw: str) -> str:
@@ -309,23 +272,17 @@ def _parse_instance(raw: str) -> str:
     return raw
 
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+def _http_url(example: str = "") -> Callable[[str], str]:
+    """An http:// or https:// URL with a host, kept without its trailing ``/``."""
+    accepted = "expected an http:// or https:// URL" + (f" such as {example}" if example else "")
 
+    def parse(raw: str) -> str:
+        parts = urlsplit(raw)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(accepted)
+        return raw.rstrip("/")
 
-def _parse_duration(raw: str) -> float:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", raw)
-    if not m or float(m.group(1)) <= 0:
-        raise ValueError("expected a duration such as 7d, 12h, 30m, 45s or a number of seconds")
-    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
-
-
-def _parse_url(raw: str) -> str:
-    parts = urlsplit(raw)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(
-            "expected an http:// or https:// URL such as https://example.biapi.pro/2.0"
-        )
-    return raw.rstrip("/")
+    return parse
 
 
 def _parse_domain(raw: str) -> str:
@@ -367,23 +324,6 @@ def _parse_thresholds(raw: str) -> tuple[float | None, float | None]:
     return found.get("duration"), found.get("items")
 
 
-def _per_job(
-    env: Mapping[str, str], file_values: Mapping[str, Any], prefix: str
-) -> dict[str, tuple[str, str]]:
-    """Settings named ``<prefix><JOB>``: job name (``NIGHTLY_EXPORT`` -> ``nightly-export``)
-    -> (label for errors, raw text); the environment wins over the file."""
-    found: dict[str, tuple[str, str]] = {}
-    key_prefix = prefix.removeprefix("KONTOD_").lower()
-    for key, value in file_values.items():
-        if key.startswith(key_prefix) and key != key_prefix:
-            job = key.removeprefix(key_prefix).replace("_", "-")
-            found[job] = (f"{key} in {env.get('KONTOD_CONFIG')}", str(value))
-    for var, value in env.items():
-        if var.startswith(prefix) and var != prefix and value != "":
-            found[var.removeprefix(prefix).lower().replace("_", "-")] = (var, value)
-    return found
-
-
 def _parse_encryption_key(raw: str) -> bytes:
     text = raw.strip()
     if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
@@ -402,20 +342,6 @@ def _parse_currency(raw: str) -> str:
     if code not in ISO_4217:
         raise ValueError("expected an ISO 4217 currency code such as EUR, USD or CHF")
     return code
-
-
-def _parse_days(raw: str) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*d?\s*", raw)
-    if not m:
-        raise ValueError("expected a whole number of days such as 7d (rates are daily)")
-    return int(m.group(1))
-
-
-def _parse_source_url(raw: str) -> str:
-    try:
-        return _parse_url(raw)
-    except ValueError:
-        raise ValueError("expected an http:// or https:// URL") from None
 
 
 _CODE = r"[A-Z0-9]{2,12}"
@@ -461,49 +387,560 @@ def _parse_manual_rates(raw: str) -> dict[str, Decimal]:
     return out
 
 
-# The settings kontod reads: (attribute, environment variable, parser, secret?).
-# The README's settings table mirrors this list.
-_SPEC: list[tuple[str, str, Callable[[str], Any], bool]] = [
-    ("state_dir", "KONTOD_STATE_DIR", Path, False),
-    ("embedded", "KONTOD_EMBEDDED", _parse_flag, False),
-    ("timezone", "KONTOD_TIMEZONE", _parse_timezone, False),
-    ("snapshot_schedule", "KONTOD_SNAPSHOT_SCHEDULE", _parse_cron, False),
-    ("refresh_schedule", "KONTOD_REFRESH_SCHEDULE", _parse_cron, False),
-    ("log_format", "KONTOD_LOG_FORMAT", _parse_choice("json", "console"), False),
-    ("log_level", "KONTOD_LOG_LEVEL", _parse_choice(*LOG_LEVELS), False),
-    ("shutdown_timeout", "KONTOD_SHUTDOWN_TIMEOUT", _parse_positive_float, False),
-    ("snapshot_batch_size", "KONTOD_SNAPSHOT_BATCH_SIZE", _parse_positive_int, False),
-    ("snapshot_workers", "KONTOD_SNAPSHOT_WORKERS", _parse_workers, False),
-    ("stale_after", "KONTOD_STALE_AFTER", _parse_duration, False),
-    ("rejection_hold", "KONTOD_TOKEN_HOLD", _parse_duration, False),
-    ("refresh_concurrency", "KONTOD_REFRESH_CONCURRENCY", _parse_positive_int, False),
-    ("provider_timeout", "KONTOD_PROVIDER_TIMEOUT", _parse_positive_float, False),
-    ("provider_attempts", "KONTOD_PROVIDER_ATTEMPTS", _parse_positive_int, False),
-    ("provider_rate", "KONTOD_PROVIDER_RATE", _parse_rate, False),
-    ("provider_max_body", "KONTOD_PROVIDER_MAX_BODY", _parse_size, False),
-    ("base_currency", "KONTOD_BASE_CURRENCY", _parse_currency, False),
-    ("rate_max_age_days", "KONTOD_RATE_MAX_AGE", _parse_days, False),
-    ("fiat_rates_url", "KONTOD_FIAT_RATES_URL", _parse_source_url, False),
-    ("crypto_prices_url", "KONTOD_CRYPTO_PRICES_URL", _parse_source_url, False),
-    ("crypto_ids", "KONTOD_CRYPTO_IDS", _parse_crypto_ids, False),
-    ("manual_rates", "KONTOD_MANUAL_RATES", _parse_manual_rates, False),
-    ("crypto_api_key", "KONTOD_CRYPTO_API_KEY", _parse_token, True),
-    ("instance", "KONTOD_INSTANCE", _parse_instance, False),
-    ("lease_seconds", "KONTOD_LEASE_SECONDS", _parse_lease, False),
-    ("retry_attempts", "KONTOD_RETRY_ATTEMPTS", _parse_count, False),
-    ("retry_delay", "KONTOD_RETRY_DELAY", _parse_duration, False),
-    ("history_days", "KONTOD_HISTORY_DAYS", _parse_positive_int, False),
-    ("http_header_timeout", "KONTOD_HTTP_HEADER_TIMEOUT", _parse_duration, False),
-    ("http_max_connections", "KONTOD_HTTP_MAX_CONNECTIONS", _parse_positive_int, False),
-]
+@dataclass(frozen=True)
+class Alias:
+    """Another name a setting is read under when its own is unset, with its own parser if the
+    text means something else (a domain rather than a URL)."""
 
-# Secrets may also come from systemd credentials: $CREDENTIALS_DIRECTORY/<file>.
-_CREDENTIALS = {
-    "KONTOD_DATABASE_URL": "database_url",
-    "KONTOD_ADMIN_TOKEN": "admin_token",
-    "KONTOD_DB_ENCRYPTION_KEY": "db_encryption_key",
-    "KONTOD_CRYPTO_API_KEY": "crypto_api_key",
-}
+    env: str
+    parse: Parser | None = None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: the names it is read under, how it is checked, where its value goes and
+    how the README documents it."""
+
+    env: str  # KONTOD_<NAME>, or the prefix KONTOD_<NAME>_ of a per-job setting
+    where: str  # "section.attribute" of Settings; "" for one read before the others
+    parse: Parser
+    doc: str  # the README's "meaning" column
+    default: str | None = None  # as it would be written in the environment; None: unset
+    default_doc: str | None = None  # the README's default column, when more than the default
+    aliases: tuple[Alias, ...] = ()
+    secret: bool = False  # never shown: in errors as <hidden>, left out of repr
+    credential: str | None = None  # also read from $CREDENTIALS_DIRECTORY/<credential>
+    per_job: bool = False  # read as <env><JOB>, one value per job name
+    shown: Callable[[str], str] | None = None  # how a bad value is shown when not a secret
+    # The default when nothing is set, from the environment and whether stderr is a terminal;
+    # the dataclass default (a bare Settings()) is computed with an empty environment.
+    computed: Callable[[Mapping[str, str], bool], Any] | None = None
+
+    @property
+    def toml_key(self) -> str | None:
+        """Its key in the TOML file (the prefix of the keys of a per-job setting)."""
+        return _toml_key(self.env) if self.where else None
+
+    @property
+    def section(self) -> str:
+        return self.where.partition(".")[0]
+
+    @property
+    def attr(self) -> str:
+        return self.where.partition(".")[2]
+
+
+def _toml_key(env: str) -> str | None:
+    return env.removeprefix("KONTOD_").lower() if env.startswith("KONTOD_") else None
+
+
+def _tty_format(env: Mapping[str, str], isatty: bool) -> str:
+    return "console" if isatty else "json"
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "KONTOD_CONFIG",
+        "",
+        str,
+        "path of an optional TOML file with the settings below",
+    ),
+    # --- database: the database kontod opens (daemon and commands) --------------------------
+    Setting(
+        "KONTOD_DATABASE_URL",
+        "database.url",
+        _parse_dsn,
+        "PostgreSQL DSN, `postgresql://user:password@host:5432/db`",
+        default_doc="unset: `kontod run` refuses to start (exit 2) unless `KONTOD_EMBEDDED=1`",
+        aliases=(Alias("DATABASE_URL"),),
+        credential="database_url",
+        shown=redact_dsn,
+    ),
+    Setting(
+        "KONTOD_EMBEDDED",
+        "database.embedded",
+        _parse_flag,
+        "`1`: with no DSN, `kontod run` starts (and at its first start creates) the embedded"
+        " PostgreSQL in `KONTOD_STATE_DIR/pgdata`; see"
+        " [The embedded PostgreSQL](#the-embedded-postgresql)",
+        default="0",
+    ),
+    Setting(
+        "KONTOD_STATE_DIR",
+        "database.state_dir",
+        Path,
+        "where the embedded PostgreSQL keeps its data (`pgdata/`)",
+        default_doc="`$STATE_DIRECTORY` under systemd, else `$XDG_STATE_HOME/kontod` or"
+        " `~/.local/state/kontod`",
+        computed=lambda env, _: default_state_dir(env),
+    ),
+    # --- http: the HTTP server -------------------------------------------------------------
+    Setting(
+        "KONTOD_LISTEN",
+        "http.listen",
+        _parse_listen,
+        "`host:port` of the HTTP server",
+        default=DEFAULT_LISTEN,
+    ),
+    Setting(
+        "KONTOD_HTTP_HEADER_TIMEOUT",
+        "http.header_timeout",
+        _parse_duration,
+        "how long a client gets to send a request's headers (and as long again for its body);"
+        " an idle connection is closed after as long; see [HTTP endpoints](#http-endpoints)",
+        default="10",
+        default_doc="`10` (seconds; `30s`, `1m` work too)",
+    ),
+    Setting(
+        "KONTOD_HTTP_MAX_CONNECTIONS",
+        "http.max_connections",
+        _whole(1),
+        "open HTTP connections at most, lowered to half the process's file limit when above it",
+        default="256",
+    ),
+    Setting(
+        "KONTOD_ADMIN_TOKEN",
+        "http.admin_token",
+        _parse_token,
+        "bearer token that allows manual triggers over HTTP",
+        default_doc="unset: manual triggers over HTTP are refused",
+        secret=True,
+        credential="admin_token",
+    ),
+    # --- runner: the clock, the replicas, retries and the run history -----------------------
+    Setting(
+        "KONTOD_TIMEZONE",
+        "runner.timezone",
+        _parse_timezone,
+        "IANA zone of the schedules and of snapshot dates",
+        default="UTC",
+        default_doc="the system's zone",
+        computed=lambda env, _: system_timezone(),
+    ),
+    Setting(
+        "KONTOD_SHUTDOWN_TIMEOUT",
+        "runner.shutdown_timeout",
+        _seconds(0, inclusive=False),
+        "seconds a running job may take to finish after SIGTERM",
+        default="25",
+    ),
+    Setting(
+        "KONTOD_INSTANCE",
+        "runner.instance",
+        _parse_instance,
+        "this process's name among replicas, stored on its runs and in its logs (1 to 63 of"
+        " `A-Z a-z 0-9 . _ : @ / -`)",
+        default_doc="`host:pid`",
+        computed=lambda env, _: default_instance(),
+    ),
+    Setting(
+        "KONTOD_LEASE_SECONDS",
+        "runner.lease",
+        _seconds(MIN_LEASE_S, inclusive=True),
+        "lease of a running run: renewed every third of it, taken over when it expires (at"
+        " least 5)",
+        default="30",
+    ),
+    Setting(
+        "KONTOD_RETRY_ATTEMPTS",
+        "runner.retry_attempts",
+        _whole(0),
+        "times a failed scheduled tick is run again (takeovers included); `0` for never",
+        default="3",
+    ),
+    Setting(
+        "KONTOD_RETRY_DELAY",
+        "runner.retry_delay",
+        _parse_duration,
+        "wait before the first retry, doubling each time (`5m`, `30s`, or seconds)",
+        default="5m",
+    ),
+    Setting(
+        "KONTOD_HISTORY_DAYS",
+        "runner.history_days",
+        _whole(1),
+        "age after which runs are deleted, once a day (the last 100 runs, last failure and"
+        " last success of each job are kept)",
+        default="90",
+    ),
+    # --- logging -----------------------------------------------------------------------------
+    Setting(
+        "KONTOD_LOG_FORMAT",
+        "logging.format",
+        _choice("json", "console"),
+        "`json` or `console`",
+        default="json",
+        default_doc="`console` on a terminal, `json` otherwise",
+        computed=_tty_format,
+    ),
+    Setting(
+        "KONTOD_LOG_LEVEL",
+        "logging.level",
+        _choice(*LOG_LEVELS),
+        "`debug`, `info`, `warning` or `error`",
+        default="info",
+    ),
+    # --- snapshots: the daily-snapshots job --------------------------------------------------
+    Setting(
+        "KONTOD_SNAPSHOT_SCHEDULE",
+        "snapshots.schedule",
+        _parse_cron,
+        "cron expression of `daily-snapshots` (5 fields, or 6 with seconds first); refused at"
+        " start when it does not fire within a year",
+        default="0 2 * * *",
+    ),
+    Setting(
+        "KONTOD_SNAPSHOT_BATCH_SIZE",
+        "snapshots.batch_size",
+        _whole(1),
+        "users per snapshot batch (one transaction each)",
+        default="1000",
+    ),
+    Setting(
+        "KONTOD_SNAPSHOT_WORKERS",
+        "snapshots.workers",
+        _whole(1, MAX_SNAPSHOT_WORKERS, " (one database core each)"),
+        "snapshot batches computed and written at once, each on a database connection of its"
+        " own (1 to 16)",
+        default="2",
+    ),
+    # --- refresh: the refresh-stale-connections job and its bank ------------------------------
+    Setting(
+        "KONTOD_REFRESH_SCHEDULE",
+        "refresh.schedule",
+        _parse_cron,
+        "cron expression of `refresh-stale-connections`",
+        default="0 */6 * * *",
+    ),
+    Setting(
+        "KONTOD_POWENS_URL",
+        "refresh.powens_url",
+        _http_url("https://example.biapi.pro/2.0"),
+        "base URL of the Powens API; `KONTOD_POWENS_DOMAIN` gives only its domain, the URL"
+        " then being `https://{domain}/2.0`",
+        default_doc="unset: the refresh job is reported as not configured",
+        aliases=(Alias("KONTOD_POWENS_DOMAIN", _parse_domain),),
+    ),
+    Setting(
+        "KONTOD_STALE_AFTER",
+        "refresh.stale_after",
+        _parse_duration,
+        "age after which an account is stale (`7d`, `12h`, `30m`, or seconds)",
+        default="7d",
+    ),
+    Setting(
+        "KONTOD_REFRESH_CONCURRENCY",
+        "refresh.concurrency",
+        _whole(1),
+        "users refreshed at once",
+        default="8",
+    ),
+    Setting(
+        "KONTOD_DB_ENCRYPTION_KEY",
+        "refresh.db_encryption_key",
+        _parse_encryption_key,
+        "the web app's key for the bank tokens it stores encrypted: 64 hexadecimal"
+        " characters; `kontod run` stops with exit status 2 when it opens none of the stored"
+        " tokens that look encrypted",
+        default_doc="unset: only plaintext tokens can be used",
+        aliases=(Alias("DB_ENCRYPTION_KEY"),),
+        secret=True,
+        credential="db_encryption_key",
+    ),
+    Setting(
+        "KONTOD_TOKEN_HOLD",
+        "refresh.rejection_hold",
+        _parse_duration,
+        "longest a connection whose token got a 401 is left alone before it is tried once"
+        " again (`7d`, `12h`, `30m`, or seconds)",
+        default="7d",
+    ),
+    # --- providers: every third-party HTTP API (the bank and the rate sources) ----------------
+    Setting(
+        "KONTOD_PROVIDER_TIMEOUT",
+        "providers.timeout",
+        _seconds(0, inclusive=False),
+        "seconds per provider request",
+        default="30",
+    ),
+    Setting(
+        "KONTOD_PROVIDER_ATTEMPTS",
+        "providers.attempts",
+        _whole(1),
+        "attempts per provider request, retries included",
+        default="4",
+    ),
+    Setting(
+        "KONTOD_PROVIDER_RATE",
+        "providers.rate",
+        _parse_rate,
+        "provider requests per second, across the whole process (retries included)",
+        default="10",
+    ),
+    Setting(
+        "KONTOD_PROVIDER_MAX_BODY",
+        "providers.max_body",
+        _parse_size,
+        "largest answer body kontod reads from the bank or a rate source, `8M`, `512K` or"
+        " bytes (K, M, G are powers of 1024; from 1K to 1G); when set it applies to both; a"
+        " larger answer is that request's error (see Bounded answers under the refresh job)",
+        default_doc="unset: 8 MiB for the bank, 2 MiB for the rate sources",
+    ),
+    # --- rates: currency conversion of the snapshots -----------------------------------------
+    Setting(
+        "KONTOD_BASE_CURRENCY",
+        "rates.base_currency",
+        _parse_currency,
+        "ISO 4217 code of the currency snapshots are written in",
+        default="EUR",
+    ),
+    Setting(
+        "KONTOD_RATE_MAX_AGE",
+        "rates.max_age_days",
+        _parse_days,
+        "oldest rate a snapshot may use, in whole days (`7d` or `7`)",
+        default="7d",
+    ),
+    Setting(
+        "KONTOD_FIAT_RATES_URL",
+        "rates.fiat_url",
+        _http_url(),
+        "the ECB daily reference rates file (eurofxref XML)",
+        default=ECB_DAILY_URL,
+    ),
+    Setting(
+        "KONTOD_CRYPTO_PRICES_URL",
+        "rates.crypto_url",
+        _http_url(),
+        "a CoinGecko-style `/simple/price` endpoint",
+        default=COINGECKO_SIMPLE_PRICE_URL,
+    ),
+    Setting(
+        "KONTOD_CRYPTO_IDS",
+        "rates.crypto_ids",
+        _parse_crypto_ids,
+        "`SYMBOL=id` pairs added to (or replacing in) the shipped map of crypto symbols to the"
+        " price API's coin ids, `PEPE=pepe,XBT=bitcoin`",
+        default="",
+    ),
+    Setting(
+        "KONTOD_CRYPTO_API_KEY",
+        "rates.crypto_api_key",
+        _parse_token,
+        "a CoinGecko API key, sent as `x-cg-demo-api-key` (or `x-cg-pro-api-key` to"
+        " `pro-api.coingecko.com`); without one the keyless tier is used, rate limited per IP",
+        secret=True,
+        credential="crypto_api_key",
+    ),
+    Setting(
+        "KONTOD_MANUAL_RATES",
+        "rates.manual",
+        _parse_manual_rates,
+        "`CURRENCY=value` pairs, the value of one unit in the base currency (from 1e-12 to"
+        " 1e12), for currencies no source quotes, `XAU=2210.50`",
+        default="",
+    ),
+    # --- pings and suspicion: how each job is watched ----------------------------------------
+    Setting(
+        "KONTOD_PING_URL_",
+        "pings.urls",
+        _parse_ping_url,
+        "ping URL of one job in the Healthchecks convention"
+        " (`KONTOD_PING_URL_DAILY_SNAPSHOTS=https://hc-ping.com/<uuid>`); see"
+        " [Pings](#pings-a-dead-mans-switch-outside-the-host)",
+        default_doc="unset: no ping",
+        # A ping URL is a credential of its own (whoever has it can ping).
+        secret=True,
+        per_job=True,
+    ),
+    Setting(
+        "KONTOD_PING_BASE_URL",
+        "pings.base_url",
+        _parse_ping_url,
+        "one ping URL for every job, each pinged at `<base>/<job name>` (a Healthchecks slug"
+        " URL such as `https://hc-ping.com/<ping key>`); a job's own URL wins",
+        secret=True,
+    ),
+    Setting(
+        "KONTOD_SUSPICIOUS_",
+        "suspicion.thresholds",
+        _parse_thresholds,
+        "thresholds of suspicious success for one job: `duration=F,items=F` (fractions of the"
+        " usual, 0 turns a check off) or `off`",
+        default_doc="`duration=0.2,items=0.5`",
+        per_job=True,
+    ),
+)
+BY_ENV = {s.env: s for s in SETTINGS}
+# Secrets may also come from systemd credentials: variable -> $CREDENTIALS_DIRECTORY/<file>.
+CREDENTIALS = {s.env: s.credential for s in SETTINGS if s.credential}
+
+
+def _spec_field(env: str) -> Any:
+    """The dataclass field of a setting: its parsed default, hidden from repr when secret."""
+    spec = BY_ENV[env]
+    if spec.per_job:
+        return field(default_factory=dict, repr=not spec.secret)
+    if spec.default is None and spec.computed is not None:
+        computed = spec.computed
+        return field(default_factory=lambda: computed({}, False), repr=not spec.secret)
+    value = None if spec.default is None else spec.parse(spec.default)
+    if isinstance(value, dict):
+        return field(default_factory=lambda: dict(value), repr=not spec.secret)
+    return field(default=value, repr=not spec.secret)
+
+
+# Sections: each goes to the one part of kontod that uses it. Every field is a row of SETTINGS
+# (tests/unit/test_config.py checks both ways), whose default it takes.
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """Which PostgreSQL kontod opens: a DSN, or the embedded one in ``state_dir``."""
+
+    url: str | None = _spec_field("KONTOD_DATABASE_URL")
+    # Whether `kontod run` may start (and create) the embedded PostgreSQL when no URL is set.
+    embedded: bool = _spec_field("KONTOD_EMBEDDED")
+    state_dir: Path = _spec_field("KONTOD_STATE_DIR")
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """The HTTP server: where it listens, its limits and the token of manual triggers."""
+
+    listen: tuple[str, int] = _spec_field("KONTOD_LISTEN")
+    # A client gets this long for each request's headers (and again for its body).
+    header_timeout: timedelta = _spec_field("KONTOD_HTTP_HEADER_TIMEOUT")
+    max_connections: int = _spec_field("KONTOD_HTTP_MAX_CONNECTIONS")
+    admin_token: str | None = _spec_field("KONTOD_ADMIN_TOKEN")
+
+    @property
+    def host(self) -> str:
+        return self.listen[0]
+
+    @property
+    def port(self) -> int:
+        return self.listen[1]
+
+    @property
+    def address(self) -> str:
+        """``host:port``, an IPv6 host in brackets."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """The runner: the zone of the schedules, this replica's name, leases, retries, history."""
+
+    timezone: str = _spec_field("KONTOD_TIMEZONE")
+    shutdown_timeout: timedelta = _spec_field("KONTOD_SHUTDOWN_TIMEOUT")
+    instance: str = _spec_field("KONTOD_INSTANCE")
+    lease: timedelta = _spec_field("KONTOD_LEASE_SECONDS")
+    retry_attempts: int = _spec_field("KONTOD_RETRY_ATTEMPTS")
+    retry_delay: timedelta = _spec_field("KONTOD_RETRY_DELAY")
+    history_days: int = _spec_field("KONTOD_HISTORY_DAYS")
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """How log lines are written."""
+
+    format: str = _spec_field("KONTOD_LOG_FORMAT")
+    level: str = _spec_field("KONTOD_LOG_LEVEL")
+
+
+@dataclass(frozen=True)
+class SnapshotSettings:
+    """The daily-snapshots job."""
+
+    schedule: str = _spec_field("KONTOD_SNAPSHOT_SCHEDULE")
+    batch_size: int = _spec_field("KONTOD_SNAPSHOT_BATCH_SIZE")
+    workers: int = _spec_field("KONTOD_SNAPSHOT_WORKERS")
+
+
+@dataclass(frozen=True)
+class RefreshSettings:
+    """The refresh-stale-connections job and the bank it asks."""
+
+    schedule: str = _spec_field("KONTOD_REFRESH_SCHEDULE")
+    powens_url: str | None = _spec_field("KONTOD_POWENS_URL")
+    stale_after: timedelta = _spec_field("KONTOD_STALE_AFTER")
+    concurrency: int = _spec_field("KONTOD_REFRESH_CONCURRENCY")
+    # The web app's DB_ENCRYPTION_KEY (32 bytes), to read the bank tokens it stores encrypted.
+    db_encryption_key: bytes | None = _spec_field("KONTOD_DB_ENCRYPTION_KEY")
+    # Longest a connection whose token got a 401 is left alone before it is tried again.
+    rejection_hold: timedelta = _spec_field("KONTOD_TOKEN_HOLD")
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    """Every third-party HTTP API: the bank and the rate sources."""
+
+    timeout: timedelta = _spec_field("KONTOD_PROVIDER_TIMEOUT")
+    attempts: int = _spec_field("KONTOD_PROVIDER_ATTEMPTS")
+    rate: float = _spec_field("KONTOD_PROVIDER_RATE")
+    # bytes of one answer from the bank or a rate source; None: 8 MiB and 2 MiB (answers.py)
+    max_body: int | None = _spec_field("KONTOD_PROVIDER_MAX_BODY")
+
+
+@dataclass(frozen=True)
+class RateSettings:
+    """Currency conversion of the snapshots: the base, the sources and their limits."""
+
+    base_currency: str = _spec_field("KONTOD_BASE_CURRENCY")
+    max_age_days: int = _spec_field("KONTOD_RATE_MAX_AGE")
+    fiat_url: str = _spec_field("KONTOD_FIAT_RATES_URL")
+    crypto_url: str = _spec_field("KONTOD_CRYPTO_PRICES_URL")
+    # symbol -> price API id, over the shipped map (kontod/providers/rates.py)
+    crypto_ids: Mapping[str, str] = _spec_field("KONTOD_CRYPTO_IDS")
+    # currency -> value of one unit in the base currency
+    manual: Mapping[str, Decimal] = _spec_field("KONTOD_MANUAL_RATES")
+    crypto_api_key: str | None = _spec_field("KONTOD_CRYPTO_API_KEY")
+
+
+@dataclass(frozen=True)
+class PingSettings:
+    """Healthchecks-style ping URLs: per job name, and one base for every job."""
+
+    urls: Mapping[str, str] = _spec_field("KONTOD_PING_URL_")
+    base_url: str | None = _spec_field("KONTOD_PING_BASE_URL")
+
+
+@dataclass(frozen=True)
+class SuspicionSettings:
+    """Per job name: the (duration, items) fractions of a suspicious success."""
+
+    thresholds: Mapping[str, tuple[float | None, float | None]] = _spec_field("KONTOD_SUSPICIOUS_")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of kontod, already checked, in one section per part that uses it."""
+
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    runner: RunnerSettings = field(default_factory=RunnerSettings)
+    logging: LogSettings = field(default_factory=LogSettings)
+    snapshots: SnapshotSettings = field(default_factory=SnapshotSettings)
+    refresh: RefreshSettings = field(default_factory=RefreshSettings)
+    providers: ProviderSettings = field(default_factory=ProviderSettings)
+    rates: RateSettings = field(default_factory=RateSettings)
+    pings: PingSettings = field(default_factory=PingSettings)
+    suspicion: SuspicionSettings = field(default_factory=SuspicionSettings)
+
+    def replace(self, **sections: Mapping[str, Any]) -> Settings:
+        """A copy with some fields of some sections changed:
+        ``settings.replace(http={"admin_token": "t"})``."""
+        changed = {
+            name: dataclasses.replace(getattr(self, name), **fields)
+            for name, fields in sections.items()
+        }
+        return dataclasses.replace(self, **changed)
 
 
 def load_settings(
@@ -521,106 +958,121 @@ def load_settings(
     file_values = _read_toml(env)
     labels: dict[str, str] = {}
 
-    def raw(var: str) -> tuple[str, str] | None:
-        """(label for errors, raw text) of a setting, environment first."""
+    def raw(var: str, credential: str | None) -> tuple[str, str] | None:
+        """(label for errors, raw text) of a setting: environment, file, then credential."""
         if env.get(var, "") != "":
             return var, env[var]
-        key = var.removeprefix("KONTOD_").lower()
-        if key in file_values:
+        key = _toml_key(var)
+        if key is not None and key in file_values:
             return f"{key} in {env['KONTOD_CONFIG']}", str(file_values[key])
-        cred = _CREDENTIALS.get(var)
-        if cred and env.get("CREDENTIALS_DIRECTORY"):
-            path = Path(env["CREDENTIALS_DIRECTORY"]) / cred
+        if credential and env.get("CREDENTIALS_DIRECTORY"):
+            path = Path(env["CREDENTIALS_DIRECTORY"]) / credential
             if path.is_file():
                 try:
-                    return f"credential {cred}", path.read_text().strip()
+                    return f"credential {credential}", path.read_text().strip()
                 except (OSError, UnicodeDecodeError) as exc:
                     raise ConfigError(
-                        f"credential {cred}", str(path), f"cannot be read as text ({exc})"
+                        f"credential {credential}", str(path), f"cannot be read as text ({exc})"
                     ) from None
         return None
 
-    def parse(var: str, parser: Callable[[str], T], secret: bool = False) -> T | None:
-        found = raw(var)
-        if found is None:
-            return None
-        label, text = found
-        labels[var] = label
+    def checked(spec: Setting, parser: Parser, label: str, text: str) -> Any:
         try:
             return parser(text)
         except ValueError as exc:
-            shown = "<hidden>" if secret else (redact_dsn(text) if "DATABASE" in var else text)
+            shown = text if spec.shown is None else spec.shown(text)
+            if spec.secret:
+                shown = "<hidden>"
             raise ConfigError(label, shown, str(exc)) from None
 
-    values: dict[str, Any] = {}
-    for attr, var, parser, secret in _SPEC:
-        value = parse(var, parser, secret)
-        if value is not None:
-            values[attr] = value
+    values: dict[str, dict[str, Any]] = {}
+    for spec in SETTINGS:
+        if not spec.where:
+            continue  # KONTOD_CONFIG, read first
+        section = values.setdefault(spec.section, {})
+        if spec.per_job:
+            section[spec.attr] = {
+                job: checked(spec, spec.parse, label, text)
+                for job, (label, text) in _per_job(env, file_values, spec.env).items()
+            }
+            continue
+        names = [(spec.env, spec.parse, spec.credential)]
+        names += [(a.env, a.parse or spec.parse, None) for a in spec.aliases]
+        for var, parser, credential in names:
+            found = raw(var, credential)
+            if found is not None:
+                label, text = found
+                labels[spec.env] = label
+                section[spec.attr] = checked(spec, parser, label, text)
+                break
+        else:
+            if spec.computed is not None:
+                if isatty is None:
+                    isatty = sys.stderr.isatty()
+                section[spec.attr] = spec.computed(env, isatty)
 
-    dsn = parse("KONTOD_DATABASE_URL", _parse_dsn)
-    if dsn is None and env.get("DATABASE_URL"):
-        dsn = parse("DATABASE_URL", _parse_dsn)
-    values["database_url"] = dsn
-    values["admin_token"] = parse("KONTOD_ADMIN_TOKEN", _parse_token, secret=True)
-    key = parse("KONTOD_DB_ENCRYPTION_KEY", _parse_encryption_key, secret=True)
-    if key is None and env.get("DB_ENCRYPTION_KEY"):
-        key = parse("DB_ENCRYPTION_KEY", _parse_encryption_key, secret=True)
-    values["db_encryption_key"] = key
-
-    listen = parse("KONTOD_LISTEN", _parse_listen)
-    if listen is not None:
-        values["listen_host"], values["listen_port"] = listen
-
-    powens = parse("KONTOD_POWENS_URL", _parse_url)
-    if powens is None:
-        powens = parse("KONTOD_POWENS_DOMAIN", _parse_domain)
-    values["powens_url"] = powens
-
-    # A ping URL is a credential of its own (whoever has it can ping): never shown.
-    ping_base = parse("KONTOD_PING_BASE_URL", _parse_ping_url, secret=True)
-    if ping_base is not None:
-        values["ping_base_url"] = ping_base
-    for attr, prefix, per_job_parser in (
-        ("ping_urls", "KONTOD_PING_URL_", _parse_ping_url),
-        ("suspicious", "KONTOD_SUSPICIOUS_", _parse_thresholds),
-    ):
-        parsed: dict[str, Any] = {}
-        for job, (label, text) in _per_job(env, file_values, prefix).items():
-            try:
-                parsed[job] = per_job_parser(text)
-            except ValueError as exc:
-                shown = "<hidden>" if attr == "ping_urls" else text
-                raise ConfigError(label, shown, str(exc)) from None
-        values[attr] = parsed
-
-    values.setdefault("state_dir", default_state_dir(env))
-    values.setdefault("timezone", system_timezone())
-    _check_schedules(values, labels, datetime.now(UTC) if now is None else now)
-    if "log_format" not in values:
-        tty = sys.stderr.isatty() if isatty is None else isatty
-        values["log_format"] = "console" if tty else "json"
-    return Settings(**values)
+    settings = Settings(
+        **{
+            name: section_type(**values.get(name, {}))
+            for name, section_type in _SECTION_TYPES.items()
+        }
+    )
+    _check_schedules(settings, labels, datetime.now(UTC) if now is None else now)
+    return settings
 
 
-def _check_schedules(values: Mapping[str, Any], labels: Mapping[str, str], now: datetime) -> None:
+# Section name -> its dataclass, as Settings declares them.
+_SECTION_TYPES: dict[str, Any] = get_type_hints(Settings)
+
+
+def _check_schedules(settings: Settings, labels: Mapping[str, str], now: datetime) -> None:
     """Refuse a configured schedule that has no tick in the next year of the configured zone,
     or whose ticks around that year's clock changes cannot be computed."""
-    tz = ZoneInfo(values["timezone"])
-    for attr, var in (
-        ("snapshot_schedule", "KONTOD_SNAPSHOT_SCHEDULE"),
-        ("refresh_schedule", "KONTOD_REFRESH_SCHEDULE"),
-    ):
-        if attr not in values:
+    tz = settings.runner.tz
+    for spec in SETTINGS:
+        if spec.parse is not _parse_cron or spec.env not in labels:
             continue  # the defaults fire every day in every zone
+        expr = getattr(getattr(settings, spec.section), spec.attr)
         try:
-            schedule.check(values[attr], tz, now)
+            schedule.check(expr, tz, now)
         except schedule.ScheduleError as exc:
             raise ConfigError(
-                labels.get(var, var),
-                values[attr],
+                labels[spec.env],
+                expr,
                 f"expected a cron expression that fires at least once a year in {tz.key} ({exc})",
             ) from None
+
+
+def _per_job(
+    env: Mapping[str, str], file_values: Mapping[str, Any], prefix: str
+) -> dict[str, tuple[str, str]]:
+    """Settings named ``<prefix><JOB>``: job name (``DAILY_SNAPSHOTS`` -> ``daily-snapshots``)
+    -> (label for errors, raw text); the environment wins over the file."""
+    found: dict[str, tuple[str, str]] = {}
+    key_prefix = prefix.removeprefix("KONTOD_").lower()
+    for key, value in file_values.items():
+        if key.startswith(key_prefix) and key != key_prefix:
+            job = key.removeprefix(key_prefix).replace("_", "-")
+            found[job] = (f"{key} in {env.get('KONTOD_CONFIG')}", str(value))
+    for var, value in env.items():
+        if var.startswith(prefix) and var != prefix and value != "":
+            found[var.removeprefix(prefix).lower().replace("_", "-")] = (var, value)
+    return found
+
+
+def toml_keys() -> tuple[set[str], tuple[str, ...]]:
+    """The keys the TOML file may hold, and the prefixes of its per-job keys."""
+    keys: set[str] = set()
+    prefixes: list[str] = []
+    for spec in SETTINGS:
+        if spec.toml_key is None:
+            continue
+        if spec.per_job:
+            prefixes.append(spec.toml_key)
+            continue
+        keys.add(spec.toml_key)
+        keys.update(k for a in spec.aliases if (k := _toml_key(a.env)) is not None)
+    return keys, tuple(prefixes)
 
 
 def _read_toml(env: Mapping[str, str]) -> dict[str, Any]:
@@ -638,20 +1090,46 @@ def _read_toml(env: Mapping[str, str]) -> dict[str, Any]:
         ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("KONTOD_CONFIG", path, f"not valid TOML: {exc}") from None
-    known = {var.removeprefix("KONTOD_").lower() for _, var, _, _ in _SPEC} | {
-        "database_url",
-        "admin_token",
-        "db_encryption_key",
-        "listen",
-        "powens_url",
-        "powens_domain",
-        "ping_base_url",
-    }
+    known, prefixes = toml_keys()
     for key in data:
-        if key not in known and not key.startswith(("ping_url_", "suspicious_")):
+        if key not in known and not key.startswith(prefixes):
             raise ConfigError(
                 "KONTOD_CONFIG",
                 path,
                 f"unknown key {key!r}; known keys: {', '.join(sorted(known))}",
             )
     return data
+
+
+# The README's settings table, generated from SETTINGS (scripts/settings-table writes it).
+TABLE_BEGIN = "<!-- settings table: generated from kontod/config.py by `make settings-table` -->"
+TABLE_END = "<!-- end of the settings table -->"
+
+
+def settings_table() -> str:
+    """The README's settings table: one row per setting, in the order of SETTINGS."""
+    rows = ["| variable | meaning | default |", "|---|---|---|"]
+    for spec in SETTINGS:
+        name = f"`{spec.env}<JOB>`" if spec.per_job else f"`{spec.env}`"
+        also = []
+        if spec.aliases:
+            also.append("also read: " + ", ".join(f"`{a.env}`" for a in spec.aliases))
+        if spec.credential:
+            also.append(f"also the `{spec.credential}` credential")
+        if also:
+            name += f" ({'; '.join(also)})"
+        if spec.default_doc is not None:
+            default = spec.default_doc
+        elif spec.default:
+            default = f"`{spec.default}`"
+        else:
+            default = "unset"
+        rows.append(f"| {name} | {spec.doc} | {default} |")
+    return "\n".join(rows) + "\n"
+
+
+def with_settings_table(readme: str) -> str:
+    """The README text with its settings table (between the two markers) made anew."""
+    begin = readme.index(TABLE_BEGIN) + len(TABLE_BEGIN)
+    end = readme.index(TABLE_END)
+    return readme[:begin] + "\n" + settings_table() + readme[end:]

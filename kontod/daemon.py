@@ -17,7 +17,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import aiohttp
@@ -105,34 +105,38 @@ def assemble(
     provider = ProviderInstruments(registry)
     jobs = jobs_factory(pool, http, provider.provider_request)
     names = [spec.name for spec in jobs]
-    retry = RetryPolicy(s.retry_attempts, timedelta(seconds=s.retry_delay))
+    retry = RetryPolicy(s.runner.retry_attempts, s.runner.retry_delay)
     instruments = RunInstruments(registry, names)
 
     def show_status() -> None:
-        notifier.status(status_line(jobs, s.tz, clock()))
+        notifier.status(status_line(jobs, s.runner.tz, clock()))
 
     history = History(
         pool,
-        s.instance,
-        lease_s=s.lease_seconds,
-        history_days=s.history_days,
+        s.runner.instance,
+        lease_s=s.runner.lease.total_seconds(),
+        history_days=s.runner.history_days,
         freshness=[probe for spec in jobs for probe in spec.exports.freshness],
         listeners=[show_status],
     )
     board = Board(
-        pool, jobs, s.tz, suspicion.from_settings(suspicion.populations(jobs), s.suspicious), clock
+        pool,
+        jobs,
+        s.runner.tz,
+        suspicion.from_settings(suspicion.populations(jobs), s.suspicion.thresholds),
+        clock,
     )
     pinger = pings.Pinger(
-        http, pings.ping_urls(names, s.ping_urls, s.ping_base_url), observe=instruments.ping
+        http, pings.ping_urls(names, s.pings.urls, s.pings.base_url), observe=instruments.ping
     )
     runner = Runner(
         pool,
         jobs,
-        s.tz,
-        s.instance,
+        s.runner.tz,
+        s.runner.instance,
         events=instruments,
         clock=clock,
-        lease_s=s.lease_seconds,
+        lease_s=s.runner.lease.total_seconds(),
         retry=retry,
         history=history,
         observers=[board, pinger],
@@ -151,16 +155,20 @@ def assemble(
         retries.retry_times({j.name: j.catchup_window for j in jobs}, retry),
     )
     JobExportsCollector(
-        registry, {spec.name: spec.exports for spec in jobs}, s.tz, stats, lambda: history.fresh
+        registry,
+        {spec.name: spec.exports for spec in jobs},
+        s.runner.tz,
+        stats,
+        lambda: history.fresh,
     )
     BoardCollector(registry, board, stats, clock)
     app = build_app(
         runner,
         registry,
-        s.admin_token,
+        s.http.admin_token,
         clock,
         board=board,
-        limits=HttpLimits(s.http_header_timeout, s.http_max_connections),
+        limits=HttpLimits(s.http.header_timeout, s.http.max_connections),
     )
     return Parts(jobs, history, board, registry, instruments, pinger, runner, app)
 
@@ -198,10 +206,10 @@ class Daemon:
             lambda pool, http, observe: declare_jobs(settings, pool, http, observe)
         )
         self._on_migrated = on_migrated
-        self.instance = settings.instance
+        self.instance = settings.runner.instance
         # Only the daemon (kontod run, the demo) may create an embedded database.
         self.database = db.open(
-            settings, create=True, check=konto_check(settings.db_encryption_key)
+            settings, create=True, check=konto_check(settings.refresh.db_encryption_key)
         )
         # What start has brought up so far; stop takes down whatever is there.
         self.http: aiohttp.ClientSession | None = None
@@ -237,9 +245,9 @@ class Daemon:
 
     async def start(self) -> None:
         s = self.settings
-        if s.database_url is not None:
+        if s.database.url is not None:
             # The daemon's first line names its database; the commands name only an embedded one.
-            log.info("database.external", url=redact_dsn(s.database_url))
+            log.info("database.external", url=redact_dsn(s.database.url))
         pool = await self.database.start()
         if self._on_migrated is not None:
             await self._on_migrated(pool)
@@ -254,12 +262,12 @@ class Daemon:
             parts.app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_S
         )
         await self.site_runner.setup()
-        site = GuardedSite(self.site_runner, s.listen_host, s.listen_port, parts.app[GUARD])
+        site = GuardedSite(self.site_runner, s.http.host, s.http.port, parts.app[GUARD])
         await site.start()
         server = getattr(site, "_server", None)
         sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else s.listen_port
-        log.info("http.listening", url=f"http://{s.listen_host}:{self.port}")
+        self.port = sockets[0].getsockname()[1] if sockets else s.http.port
+        log.info("http.listening", url=f"http://{s.http.host}:{self.port}")
 
         await parts.runner.start()
         self._tasks.append(parts.board.start())
@@ -277,7 +285,7 @@ class Daemon:
     def status_line(self) -> str:
         """What systemd shows: the jobs scheduled and the next tick."""
         assert self.parts is not None
-        return status_line(self.parts.jobs, self.settings.tz, self.clock())
+        return status_line(self.parts.jobs, self.settings.runner.tz, self.clock())
 
     async def _refresh_stats(self) -> None:
         """One housekeeping round now (tests use it instead of waiting for the next one)."""
@@ -291,9 +299,9 @@ class Daemon:
         seconds more, open HTTP requests 2 s, the pool 2 s before its connections are dropped.
         """
         self.notifier.stopping()
-        log.info("daemon.stopping", timeout_s=self.settings.shutdown_timeout)
+        log.info("daemon.stopping", timeout_s=self.settings.runner.shutdown_timeout.total_seconds())
         if self.parts is not None:
-            await self.parts.runner.stop(self.settings.shutdown_timeout)
+            await self.parts.runner.stop(self.settings.runner.shutdown_timeout.total_seconds())
             await self.parts.pinger.drain(pings.DRAIN_S)
         self._stop_watchdog.set()
         for task in self._tasks:
@@ -332,7 +340,7 @@ async def serve(settings: Settings) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    structlog.contextvars.bind_contextvars(instance=settings.instance)
+    structlog.contextvars.bind_contextvars(instance=settings.runner.instance)
 
     daemon = Daemon(settings)
     starting = asyncio.create_task(daemon.start(), name="start")

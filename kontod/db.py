@@ -28,20 +28,35 @@ Executor = asyncpg.Connection | asyncpg.Pool | PoolConnectionProxy
 log = structlog.get_logger("kontod.db")
 
 
+class _Database(Protocol):
+    @property
+    def url(self) -> str | None: ...
+    @property
+    def embedded(self) -> bool: ...
+    @property
+    def state_dir(self) -> Path: ...
+
+
+class _Runner(Protocol):
+    @property
+    def instance(self) -> str: ...
+
+
+class _Snapshots(Protocol):
+    @property
+    def workers(self) -> int: ...
+
+
 class DatabaseSettings(Protocol):
     """What opening the database reads of kontod's settings (``kontod.config.Settings`` has
     it); a protocol, so that this bottom layer imports nothing above it."""
 
     @property
-    def database_url(self) -> str | None: ...
+    def database(self) -> _Database: ...
     @property
-    def embedded(self) -> bool: ...
+    def runner(self) -> _Runner: ...
     @property
-    def state_dir(self) -> Path: ...
-    @property
-    def instance(self) -> str: ...
-    @property
-    def snapshot_workers(self) -> int: ...
+    def snapshots(self) -> _Snapshots: ...
 
 
 # Any fixed 64-bit number works; this one spells "kontod" in ASCII.
@@ -218,13 +233,13 @@ def refusal(settings: DatabaseSettings, *, create: bool) -> str | None:
     Only a process allowed to ``create`` (``kontod run``, ``kontod demo``) may create an
     embedded database, and only with ``KONTOD_EMBEDDED=1``; any other opens an existing one.
     """
-    if settings.database_url is not None:
+    if settings.database.url is not None:
         return None
     if create:
-        return None if settings.embedded else run_without_url(settings.state_dir)
-    if EmbeddedPostgres(settings.state_dir, create=False).exists():
+        return None if settings.database.embedded else run_without_url(settings.database.state_dir)
+    if EmbeddedPostgres(settings.database.state_dir, create=False).exists():
         return None
-    return command_without_database(settings.state_dir)
+    return command_without_database(settings.database.state_dir)
 
 
 class Database:
@@ -249,14 +264,16 @@ class Database:
         why = refusal(s, create=self.create)
         if why is not None:
             raise NoDatabase(why)
-        dsn = s.database_url
+        dsn = s.database.url
         if dsn is None:
             # Set before its start is awaited: a start that is cancelled (a signal) is still
             # stopped by close or abort.
-            self.embedded = EmbeddedPostgres(s.state_dir, create=self.create)
+            self.embedded = EmbeddedPostgres(s.database.state_dir, create=self.create)
             log.info("database.embedded", data_dir=str(self.embedded.data_dir))
             dsn = await self.embedded.start()
-        self.pool = await create_pool(dsn, s.instance, max_size=pool_size(s.snapshot_workers))
+        self.pool = await create_pool(
+            dsn, s.runner.instance, max_size=pool_size(s.snapshots.workers)
+        )
         async with self.pool.acquire() as conn:
             applied = await migrate(conn)
             if self.check is not None:

@@ -8,10 +8,11 @@ a manual run the test asks for is never refused because the day's catch-up run h
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -30,22 +31,19 @@ TOKEN = "s3cret-admin-token"
 QUIET_AHEAD = timedelta(days=7)
 
 
-def settings_for(dsn: str, **changes: object) -> Settings:
-    """Settings of a loopback daemon on ``dsn`` whose two jobs follow the quiet schedule."""
+def settings_for(dsn: str, **changes: Mapping[str, Any]) -> Settings:
+    """Settings of a loopback daemon on ``dsn`` whose two jobs follow the quiet schedule;
+    ``changes`` are fields by section, as ``Settings.replace`` takes them."""
     quiet = quiet_schedule()
-    base = Settings(
-        database_url=dsn,
-        state_dir=Path("/nonexistent"),
-        listen_host="127.0.0.1",
-        listen_port=0,
-        timezone="Europe/Paris",
-        admin_token=TOKEN,
-        log_format="console",
-        shutdown_timeout=2,
-        snapshot_schedule=quiet,
-        refresh_schedule=quiet,
+    base = Settings().replace(
+        database={"url": dsn, "state_dir": Path("/nonexistent")},
+        http={"listen": ("127.0.0.1", 0), "admin_token": TOKEN},
+        runner={"timezone": "Europe/Paris", "shutdown_timeout": timedelta(seconds=2)},
+        logging={"format": "console"},
+        snapshots={"schedule": quiet},
+        refresh={"schedule": quiet},
     )
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+    return base.replace(**changes)
 
 
 def quieted(jobs: JobsFactory) -> JobsFactory:

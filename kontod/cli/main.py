@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
         return 2
-    configure(settings.log_format, settings.log_level)
+    configure(settings.logging.format, settings.logging.level)
     try:
         return asyncio.run(_dispatch(args, settings))
     except (
@@ -156,14 +156,14 @@ async def _run_job(settings: Settings, name: str, reason: str | None = None) -> 
         names = [spec.name for spec in specs]
         follow = commands.Follow()
         pinger = pings.Pinger(
-            http, pings.ping_urls(names, settings.ping_urls, settings.ping_base_url)
+            http, pings.ping_urls(names, settings.pings.urls, settings.pings.base_url)
         )
         runner = Runner(
             pool,
             specs,
-            settings.tz,
-            settings.instance,
-            lease_s=settings.lease_seconds,
+            settings.runner.tz,
+            settings.runner.instance,
+            lease_s=settings.runner.lease.total_seconds(),
             observers=[follow, pinger],
         )
         await runner.prepare()
@@ -185,11 +185,13 @@ async def _run_job(settings: Settings, name: str, reason: str | None = None) -> 
             await commands.show_progress(follow, outcome.task, sys.stdout, utcnow)
             status = await outcome.task
         finally:
-            await runner.stop(settings.shutdown_timeout)
+            await runner.stop(settings.runner.shutdown_timeout.total_seconds())
             await pinger.drain(pings.DRAIN_S)
         note = ""
         if status == RunStatus.SUCCESS:
-            limits = suspicion.from_settings(suspicion.populations(specs), settings.suspicious)
+            limits = suspicion.from_settings(
+                suspicion.populations(specs), settings.suspicion.thresholds
+            )
             verdict = (await suspicion.latest(pool, limits)).get(name)
             if verdict is not None and verdict.suspicious and verdict.run_id == outcome.run_id:
                 note = f" (suspicious: {verdict.reason})"
@@ -207,7 +209,7 @@ async def _runs(settings: Settings, name: str, limit: int, status: str | None) -
         print("kontod: --limit must be from 1 to 1000", file=sys.stderr)
         return 2
     async with _database(settings) as pool:
-        await commands.print_runs(pool, name, limit, status, settings.tz, utcnow())
+        await commands.print_runs(pool, name, limit, status, settings.runner.tz, utcnow())
     return 0
 
 
@@ -220,12 +222,12 @@ def _next(settings: Settings, name: str, count: int, start: str | None) -> int:
     now = utcnow()
     if start is not None:
         try:
-            now = commands.parse_time(start, settings.tz)
+            now = commands.parse_time(start, settings.runner.tz)
         except ValueError as exc:
             print(commands.visible(f"kontod: --from {exc}"), file=sys.stderr)
             return 2
     expr = jobs.schedules(settings)[name]
-    commands.print_next(name, expr, settings.tz, now, count)
+    commands.print_next(name, expr, settings.runner.tz, now, count)
     return 0
 
 
@@ -237,7 +239,7 @@ async def _pause(settings: Settings, args: argparse.Namespace) -> int:
     until = None
     if args.jobs_command == "pause" and args.until:
         try:
-            until = commands.parse_until(args.until, settings.tz, now)
+            until = commands.parse_until(args.until, settings.runner.tz, now)
         except ValueError as exc:
             print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
             return 2
@@ -246,7 +248,7 @@ async def _pause(settings: Settings, args: argparse.Namespace) -> int:
             await commands.resume_job(pool, args.name, now)
             return 0
         try:
-            await commands.pause_job(pool, args.name, args.reason, until, settings.tz, now)
+            await commands.pause_job(pool, args.name, args.reason, until, settings.runner.tz, now)
         except ValueError as exc:
             print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
             return 2
@@ -257,7 +259,7 @@ async def _pause(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _status(settings: Settings, url: str | None) -> int:
-    base = (url or f"http://{settings.listen}").rstrip("/")
+    base = (url or f"http://{settings.http.address}").rstrip("/")
     try:
         with urllib.request.urlopen(f"{base}/health/cron", timeout=10) as resp:  # noqa: S310
             report: dict[str, Any] = json.load(resp)
@@ -310,9 +312,9 @@ async def _history(settings: Settings, days: int) -> int:
     from kontod.jobs.snapshots import daily_totals
 
     async with _database(settings) as pool:
-        rows = await daily_totals(pool, days, settings.timezone)
+        rows = await daily_totals(pool, days, settings.runner.timezone)
     # The sum of the users' totals, in the base currency the snapshots are written in.
-    print(f"{'DATE':<12}{'ROWS':>8}{'USERS':>8}{'TOTAL ' + settings.base_currency:>20}")
+    print(f"{'DATE':<12}{'ROWS':>8}{'USERS':>8}{'TOTAL ' + settings.rates.base_currency:>20}")
     for r in rows:
         total = f"{r['total'] or 0:,.2f}"
         print(f"{r['day'].isoformat():<12}{r['snapshot_rows']:>8}{r['users']:>8}{total:>20}")

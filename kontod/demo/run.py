@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import shlex
 import signal
 import sys
+from dataclasses import replace
 from datetime import date, timedelta
 
 import asyncpg
@@ -72,13 +72,13 @@ def demo_env(settings: Settings) -> str:
     ``KONTOD_STATE_DIR/demo``), so the other commands need to be told where it is.
     """
     parts = []
-    if settings.database_url is None:
-        parts.append(f"KONTOD_STATE_DIR={shlex.quote(str(settings.state_dir))}")
-    if settings.powens_url is not None:
-        parts.append(f"KONTOD_POWENS_URL={shlex.quote(settings.powens_url)}")
-    parts.append(f"KONTOD_FIAT_RATES_URL={shlex.quote(settings.fiat_rates_url)}")
-    parts.append(f"KONTOD_CRYPTO_PRICES_URL={shlex.quote(settings.crypto_prices_url)}")
-    if settings.db_encryption_key == DEMO_KEY:
+    if settings.database.url is None:
+        parts.append(f"KONTOD_STATE_DIR={shlex.quote(str(settings.database.state_dir))}")
+    if settings.refresh.powens_url is not None:
+        parts.append(f"KONTOD_POWENS_URL={shlex.quote(settings.refresh.powens_url)}")
+    parts.append(f"KONTOD_FIAT_RATES_URL={shlex.quote(settings.rates.fiat_url)}")
+    parts.append(f"KONTOD_CRYPTO_PRICES_URL={shlex.quote(settings.rates.crypto_url)}")
+    if settings.refresh.db_encryption_key == DEMO_KEY:
         # The demo's own key is public; a key of the user's own is a secret and never printed.
         parts.append(f"KONTOD_DB_ENCRYPTION_KEY={DEMO_KEY.hex()}")
     return " ".join(parts)
@@ -108,13 +108,15 @@ async def converted_summary(pool: asyncpg.Pool, base: str) -> str:
 async def demo(settings: Settings) -> int:
     """Run the demo until Ctrl-C."""
 
-    key = settings.db_encryption_key or DEMO_KEY
-    demo_settings = dataclasses.replace(
+    key = settings.refresh.db_encryption_key or DEMO_KEY
+    demo_settings = replace(
         settings,
-        database_url=settings.database_url,
-        state_dir=settings.state_dir / "demo",
-        db_encryption_key=key,
-        embedded=True,  # the demo's own database, created at its first start
+        database=replace(
+            settings.database,
+            state_dir=settings.database.state_dir / "demo",
+            embedded=True,  # the demo's own database, created at its first start
+        ),
+        refresh=replace(settings.refresh, db_encryption_key=key),
     )
 
     async def seed_once(pool: asyncpg.Pool) -> None:
@@ -125,11 +127,10 @@ async def demo(settings: Settings) -> int:
     rate_sources = rates_sandbox.RateSandbox(ecb_day=date.today() - timedelta(days=1))
     async with sandbox.serve() as bank_url, rate_sources.serve() as rates_root:
         fiat_url, crypto_url = rates_sandbox.urls(rates_root)
-        demo_settings = dataclasses.replace(
+        demo_settings = replace(
             demo_settings,
-            powens_url=bank_url,
-            fiat_rates_url=fiat_url,
-            crypto_prices_url=crypto_url,
+            refresh=replace(demo_settings.refresh, powens_url=bank_url),
+            rates=replace(demo_settings.rates, fiat_url=fiat_url, crypto_url=crypto_url),
         )
         daemon = Daemon(demo_settings, on_migrated=seed_once)
         stop = asyncio.Event()
@@ -152,8 +153,10 @@ async def demo(settings: Settings) -> int:
                     started.append(task)
             await asyncio.gather(*started)
             assert daemon.pool is not None
-            print(await converted_summary(daemon.pool, settings.base_currency), file=sys.stderr)
-            base = f"http://{demo_settings.listen_host}:{daemon.port}"
+            print(
+                await converted_summary(daemon.pool, settings.rates.base_currency), file=sys.stderr
+            )
+            base = f"http://{demo_settings.http.host}:{daemon.port}"
             env = demo_env(demo_settings)
             print(
                 "\nkontod demo is running; open:\n"

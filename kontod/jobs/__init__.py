@@ -8,7 +8,7 @@ from datetime import timedelta
 import aiohttp
 import asyncpg
 
-from kontod.config import Settings
+from kontod.config import RateSettings, Settings
 from kontod.jobs import refresh, snapshots
 from kontod.providers.powens import PowensClient
 from kontod.providers.rates import crypto_map
@@ -22,7 +22,7 @@ NAMES = (SNAPSHOTS, REFRESH)
 
 def schedules(settings: Settings) -> dict[str, str]:
     """Each job's schedule expression, by name, as the settings give it."""
-    return {SNAPSHOTS: settings.snapshot_schedule, REFRESH: settings.refresh_schedule}
+    return {SNAPSHOTS: settings.snapshots.schedule, REFRESH: settings.refresh.schedule}
 
 
 def declare_jobs(
@@ -39,19 +39,19 @@ def declare_jobs(
             schedule=schedules(settings)[SNAPSHOTS],
             body=snapshots.make_body(
                 pool,
-                settings.tz,
-                settings.snapshot_batch_size,
-                _conversion(settings),
+                settings.runner.tz,
+                settings.snapshots.batch_size,
+                _conversion(settings.rates),
                 snapshots.SourceSettings(
-                    fiat_url=settings.fiat_rates_url,
-                    crypto_url=settings.crypto_prices_url,
-                    timeout=settings.provider_timeout,
-                    attempts=settings.provider_attempts,
-                    crypto_api_key=settings.crypto_api_key,
-                    max_body=settings.provider_max_body,
+                    fiat_url=settings.rates.fiat_url,
+                    crypto_url=settings.rates.crypto_url,
+                    timeout=settings.providers.timeout.total_seconds(),
+                    attempts=settings.providers.attempts,
+                    crypto_api_key=settings.rates.crypto_api_key,
+                    max_body=settings.providers.max_body,
                 ),
                 http,
-                workers=settings.snapshot_workers,
+                workers=settings.snapshots.workers,
             ),
             grace=timedelta(hours=1),
             max_runtime=timedelta(hours=2),
@@ -73,12 +73,12 @@ def declare_jobs(
     ]
 
 
-def _conversion(settings: Settings) -> snapshots.Conversion:
+def _conversion(rates: RateSettings) -> snapshots.Conversion:
     return snapshots.Conversion(
-        base=settings.base_currency,
-        max_age_days=settings.rate_max_age_days,
-        crypto_ids=crypto_map(settings.crypto_ids),
-        manual=settings.manual_rates,
+        base=rates.base_currency,
+        max_age_days=rates.max_age_days,
+        crypto_ids=crypto_map(rates.crypto_ids),
+        manual=rates.manual,
     )
 
 
@@ -89,26 +89,27 @@ def _refresh_wiring(
     observe_request: Callable[[str, str, float], None] | None,
 ) -> tuple[JobBody, str | None]:
     """The refresh body, or an idle one with the reason when no provider is configured."""
-    if settings.powens_url is None:
+    bank, providers = settings.refresh, settings.providers
+    if bank.powens_url is None:
         return _idle, "no provider configured (set KONTOD_POWENS_URL or KONTOD_POWENS_DOMAIN)"
     if http is None:
         raise ValueError("the refresh job needs an aiohttp.ClientSession when a provider is set")
     client = PowensClient(
         http,
-        settings.powens_url,
-        timeout=settings.provider_timeout,
-        attempts=settings.provider_attempts,
+        bank.powens_url,
+        timeout=providers.timeout.total_seconds(),
+        attempts=providers.attempts,
         observe=observe_request,
-        rate=settings.provider_rate,
-        max_body=settings.provider_max_body,
+        rate=providers.rate,
+        max_body=providers.max_body,
     )
     body = refresh.make_body(
         pool,
         client,
-        stale_after=timedelta(seconds=settings.stale_after),
-        concurrency=settings.refresh_concurrency,
-        key=settings.db_encryption_key,
-        token_hold=timedelta(seconds=settings.rejection_hold),
+        stale_after=bank.stale_after,
+        concurrency=bank.concurrency,
+        key=bank.db_encryption_key,
+        token_hold=bank.rejection_hold,
     )
     return body, None
 

@@ -9,7 +9,7 @@ import resource
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -38,8 +38,12 @@ class HttpLimits:
     """How long a client may take to send its request headers (and its body), and how many
     connections may be open at once."""
 
-    header_timeout_s: float = 10.0
+    header_timeout: timedelta = timedelta(seconds=10)
     max_connections: int = 256
+
+    @property
+    def header_timeout_s(self) -> float:
+        return self.header_timeout.total_seconds()
 
 
 def fail(
@@ -536,7 +540,7 @@ _REFUSED = (
 class ConnectionGuard:
     """The header read timeout and the cap on open connections, around aiohttp's server.
 
-    A connection has ``header_timeout_s`` to send the headers of each request (idle keep-alive
+    A connection has ``header_timeout`` to send the headers of each request (idle keep-alive
     included); a body gets as long again inside the handler. At the cap, the oldest connection
     still waiting for headers makes room for the new one, so that slow or idle clients cannot
     keep a health check out; when every connection is busy with a request, the new one is

@@ -62,7 +62,7 @@ async def test_the_harness_refuses_a_daemon_that_could_start_a_run_by_itself(dsn
     async with running_daemon(settings_for(dsn), clock=lambda: at_three) as (daemon, _):
         assert daemon.pool is not None
         assert await runs_of(daemon.pool, "daily-snapshots") == []
-    settings = settings_for(dsn, snapshot_schedule="0 2 * * *")
+    settings = settings_for(dsn, snapshots={"schedule": "0 2 * * *"})
     with pytest.raises(AssertionError, match="daily-snapshots on '0 2 \\* \\* \\*' may start"):
         async with running_daemon(settings, clock=lambda: at_three):
             pass
@@ -76,7 +76,7 @@ async def test_each_part_is_wired_by_its_constructor_and_nothing_starts(dsn: str
         return [spec(schedule=quiet_schedule(), catchup=0)]
 
     settings = settings_for(dsn)
-    pool = await db.create_pool(dsn, settings.instance, max_size=2)
+    pool = await db.create_pool(dsn, settings.runner.instance, max_size=2)
     before = asyncio.all_tasks()
     try:
         async with aiohttp.ClientSession() as http:
@@ -96,7 +96,7 @@ async def test_each_part_is_wired_by_its_constructor_and_nothing_starts(dsn: str
 
 
 async def test_the_daemon_and_the_commands_open_pools_of_one_size(dsn: str) -> None:
-    settings = settings_for(dsn, snapshot_workers=5)
+    settings = settings_for(dsn, snapshots={"workers": 5})
     async with _database(settings) as pool:
         command = pool.get_max_size()
     async with running_daemon(settings) as (daemon, _):

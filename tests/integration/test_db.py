@@ -202,14 +202,15 @@ async def test_pruning_keeps_the_last_runs_the_last_failure_and_success_and_runn
 
 
 def test_only_a_process_allowed_to_create_may_start_without_a_database(tmp_path: Path) -> None:
-    external = Settings(database_url="postgresql://u@h/d", state_dir=tmp_path)
+    external = Settings().replace(database={"url": "postgresql://u@h/d", "state_dir": tmp_path})
     assert db.refusal(external, create=False) is None
     assert db.refusal(external, create=True) is None
     # kontod run: an embedded database only when asked for.
-    bare = Settings(state_dir=tmp_path)
+    bare = Settings().replace(database={"state_dir": tmp_path})
+    embedded = Settings().replace(database={"state_dir": tmp_path, "embedded": True})
     assert db.refusal(bare, create=True) == db.run_without_url(tmp_path)
-    assert db.refusal(Settings(state_dir=tmp_path, embedded=True), create=True) is None
+    assert db.refusal(embedded, create=True) is None
     # Any other command opens one that exists, or none: KONTOD_EMBEDDED does not change that.
-    for settings in (bare, Settings(state_dir=tmp_path, embedded=True)):
+    for settings in (bare, embedded):
         assert db.refusal(settings, create=False) == db.command_without_database(tmp_path)
     assert not (tmp_path / "pgdata").exists()

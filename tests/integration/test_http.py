@@ -160,7 +160,10 @@ async def test_manual_trigger_answers(
     dsn: str, token: str | None, headers: dict[str, str], path: str, expected: int
 ) -> None:
     jobs = [spec(catchup=0), spec("daily-snapshots", catchup=0)]
-    async with running_daemon(settings_for(dsn, admin_token=token), lambda *_: jobs) as (_, base):
+    async with running_daemon(settings_for(dsn, http={"admin_token": token}), lambda *_: jobs) as (
+        _,
+        base,
+    ):
         status, body = await post(base + path, headers)
         assert status == expected
         assert TOKEN not in str(body)

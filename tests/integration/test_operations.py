@@ -222,7 +222,8 @@ def test_suspicious_thresholds_are_settable_per_job() -> None:
         isatty=False,
     )
     got = suspicion.from_settings(
-        {"daily-snapshots": "users", "refresh-stale-connections": None}, settings.suspicious
+        {"daily-snapshots": "users", "refresh-stale-connections": None},
+        settings.suspicion.thresholds,
     )
     assert (got["daily-snapshots"].duration, got["daily-snapshots"].items) == (0, 0)
     assert (got["refresh-stale-connections"].duration, got["refresh-stale-connections"].items) == (

@@ -44,7 +44,7 @@ async def test_start_then_success_or_fail_with_the_run_rid_and_summary(
     svc, base = service
     check = svc.new_check()
     outcomes = ["success", "error"]
-    settings = settings_for(dsn, ping_urls={"pinged": f"{base}/{check}"})
+    settings = settings_for(dsn, pings={"urls": {"pinged": f"{base}/{check}"}})
     async with running_daemon(settings, lambda *_: _jobs(outcomes)) as (_daemon, url):
         for expected in (2, 4):
             status, _ = await post(url + "/jobs/pinged/run", AUTH)
@@ -75,7 +75,7 @@ async def _count(svc: PingService, check: str, n: int) -> bool:
 async def test_a_ping_service_that_is_down_fails_no_run_and_is_counted(dsn: str) -> None:
     down = f"http://127.0.0.1:{free_port()}/ping/{uuid.uuid4()}"
     outcomes = ["success"]
-    settings = settings_for(dsn, ping_urls={"pinged": down})
+    settings = settings_for(dsn, pings={"urls": {"pinged": down}})
     async with running_daemon(settings, lambda *_: _jobs(outcomes)) as (daemon, url):
         assert daemon.pinger is not None
         daemon.pinger.backoff_s = 0.01
@@ -153,8 +153,8 @@ def test_ping_settings_per_job_and_their_errors() -> None:
     settings = load_settings(env, isatty=False)
     urls = pings.ping_urls(
         ["daily-snapshots", "refresh-stale-connections"],
-        settings.ping_urls,
-        settings.ping_base_url,
+        settings.pings.urls,
+        settings.pings.base_url,
     )
     assert urls == {
         "daily-snapshots": "https://hc-ping.com/5bf66975-d4c7-4bf5-bcc8-b8d8a82ea278",

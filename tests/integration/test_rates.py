@@ -547,11 +547,11 @@ def test_rate_settings() -> None:
             "KONTOD_MANUAL_RATES": "XAU=2210.50",
         }
     )
-    assert (s.base_currency, s.rate_max_age_days) == ("CHF", 3)
-    assert s.crypto_ids == {"XBT": "bitcoin", "ETH": "ethereum"}
-    assert s.manual_rates == {"XAU": Decimal("2210.50")}
-    assert rates.crypto_map(s.crypto_ids)["XBT"] == "bitcoin"
-    assert load_settings({"HOME": "/nonexistent"}).base_currency == "EUR"
+    assert (s.rates.base_currency, s.rates.max_age_days) == ("CHF", 3)
+    assert s.rates.crypto_ids == {"XBT": "bitcoin", "ETH": "ethereum"}
+    assert s.rates.manual == {"XAU": Decimal("2210.50")}
+    assert rates.crypto_map(s.rates.crypto_ids)["XBT"] == "bitcoin"
+    assert load_settings({"HOME": "/nonexistent"}).rates.base_currency == "EUR"
 
 
 async def test_metrics_export_unconverted_accounts_and_rate_ages(dsn: str) -> None:
@@ -561,10 +561,8 @@ async def test_metrics_export_unconverted_accounts_and_rate_ages(dsn: str) -> No
         fiat, crypto = urls(root)
         settings = settings_for(
             dsn,
-            fiat_rates_url=fiat,
-            crypto_prices_url=crypto,
-            provider_timeout=1.0,
-            provider_attempts=1,
+            rates={"fiat_url": fiat, "crypto_url": crypto},
+            providers={"timeout": timedelta(seconds=1), "attempts": 1},
         )
         async with running_daemon(settings) as (daemon, base):
             assert daemon.pool is not None
@@ -632,7 +630,7 @@ async def test_the_price_api_key_goes_in_its_header_and_never_in_an_error() -> N
         assert sandbox.requests["crypto"] == 2  # a 401 is not retried
         assert await client("cg-secret-123").crypto(["bitcoin"], "eur") == {"bitcoin": BTC_EUR}
     settings = load_settings({"HOME": "/nonexistent", "KONTOD_CRYPTO_API_KEY": " cg-secret-123 "})
-    assert settings.crypto_api_key == "cg-secret-123"
+    assert settings.rates.crypto_api_key == "cg-secret-123"
     assert "cg-secret-123" not in repr(settings)
 
 
@@ -729,10 +727,10 @@ async def test_deep_xml_from_the_ecb_is_a_failed_source(sources: Sources) -> Non
 )
 def test_the_body_cap_setting(raw: str, size: int) -> None:
     assert (
-        load_settings({"HOME": "/nonexistent", "KONTOD_PROVIDER_MAX_BODY": raw}).provider_max_body
+        load_settings({"HOME": "/nonexistent", "KONTOD_PROVIDER_MAX_BODY": raw}).providers.max_body
         == size
     )
-    assert load_settings({"HOME": "/nonexistent"}).provider_max_body is None
+    assert load_settings({"HOME": "/nonexistent"}).providers.max_body is None
 
 
 @pytest.mark.parametrize("raw", ["0", "100", "8 PB", "-1M", "2G", "lots"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -867,8 +866,8 @@ async def test_declared_job_is_idle_without_a_provider_and_works_with_one(
     assert bank.sandbox.requests.total() == 0
 
     seen: list[tuple[str, str, float]] = []
-    settings = dataclasses.replace(
-        Settings(), powens_url=bank.url, refresh_concurrency=2, db_encryption_key=KEY
+    settings = Settings().replace(
+        refresh={"powens_url": bank.url, "concurrency": 2, "db_encryption_key": KEY}
     )
     [refresh] = [
         j
@@ -1062,7 +1061,7 @@ async def test_a_401_holds_for_the_token_hold_at_most_and_lifts_when_key_or_conn
         "UPDATE bank_connections SET powens_token = 'revoked-1' WHERE id = $1", conn_1
     )
     hold = timedelta(days=2)
-    assert load_settings({"KONTOD_TOKEN_HOLD": "2d"}).rejection_hold == hold.total_seconds()
+    assert load_settings({"KONTOD_TOKEN_HOLD": "2d"}).refresh.rejection_hold == hold
     client = fast_client(http, bank.url)
 
     def body(key: bytes | None = None) -> JobBody:

@@ -173,7 +173,9 @@ async def test_the_status_page_in_a_real_browser(
     async with RateSandbox().serve() as rates_root:
         fiat, crypto = rate_urls(rates_root)
         settings = settings_for(
-            dsn, powens_url=bank.url, fiat_rates_url=fiat, crypto_prices_url=crypto
+            dsn,
+            refresh={"powens_url": bank.url},
+            rates={"fiat_url": fiat, "crypto_url": crypto},
         )
         shot, problems, page = await _open_status_page(settings, tmp_path)
     SCREENSHOT.parent.mkdir(exist_ok=True)

@@ -98,14 +98,14 @@ def test_notify_watchdog_and_restart(unit: dict[str, dict[str, list[str]]]) -> N
 def test_stop_timeout_outlasts_kontods_own(unit: dict[str, dict[str, list[str]]]) -> None:
     stop_after = seconds(unit["Service"]["TimeoutStopSec"][0])
     # kontod must get to stop its embedded PostgreSQL after waiting for the running job.
-    assert stop_after >= Settings().shutdown_timeout + 10
+    assert stop_after >= Settings().runner.shutdown_timeout.total_seconds() + 10
 
 
 def test_credentials_are_the_ones_kontod_reads(unit: dict[str, dict[str, list[str]]]) -> None:
-    from kontod.config import _CREDENTIALS  # the names config.py looks for
+    from kontod.config import CREDENTIALS  # the names config.py looks for
 
     loaded = {value.split(":", 1)[0] for value in unit["Service"]["LoadCredential"]}
-    assert loaded == set(_CREDENTIALS.values())
+    assert loaded == set(CREDENTIALS.values())
     for value in unit["Service"]["LoadCredential"]:
         source = value.split(":", 1)[1]
         # An absolute path would make a missing secret fail the start; the embedded database
@@ -143,8 +143,28 @@ def test_files_memory_and_tasks_are_bounded(unit: dict[str, dict[str, list[str]]
     service = unit["Service"]
     # kontod keeps its HTTP connections to half the file limit: the default cap must fit.
     [nofile] = service["LimitNOFILE"]
-    assert int(nofile) >= 2 * Settings().http_max_connections
+    assert int(nofile) >= 2 * Settings().http.max_connections
     [high], [hard] = service["MemoryHigh"], service["MemoryMax"]
     assert 150 << 20 < size(high) < size(hard)
     [tasks] = service["TasksMax"]
     assert int(tasks) > 100 + 32  # PostgreSQL's sessions and kontod's thread pool
+
+
+def test_env_example_shows_each_default_and_only_values_kontod_accepts() -> None:
+    from kontod.config import SETTINGS
+
+    shown = re.findall(r"^#?\s*(KONTOD_[A-Z_]+)=(.*)$", ENV_EXAMPLE.read_text(), flags=re.MULTILINE)
+    for spec in SETTINGS:
+        names = [(spec.env, spec.parse)] + [(a.env, a.parse or spec.parse) for a in spec.aliases]
+        for name, parse in names:
+            if not name.startswith("KONTOD_"):
+                continue  # the web app's own names (DATABASE_URL) are not shown
+            # A per-job setting is shown with a job's name after its prefix.
+            values = [
+                v.strip('"') for k, v in shown if k == name or (spec.per_job and k.startswith(name))
+            ]
+            assert values, f"{name} missing from {ENV_EXAMPLE.name}"
+            for value in filter(None, values):
+                parse(value)  # ValueError: the example shows a value kontod refuses
+            if spec.default and name == spec.env:
+                assert [parse(v) for v in values] == [parse(spec.default)], name

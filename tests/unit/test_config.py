@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from kontod.config import ConfigError, load_settings, redact_dsn
+from kontod.config import (
+    CREDENTIALS,
+    SETTINGS,
+    TABLE_BEGIN,
+    ConfigError,
+    Settings,
+    load_settings,
+    redact_dsn,
+    toml_keys,
+    with_settings_table,
+)
 
 
 def kontod(
@@ -29,13 +41,17 @@ def kontod(
 
 def test_defaults() -> None:
     s = load_settings({"HOME": "/home/ana"}, isatty=False)
-    assert s.database_url is None
-    assert s.state_dir == Path("/home/ana/.local/state/kontod")
-    assert s.listen == "127.0.0.1:8435"
-    assert (s.snapshot_schedule, s.refresh_schedule) == ("0 2 * * *", "0 */6 * * *")
-    assert (s.log_format, s.log_level, s.shutdown_timeout) == ("json", "info", 25.0)
-    assert s.admin_token is None
-    assert load_settings({"HOME": "/x"}, isatty=True).log_format == "console"
+    assert s.database.url is None
+    assert s.database.state_dir == Path("/home/ana/.local/state/kontod")
+    assert s.http.address == "127.0.0.1:8435"
+    assert (s.snapshots.schedule, s.refresh.schedule) == ("0 2 * * *", "0 */6 * * *")
+    assert (s.logging.format, s.logging.level, s.runner.shutdown_timeout) == (
+        "json",
+        "info",
+        timedelta(seconds=25),
+    )
+    assert s.http.admin_token is None
+    assert load_settings({"HOME": "/x"}, isatty=True).logging.format == "console"
 
 
 def test_environment_wins_over_the_file_and_database_url_is_read(tmp_path: Path) -> None:
@@ -49,23 +65,23 @@ def test_environment_wins_over_the_file_and_database_url_is_read(tmp_path: Path)
             "STATE_DIRECTORY": "/var/lib/kontod",
         }
     )
-    assert (s.timezone, s.listen_port, s.log_level) == ("Europe/Paris", 9999, "debug")
-    assert s.database_url == "postgresql://u:p@db/konto"
-    assert s.state_dir == Path("/var/lib/kontod")
+    assert (s.runner.timezone, s.http.port, s.logging.level) == ("Europe/Paris", 9999, "debug")
+    assert s.database.url == "postgresql://u:p@db/konto"
+    assert s.database.state_dir == Path("/var/lib/kontod")
 
 
 def test_secrets_from_systemd_credentials(tmp_path: Path) -> None:
     (tmp_path / "admin_token").write_text("tok\n")
     (tmp_path / "database_url").write_text("postgresql://k:pw@db/konto\n")
     s = load_settings({"CREDENTIALS_DIRECTORY": str(tmp_path)})
-    assert (s.admin_token, s.database_url) == ("tok", "postgresql://k:pw@db/konto")
+    assert (s.http.admin_token, s.database.url) == ("tok", "postgresql://k:pw@db/konto")
     assert "tok" not in repr(s)
 
 
 def test_durations_and_provider_url() -> None:
     s = load_settings({"KONTOD_STALE_AFTER": "12h", "KONTOD_POWENS_DOMAIN": "konto.biapi.pro"})
-    assert s.stale_after == 12 * 3600
-    assert s.powens_url == "https://konto.biapi.pro/2.0"
+    assert s.refresh.stale_after == timedelta(hours=12)
+    assert s.refresh.powens_url == "https://konto.biapi.pro/2.0"
 
 
 BAD = [
@@ -174,17 +190,17 @@ def test_unreadable_credential_is_a_setting_error(tmp_path: Path) -> None:
 def test_token_key_and_provider_rate() -> None:
     key = "ab" * 32
     s = load_settings({"HOME": "/x", "DB_ENCRYPTION_KEY": key.upper()}, isatty=False)
-    assert s.db_encryption_key == bytes.fromhex(key)
+    assert s.refresh.db_encryption_key == bytes.fromhex(key)
     assert key not in repr(s) and "db_encryption_key" not in repr(s)
     # kontod's own name wins over the web app's.
     s = load_settings(
         {"HOME": "/x", "KONTOD_DB_ENCRYPTION_KEY": "cd" * 32, "DB_ENCRYPTION_KEY": key},
         isatty=False,
     )
-    assert s.db_encryption_key == bytes.fromhex("cd" * 32)
-    assert load_settings({"HOME": "/x"}, isatty=False).db_encryption_key is None
-    assert load_settings({"HOME": "/x"}, isatty=False).provider_rate == 10.0
-    assert load_settings({"HOME": "/x", "KONTOD_PROVIDER_RATE": "2.5"}).provider_rate == 2.5
+    assert s.refresh.db_encryption_key == bytes.fromhex("cd" * 32)
+    assert load_settings({"HOME": "/x"}, isatty=False).refresh.db_encryption_key is None
+    assert load_settings({"HOME": "/x"}, isatty=False).providers.rate == 10.0
+    assert load_settings({"HOME": "/x", "KONTOD_PROVIDER_RATE": "2.5"}).providers.rate == 2.5
     for bad in ("0", "-1", "fast", "inf"):
         with pytest.raises(ConfigError, match="requests per second"):
             load_settings({"HOME": "/x", "KONTOD_PROVIDER_RATE": bad})
@@ -222,8 +238,14 @@ def test_bad_fault_setting_exits_2_naming_it(var: str, value: str, accepted: str
 
 def test_fault_settings_defaults_and_values() -> None:
     s = load_settings({"HOME": "/x"})
-    assert (s.lease_seconds, s.retry_attempts, s.retry_delay, s.history_days) == (30, 3, 300, 90)
-    host, pid = s.instance.rsplit(":", 1)
+    run = s.runner
+    assert (run.lease, run.retry_attempts, run.retry_delay, run.history_days) == (
+        timedelta(seconds=30),
+        3,
+        timedelta(seconds=300),
+        90,
+    )
+    host, pid = run.instance.rsplit(":", 1)
     assert host and pid == str(os.getpid())
     s = load_settings(
         {
@@ -234,10 +256,89 @@ def test_fault_settings_defaults_and_values() -> None:
             "KONTOD_HISTORY_DAYS": "7",
         }
     )
-    assert (s.instance, s.lease_seconds, s.retry_attempts, s.retry_delay, s.history_days) == (
+    run = s.runner
+    assert (run.instance, run.lease, run.retry_attempts, run.retry_delay, run.history_days) == (
         "web-1",
-        5,
+        timedelta(seconds=5),
         0,
-        30,
+        timedelta(seconds=30),
         7,
     )
+
+
+# -- the spec table ---------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_section_field_is_one_setting_hidden_from_repr_when_secret() -> None:
+    fields = {
+        f"{section.name}.{f.name}": f
+        for section in dataclasses.fields(Settings)
+        for f in dataclasses.fields(getattr(Settings(), section.name))
+    }
+    wheres = [spec.where for spec in SETTINGS if spec.where]
+    assert sorted(wheres) == sorted(fields), "a field without a setting, or the reverse"
+    for spec in SETTINGS:
+        if spec.where:
+            assert fields[spec.where].repr is not spec.secret, spec.env
+    names = [spec.env for spec in SETTINGS] + [a.env for s in SETTINGS for a in s.aliases]
+    assert len(names) == len(set(names)), "a name read for two settings"
+
+
+def test_a_bare_settings_holds_the_defaults_load_settings_gives() -> None:
+    # Without the settings computed from the machine (zone, instance, folder, terminal).
+    loaded = load_settings({"HOME": "/x", "KONTOD_TIMEZONE": "UTC"}, isatty=False)
+    bare = Settings()
+    for spec in SETTINGS:
+        if (spec.where and spec.computed is None) or spec.env == "KONTOD_TIMEZONE":
+            section, attr = spec.section, spec.attr
+            assert getattr(getattr(bare, section), attr) == getattr(
+                getattr(loaded, section), attr
+            ), spec.env
+
+
+def test_every_setting_is_read_from_the_toml_file_under_its_key(tmp_path: Path) -> None:
+    keys, prefixes = toml_keys()
+    assert prefixes == ("ping_url_", "suspicious_")
+    config = tmp_path / "kontod.toml"
+    config.write_text('stale_after = "36h"\nshutdown_timeout = 7\npowens_domain = "b.example"\n')
+    s = load_settings({"KONTOD_CONFIG": str(config)})
+    assert s.refresh.stale_after == timedelta(hours=36)
+    assert s.runner.shutdown_timeout == timedelta(seconds=7)
+    assert s.refresh.powens_url == "https://b.example/2.0"
+    assert {"database_url", "db_encryption_key", "powens_domain", "listen"} <= keys
+    assert "config" not in keys and "ping_url_" not in keys
+
+
+def test_durations_are_timedeltas_and_one_too_long_is_refused_naming_it() -> None:
+    s = load_settings({"KONTOD_SHUTDOWN_TIMEOUT": "1.5", "KONTOD_HTTP_HEADER_TIMEOUT": "1m"})
+    assert s.runner.shutdown_timeout == timedelta(seconds=1.5)
+    assert s.http.header_timeout == timedelta(minutes=1)
+    # More days than a timedelta holds: refused at start, not when the job first runs.
+    for var, value in (
+        ("KONTOD_STALE_AFTER", "99999999999d"),
+        ("KONTOD_SHUTDOWN_TIMEOUT", "1e18"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            load_settings({var: value})
+        assert err.value.setting == var
+
+
+def test_ping_urls_are_secrets_left_out_of_repr() -> None:
+    s = load_settings(
+        {
+            "KONTOD_PING_URL_DAILY_SNAPSHOTS": "https://hc-ping.com/uuid-secret-1",
+            "KONTOD_PING_BASE_URL": "https://hc-ping.com/key-secret-2",
+        }
+    )
+    assert s.pings.urls == {"daily-snapshots": "https://hc-ping.com/uuid-secret-1"}
+    assert "secret-1" not in repr(s) and "secret-2" not in repr(s)
+
+
+def test_readme_settings_table_is_made_from_the_spec() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert with_settings_table(readme) == readme, "run `make settings-table`"
+    section = readme[readme.index("## Settings") : readme.index(TABLE_BEGIN)]
+    for credential in CREDENTIALS.values():
+        assert f"`$CREDENTIALS_DIRECTORY/{credential}`" in section, credential

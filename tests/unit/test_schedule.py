@@ -293,7 +293,7 @@ def test_settings_refuse_a_schedule_that_never_fires(tmp_path: Path) -> None:
         load_settings({"KONTOD_CONFIG": str(config)}, now=utc(2026, 3, 1))
     assert err.value.setting == f"snapshot_schedule in {config}"
     settings = load_settings({"KONTOD_CONFIG": str(config)}, now=utc(2027, 6, 1))
-    assert settings.snapshot_schedule == "0 0 29 2 *"
+    assert settings.snapshots.schedule == "0 0 29 2 *"
 
 
 def test_a_schedule_that_never_fires_exits_2_with_one_line() -> None:
