@@ -31,7 +31,7 @@ from kontod.providers.powens import Observer
 from kontod.scheduler.contract import RunContext
 from kontod.scheduler.runner import Runner, utcnow
 from tests.daemon_harness import TOKEN, running_daemon, runs_of, settings_for
-from tests.helpers import PARIS, add_user, free_port, spec, wait_for
+from tests.helpers import PARIS, add_user, free_port, quiet_schedule, spec, wait_for
 from tests.programs import kontod_script, require_program
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -535,8 +535,11 @@ async def test_slow_clients_cannot_hold_kontod(dsn: str, tmp_path: Path) -> None
         "KONTOD_LISTEN": f"127.0.0.1:{port}",
         "KONTOD_STATE_DIR": str(tmp_path),
         "KONTOD_LOG_FORMAT": "json",
-        "KONTOD_HTTP_HEADER_TIMEOUT": "3",
-        # (A catch-up run the hour may start changes nothing here: the database is empty.)
+        # Long enough for the connections below to be open at once on a busy machine.
+        "KONTOD_HTTP_HEADER_TIMEOUT": "10",
+        # No run starts by itself: a catch-up run's connections would share the file limit.
+        "KONTOD_SNAPSHOT_SCHEDULE": quiet_schedule(),
+        "KONTOD_REFRESH_SCHEDULE": quiet_schedule(),
     }
 
     def few_files() -> None:
