@@ -420,8 +420,6 @@ DATABASE_UNAVAILABLE = (
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.ObjectNotInPrerequisiteStateError,
-    # A pooled connection the server ended ("connection is closed") is met as this.
-    asyncpg.exceptions.InterfaceError,
 )
 
 
