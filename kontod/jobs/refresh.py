@@ -19,7 +19,7 @@ Powens user and token each), at most ``concurrency`` users at a time:
   refreshed, or when it loses its claim. An amount that is not finite or beyond 10^15 once
   in the column's type is refused for its account or transaction, and counted.
 
-Konto's columns are written with values of their own types (see ``kontod.konto_schema``); what
+Konto's columns are written with values of their own types (see ``kontod.konto.schema``); what
 kontod needs to remember lives in ``kontod_connections`` and ``kontod_accounts``.
 
 The module reads top to bottom as the job runs: ``statements`` (the SQL, one attribute per

@@ -243,8 +243,9 @@ WITH batch AS (
 ),
 rates AS (
     -- The divisor gets at least 24 decimals, so that the quotient does too before it is
-    -- rounded to 8: one rounding, not two. A stored rate that is not plausible by the rule of
-    -- kontod.rates (NaN, Infinity, out of range) is no rate; an older plausible one may stand in.
+    -- rounded to 8: one rounding, not two. A stored rate that is not plausible by the rule
+    -- of kontod.providers.rates (NaN, Infinity, out of range) is no rate; an older plausible
+    -- one may stand in.
     SELECT DISTINCT ON (currency) currency, base_amount,
            round(currency_amount, greatest(scale(currency_amount), 24)) AS currency_amount
       FROM kontod_rates

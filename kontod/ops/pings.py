@@ -159,7 +159,7 @@ class Pinger:
         self._starts: dict[int, asyncio.Task[bool]] = {}
         self._pending: set[asyncio.Task[bool]] = set()
 
-    # Run observer (see kontod.runner.RunObserver)
+    # Run observer (see kontod.scheduler.runner.RunObserver)
     def run_started(self, ctx: RunContext) -> None:
         """A run began: send its /start ping."""
         url = self.urls.get(ctx.job)
