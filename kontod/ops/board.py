@@ -132,8 +132,11 @@ class Board:
         """Refresh every ``CACHE_S`` seconds, or as soon as woken, until cancelled."""
         while True:
             await self.refresh()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancellation that
+            # comes as the wake is set (a run ending as kontod stops), and this loop never ends.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=CACHE_S)
+                async with asyncio.timeout(CACHE_S):
+                    await self._wake.wait()
             self._wake.clear()
 
     def start(self) -> asyncio.Task[None]:

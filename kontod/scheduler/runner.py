@@ -322,8 +322,10 @@ class Runner:
             remaining = (when - self.clock()).total_seconds()
             if remaining <= 0:
                 return True
+            # asyncio.timeout, not wait_for, which on Python 3.11 can drop a cancellation.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=min(remaining, RECHECK_S))
+                async with asyncio.timeout(min(remaining, RECHECK_S)):
+                    await wake.wait()
             if wake.is_set():
                 wake.clear()
                 return not self._stopping.is_set()

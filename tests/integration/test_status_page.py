@@ -25,7 +25,7 @@ from kontod.demo.rates_sandbox import RateSandbox
 from kontod.demo.rates_sandbox import urls as rate_urls
 from kontod.jobs import declare_jobs
 from kontod.ops import status_page
-from kontod.ops.board import JobView, Progress
+from kontod.ops.board import Board, JobView, Progress
 from kontod.ops.health import Verdict
 from kontod.ops.suspicion import Suspicion
 from kontod.providers.powens import Observer
@@ -33,7 +33,7 @@ from kontod.scheduler import pauses
 from kontod.scheduler.runner import Started
 from kontod.scheduler.runs import JobStats
 from tests.daemon_harness import running_daemon, settings_for
-from tests.helpers import PARIS, add_user, spec
+from tests.helpers import PARIS, add_user, spec, wait_for
 from tests.integration.test_http import get
 from tests.programs import require_program
 from tests.sandbox_helpers import Bank
@@ -300,3 +300,20 @@ async def test_the_page_renders_any_stored_pause_and_run(dsn: str) -> None:
         status, report = await get(base + "/health/cron")
         assert status in (200, 503), report
         assert [job["pausedUntil"] for job in report["jobs"]] == ["9999-12-30T00:00:00.000Z"] * 2
+
+
+async def test_the_board_stops_when_cancelled_as_it_is_woken(pool: asyncpg.Pool) -> None:
+    # A run that ends as kontod stops wakes the board in the same moment its task is cancelled.
+    board = Board(pool, [spec()], PARIS)
+    task = board.start()
+
+    async def refreshed() -> bool:
+        return board.version >= 1
+
+    await wait_for(refreshed)  # the first refresh is done: the board waits
+    await asyncio.sleep(0.05)
+    board.wake()
+    await asyncio.sleep(0)  # the wait inside has ended; the loop has not resumed yet
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=5)
+    assert done == {task} and task.cancelled()
