@@ -32,15 +32,21 @@ class Run(RunRecord):
         return ((self.finished_at or now) - self.started_at).total_seconds()
 
 
-async def runs_of(db: Executor, job: str, limit: int, status: str | None = None) -> list[Run]:
-    """The newest runs of ``job``, newest first, optionally only those with ``status``."""
+async def runs_of(
+    db: Executor, job: str | None, limit: int, status: str | None = None
+) -> list[Run]:
+    """The newest runs of ``job`` (of every job when None), newest first, optionally only
+    those with ``status``."""
+    # The job's own statement keeps to the index on (job, started_at); every job's sorts the
+    # run table, which pruning keeps small.
+    which = "job = $3 AND " if job is not None else ""
     rows = await db.fetch(
         f"""SELECT {COLUMNS} FROM kontod_runs
-             WHERE job = $1 AND ($3::text IS NULL OR status = $3)
-             ORDER BY started_at DESC, id DESC LIMIT $2""",
-        job,
+             WHERE {which}($2::text IS NULL OR status = $2)
+             ORDER BY started_at DESC, id DESC LIMIT $1""",
         limit,
         status,
+        *([job] if job is not None else []),
     )
     return [_run(r) for r in rows]
 
