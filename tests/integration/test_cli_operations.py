@@ -1,4 +1,4 @@
-"""The operator commands as a user runs them: runs, jobs next/pause/resume, progress, demo."""
+"""The operator commands as a user runs them: runs, jobs next/pause/resume, progress."""
 
 from __future__ import annotations
 
@@ -6,11 +6,7 @@ import asyncio
 import io
 import os
 import pty
-import shlex
-import signal
-import sys
 from datetime import UTC, datetime
-from pathlib import Path
 
 from kontod.cli import commands
 from kontod.demo.rates_sandbox import RateSandbox
@@ -152,48 +148,6 @@ async def test_the_progress_of_jobs_run_is_a_bar_on_a_terminal_and_lines_otherwi
         "test-job: 75/100 (75%)",
         "test-job: 100/100 (100%)",
     ]
-
-
-async def test_the_commands_the_demo_prints_open_the_demo_database(tmp_path: Path) -> None:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("KONTOD_", "DATABASE_URL"))}
-    env = {**clean, "KONTOD_STATE_DIR": str(tmp_path), "KONTOD_LISTEN": "127.0.0.1:0"}
-    demo = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "kontod",
-        "demo",
-        env={**env, "KONTOD_LOG_FORMAT": "json"},
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    printed: list[str] = []
-    seen: list[str] = []
-    try:
-        assert demo.stderr is not None
-        async with asyncio.timeout(90):
-            while not printed or printed[-1] != "Ctrl-C stops it.":
-                line = (await demo.stderr.readline()).decode()
-                assert line, "the demo ended before printing its commands:\n" + "".join(seen)
-                seen.append(line)
-                if not line.startswith("{"):
-                    printed.append(line.strip())
-        export = next(line for line in printed if line.startswith("export "))
-        assignments = dict(word.split("=", 1) for word in shlex.split(export)[1:])
-        assert assignments["KONTOD_STATE_DIR"] == str(tmp_path / "demo")
-        outputs = {}
-        for command in ("kontod history", "kontod runs daily-snapshots"):
-            assert command in printed
-            code, outputs[command], err = await kontod(*shlex.split(command)[1:], env=assignments)
-            # Nothing on stderr: no database.embedded line, no line at all.
-            assert (code, err) == (0, ""), err
-        # The demo's snapshot of its 3 users, and its runs, not an empty database.
-        header, today = outputs["kontod history"].splitlines()[:2]
-        assert header.split()[:3] == ["DATE", "ROWS", "USERS"] and today.split()[2] == "3"
-        assert "users=3" in outputs["kontod runs daily-snapshots"]
-    finally:
-        if demo.returncode is None:
-            demo.send_signal(signal.SIGINT)
-            await asyncio.wait_for(demo.wait(), timeout=60)
 
 
 async def test_status_says_who_paused_a_job(dsn: str) -> None:
