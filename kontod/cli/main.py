@@ -311,10 +311,11 @@ async def _pause(settings: Settings, args: argparse.Namespace) -> int:
     from kontod.scheduler.runner import utcnow
 
     now = utcnow()
+    tz = settings.runner.tz
     until = None
     if args.jobs_command == "pause" and args.until:
         try:
-            until = commands.parse_until(args.until, settings.runner.tz, now)
+            until = commands.parse_until(args.until, tz, now)
         except ValueError as exc:
             print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
             return 2
@@ -323,12 +324,12 @@ async def _pause(settings: Settings, args: argparse.Namespace) -> int:
             await commands.resume_job(pool, args.name, now)
             return 0
         try:
-            await commands.pause_job(pool, args.name, args.reason, until, settings.runner.tz, now)
+            await commands.pause_job(pool, args.name, args.reason, until, tz, now)
         except ValueError as exc:
-            print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
+            print(commands.visible(f"kontod: {times.within(str(exc), tz)}"), file=sys.stderr)
             return 2
-        except pauses.AlreadyPaused as exc:
-            print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
+        except pauses.AlreadyPaused as exc:  # it says since when, as the table would
+            print(commands.visible(f"kontod: {times.within(str(exc), tz)}"), file=sys.stderr)
             return 1
     return 0
 

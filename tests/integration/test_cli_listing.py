@@ -156,6 +156,8 @@ async def test_jobs_list_shows_schedule_next_tick_pause_and_health(dsn: str) -> 
     )
     assert code == 0, err
     assert re.search(f"paused until {TEXT_TIME} by cli:", out), out
+    code, _, err = await kontod("jobs", "pause", "daily-snapshots", "--reason", "again", env=env)
+    assert code == 1 and re.search(f"already paused by cli:\\S+ since {TEXT_TIME}: migration", err)
 
     code, out, err = await kontod("jobs", "list", env=env)
     assert (code, err) == (0, ""), err
