@@ -64,7 +64,7 @@ def duration(seconds: float) -> str:
     return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
 
 
-def _telling(key: str, value: int, population: str | None) -> tuple[int, str]:
+def _telling(key: str, population: str | None) -> tuple[int, str]:
     """Sort key of a count in a summary: the job's population, then failures, then the rest."""
     if key == population:
         return (0, key)
@@ -81,7 +81,7 @@ def summarise(counts: Mapping[str, int], width: int, population: str | None = No
     shown: list[str] = []
     ordered = sorted(
         ((k, v) for k, v in counts.items() if v or k == population),
-        key=lambda kv: _telling(kv[0], kv[1], population),
+        key=lambda kv: _telling(kv[0], population),
     )
     for key, value in ordered:
         candidate = [*shown, f"{key}={value}"]
