@@ -182,6 +182,33 @@ async def test_catch_up_runs_a_missed_tick_within_the_window(dsn: str) -> None:
         await close(runner)
 
 
+async def test_first_pass_says_when_a_start_catch_up_is_claimed(dsn: str) -> None:
+    """What the demo waits for before it starts its own runs: the catch-up already holds the
+    job (no manual run to overlap it), and a job with none due is left to the caller."""
+    release = asyncio.Event()
+
+    async def held(ctx: RunContext) -> None:
+        await release.wait()
+
+    jobs = [spec("caught", held), spec("late", catchup=0)]
+    runner, events = await runner_on(dsn, jobs, clock=lambda: SUMMER_9AM)
+    try:
+        await runner.start()
+        async with asyncio.timeout(60):
+            await runner.first_pass("caught")
+            await runner.first_pass("late")
+        caught = runner.active("caught")
+        assert caught is not None
+        assert runner.active("late") is None
+        release.set()
+        assert await asyncio.wait_for(caught, 60) == "success"
+        assert await statuses(dsn, "caught") == [("catchup", "success")]
+        assert not events.skipped
+    finally:
+        release.set()
+        await close(runner)
+
+
 async def _done(dsn: str) -> bool:
     return any(status == "success" for _, status in await statuses(dsn))
 
