@@ -8,14 +8,19 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from kontod.demo import state
 from kontod.demo.rates_sandbox import RateSandbox
@@ -38,7 +43,7 @@ class Demo:
 
 
 @contextlib.asynccontextmanager
-async def demo(state_dir: Path) -> AsyncIterator[Demo]:
+async def demo(state_dir: Path, **settings: str) -> AsyncIterator[Demo]:
     """``kontod demo`` on ``state_dir``, once it has printed what to try; stopped after."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -50,6 +55,7 @@ async def demo(state_dir: Path) -> AsyncIterator[Demo]:
             "KONTOD_STATE_DIR": str(state_dir),
             "KONTOD_LISTEN": "127.0.0.1:0",
             "KONTOD_LOG_FORMAT": "json",
+            **settings,
         },
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
@@ -91,11 +97,30 @@ def warnings(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in events if e.get("level") in ("warning", "error", "critical")]
 
 
-async def test_the_demo_prints_commands_that_work_and_keeps_its_ports(tmp_path: Path) -> None:
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    """A state folder outside pytest's own, which concurrent pytest runs make private again
+    (0700) while pgserver's user needs to pass through."""
+    folder = Path(tempfile.mkdtemp(prefix="kontod-demo-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def test_the_demo_prints_commands_that_work_and_keeps_its_ports(state_dir: Path) -> None:
+    tmp_path = state_dir
     kontod = str(Path(sys.executable).parent / "kontod")
-    async with demo(tmp_path) as first:
-        # A normal start warns of nothing (the catch-up and the demo's own run overlapped).
+    # The snapshot's tick was two minutes ago: the daemon catches it up as it starts.
+    tick = datetime.now(UTC) - timedelta(minutes=2)
+    schedule = {"KONTOD_TIMEZONE": "UTC", "KONTOD_SNAPSHOT_SCHEDULE": f"{tick:%M %H} * * *"}
+    async with demo(tmp_path, **schedule) as first:
+        # One run of each job at start, the catch-up where there is one, and no warning: the
+        # demo's own run of the snapshot used to race the catch-up (tick.skipped overlap).
         assert warnings(first.events) == []
+        started = [(e["job"], e["trigger"]) for e in first.events if e["event"] == "run.started"]
+        assert ("daily-snapshots", "catchup") in started
+        assert sorted(job for job, _ in started) == ["daily-snapshots", "refresh-stale-connections"]
         env = first.exported()
         assert env["KONTOD_STATE_DIR"] == str(tmp_path / "demo")
         # The commands name the venv's kontod: they work from a shell without it on PATH.
@@ -125,7 +150,7 @@ async def test_the_demo_prints_commands_that_work_and_keeps_its_ports(tmp_path: 
         assert (asked["requestedBy"], asked["reason"]) == ("http 127.0.0.1", "trying the demo")
 
     # A restart serves the sandboxes on the same ports: the printed export line still holds.
-    async with demo(tmp_path) as second:
+    async with demo(tmp_path, **schedule) as second:
         assert warnings(second.events) == []
         assert second.exported() == env
         assert second.line("admin token") == first.line("admin token")
