@@ -274,6 +274,22 @@ def test_a_bad_setting_leaves_kontod_stopped_with_the_reason(
     pm2("delete", "kontod")
 
 
+def test_pm2_start_shows_a_bad_settings_line(pm2: Pm2) -> None:
+    pm2.env_file.write_text("KONTOD_TIMEZONE=UTC\nKONTOD_LISTEN\n")
+    done = subprocess.run(
+        [pm2.program, "start", str(ECOSYSTEM)],
+        env=pm2.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert f'{pm2.env_file}, line 2: no "=" (VAR=value)' in done.stdout + done.stderr
+    assert pm2.jlist() == []
+
+
 def _node_read(env_file: Path, **extra: str) -> subprocess.CompletedProcess[str]:
     """Load the ecosystem file in node with ``env_file`` as its settings file."""
     node = require_program("node", install="apt-get install nodejs")
