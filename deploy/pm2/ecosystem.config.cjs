@@ -143,8 +143,8 @@ module.exports = {
       stop_exit_codes: [2],
       // PM2 stops with SIGINT (or $PM2_KILL_SIGNAL of the PM2 daemon), which kontod takes as
       // SIGTERM: it finishes or interrupts the running job within KONTOD_SHUTDOWN_TIMEOUT (25 s),
-      // stops its embedded PostgreSQL and exits 0. The signal goes to kontod alone (treekill off),
-      // whose embedded PostgreSQL must outlive it; PM2 sends SIGKILL to kontod after 45 s.
+      // stops its embedded PostgreSQL and exits 0. The signal goes to kontod alone (treekill off):
+      // kontod stops what it started, in order. PM2 sends SIGKILL to kontod after 45 s.
       treekill: false,
       kill_timeout: 45000,
       // kontod writes its log lines (JSON when not on a terminal) with their own time stamps.
