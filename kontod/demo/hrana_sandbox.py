@@ -25,6 +25,8 @@ other clients use, with the behaviour of ``sqld`` where the specification leaves
   then the statement fails with ``SQLITE_BUSY``.
 - With a token, every pipeline needs ``Authorization: Bearer <token>``; otherwise 401 with a
   JSON body ``{"error": ...}``.
+- A statement whose rows make more than ``max_response_size`` bytes of JSON values (``sqld``:
+  10 MB) fails with ``RESPONSE_TOO_LARGE``: a client reads a large table in pages.
 - SQLite errors carry ``sqld``'s codes (``SQLITE_CONSTRAINT``, ``SQLITE_BUSY``...; a plain
   ``SQLITE_ERROR``, such as "no such table", is ``SQLITE_UNKNOWN``) and messages
   ``SQLite error: ...``.
@@ -60,6 +62,9 @@ from aiohttp import web
 # stream.rs ``EXPIRATION``, libsql-server/src/connection/mod.rs ``TXN_TIMEOUT``).
 SQLD_EXPIRY_S = 10.0
 SQLD_TXN_TIMEOUT_S = 5.0
+# sqld's default limit on one statement's result, counted as the JSON size of its values
+# (``SQLD_MAX_RESPONSE_SIZE``, libsql-server/src/main.rs).
+SQLD_MAX_RESPONSE_SIZE = 10_000_000
 # How long one SQLite call waits for a lock before the sandbox looks again (and maybe steals).
 _LOCK_POLL_S = 0.02
 
@@ -123,11 +128,13 @@ class HranaSandbox:
         *,
         expiry: float = SQLD_EXPIRY_S,
         txn_timeout: float = SQLD_TXN_TIMEOUT_S,
+        max_response_size: int = SQLD_MAX_RESPONSE_SIZE,
     ) -> None:
         self.path = path
         self.token = token
         self.expiry = expiry
         self.txn_timeout = txn_timeout
+        self.max_response_size = max_response_size
         self.faults: list[Fault] = []
         self.pipelines = 0  # pipeline requests answered (faults included)
         self._key = secrets.token_bytes(32)
@@ -380,10 +387,13 @@ class HranaSandbox:
 
         def run() -> Json:
             cursor = stream.conn.execute(sql, args)
-            rows = cursor.fetchall()
+            rows = [[encode_value(v) for v in r] for r in cursor.fetchall()] if want_rows else []
+            size = sum(len(json.dumps(v)) for row in rows for v in row)
+            if size > self.max_response_size:
+                raise StepError("Response is too large", "RESPONSE_TOO_LARGE")
             return {
                 "cols": [{"name": d[0], "decltype": None} for d in cursor.description or ()],
-                "rows": [[encode_value(v) for v in r] for r in rows] if want_rows else [],
+                "rows": rows,
                 "affected_row_count": max(cursor.rowcount, 0),
                 "last_insert_rowid": None if cursor.lastrowid is None else str(cursor.lastrowid),
             }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -244,3 +245,41 @@ async def test_a_lock_held_outside_the_server_is_sqlite_busy(server: Server) -> 
         other.execute("ROLLBACK")
         other.close()
     assert results[0]["error"]["code"] == "SQLITE_BUSY"
+
+
+async def test_a_result_past_the_response_limit_is_refused(server: Server) -> None:
+    server.sandbox.max_response_size = 100
+    _, results = await server.pipeline(
+        None,
+        execute("SELECT 1"),
+        execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT 50) SELECT i FROM n"
+        ),
+    )
+    assert results[0]["type"] == "ok"
+    assert results[1]["error"] == {"message": "Response is too large", "code": "RESPONSE_TOO_LARGE"}
+
+
+async def test_it_runs_alone_as_a_program(server: Server) -> None:
+    """``python -m kontod.demo.hrana_sandbox`` prints the URL to use, and serves it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kontod.demo.hrana_sandbox",
+        "--db",
+        str(server.path),
+        "--token",
+        TOKEN,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+        url = line.strip().rpartition("KONTOD_KONTO_URL=")[2]
+        assert url.startswith("http://127.0.0.1:"), line
+        alone = Server(server.sandbox, url, server.path, server.http)
+        _, results = await alone.pipeline(None, execute("SELECT count(*) FROM t"))
+        assert results[0]["response"]["result"]["rows"] == [[integer(0)]]
+    finally:
+        process.terminate()
+        await process.wait()

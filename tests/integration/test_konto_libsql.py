@@ -143,15 +143,30 @@ async def test_a_statement_error_carries_the_servers_code(konto: LibsqlKonto) ->
         await konto.read("SELECT * FROM nope")
 
 
-async def test_a_connection_lost_with_the_commit_on_its_way_is_not_retried(
-    served: Served, konto: LibsqlKonto
+@pytest.mark.parametrize(
+    "fault",
+    [Fault("drop", on_baton=True), Fault("status", 502, on_baton=True)],
+    ids=["drop", "502"],
+)
+async def test_a_commit_whose_fate_is_unknown_is_not_retried(
+    served: Served, konto: LibsqlKonto, fault: Fault
 ) -> None:
     await konto.advance_fence(Fence(JOB, 1))
-    served.sandbox.faults = [Fault("drop", on_baton=True)]
+    served.sandbox.faults = [fault]
     with pytest.raises(KontoUnavailable, match="whether the transaction was committed is unknown"):
         await konto.write([INSERT], Fence(JOB, 1))
     # Here the commit never reached the server: the stream was rolled back and closed.
     assert users(served.path) == []
+    assert served.sandbox.open_streams == 0
+
+
+async def test_a_503_to_the_commit_is_retried_and_writes_once(
+    served: Served, konto: LibsqlKonto
+) -> None:
+    await konto.advance_fence(Fence(JOB, 1))
+    served.sandbox.faults = [Fault("status", 503, on_baton=True)]
+    await konto.write([INSERT], Fence(JOB, 1))
+    assert users(served.path) == ["a@x"]
     assert served.sandbox.open_streams == 0
 
 
