@@ -59,6 +59,7 @@ import json
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
@@ -107,6 +108,15 @@ class _Transient(Exception):
 
 class _Unknown(Exception):
     """The connection was lost while a request holding ``COMMIT`` was on its way."""
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """An open Hrana stream: the baton of its next request, and where that request goes (the
+    server may name another URL for it, ``base_url``, to keep the stream on one machine)."""
+
+    baton: str
+    url: str
 
 
 class LibsqlKonto:
@@ -187,42 +197,44 @@ class LibsqlKonto:
             _ok(results[0], self.url)
             return _batch_results(_ok(results[1], self.url)["result"], 1, len(steps), self.url)
         opening = [_FOREIGN_KEYS, _execute(Statement("BEGIN IMMEDIATE")), _fence_read(fence)]
-        baton, results = await self._pipeline(None, opening, commits=False)
+        stream, results = await self._pipeline(None, opening, commits=False)
         committed = False
         try:
             for result in results:
                 _ok(result, self.url)
             check_fence(fence, _rows(_ok(results[2], self.url)["result"]))
-            baton, results = await self._pipeline(
-                baton, [_batch(steps, begin=False), _CLOSE], commits=True
+            _, results = await self._pipeline(
+                stream, [_batch(steps, begin=False), _CLOSE], commits=True
             )
             committed = True
             return _batch_results(_ok(results[0], self.url)["result"], 0, len(steps), self.url)
         finally:
-            if not committed and baton is not None:
-                await self._abandon(baton)
+            if not committed and stream is not None:
+                await self._abandon(stream)
 
     async def _once(self, requests: list[Json], *, commits: bool) -> list[Json]:
         """A pipeline on a new stream that the requests themselves close."""
         _, results = await self._pipeline(None, requests, commits=commits)
         return results
 
-    async def _abandon(self, baton: str) -> None:
+    async def _abandon(self, stream: _Stream) -> None:
         """Roll back and close a stream left in a transaction. When that fails too, the server
         rolls it back itself when the stream expires."""
         try:
-            await self._pipeline(baton, [_execute(Statement("ROLLBACK")), _CLOSE], commits=False)
+            await self._pipeline(stream, [_execute(Statement("ROLLBACK")), _CLOSE], commits=False)
         except (KontoError, _Transient, _Unknown) as exc:
             log.warning("konto.libsql.abandon_failed", url=self.url, error=self._clean(exc))
 
     async def _pipeline(
-        self, baton: str | None, requests: list[Json], *, commits: bool
-    ) -> tuple[str | None, list[Json]]:
-        """One ``POST /v3/pipeline``: the next baton and one result per request."""
-        body = {"baton": baton, "requests": requests}
+        self, stream: _Stream | None, requests: list[Json], *, commits: bool
+    ) -> tuple[_Stream | None, list[Json]]:
+        """One ``POST /v3/pipeline`` on ``stream`` (None: a new one): where the stream goes on
+        (None: it was closed) and one result per request."""
+        base = self.url if stream is None else stream.url
+        body = {"baton": None if stream is None else stream.baton, "requests": requests}
         try:
             async with self._http().post(
-                f"{self.url}/v3/pipeline",
+                f"{base}/v3/pipeline",
                 json=body,
                 headers=self._headers(),
                 timeout=self._timeout(),
@@ -240,6 +252,7 @@ class LibsqlKonto:
             answer_body = _json_object(text)
             results = answer_body["results"]
             next_baton = answer_body.get("baton")
+            next_url = answer_body.get("base_url") or base
         except (ValueError, KeyError, TypeError) as exc:
             raise KontoError(
                 f"libSQL server {self.url} answered a pipeline with a body that is not Hrana"
@@ -249,7 +262,11 @@ class LibsqlKonto:
             raise KontoError(f"libSQL server {self.url} answered a pipeline without its results")
         if next_baton is not None and not isinstance(next_baton, str):
             raise KontoError(f"libSQL server {self.url} answered a baton that is not a string")
-        return next_baton, results
+        if not isinstance(next_url, str) or not next_url.startswith(("http://", "https://")):
+            raise KontoError(f"libSQL server {self.url} answered a base_url that is not a URL")
+        if next_baton is None:
+            return None, results
+        return _Stream(next_baton, next_url.rstrip("/")), results
 
     def _refuse(self, status: int, text: str, *, commits: bool) -> None:
         """Raise what an HTTP error status means. A 503 or 429 is the server declining to take

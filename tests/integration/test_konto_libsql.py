@@ -115,6 +115,16 @@ async def test_check_names_a_server_that_is_not_a_libsql_server(bank: Bank) -> N
         await db.close()
 
 
+async def test_a_stream_goes_on_where_the_server_says(served: Served, konto: LibsqlKonto) -> None:
+    """A server may name another URL for a stream's next requests (``base_url``)."""
+    await konto.advance_fence(Fence(JOB, 1))
+    port = served.url.rpartition(":")[2]
+    served.sandbox.base_url = f"http://localhost:{port}"
+    await konto.write([INSERT], Fence(JOB, 1))
+    assert served.sandbox.continued_at == [f"localhost:{port}"]
+    assert users(served.path) == ["a@x"]
+
+
 async def test_a_503_and_a_dropped_connection_are_retried(
     served: Served, konto: LibsqlKonto
 ) -> None:
