@@ -107,7 +107,7 @@ class _Transient(Exception):
 
 
 class _Unknown(Exception):
-    """The connection was lost while a request holding ``COMMIT`` was on its way."""
+    """The request holding ``COMMIT`` failed in a way that leaves the commit's fate unknown."""
 
 
 @dataclass(frozen=True)
