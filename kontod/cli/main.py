@@ -24,6 +24,7 @@ from kontod.konto import schema as konto_schema
 from kontod.konto import tokens
 from kontod.logs import configure, watch_loop
 from kontod.ops import suspicion
+from kontod.scheduler import instants
 from kontod.scheduler.contract import RunStatus, Trigger
 from kontod.scheduler.runlist import STATUSES
 
@@ -222,7 +223,7 @@ def _next(settings: Settings, name: str, count: int, start: str | None) -> int:
     now = utcnow()
     if start is not None:
         try:
-            now = commands.parse_time(start, settings.runner.tz)
+            now = instants.parse_time(start, settings.runner.tz)
         except ValueError as exc:
             print(commands.visible(f"kontod: --from {exc}"), file=sys.stderr)
             return 2
@@ -239,9 +240,9 @@ async def _pause(settings: Settings, args: argparse.Namespace) -> int:
     until = None
     if args.jobs_command == "pause" and args.until:
         try:
-            until = commands.parse_until(args.until, settings.runner.tz, now)
+            until = instants.parse_until(args.until, settings.runner.tz, now)
         except ValueError as exc:
-            print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
+            print(commands.visible(f"kontod: --until {exc}"), file=sys.stderr)
             return 2
     async with _database(settings) as pool:
         if args.jobs_command == "resume":

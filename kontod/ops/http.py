@@ -11,7 +11,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import asyncpg
 import structlog
@@ -22,7 +21,7 @@ from prometheus_client.registry import CollectorRegistry
 from kontod.ops import status_page
 from kontod.ops.board import Board, JobView
 from kontod.ops.health import assess_job
-from kontod.scheduler import pauses, runs
+from kontod.scheduler import instants, pauses, runs
 from kontod.scheduler.contract import SkipReason, Trigger
 from kontod.scheduler.runner import Runner, Skipped, UnknownJob
 
@@ -180,31 +179,6 @@ async def _json_body(request: web.Request, timeout_s: float) -> dict[str, Any]:
     return data
 
 
-def _parse_until(raw: str, tz: ZoneInfo, now: datetime) -> datetime:
-    """A pause's ``until``: an ISO 8601 time (in the daemon's zone without an offset) between
-    now and year 9000; 400 naming the field otherwise."""
-    try:
-        until = datetime.fromisoformat(raw)
-        if until.tzinfo is None:
-            until = until.replace(tzinfo=tz)
-        # Converting tells an instant past year 9999 in UTC (9999-12-31T23:59-01:00).
-        until = until.astimezone(UTC)
-    except (ValueError, OverflowError):
-        raise fail(
-            web.HTTPBadRequest, f"until must be an ISO 8601 time, not {shown(raw)}", "until"
-        ) from None
-    if until >= pauses.LATEST_UNTIL:
-        raise fail(
-            web.HTTPBadRequest,
-            f"until must be before {pauses.LATEST_UNTIL.date().isoformat()}; leave it out to pause"
-            " until resumed",
-            "until",
-        )
-    if until <= now:
-        raise fail(web.HTTPBadRequest, f"until must be in the future, not {iso(until)}", "until")
-    return until
-
-
 def build_app(
     runner: Runner,
     registry: CollectorRegistry,
@@ -359,7 +333,12 @@ def build_app(
         name = known_job(request)
         body = await _json_body(request, limits.header_timeout_s)
         now = clock()
-        until = _parse_until(body["until"], runner.tz, now) if body.get("until") else None
+        until = None
+        if body.get("until"):
+            try:
+                until = instants.parse_until(body["until"], runner.tz, now)
+            except ValueError as exc:
+                raise fail(web.HTTPBadRequest, f"until {exc}", "until") from None
         try:
             held = await pauses.pause(
                 runner.pool, name, body.get("reason") or "", pauser(request, body), now, until
