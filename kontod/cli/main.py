@@ -59,8 +59,11 @@ def parser() -> argparse.ArgumentParser:
     )
     resume = jobs_sub.add_parser("resume", help="end the pause of a job")
     resume.add_argument("name")
-    runs_cmd = sub.add_parser("runs", help="the last runs of a job, from the database")
+    runs_cmd = sub.add_parser(
+        "runs", help="the last runs of a job, from the database; `runs show ID`: one run in full"
+    )
     runs_cmd.add_argument("name")
+    runs_cmd.add_argument("run_id", nargs="?", metavar="ID", help="after `show`: the run's id")
     runs_cmd.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     runs_cmd.add_argument("--status", choices=STATUSES, help="only runs with this status")
     status = sub.add_parser("status", help="show the health of a running daemon")
@@ -121,6 +124,11 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             return await _pause(settings, args)
         return await _run_job(settings, args.name, args.reason)
     if args.command == "runs":
+        if args.name == "show":
+            return await _show_run(settings, args.run_id)
+        if args.run_id is not None:
+            print(commands.visible(f"kontod: runs: unexpected {args.run_id!r}"), file=sys.stderr)
+            return 2
         return await _runs(settings, args.name, args.limit, args.status)
     if args.command == "status":
         return await asyncio.to_thread(_status, settings, args.url)
@@ -211,6 +219,26 @@ async def _runs(settings: Settings, name: str, limit: int, status: str | None) -
         return 2
     async with _database(settings) as pool:
         await commands.print_runs(pool, name, limit, status, settings.runner.tz, utcnow())
+    return 0
+
+
+async def _show_run(settings: Settings, raw: str | None) -> int:
+    from kontod.scheduler.runlist import parse_run_id
+    from kontod.scheduler.runner import utcnow
+
+    if raw is None:
+        print("kontod: runs show needs the id of a run: kontod runs show ID", file=sys.stderr)
+        return 2
+    try:
+        run_id = parse_run_id(raw)
+    except ValueError as exc:
+        print(commands.visible(f"kontod: runs show: {exc}"), file=sys.stderr)
+        return 2
+    async with _database(settings) as pool:
+        found = await commands.print_run(pool, run_id, settings.runner.tz, utcnow())
+    if not found:
+        print(f"kontod: no run with id {run_id}", file=sys.stderr)
+        return 1
     return 0
 
 
