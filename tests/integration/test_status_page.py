@@ -288,7 +288,7 @@ RUN_JS = """({
     error: document.querySelector('pre.error')?.textContent,
     counts: [...document.querySelectorAll('table.counts tr')].map(
         r => [...r.cells].map(c => c.textContent)),
-    facts: document.querySelector('dl.run').innerText,
+    facts: document.querySelector('dl.run')?.innerText,
     scrollWidth: document.documentElement.scrollWidth,
 })"""
 
