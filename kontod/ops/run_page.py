@@ -18,7 +18,7 @@ from kontod.scheduler.runlist import RunDetail
 SECONDS = "%Y-%m-%d %H:%M:%S %Z"
 STYLE = """
 dl{display:grid;grid-template-columns:max-content 1fr;gap:.3rem 1rem;margin:1rem 0;
-background:#fff;padding:.8rem 1rem;border:1px solid #e3e6ec;border-radius:6px}
+background:#fff;padding:.8rem 1rem;border:1px solid #e3e6ec;border-radius:6px;max-width:40rem}
 dt{color:#5b6474}dd{margin:0;overflow-wrap:anywhere}
 table{border-collapse:collapse;background:#fff}
 td{padding:.25rem .8rem .25rem 0;border-bottom:1px solid #e3e6ec}td.n{text-align:right}
