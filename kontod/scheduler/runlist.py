@@ -34,40 +34,6 @@ class Run(RunRecord):
         return ((self.finished_at or now) - self.started_at).total_seconds()
 
 
-@dataclass(frozen=True, kw_only=True)
-class RunDetail(Run):
-    """One run in full: also its lease as last renewed, which tells when its owner was last
-    heard from (for a run still going, or one found ``interrupted``)."""
-
-    heartbeat_at: datetime
-    lease_until: datetime
-
-
-def parse_run_id(raw: str) -> int:
-    """A run id as a person types it (``kontod runs show ID``, ``/runs/{id}``); ValueError
-    says what is accepted."""
-    text = raw.strip()
-    # The length first: int() refuses numbers of more than 4 300 digits with a ValueError.
-    if not (text.isascii() and text.isdecimal() and len(text) <= 19) or not (
-        1 <= int(text) <= MAX_RUN_ID
-    ):
-        shown = text if len(text) <= 40 else text[:40] + "..."
-        raise ValueError(f"a run id is a whole number from 1 to {MAX_RUN_ID}, not {shown!r}")
-    return int(text)
-
-
-async def run_detail(db: Executor, run_id: int) -> RunDetail | None:
-    """The run ``run_id`` in full; None when there is none (never was, or pruned)."""
-    row = await db.fetchrow(
-        f"SELECT {COLUMNS}, heartbeat_at, lease_until FROM kontod_runs WHERE id = $1", run_id
-    )
-    if row is None:
-        return None
-    return RunDetail(
-        **_fields(row), heartbeat_at=row["heartbeat_at"], lease_until=row["lease_until"]
-    )
-
-
 async def runs_of(db: Executor, job: str, limit: int, status: str | None = None) -> list[Run]:
     """The newest runs of ``job``, newest first, optionally only those with ``status``."""
     rows = await db.fetch(
@@ -104,6 +70,40 @@ async def record_request(db: Executor, run_id: int, by: str, reason: str | None)
         run_id,
         by,
         reason,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunDetail(Run):
+    """One run in full: also its lease as last renewed, which tells when its owner was last
+    heard from (for a run still going, or one found ``interrupted``)."""
+
+    heartbeat_at: datetime
+    lease_until: datetime
+
+
+def parse_run_id(raw: str) -> int:
+    """A run id as a person types it (``kontod runs show ID``, ``/runs/{id}``); ValueError
+    says what is accepted."""
+    text = raw.strip()
+    # The length first: int() refuses numbers of more than 4 300 digits with a ValueError.
+    if not (text.isascii() and text.isdecimal() and len(text) <= 19) or not (
+        1 <= int(text) <= MAX_RUN_ID
+    ):
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise ValueError(f"a run id is a whole number from 1 to {MAX_RUN_ID}, not {shown!r}")
+    return int(text)
+
+
+async def run_detail(db: Executor, run_id: int) -> RunDetail | None:
+    """The run ``run_id`` in full; None when there is none (never was, or pruned)."""
+    row = await db.fetchrow(
+        f"SELECT {COLUMNS}, heartbeat_at, lease_until FROM kontod_runs WHERE id = $1", run_id
+    )
+    if row is None:
+        return None
+    return RunDetail(
+        **_fields(row), heartbeat_at=row["heartbeat_at"], lease_until=row["lease_until"]
     )
 
 
