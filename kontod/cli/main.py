@@ -61,6 +61,10 @@ def parser() -> argparse.ArgumentParser:
     runs_cmd = sub.add_parser("runs", help="the last runs of a job, from the database")
     runs_cmd.add_argument("name")
     runs_cmd.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    # kontod runs show ID: one run in full (a job is never named "show").
+    runs_cmd.add_argument(
+        "run_id", nargs="?", metavar="ID", help="kontod runs show ID: that run in full"
+    )
     runs_cmd.add_argument("--status", choices=STATUSES, help="only runs with this status")
     status = sub.add_parser("status", help="show the health of a running daemon")
     status.add_argument("--url", help="base URL of the daemon (default: from KONTOD_LISTEN)")
@@ -106,6 +110,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             print(f"kontod: {why}", file=sys.stderr)
             return 2
         return await serve(settings)
+    if args.command == "runs" and (args.name == "show" or args.run_id is not None):
+        return await _show_run(settings, args.name, args.run_id)
     if args.command == "migrate":
         return await _migrate(settings)
     if args.command == "jobs":
@@ -214,6 +220,7 @@ async def _runs(settings: Settings, name: str, limit: int, status: str | None) -
 
 
 def _next(settings: Settings, name: str, count: int, start: str | None) -> int:
+    from kontod.scheduler import instants
     from kontod.scheduler.runner import utcnow
 
     if not 1 <= count <= 1000:
@@ -222,7 +229,7 @@ def _next(settings: Settings, name: str, count: int, start: str | None) -> int:
     now = utcnow()
     if start is not None:
         try:
-            now = commands.parse_time(start, settings.runner.tz)
+            now = instants.parse_time(start, settings.runner.tz)
         except ValueError as exc:
             print(commands.visible(f"kontod: --from {exc}"), file=sys.stderr)
             return 2
@@ -232,16 +239,16 @@ def _next(settings: Settings, name: str, count: int, start: str | None) -> int:
 
 
 async def _pause(settings: Settings, args: argparse.Namespace) -> int:
-    from kontod.scheduler import pauses
+    from kontod.scheduler import instants, pauses
     from kontod.scheduler.runner import utcnow
 
     now = utcnow()
     until = None
     if args.jobs_command == "pause" and args.until:
         try:
-            until = commands.parse_until(args.until, settings.runner.tz, now)
+            until = instants.parse_until(args.until, settings.runner.tz, now)
         except ValueError as exc:
-            print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
+            print(commands.visible(f"kontod: --until {exc}"), file=sys.stderr)
             return 2
     async with _database(settings) as pool:
         if args.jobs_command == "resume":
@@ -320,4 +327,29 @@ async def _history(settings: Settings, days: int) -> int:
         print(f"{r['day'].isoformat():<12}{r['snapshot_rows']:>8}{r['users']:>8}{total:>20}")
     if not rows:
         print(f"(no snapshot in the last {days} days)")
+    return 0
+
+
+async def _show_run(settings: Settings, first: str | None, raw: str | None) -> int:
+    """``kontod runs show ID``; ``kontod runs JOB ID`` is refused."""
+    from kontod.cli.show import print_run
+    from kontod.scheduler.runlist import parse_run_id
+    from kontod.scheduler.runner import utcnow
+
+    if first != "show":
+        print(commands.visible(f"kontod: runs: unexpected {raw!r}"), file=sys.stderr)
+        return 2
+    if raw is None:
+        print("kontod: runs show needs the id of a run: kontod runs show ID", file=sys.stderr)
+        return 2
+    try:
+        run_id = parse_run_id(raw)
+    except ValueError as exc:
+        print(commands.visible(f"kontod: runs show: {exc}"), file=sys.stderr)
+        return 2
+    async with _database(settings) as pool:
+        found = await print_run(pool, run_id, settings.runner.tz, utcnow())
+    if not found:
+        print(f"kontod: no run with id {run_id}", file=sys.stderr)
+        return 1
     return 0
