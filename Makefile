@@ -30,7 +30,8 @@ demo: $(VENV)/.installed-demo
 run: $(VENV)/.installed
 	$(BIN)/kontod run
 
-# The programs some tests drive (promtool, prometheus, alertmanager, systemd-analyze).
+# The programs some tests drive (promtool, prometheus, alertmanager, systemd-analyze, chromium,
+# faketime, and PM2 from npm).
 programs:
 	./scripts/install-test-programs
 

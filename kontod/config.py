@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_type_hints
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -97,6 +97,55 @@ def system_timezone() -> str:
     except Exception:  # tzlocal raises its own errors on odd systems; UTC is a safe answer
         return "UTC"
     return name or "UTC"
+
+
+@dataclass(frozen=True)
+class KontoLocation:
+    """Where Konto's tables are. ``target`` is a DSN, a file path or a server's base URL."""
+
+    kind: Literal["postgresql", "sqlite", "libsql"]
+    target: str
+
+    def __str__(self) -> str:
+        # A DSN may carry a password; a path or a server URL carries no secret (the token is
+        # a setting of its own).
+        if self.kind == "postgresql":
+            return "kontod's PostgreSQL database"
+        return f"{self.kind} {self.target}"
+
+
+def parse_konto_location(text: str) -> KontoLocation:
+    """``postgresql://…`` (or ``postgres://``), ``file:/path/konto.db`` or a plain path, or
+    ``libsql://host`` / ``https://host`` / ``http://host:port`` (a libSQL server)."""
+    text = text.strip()
+    if not text:
+        raise ValueError("expected a database URL or a file path, got an empty value")
+    scheme = urlsplit(text).scheme.lower() if "://" in text or text.startswith("file:") else ""
+    if scheme in ("postgresql", "postgres"):
+        return KontoLocation("postgresql", text)
+    if scheme == "file":
+        path = text.removeprefix("file:")
+        if path.startswith("//"):
+            path = path[2:]  # file://host/path is not a local file; file:///path is
+            if not path.startswith("/"):
+                raise ValueError(f"expected file:/path or file:///path, got {text!r}")
+        path = path.split("?", 1)[0]
+        if not path:
+            raise ValueError(f"expected a path after file:, got {text!r}")
+        return KontoLocation("sqlite", path)
+    if scheme == "libsql":
+        # Turso's libsql:// URLs are served over HTTPS.
+        return KontoLocation("libsql", "https://" + text.split("://", 1)[1].rstrip("/"))
+    if scheme in ("https", "http"):
+        if not urlsplit(text).hostname:
+            raise ValueError(f"expected a server address in {text!r}")
+        return KontoLocation("libsql", text.rstrip("/"))
+    if scheme:
+        raise ValueError(
+            f"unknown scheme {scheme}: expected postgresql://, file:, libsql://, https:// or"
+            " http://, or a plain file path"
+        )
+    return KontoLocation("sqlite", text)
 
 
 # Parsers: each takes the raw text and returns the value or raises ValueError with what is
@@ -474,6 +523,35 @@ SETTINGS: tuple[Setting, ...] = (
         " `~/.local/state/kontod`",
         computed=lambda env, _: default_state_dir(env),
     ),
+    # --- konto: where Konto's own tables are --------------------------------------------------
+    Setting(
+        "KONTOD_KONTO_URL",
+        "konto.location",
+        parse_konto_location,
+        "where Konto's tables are: `postgresql://…` (a database of their own), `file:/path/konto.db`"
+        " or a plain path (the web app's SQLite file), `libsql://…`, `https://…` or `http://…`"
+        " (a libSQL server such as Turso)",
+        default_doc="unset: Konto's tables are in kontod's own database (`KONTOD_DATABASE_URL`)",
+        aliases=(Alias("TURSO_DATABASE_URL"),),
+    ),
+    Setting(
+        "KONTOD_KONTO_AUTH_TOKEN",
+        "konto.auth_token",
+        _parse_token,
+        "the libSQL server's auth token (Turso's database token)",
+        default_doc="unset: no token is sent",
+        aliases=(Alias("TURSO_AUTH_TOKEN"),),
+        secret=True,
+        credential="konto_auth_token",
+    ),
+    Setting(
+        "KONTOD_KONTO_BUSY_TIMEOUT",
+        "konto.busy_timeout",
+        _parse_duration,
+        "longest kontod waits, in all, for another writer of Konto's SQLite/libSQL database"
+        " before a write fails (each write transaction is tried again until then)",
+        default="30s",
+    ),
     # --- http: the HTTP server -------------------------------------------------------------
     Setting(
         "KONTOD_LISTEN",
@@ -805,6 +883,16 @@ class DatabaseSettings:
 
 
 @dataclass(frozen=True)
+class KontoSettings:
+    """Where Konto's own tables are, and how long a write waits for the web app's."""
+
+    # None: in kontod's own PostgreSQL (the database section).
+    location: KontoLocation | None = _spec_field("KONTOD_KONTO_URL")
+    auth_token: str | None = _spec_field("KONTOD_KONTO_AUTH_TOKEN")
+    busy_timeout: timedelta = _spec_field("KONTOD_KONTO_BUSY_TIMEOUT")
+
+
+@dataclass(frozen=True)
 class HttpSettings:
     """The HTTP server: where it listens, its limits and the token of manual triggers."""
 
@@ -923,6 +1011,7 @@ class Settings:
     """Every knob of kontod, already checked, in one section per part that uses it."""
 
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    konto: KontoSettings = field(default_factory=KontoSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     runner: RunnerSettings = field(default_factory=RunnerSettings)
     logging: LogSettings = field(default_factory=LogSettings)
@@ -1018,7 +1107,24 @@ def load_settings(
         }
     )
     _check_schedules(settings, labels, datetime.now(UTC) if now is None else now)
-    return settings
+    return _konto_in_postgresql(settings, labels)
+
+
+def _konto_in_postgresql(settings: Settings, labels: Mapping[str, str]) -> Settings:
+    """A ``postgresql://`` Konto URL is kontod's own database: Konto's tables and kontod's live
+    in one database (the jobs join them). It stands for ``KONTOD_DATABASE_URL`` when that is
+    unset, and must name the same database when both are set."""
+    konto, own = settings.konto.location, settings.database.url
+    if konto is None or konto.kind != "postgresql":
+        return settings
+    if own is not None and own != konto.target:
+        raise ConfigError(
+            labels["KONTOD_KONTO_URL"],
+            redact_dsn(konto.target),
+            "expected the same PostgreSQL database as KONTOD_DATABASE_URL (Konto's tables in"
+            " PostgreSQL live beside kontod's own), or a SQLite path or a libSQL URL",
+        )
+    return settings.replace(database={"url": konto.target}, konto={"location": None})
 
 
 # Section name -> its dataclass, as Settings declares them.

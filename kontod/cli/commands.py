@@ -9,7 +9,7 @@ import re
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TextIO
 from zoneinfo import ZoneInfo
 
@@ -91,37 +91,6 @@ def print_next(
 
 
 # -- kontod jobs pause / resume -------------------------------------------------------------
-
-
-def parse_time(raw: str, tz: ZoneInfo) -> datetime:
-    """An ISO 8601 time, local to ``tz`` when it has no offset; ValueError says what is accepted."""
-    try:
-        value = datetime.fromisoformat(raw.strip())
-    except ValueError:
-        raise ValueError(
-            f"{raw!r}: expected a time such as 2026-03-02T08:00 or 2026-03-02T08:00+01:00"
-        ) from None
-    return value.replace(tzinfo=tz) if value.tzinfo is None else value
-
-
-def parse_until(raw: str, tz: ZoneInfo, now: datetime) -> datetime:
-    """``--until``: an ISO 8601 time (local to ``tz`` when it has no offset) or a duration
-    from now such as 2h, 30m, 1d. Raises ValueError naming what is accepted."""
-    text = raw.strip()
-    units = {"m": 60, "h": 3600, "d": 86400}
-    try:
-        if text[:-1].isdecimal() and text[-1:] in units:
-            until = now + timedelta(seconds=int(text[:-1]) * units[text[-1]])
-        else:
-            until = parse_time(text, tz)
-        # Converting tells an instant past year 9999 in UTC (9999-12-31T23:59-01:00).
-        until.astimezone(UTC)
-    except (ValueError, OverflowError):
-        raise ValueError(
-            f"--until {raw!r}: expected a time such as 2026-03-02T08:00 or 2026-03-02T08:00+01:00,"
-            f" or a duration such as 30m, 2h or 1d, before {pauses.LATEST_UNTIL.year}"
-        ) from None
-    return until
 
 
 async def pause_job(

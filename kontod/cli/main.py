@@ -93,6 +93,10 @@ def parser() -> argparse.ArgumentParser:
     )
     runs_cmd.add_argument("name", nargs="?", metavar="JOB", help="only this job's runs")
     runs_cmd.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    # kontod runs show ID: one run in full (a job is never named "show").
+    runs_cmd.add_argument(
+        "run_id", nargs="?", metavar="ID", help="kontod runs show ID: that run in full"
+    )
     runs_cmd.add_argument("--status", choices=STATUSES, help="only runs with this status")
     runs_cmd.add_argument("--json", action="store_true", help="everything, in full, as JSON")
     status = sub.add_parser("status", help="show the health of a running daemon", parents=[verbose])
@@ -150,6 +154,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             print(f"kontod: {why}", file=sys.stderr)
             return 2
         return await serve(settings)
+    if args.command == "runs" and (args.name == "show" or args.run_id is not None):
+        return await _show_run(settings, args.name, args.run_id)
     if args.command == "migrate":
         return await _migrate(settings)
     if args.command == "jobs":
@@ -289,6 +295,7 @@ async def _jobs_list(settings: Settings, as_json: bool) -> int:
 
 
 def _next(settings: Settings, name: str, count: int, start: str | None) -> int:
+    from kontod.scheduler import instants
     from kontod.scheduler.runner import utcnow
 
     if not 1 <= count <= 1000:
@@ -297,7 +304,7 @@ def _next(settings: Settings, name: str, count: int, start: str | None) -> int:
     now = utcnow()
     if start is not None:
         try:
-            now = commands.parse_time(start, settings.runner.tz)
+            now = instants.parse_time(start, settings.runner.tz)
         except ValueError as exc:
             print(commands.visible(f"kontod: --from {exc}"), file=sys.stderr)
             return 2
@@ -307,7 +314,7 @@ def _next(settings: Settings, name: str, count: int, start: str | None) -> int:
 
 
 async def _pause(settings: Settings, args: argparse.Namespace) -> int:
-    from kontod.scheduler import pauses
+    from kontod.scheduler import instants, pauses
     from kontod.scheduler.runner import utcnow
 
     now = utcnow()
@@ -315,9 +322,11 @@ async def _pause(settings: Settings, args: argparse.Namespace) -> int:
     until = None
     if args.jobs_command == "pause" and args.until:
         try:
-            until = commands.parse_until(args.until, tz, now)
+            until = instants.parse_until(args.until, tz, now)
         except ValueError as exc:
-            print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
+            print(
+                commands.visible(f"kontod: --until {times.within(str(exc), tz)}"), file=sys.stderr
+            )
             return 2
     async with _database(settings) as pool:
         if args.jobs_command == "resume":
@@ -397,4 +406,29 @@ async def _history(settings: Settings, days: int) -> int:
         print(f"{r['day'].isoformat():<12}{r['snapshot_rows']:>8}{r['users']:>8}{total:>20}")
     if not rows:
         print(f"(no snapshot in the last {days} days)")
+    return 0
+
+
+async def _show_run(settings: Settings, first: str | None, raw: str | None) -> int:
+    """``kontod runs show ID``; ``kontod runs JOB ID`` is refused."""
+    from kontod.cli.show import print_run
+    from kontod.scheduler.runlist import parse_run_id
+    from kontod.scheduler.runner import utcnow
+
+    if first != "show":
+        print(commands.visible(f"kontod: runs: unexpected {raw!r}"), file=sys.stderr)
+        return 2
+    if raw is None:
+        print("kontod: runs show needs the id of a run: kontod runs show ID", file=sys.stderr)
+        return 2
+    try:
+        run_id = parse_run_id(raw)
+    except ValueError as exc:
+        print(commands.visible(f"kontod: runs show: {exc}"), file=sys.stderr)
+        return 2
+    async with _database(settings) as pool:
+        found = await print_run(pool, run_id, settings.runner.tz, utcnow())
+    if not found:
+        print(f"kontod: no run with id {run_id}", file=sys.stderr)
+        return 1
     return 0
