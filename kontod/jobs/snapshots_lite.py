@@ -210,28 +210,30 @@ class RowIndex:
     currencies: set[str] = field(default_factory=set)
 
 
-async def index_rows(konto: KontoSql, bounds: Sequence[int], batches: int) -> RowIndex:
-    """Read bank_accounts and assets once each, in rowid order and chunks of ``CHUNK`` rows,
+async def index_rows(
+    konto: KontoSql, bounds: Sequence[int], batches: int, chunk: int = CHUNK
+) -> RowIndex:
+    """Read bank_accounts and assets once each, in rowid order and chunks of ``chunk`` rows,
     and sort their rowids into the batches their user_id falls in."""
     index = RowIndex([array("q") for _ in range(batches)], [array("q") for _ in range(batches)])
-    async for row in _chunks(konto, _ACCOUNT_IDS_SQL):
+    async for row in _chunks(konto, _ACCOUNT_IDS_SQL, chunk):
         index.currencies.add(rates.account_currency(row[2]))
         _note(index.accounts, bounds, row)
-    async for row in _chunks(konto, _ASSET_IDS_SQL):
+    async for row in _chunks(konto, _ASSET_IDS_SQL, chunk):
         _note(index.assets, bounds, row)
     return index
 
 
-async def _chunks(konto: KontoSql, sql: str) -> AsyncIterator[Row]:
-    """The rows of ``sql`` (rowid first; ? after, ? limit) read chunk by chunk."""
+async def _chunks(konto: KontoSql, sql: str, size: int) -> AsyncIterator[Row]:
+    """The rows of ``sql`` (rowid first; ? after, ? limit) read ``size`` rows at a time."""
     after = -(2**63)
     while True:
-        chunk = await konto.read(sql, (after, CHUNK))
-        for row in chunk:
+        rows = await konto.read(sql, (after, size))
+        for row in rows:
             yield row
-        if len(chunk) < CHUNK:
+        if len(rows) < size:
             return
-        after = _scalar(chunk[-1:])
+        after = _scalar(rows[-1:])
 
 
 def _note(batches: list[array[int]], bounds: Sequence[int], row: Row) -> None:
