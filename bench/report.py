@@ -460,8 +460,9 @@ def _lite_markdown(results: list[LiteResult]) -> list[str]:
         "",
         "| users | accounts | rows a day | kontod | re-run | floor | aggregate | web app's loop"
         " | kontod/floor | re-run/aggregate | loop/kontod | writer wait p99 / max"
-        " | kontod's write transactions p99 / max | rows equal | kontod peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " | kontod's write transactions p99 / max | writer wait max during the floor"
+        " | rows equal | kontod peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in results:
         rows_day = next((p.rows for p in s.passes if p.variant == "floor"), 0)
@@ -474,7 +475,8 @@ def _lite_markdown(results: list[LiteResult]) -> list[str]:
             f" | {_spread(s.seconds('floor'))} | {_spread(s.seconds('aggregate'))}"
             f" | {_spread(s.seconds('old'))} | {_x(s.ratio('kontod', 'floor'))}"
             f" | {_x(s.ratio('rerun', 'aggregate'))} | {_x(s.ratio('old', 'kontod'))}"
-            f" | {waits} | {locks} | {equal} | {_mib(s.peak_rss_kib)} |"
+            f" | {waits} | {locks} | {_ms(s.writer_wait('max', 'floor'))} ms"
+            f" | {equal} | {_mib(s.peak_rss_kib)} |"
         )
     notes = [f"{_n(s.users)} users: {p.note}" for s in results for p in s.passes if p.note]
     out += [

@@ -351,16 +351,19 @@ def compute(
     """The rows one batch should hold, by the rules of the PostgreSQL statement (its parts
     ``accounts`` .. ``fresh``), in exact numeric arithmetic."""
     wanted = Wanted(users=len(users))
-    by_user: defaultdict[int, list[tuple[str, str, int, Value, str, Decimal]]] = defaultdict(list)
+    by_user: defaultdict[int, list[_Holding]] = defaultdict(list)
+    currencies: dict[Value, str] = {}  # as stored -> as the statement reads it
     with localcontext(pg_numeric.EXACT):
         for acc_id, user_id, name, typ, currency, balance in accounts:
-            key = f"account:{_int(acc_id)}"
-            cur = rates.account_currency(currency)
-            amount = Decimal(0) if balance is None else _money(balance)
+            ref = _int(acc_id)
+            cur = currencies.get(currency)
+            if cur is None:
+                cur = currencies[currency] = rates.account_currency(currency)
+            amount = _ZERO if balance is None else _money(balance)
             if amount is None:
-                wanted.invalid.append(key)
+                wanted.invalid.append(f"account:{ref}")
                 continue
-            if cur == base or amount == 0:
+            if cur == base or not amount:
                 value = amount
             else:
                 rate = usable.get(cur)
@@ -368,54 +371,70 @@ def compute(
                     wanted.unconverted[cur] += 1
                     continue
                 value = pg_numeric.convert(amount, rate.base_amount, rate.currency_amount)
-            kind_type = _text(typ) or "checking"
-            by_user[_int(user_id)].append((key, "account", _int(acc_id), name, kind_type, value))
+            holding = (f"account:{ref}", "account", ref, name, _text(typ) or "checking", value)
+            by_user[_int(user_id)].append(holding)
         for asset_id, user_id, name, typ, current, purchase in assets:
-            key = f"asset:{_int(asset_id)}"
+            ref = _int(asset_id)
             if current is not None:
                 value_or_none = _money(current)
             elif purchase is not None:
                 value_or_none = _money(purchase)
             else:
-                value_or_none = Decimal(0)
+                value_or_none = _ZERO
             if value_or_none is None:
-                wanted.invalid.append(key)
+                wanted.invalid.append(f"asset:{ref}")
                 continue
-            kind_type = _text(typ) or "other"
-            holding = (key, "asset", _int(asset_id), name, kind_type, value_or_none)
+            holding = (f"asset:{ref}", "asset", ref, name, _text(typ) or "other", value_or_none)
             by_user[_int(user_id)].append(holding)
-        categories = _categories(by_user, wanted)
+        totals = _categories(by_user, wanted)
         for user in users:
             uid = _int(user[0])
             if uid not in wanted.failed:
-                total = sum(categories.get(uid, {}).values(), Decimal(0))
-                wanted.rows[(uid, "total")] = float(total)
+                wanted.rows[(uid, "total")] = float(totals.get(uid, _ZERO))
     wanted.invalid.sort()
     return wanted
 
 
-def _categories(
-    by_user: dict[int, list[tuple[str, str, int, Value, str, Decimal]]], wanted: Wanted
-) -> dict[int, dict[str, Decimal]]:
-    """Each user's non-zero category sums (the 'total' type left out, as the statement does),
-    their holding rows, and the users failed because a value does not fit a float column."""
-    categories: dict[int, dict[str, Decimal]] = {}
+# A holding before it is written: (key, kind, ref_id, name, type, exact value).
+_Holding = tuple[str, str, int, Value, str, Decimal]
+_ZERO = Decimal(0)
+# Floats this far inside a double column's range are values it holds for sure; outside, the
+# exact test decides (pg_numeric.fits_double).
+_SURELY_FITS = (1e-307, 1e308)
+
+
+def _fits(value: Decimal, as_float: float) -> bool:
+    """Whether a double column holds ``value`` (``as_float``: its nearest float)."""
+    low, high = _SURELY_FITS
+    return low < abs(as_float) < high or pg_numeric.fits_double(value)
+
+
+def _categories(by_user: dict[int, list[_Holding]], wanted: Wanted) -> dict[int, Decimal]:
+    """Each user's non-zero category rows (the 'total' type left out, as the statement does)
+    and holding rows into ``wanted``, and each user's total; a user with a value that does
+    not fit a float column is failed instead."""
+    totals: dict[int, Decimal] = {}
     for uid, holdings in by_user.items():
         sums: dict[str, Decimal] = {}
+        floats: list[float] = []
+        fits = True
         for _key, _kind, _ref, _name, typ, value in holdings:
-            sums[typ] = sums.get(typ, Decimal(0)) + value
-        kept = {typ: s for typ, s in sums.items() if s != 0 and typ != "total"}
-        fits = all(pg_numeric.fits_double(h[5]) for h in holdings)
-        fits = fits and all(pg_numeric.fits_double(s) for s in kept.values())
-        if not fits or not pg_numeric.fits_double(sum(kept.values(), Decimal(0))):
+            sums[typ] = sums.get(typ, _ZERO) + value
+            as_float = float(value)
+            floats.append(as_float)
+            fits = fits and _fits(value, as_float)
+        kept = {typ: (s, float(s)) for typ, s in sums.items() if s and typ != "total"}
+        total = sum((s for s, _ in kept.values()), _ZERO)
+        fits = fits and all(_fits(s, f) for s, f in kept.values())
+        if not fits or not _fits(total, float(total)):
             wanted.failed.add(uid)
             continue
-        categories[uid] = kept
-        for typ, s in kept.items():
-            wanted.rows[(uid, typ)] = float(s)
-        for key, kind, ref, name, typ, value in holdings:
-            wanted.holdings[(uid, key)] = (kind, ref, name, typ, float(value))
-    return categories
+        totals[uid] = total
+        for typ, (_, as_float) in kept.items():
+            wanted.rows[(uid, typ)] = as_float
+        for (key, kind, ref, name, typ, _), as_float in zip(holdings, floats, strict=True):
+            wanted.holdings[(uid, key)] = (kind, ref, name, typ, as_float)
+    return totals
 
 
 def _money(value: Value) -> Decimal | None:
