@@ -20,6 +20,11 @@ differs is where the work is done:
   kind of change, each taking its rows as one JSON text through ``json_each``. The upserts
   change a row only when it still differs, so a row another writer put there in between is
   written over, never a reason to fail; the write lock is held for that one batch only.
+  Measured against ``executemany`` (one statement run per row) on 10 000 rows of a 100 000-user
+  file: 36-43 ms for the JSON statements, 36-42 ms for ``executemany``; the JSON text wins on a
+  libSQL server, where it is one argument of one request instead of one statement per row.
+- Holding rows are written without ``currency`` and ``amount``: the web app's holding_snapshots
+  has no such columns (kontod/konto/lite_schema.py).
 
 SQLite has one writer at a time, and in a rollback-journal file a read in flight holds off a
 commit, so the batches run one at a time (``KONTOD_SNAPSHOT_WORKERS`` does not apply here).
