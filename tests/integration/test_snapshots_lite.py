@@ -23,9 +23,9 @@ from kontod import db
 from kontod.jobs import SNAPSHOTS, pg_numeric, snapshots_lite
 from kontod.jobs import snapshots as snapshots_job
 from kontod.konto import lite_schema
-from kontod.konto.store import KontoSql
+from kontod.konto.store import Fence, KontoSql
 from kontod.providers import rates
-from kontod.scheduler.contract import RunContext
+from kontod.scheduler.contract import ClaimLost, Connection, RunContext
 from kontod.scheduler.runner import Started
 from tests.helpers import PARIS, WEBAPP_SCHEMA, close, runner_on, spec
 from tests.integration.test_konto_store import webapp_konto
@@ -474,6 +474,66 @@ async def test_the_first_pass_reads_each_table_in_chunks_and_sorts_rows_into_bat
     assert [list(a) for a in index.accounts] == expected(accounts)
     assert [list(a) for a in index.assets] == expected(assets)
     assert index.currencies == {"USD", "EUR", "CHF"}
+
+
+async def test_a_run_taken_over_between_two_batches_writes_nothing_more(
+    konto: KontoSql, path: Path, pg: asyncpg.Pool
+) -> None:
+    with sqlite3.connect(path) as conn:
+        conn.executemany("INSERT INTO users (id) VALUES (?)", [(u,) for u in range(1, 31)])
+        conn.executemany(
+            "INSERT INTO bank_accounts (user_id, name, balance) VALUES (?, 'a', ?)",
+            [(u, u * 1.5) for u in range(1, 31)],
+        )
+    conn.close()
+    checks = 0
+
+    async def fence(conn: Connection) -> None:
+        # The run's claim checks: its fence, its rates, then one per batch. Before the second
+        # batch, a newer run takes the job over and raises Konto's fence to its own id.
+        nonlocal checks
+        checks += 1
+        if checks == 4:
+            await konto.advance_fence(Fence(SNAPSHOTS, 2))
+
+    ctx = RunContext(
+        run_id=1,
+        job=SNAPSHOTS,
+        trigger="manual",
+        scheduled_for=None,
+        started_at=datetime.now(UTC),
+        log=structlog.get_logger(),
+        fence=fence,
+    )
+    with pytest.raises(ClaimLost, match="newer run"):
+        await snapshots_lite.take_snapshots_lite(pg, konto, ctx, PARIS, 5)
+    with sqlite3.connect(path) as conn:
+        written = conn.execute("SELECT DISTINCT user_id FROM patrimoine_snapshots").fetchall()
+    conn.close()
+    assert sorted(u for (u,) in written) == [1, 2, 3, 4, 5]  # the first batch alone
+
+
+def test_no_read_or_write_of_a_batch_scans_a_table(path: Path) -> None:
+    """The web app's tables have no index on user_id: a batch reads its rows by rowid and the
+    snapshot tables by their unique keys, never by scanning a table."""
+    statements = [
+        (snapshots_lite._USERS_SQL, (1, 2)),
+        (snapshots_lite._ACCOUNTS_SQL, ("[1, 2]", 1, 2)),
+        (snapshots_lite._ASSETS_SQL, ("[1, 2]", 1, 2)),
+        (snapshots_lite._STORED_SQL, ("2026-01-01", 1, 2)),
+        (snapshots_lite._HOLDINGS_STORED_SQL, ("2026-01-01", 1, 2)),
+        (snapshots_lite._REMOVE_SQL, ("2026-01-01", "[]")),
+        (snapshots_lite._HOLDINGS_REMOVE_SQL, ("2026-01-01", "[]")),
+        (snapshots_lite._UPSERT_SQL.format(created_at=""), ("2026-01-01", "[]")),
+        (snapshots_lite._HOLDINGS_UPSERT_SQL, ("2026-01-01", "[]")),
+    ]
+    with sqlite3.connect(path) as conn:
+        conn.execute(lite_schema.HOLDINGS_TABLE_SQL)
+        for sql, params in statements:
+            plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+            scans = [step for step in plan if step.startswith("SCAN") and "json_each" not in step]
+            assert scans == [], (sql, plan)
+    conn.close()
 
 
 def test_a_nan_balance_is_null_in_sqlite(tmp_path: Path) -> None:
