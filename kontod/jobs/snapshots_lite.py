@@ -12,7 +12,8 @@ differs is where the work is done:
 - The web app's bank_accounts and assets have no index on user_id, and kontod creates none on
   the web app's tables. So the run first reads each of them once, in rowid order and short
   chunks (rowid and user_id only), and notes for each batch of users the rowids of its rows
-  (eight bytes a row); a batch then reads its rows by rowid. No read scans a table per batch,
+  (eight bytes a row); a batch then reads its rows by rowid, and the rows added since that pass
+  (rowids above the last it saw). No read scans a table per batch,
   and every read is short: in rollback-journal mode a reader holds off the web app's commit.
 - A batch reads what the date already holds for its users (the snapshot tables' unique keys
   serve that range), compares in Python, and writes only when something differs: one fenced
@@ -86,18 +87,20 @@ SELECT rowid, user_id, currency FROM bank_accounts WHERE rowid > ? ORDER BY rowi
 _ASSET_IDS_SQL = "SELECT rowid, user_id FROM assets WHERE rowid > ? ORDER BY rowid LIMIT ?"
 
 _USERS_SQL = "SELECT id FROM users WHERE id BETWEEN ? AND ? ORDER BY id"
-# A batch's rows, looked up by rowid; the user_id test drops a row moved to another user since
-# the first pass. hidden: 0/1, NULL visible, as the PostgreSQL path reads an integer flag.
+# A batch's rows: looked up by rowid, and the rows added since the first pass (rowids above the
+# last it saw: a range of the rowid, not a scan). The user_id test drops a row moved to another
+# user since. hidden: 0/1, NULL visible, as the PostgreSQL path reads an integer flag.
 _ACCOUNTS_SQL = """
 SELECT a.id, a.user_id, a.name, a.type, a.currency, a.balance
   FROM bank_accounts a
- WHERE a.rowid IN (SELECT value FROM json_each(?))
-   AND a.user_id BETWEEN ? AND ? AND coalesce(a.hidden, 0) = 0
+ WHERE (a.rowid IN (SELECT value FROM json_each(?1)) OR a.rowid > ?2)
+   AND a.user_id BETWEEN ?3 AND ?4 AND coalesce(a.hidden, 0) = 0
 """
 _ASSETS_SQL = """
 SELECT s.id, s.user_id, s.name, s.type, s.current_value, s.purchase_price
   FROM assets s
- WHERE s.rowid IN (SELECT value FROM json_each(?)) AND s.user_id BETWEEN ? AND ?
+ WHERE (s.rowid IN (SELECT value FROM json_each(?1)) OR s.rowid > ?2)
+   AND s.user_id BETWEEN ?3 AND ?4
 """
 _STORED_SQL = """
 SELECT user_id, category, total_value FROM patrimoine_snapshots
@@ -213,6 +216,9 @@ class RowIndex:
     accounts: list[array[int]]
     assets: list[array[int]]
     currencies: set[str] = field(default_factory=set)
+    # The last rowid the first pass saw in each table.
+    last_account: int = -(2**63)
+    last_asset: int = -(2**63)
 
 
 async def index_rows(
@@ -223,9 +229,9 @@ async def index_rows(
     index = RowIndex([array("q") for _ in range(batches)], [array("q") for _ in range(batches)])
     async for row in _chunks(konto, _ACCOUNT_IDS_SQL, chunk):
         index.currencies.add(rates.account_currency(row[2]))
-        _note(index.accounts, bounds, row)
+        index.last_account = _note(index.accounts, bounds, row)
     async for row in _chunks(konto, _ASSET_IDS_SQL, chunk):
-        _note(index.assets, bounds, row)
+        index.last_asset = _note(index.assets, bounds, row)
     return index
 
 
@@ -241,11 +247,13 @@ async def _chunks(konto: KontoSql, sql: str, size: int) -> AsyncIterator[Row]:
         after = _scalar(rows[-1:])
 
 
-def _note(batches: list[array[int]], bounds: Sequence[int], row: Row) -> None:
-    rowid, user_id = row[0], row[1]
+def _note(batches: list[array[int]], bounds: Sequence[int], row: Row) -> int:
+    """Put the row's rowid in its user's batch; return the rowid."""
+    rowid, user_id = _int(row[0]), row[1]
     # A row with no user (NULL, or text SQLite let in) belongs to no snapshot.
-    if isinstance(rowid, int) and isinstance(user_id, int):
+    if isinstance(user_id, int):
         batches[bisect_left(bounds, user_id)].append(rowid)
+    return rowid
 
 
 async def usable_rates(pool: asyncpg.Pool, base: str, day: date, max_age: int) -> dict[str, Rate]:
@@ -297,8 +305,13 @@ class _Batch:
             return None
         return _Fetched(
             users,
-            await konto.read(_ACCOUNTS_SQL, (_ids(self.index.accounts[number]), low, high)),
-            await konto.read(_ASSETS_SQL, (_ids(self.index.assets[number]), low, high)),
+            await konto.read(
+                _ACCOUNTS_SQL,
+                (_ids(self.index.accounts[number]), self.index.last_account, low, high),
+            ),
+            await konto.read(
+                _ASSETS_SQL, (_ids(self.index.assets[number]), self.index.last_asset, low, high)
+            ),
             await konto.read(_STORED_SQL, (day, low, high)),
             await konto.read(_HOLDINGS_STORED_SQL, (day, low, high)),
         )

@@ -513,13 +513,60 @@ async def test_a_run_taken_over_between_two_batches_writes_nothing_more(
     assert sorted(u for (u,) in written) == [1, 2, 3, 4, 5]  # the first batch alone
 
 
+async def test_accounts_added_during_the_run_are_in_their_users_snapshot(
+    konto: KontoSql, path: Path, pg: asyncpg.Pool
+) -> None:
+    with sqlite3.connect(path) as conn:
+        conn.executemany("INSERT INTO users (id) VALUES (?)", [(u,) for u in range(1, 11)])
+        conn.executemany(
+            "INSERT INTO bank_accounts (user_id, name, balance) VALUES (?, 'a', 1)",
+            [(u,) for u in range(1, 11)],
+        )
+    conn.close()
+    checks = 0
+
+    async def fence(conn: Connection) -> None:
+        # After the first pass and the first batch's reads, before its write: the web app adds
+        # an account for user 8 (a later batch) and a user 11 with an account.
+        nonlocal checks
+        checks += 1
+        if checks == 3:
+            with sqlite3.connect(path) as added:
+                added.execute("INSERT INTO users (id) VALUES (11)")
+                added.executemany(
+                    "INSERT INTO bank_accounts (id, user_id, name, balance) VALUES (?, ?, 'b', ?)",
+                    [(500, 8, 41.0), (501, 11, 7.0)],
+                )
+            added.close()
+
+    ctx = RunContext(
+        run_id=1,
+        job=SNAPSHOTS,
+        trigger="manual",
+        scheduled_for=None,
+        started_at=datetime.now(UTC),
+        log=structlog.get_logger(),
+        fence=fence,
+    )
+    await snapshots_lite.take_snapshots_lite(pg, konto, ctx, PARIS, 5)
+    assert checks >= 3
+    with sqlite3.connect(path) as conn:
+        totals = dict(
+            conn.execute(
+                "SELECT user_id, total_value FROM patrimoine_snapshots WHERE category = 'total'"
+            ).fetchall()
+        )
+    conn.close()
+    assert totals[8] == 42.0 and totals[11] == 7.0 and totals[1] == 1.0
+
+
 def test_no_read_or_write_of_a_batch_scans_a_table(path: Path) -> None:
     """The web app's tables have no index on user_id: a batch reads its rows by rowid and the
     snapshot tables by their unique keys, never by scanning a table."""
     statements = [
         (snapshots_lite._USERS_SQL, (1, 2)),
-        (snapshots_lite._ACCOUNTS_SQL, ("[1, 2]", 1, 2)),
-        (snapshots_lite._ASSETS_SQL, ("[1, 2]", 1, 2)),
+        (snapshots_lite._ACCOUNTS_SQL, ("[1, 2]", 9, 1, 2)),
+        (snapshots_lite._ASSETS_SQL, ("[1, 2]", 9, 1, 2)),
         (snapshots_lite._STORED_SQL, ("2026-01-01", 1, 2)),
         (snapshots_lite._HOLDINGS_STORED_SQL, ("2026-01-01", 1, 2)),
         (snapshots_lite._REMOVE_SQL, ("2026-01-01", "[]")),
