@@ -167,6 +167,14 @@ def sample(seed: int = 19) -> tuple[list[int], list[Account], list[Asset]]:
         Account(9002, 3, "savings", "USD", -math.inf),
         Account(9003, 5, "checking", "BTC", 1e308),  # x 61 234 EUR: beyond a float
         Account(9004, 5, "savings", "EUR", 10.0),
+        # Categories that cancel out, and an account type named like the total row.
+        Account(9007, 6, "savings", "EUR", 100.0),
+        Account(9008, 6, "savings", "EUR", -100.0),
+        Account(9009, 6, "total", "EUR", 12.5),
+        # Two balances a float holds, whose sum it does not; a subnormal one.
+        Account(9010, 9, "savings", "EUR", 1.5e308),
+        Account(9011, 9, "savings", "EUR", 1.5e308),
+        Account(9012, 10, "checking", "EUR", 5e-324),
     ]
     assets.append(Asset(9005, 7, "valuable", 5.0, math.inf))
     assets.append(Asset(9006, 7, "other", math.inf, None))
@@ -320,11 +328,13 @@ async def test_the_sqlite_konto_gets_the_rows_of_the_postgresql_path_to_the_last
     assert (rows, holdings) == await pg_rows(pg)
     same_counts(lite, pg_counts)
     # What the data holds, so that the equality above is about something.
-    assert lite["users"] == 40 and lite["items_failed"] == 1  # user 5's 1e308 BTC
+    assert lite["users"] == 40 and lite["items_failed"] == 3  # users 5, 9 and 10
+    assert {r[1] for r in rows} & {5, 9, 10} == set()
+    assert ("account:9009", 12.5) in {(h[2], h[7]) for h in holdings if h[1] == 6}
+    assert "savings" not in {r[2] for r in rows if r[1] == 6}
     assert lite["items_invalid"] >= 4 and lite["unconverted_XYZ"] > 0
     assert lite["unconverted_GBP"] > 0  # its only rate is older than 7 days
     assert lite["rows_written"] == len(rows) and lite["holdings_written"] == len(holdings)
-    assert not [r for r in rows if r[1] == 5]
     events = [e["event"] for e in lite_logs]
     assert {"snapshots.values_invalid", "snapshots.users_failed", "snapshots.unconverted"} <= set(
         events
