@@ -90,18 +90,34 @@ class SqliteKonto:
         def run() -> list[Row]:
             return [tuple(r) for r in conn.execute(sql, tuple(params)).fetchall()]
 
-        return await self._call(self._read_thread, conn, run, "read")
+        return await self._patiently(self._read_thread, conn, run)
 
     async def write(self, steps: Sequence[Statement], fence: Fence | None) -> list[Result]:
         conn = self._writer
+        return await self._patiently(
+            self._write_thread, conn, lambda: _transaction(conn, steps, fence)
+        )
+
+    async def advance_fence(self, fence: Fence) -> None:
+        results = await self.write(fence_steps(fence), None)
+        check_fence(fence, results[-1].rows)
+
+    async def close(self) -> None:
+        for conn, thread in ((self._writer, self._write_thread), (self._reader, self._read_thread)):
+            await asyncio.get_running_loop().run_in_executor(thread, conn.close)
+            thread.shutdown(wait=True)
+
+    async def _patiently(
+        self, thread: ThreadPoolExecutor, conn: sqlite3.Connection, fn: Callable[[], T]
+    ) -> T:
+        """Run ``fn`` on the connection's thread, again while another connection holds the
+        file, until ``busy_timeout`` has passed; SQLite's errors become ``KontoError``."""
         deadline = time.monotonic() + self.busy_timeout
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await self._call(
-                    self._write_thread, conn, lambda: _transaction(conn, steps, fence), "write"
-                )
+                return await _call(thread, conn, fn)
             except sqlite3.OperationalError as exc:
                 if not is_busy(exc):
                     raise KontoError(f"Konto's SQLite file {self.path}: {exc}") from exc
@@ -115,28 +131,18 @@ class SqliteKonto:
             except sqlite3.DatabaseError as exc:
                 raise KontoError(f"Konto's SQLite file {self.path}: {exc}") from exc
 
-    async def advance_fence(self, fence: Fence) -> None:
-        results = await self.write(fence_steps(fence), None)
-        check_fence(fence, results[-1].rows)
 
-    async def close(self) -> None:
-        for conn, thread in ((self._writer, self._write_thread), (self._reader, self._read_thread)):
-            await asyncio.get_running_loop().run_in_executor(thread, conn.close)
-            thread.shutdown(wait=True)
-
-    async def _call(
-        self, thread: ThreadPoolExecutor, conn: sqlite3.Connection, fn: Callable[[], T], what: str
-    ) -> T:
-        """Run ``fn`` on the connection's thread; a cancelled caller interrupts the statement,
-        so that the transaction it was in rolls back instead of running on."""
-        future = asyncio.get_running_loop().run_in_executor(thread, fn)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            conn.interrupt()
-            # The thread ends its statement and rolls back; its outcome no longer matters.
-            future.add_done_callback(lambda f: f.cancelled() or f.exception())
-            raise
+async def _call(thread: ThreadPoolExecutor, conn: sqlite3.Connection, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on the connection's thread; a cancelled caller interrupts the statement, so
+    that the transaction it was in rolls back instead of running on."""
+    future = asyncio.get_running_loop().run_in_executor(thread, fn)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        conn.interrupt()
+        # The thread ends its statement and rolls back; its outcome no longer matters.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        raise
 
 
 def _open(path: Path) -> sqlite3.Connection:

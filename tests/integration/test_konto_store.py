@@ -5,6 +5,8 @@ the local file and the same file behind a libSQL server (the Hrana sandbox)."""
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
 from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
@@ -15,7 +17,7 @@ from kontod.config import ConfigError, KontoLocation, load_settings, parse_konto
 from kontod.konto import lite_schema
 from kontod.konto.schema import KontoSchemaError
 from kontod.konto.sqlite import open_sqlite
-from kontod.konto.store import Fence, Fenced, KontoSql, KontoUnavailable, Statement
+from kontod.konto.store import Fence, Fenced, KontoBusy, KontoSql, KontoUnavailable, Statement
 from tests.konto_engines import ENGINES, konto_on
 
 
@@ -167,3 +169,46 @@ def _tables_info_of(tables: set[str], path: Path) -> dict[str, list[tuple[object
         info = {t: conn.execute(f"PRAGMA table_info({t})").fetchall() for t in sorted(tables)}
     conn.close()
     return info
+
+
+def _hold_exclusive(path: Path, seconds: float, held: threading.Event) -> None:
+    """Another process's view: a connection that holds the file's exclusive lock (no reader
+    gets in) for ``seconds``."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN EXCLUSIVE")
+    held.set()
+    time.sleep(seconds)
+    conn.execute("COMMIT")
+    conn.close()
+
+
+async def test_a_read_waits_out_a_writer_holding_the_file_longer_than_one_attempt(
+    tmp_path: Path,
+) -> None:
+    path = webapp_konto(tmp_path / "konto.db")
+    db = open_sqlite(str(path), busy_timeout=10)
+    try:
+        held = threading.Event()
+        holder = threading.Thread(target=_hold_exclusive, args=(path, 2.5, held))
+        holder.start()
+        held.wait()
+        # SQLite's busy handler gives up after ATTEMPT_WAIT_S (1 s); kontod tries again.
+        assert await db.read("SELECT count(*) FROM users") == [(0,)]
+        holder.join()
+    finally:
+        await db.close()
+
+
+async def test_a_read_blocked_past_the_busy_timeout_is_a_clear_error(tmp_path: Path) -> None:
+    path = webapp_konto(tmp_path / "konto.db")
+    db = open_sqlite(str(path), busy_timeout=1.5)
+    try:
+        held = threading.Event()
+        holder = threading.Thread(target=_hold_exclusive, args=(path, 4, held))
+        holder.start()
+        held.wait()
+        with pytest.raises(KontoBusy, match=r"stayed locked .* 1\.5 s"):
+            await db.read("SELECT count(*) FROM users")
+        holder.join()
+    finally:
+        await db.close()
