@@ -260,3 +260,51 @@ def _not_modified(request: web.Request, found: _File) -> bool:
     except (TypeError, ValueError):
         return False
     return found.last_modified <= when
+
+
+# The demo's commune: Lyon 1er, with sales of flats and houses over two years, a sale of a
+# flat with its cellar, a sale of two flats, a sale without coordinates; no file for the
+# latest listed year (not published yet).
+DEMO_COMMUNE = "69381"
+DEMO_YEARS = (2022, 2023, 2024)
+
+
+def demo_sandbox(years: Sequence[int] = DEMO_YEARS) -> DvfSandbox:
+    """A sandbox holding the demo's sales of ``DEMO_COMMUNE`` (every year but the latest)."""
+    sandbox = DvfSandbox(listed=set(years))
+    older = sorted(years)[:-1]
+    for n, year in enumerate(older):
+        mutations = []
+        for i in range(8):
+            surface = 35 + 9 * i
+            price = surface * (4800 + 150 * i + 200 * n)
+            mutations.append(
+                Mutation(
+                    f"{year}-{i + 1}",
+                    f"{year}-{i % 12 + 1:02d}-15",
+                    str(price),
+                    [Lot("Appartement", str(surface))]
+                    + ([Lot("Dépendance")] if i % 3 == 0 else []),
+                    f"{45.7640 + 0.0007 * i:.4f}" if i != 5 else "",
+                    f"{4.8300 + 0.0009 * i:.4f}" if i != 5 else "",
+                    street="RUE DE LA RÉPUBLIQUE, BAT A" if i % 2 else "QUAI SAINT-ANTOINE",
+                    commune_name="Lyon 1er Arrondissement",
+                )
+            )
+        mutations.append(
+            Mutation(
+                f"{year}-90",
+                f"{year}-06-30",
+                "720000",
+                [Lot("Appartement", "48"), Lot("Appartement", "52")],
+                "45.7660",
+                "4.8320",
+            )
+        )
+        mutations.append(
+            Mutation(
+                f"{year}-91", f"{year}-09-01", "640000", [Lot("Maison", "120")], "45.7700", "4.8350"
+            )
+        )
+        sandbox.put(year, DEMO_COMMUNE, mutations)
+    return sandbox

@@ -323,7 +323,7 @@ async def test_estimates_equal_the_hand_computation_and_files_are_read_once(
     counts = ctx.counts
     assert counts["assets"] == 7  # the zero surface and the vehicle are not eligible
     assert (counts["items_estimated"], counts["items_skipped"], counts["items_failed"]) == (4, 1, 2)
-    assert (counts["failed_source"], counts["failed_citycode"]) == (1, 1)
+    assert (counts["assets_failed_source"], counts["assets_failed_citycode"]) == (1, 1)
     # The house, and the overseas flat (one sale in its commune): every type.
     assert counts["assets_without_coordinates"] == 1
     assert counts["assets_all_types"] == 2

@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 import structlog
 
 import kontod
-from kontod.jobs import NAMES, refresh, snapshots
+from kontod.jobs import NAMES, estimations, refresh, snapshots
 from kontod.ops.health import assess_job
 from kontod.ops.metrics import JobExportsCollector, RunTableCollector, new_registry
 from kontod.scheduler.contract import (
@@ -50,7 +50,14 @@ FORBIDDEN = [
     r"\bSTALE_REASONS\b",
     r"\bPOPULATIONS\b",
     r"latest_snapshot",
-    *(re.escape(fam.prefix) for fam in (*snapshots.EXPORTS.families, *refresh.EXPORTS.families)),
+    *(
+        re.escape(fam.prefix)
+        for fam in (
+            *snapshots.EXPORTS.families,
+            *refresh.EXPORTS.families,
+            *estimations.EXPORTS.families,
+        )
+    ),
     r"rate_fallback_",
 ]
 # The layers under the daemon never import a concrete job.
