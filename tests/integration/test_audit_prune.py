@@ -10,13 +10,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
+import pytest
 import structlog
 
 from kontod.jobs import AUDIT
 from kontod.jobs.audit import prune
 from kontod.konto import lite_schema
 from kontod.konto.sqlite import open_sqlite
-from kontod.scheduler.contract import RunContext
+from kontod.konto.store import Fence
+from kontod.scheduler.contract import ClaimLost, RunContext
 from tests.integration.test_konto_store import webapp_konto
 
 # The run starts at 03:00 UTC on 7 December 2026: with 90 days kept, the cut-off is
@@ -136,3 +138,25 @@ async def test_on_a_postgresql_konto_with_text_timestamps(pool: asyncpg.Pool) ->
     assert (ctx.counts["rows_deleted"], ctx.counts["batches"]) == (2_500, 3)
     assert await pool.fetchval("SELECT count(*) FROM audit_log") == 1_500
     assert await pool.fetchval("SELECT min(timestamp) FROM audit_log") == "2026-09-08 03:00:00"
+
+
+async def test_a_run_a_newer_run_took_over_deletes_nothing(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    path = webapp_konto(tmp_path / "konto.db")
+    with sqlite3.connect(path) as conn:
+        conn.executemany(
+            "INSERT INTO audit_log (timestamp, action, resource) VALUES (?, 'login', 'session')",
+            [(t,) for t in stamps(10, 10)],
+        )
+    conn.close()
+    konto = open_sqlite(str(path), busy_timeout=10)
+    try:
+        await lite_schema.create_missing(konto)
+        await konto.advance_fence(Fence(AUDIT, 7))
+        with pytest.raises(ClaimLost, match="run 7"):
+            await prune(pool, new_ctx(), 90, 5, konto)
+        [(left,)] = await konto.read("SELECT count(*) FROM audit_log")
+    finally:
+        await konto.close()
+    assert left == 20

@@ -27,9 +27,9 @@ from kontod.jobs import ESTIMATIONS, declare_jobs
 from kontod.jobs import estimations as job
 from kontod.konto import lite_schema
 from kontod.konto.sqlite import open_sqlite
-from kontod.konto.store import KontoSql
+from kontod.konto.store import Fence, KontoSql
 from kontod.providers.dvf import DvfClient
-from kontod.scheduler.contract import RunContext, settle
+from kontod.scheduler.contract import ClaimLost, Connection, RunContext, settle
 from tests.integration.test_konto_store import webapp_konto
 
 # The web app's estimation columns, for a PostgreSQL Konto that has them (kontod's own minimal
@@ -447,3 +447,29 @@ async def test_estimates_are_exported_as_metrics_by_a_daemon(
     assert f'kontod_job_configured{{job_name="{ESTIMATIONS}"}} 1.0' in text
     assert 'kontod_job_configured{job_name="prune-audit-log"} 0.0' in text
     assert "kontod_estimation_latest_timestamp_seconds " in text
+
+
+async def test_a_run_that_lost_its_claim_writes_no_estimate(
+    place: Place, dvf: tuple[DvfSandbox, str], http: aiohttp.ClientSession
+) -> None:
+    sandbox, base = dvf
+    a = await place.insert(flat(citycode=LYON, latitude=45.767, longitude=4.834, surface=50.0))
+    ctx = new_ctx(run_id=3)
+    if place.konto is not None:
+        # A newer run (7) took the job over and raised the fence in Konto's database.
+        await place.konto.advance_fence(Fence(ESTIMATIONS, 7))
+    else:
+
+        async def lost(conn: Connection) -> None:
+            raise ClaimLost("taken over by run 7")
+
+        ctx.fence = lost
+    client = DvfClient(http, base, attempts=2, backoff=0.01, rate=1000)
+    with pytest.raises(ClaimLost):
+        await job.refresh_estimations(place.pool, ctx, client, None, place.konto)
+    got = await place.fetch(a)
+    assert (got["estimated_price_m2"], got["estimated_value"]) == (None, None)
+    assert await place.pool.fetchval("SELECT count(*) FROM kontod_estimations") == 0
+    if place.konto is not None:
+        # The fence is raised before anything is read: the source was not asked either.
+        assert sum(sandbox.requests.values()) == 0
