@@ -76,7 +76,7 @@ async def test_100000_rows_exactly_the_old_ones_go_in_batches_beside_a_writer(
     pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
     path = webapp_konto(tmp_path / "konto.db")
-    rows = [(t, "login", "session") for t in stamps(OLD, NEW)]
+    rows: list[tuple[str | int, str, str]] = [(t, "login", "session") for t in stamps(OLD, NEW)]
     # An older row in JavaScript's ISO form (read by datetime(): it goes), and a number, which
     # the column's TEXT affinity stores as '1700000000': below the cut-off as text, but no
     # time datetime() reads, so it stays.
