@@ -490,12 +490,18 @@ async def refresh_estimations(
     konto: KontoSql | None = None,
 ) -> None:
     """Estimate every eligible asset, commune by commune."""
+    side = _Konto(pool, konto, ctx)
+    try:
+        assets = await side.start()
+    except KontoSchemaError as exc:
+        # Run by hand while not configured: nothing to do, as the refresh job without a bank.
+        ctx.counts["not_configured"] = 1
+        ctx.log.warning("estimations.not_configured", reason=str(exc))
+        return
     for key in ("assets", "items_estimated", "items_skipped", "items_failed", "files_fetched"):
         ctx.counts[key] += 0
     for reason in FAILED.always:
         ctx.count_in(FAILED, reason, 0)
-    side = _Konto(pool, konto, ctx)
-    assets = await side.start()
     ctx.counts["assets"] = len(assets)
     ctx.report_progress(0, len(assets))
     if not assets:

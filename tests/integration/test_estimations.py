@@ -473,3 +473,17 @@ async def test_a_run_that_lost_its_claim_writes_no_estimate(
     if place.konto is not None:
         # The fence is raised before anything is read: the source was not asked either.
         assert sum(sandbox.requests.values()) == 0
+
+
+async def test_a_run_by_hand_while_not_configured_does_nothing_and_succeeds(
+    pool: asyncpg.Pool, http: aiohttp.ClientSession
+) -> None:
+    from kontod.jobs.audit import prune
+
+    ctx = new_ctx()
+    client = DvfClient(http, "http://127.0.0.1:9/geo-dvf/latest/csv", attempts=1)
+    await job.refresh_estimations(pool, ctx, client, None, None)
+    assert dict(ctx.counts) == {"not_configured": 1}
+    ctx = new_ctx()
+    await prune(pool, ctx, 90, 100, None)
+    assert dict(ctx.counts) == {"not_configured": 1}
