@@ -296,9 +296,15 @@ class DvfClient:
                 )
             self._report(endpoint, str(status), started)
             if transient_status(status):
+                retry_after = self._retry.retry_after(retry_header)
+                longest = self._retry.max_retry_after
+                if retry_after is not None and retry_after > longest:
+                    raise DvfUnavailable(
+                        f"{what}: HTTP {status} asking for a pause of {retry_after:g} s, longer"
+                        f" than the {longest:g} s kontod waits"
+                    )
                 return Transient(
-                    DvfUnavailable(f"{what}: HTTP {status} after {n} attempt(s)"),
-                    self._retry.retry_after(retry_header),
+                    DvfUnavailable(f"{what}: HTTP {status} after {n} attempt(s)"), retry_after
                 )
             return status, body, found
 
