@@ -425,7 +425,7 @@ class _Files:
         kept = {
             r["year"]: r
             for r in await self.pool.fetch(
-                "SELECT year, etag, last_modified, sales::text AS sales"
+                "SELECT year, url, etag, last_modified, sales::text AS sales"
                 "  FROM kontod_dvf_files WHERE commune = $1",
                 commune,
             )
@@ -433,6 +433,8 @@ class _Files:
         out: list[dvf.Sale] = []
         for year in years:
             copy = kept.get(year)
+            if copy is not None and copy["url"] != self.client.file_url(commune, year):
+                copy = None  # read from another source (KONTOD_DVF_URL changed)
             validators = (
                 dvf.Validators(copy["etag"], copy["last_modified"]) if copy is not None else None
             )
@@ -464,16 +466,18 @@ class _Files:
                 counts["mutations_too_small"] += grouping.too_small
                 await self.pool.execute(
                     """INSERT INTO kontod_dvf_files
-                              (commune, year, etag, last_modified, sales)
-                       VALUES ($1, $2, $3, $4, $5::jsonb)
+                              (commune, year, url, etag, last_modified, sales)
+                       VALUES ($1, $2, $6, $3, $4, $5::jsonb)
                        ON CONFLICT (commune, year) DO UPDATE
-                          SET etag = excluded.etag, last_modified = excluded.last_modified,
-                              sales = excluded.sales, fetched_at = now(), checked_at = now()""",
+                          SET url = excluded.url, etag = excluded.etag,
+                              last_modified = excluded.last_modified, sales = excluded.sales,
+                              fetched_at = now(), checked_at = now()""",
                     commune,
                     year,
                     got.validators.etag,
                     got.validators.last_modified,
                     _sales_json(grouping.sales),
+                    self.client.file_url(commune, year),
                 )
                 out.extend(grouping.sales)
         return out

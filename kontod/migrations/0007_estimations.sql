@@ -6,6 +6,7 @@
 CREATE TABLE kontod_dvf_files (
     commune        text NOT NULL,
     year           integer NOT NULL,
+    url            text NOT NULL,       -- where it was read: a copy of another source is not used
     etag           text,
     last_modified  text,
     -- [[type_local, price, surface, latitude, longitude], ...] of the one-dwelling sales.

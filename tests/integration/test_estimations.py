@@ -372,6 +372,9 @@ async def test_a_second_run_on_an_unchanged_source_reads_nothing_new(
     # Sorted 4500, 5000, 5224.68, 5400, 5500, 6000: element 3 = 5400; x 50 = 270000.
     got = await place.fetch(a)
     assert (got["estimated_price_m2"], got["estimated_value"]) == (5400, 270000)
+    # Another source (KONTOD_DVF_URL changed): kontod's copies are not used there.
+    ctx = await run(place, http, base.replace("127.0.0.1", "localhost"), run_id=4)
+    assert (ctx.counts["files_fetched"], ctx.counts["files_unchanged"]) == (3, 0)
 
 
 async def test_no_eligible_asset_asks_the_source_nothing(
