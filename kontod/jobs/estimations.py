@@ -36,7 +36,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
 import aiohttp
@@ -285,30 +285,42 @@ def _missing(found: Mapping[str, str], where: str) -> str | None:
     return None
 
 
-def _decimal(value: Any) -> Decimal:
-    """A REAL as PostgreSQL reads float8::numeric (15 significant digits); text exactly."""
-    if isinstance(value, float):
-        return Decimal(f"{value:.15g}")
-    return Decimal(str(value))
+def _surface(value: Any) -> Decimal | None:
+    """A REAL as PostgreSQL reads float8::numeric (15 significant digits), text exactly; None
+    for what is no finite positive number (NaN passes ``surface > 0`` in PostgreSQL, text in
+    SQLite)."""
+    try:
+        found = Decimal(f"{value:.15g}") if isinstance(value, float) else Decimal(str(value))
+    except InvalidOperation:
+        return None
+    return found if found.is_finite() and found > 0 else None
 
 
 def _coordinate(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
-def _assets(rows: Iterable[Sequence[Any]]) -> list[Asset]:
-    out = []
+def _assets(ctx: RunContext, rows: Iterable[Sequence[Any]]) -> list[Asset]:
+    """The eligible assets; one whose surface is no number is left out, counted and named."""
+    out, unreadable = [], []
     for asset_id, citycode, lat, lon, surface, kind in rows:
+        area = _surface(surface)
+        if area is None:
+            unreadable.append(int(asset_id))
+            continue
         out.append(
             Asset(
                 int(asset_id),
                 str(citycode).strip().upper(),
                 _coordinate(lat),
                 _coordinate(lon),
-                _decimal(surface),
+                area,
                 str(kind) if kind else None,
             )
         )
+    if unreadable:
+        ctx.counts["assets_surface_unreadable"] = len(unreadable)
+        ctx.log.warning("estimations.surface_unreadable", assets=unreadable[:20])
     return out
 
 
@@ -338,12 +350,12 @@ class _Konto:
                         f"Konto's column assets.{column} has type {found[column]}; kontod"
                         " writes " + ", ".join(sorted(CASTS))
                     )
-            return _assets(tuple(r) for r in await self.pool.fetch(_PG_ASSETS_SQL))
+            return _assets(self.ctx, (tuple(r) for r in await self.pool.fetch(_PG_ASSETS_SQL)))
         reason = _missing(await _lite_columns(self.konto), str(self.konto.location))
         if reason is not None:
             raise KontoSchemaError(reason)
         self.writer = await FencedWriter.start(self.konto, self.pool, self.ctx)
-        return _assets(await self.konto.read(_LITE_ASSETS_SQL))
+        return _assets(self.ctx, await self.konto.read(_LITE_ASSETS_SQL))
 
     async def write(self, commune: str, estimates: list[Estimate], at: datetime) -> int:
         """Write one commune's estimates and their record; the assets changed."""

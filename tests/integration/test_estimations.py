@@ -490,3 +490,15 @@ async def test_a_run_by_hand_while_not_configured_does_nothing_and_succeeds(
     ctx = new_ctx()
     await prune(pool, ctx, 90, 100, None)
     assert dict(ctx.counts) == {"not_configured": 1}
+
+
+async def test_a_surface_that_is_no_number_leaves_its_asset_out(
+    place: Place, dvf: tuple[DvfSandbox, str], http: aiohttp.ClientSession
+) -> None:
+    sandbox, base = dvf
+    # Both pass `surface > 0`: NaN in PostgreSQL, text in SQLite.
+    odd = float("nan") if place.konto is None else "grand"
+    await place.insert(flat(citycode=LYON, surface=odd))
+    ctx = await run(place, http, base)
+    assert (ctx.counts["assets"], ctx.counts["assets_surface_unreadable"]) == (0, 1)
+    assert sum(sandbox.requests.values()) == 0
