@@ -80,7 +80,9 @@ async def running_kontod(
 ) -> AsyncIterator[str]:
     """``kontod run`` in its own process; yields its host:port."""
     port = prom.free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KONTOD_")}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("KONTOD_") or k == "KONTOD_DVF_URL"
+    }
     env.update(
         KONTOD_DATABASE_URL=database_url,
         KONTOD_LISTEN=f"127.0.0.1:{port}",

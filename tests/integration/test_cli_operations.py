@@ -153,7 +153,11 @@ async def test_the_progress_of_jobs_run_is_a_bar_on_a_terminal_and_lines_otherwi
 
 
 async def test_the_commands_the_demo_prints_open_the_demo_database(tmp_path: Path) -> None:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("KONTOD_", "DATABASE_URL"))}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("KONTOD_", "DATABASE_URL")) or k == "KONTOD_DVF_URL"
+    }
     env = {**clean, "KONTOD_STATE_DIR": str(tmp_path), "KONTOD_LISTEN": "127.0.0.1:0"}
     demo = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -541,7 +541,11 @@ async def test_slow_clients_cannot_hold_kontod(dsn: str, tmp_path: Path) -> None
     header timeout, and /health answers while they are held."""
     port = free_port()
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("KONTOD_")},
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("KONTOD_") or k == "KONTOD_DVF_URL"
+        },
         "KONTOD_DATABASE_URL": dsn,
         "KONTOD_LISTEN": f"127.0.0.1:{port}",
         "KONTOD_STATE_DIR": str(tmp_path),
