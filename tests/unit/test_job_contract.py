@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -173,3 +174,27 @@ async def never_run(ctx: RunContext) -> None:
 
 
 HOUR = timedelta(hours=1)
+
+
+async def test_settle_marks_a_job_whose_requirement_fails_not_configured() -> None:
+    from dataclasses import replace
+
+    from kontod.scheduler.contract import settle
+    from tests.helpers import spec
+
+    asked: list[str] = []
+
+    def needs(reason: str | None, name: str) -> Any:
+        async def check() -> str | None:
+            asked.append(name)
+            return reason
+
+        return check
+
+    met = replace(spec("met"), requires=needs(None, "met"))
+    unmet = replace(spec("unmet"), requires=needs("no audit_log table", "unmet"))
+    idle = replace(spec("idle"), not_configured="no bank", requires=needs("other", "idle"))
+    plain = spec("plain")
+    settled = await settle([met, unmet, idle, plain])
+    assert [s.not_configured for s in settled] == [None, "no audit_log table", "no bank", None]
+    assert asked == ["met", "unmet"]  # a job already not configured keeps its own reason
