@@ -10,13 +10,28 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-demo: $(VENV)/.installed
+# The demo installs kontod and its embedded PostgreSQL only (no test tools), with a Python
+# that pgserver has a build for (scripts/pick-python says so before installing anything).
+$(VENV)/.installed-demo: pyproject.toml scripts/pick-python
+	@if [ -x $(BIN)/python ]; then \
+		./scripts/pick-python --only $(BIN)/python >/dev/null || { \
+			echo "make demo: $(VENV) was made with it; remove it (make clean) first" >&2; \
+			exit 1; }; \
+	else \
+		python=$$(./scripts/pick-python $(PYTHON)) || exit 1; \
+		echo "$$python -m venv $(VENV)"; $$python -m venv $(VENV); \
+	fi
+	$(BIN)/pip install --quiet -e '.[embedded]'
+	touch $@
+
+demo: $(VENV)/.installed-demo
 	$(BIN)/kontod demo
 
 run: $(VENV)/.installed
 	$(BIN)/kontod run
 
-# The programs some tests drive (promtool, prometheus, alertmanager, systemd-analyze).
+# The programs some tests drive (promtool, prometheus, alertmanager, systemd-analyze, chromium,
+# faketime, and PM2 from npm).
 programs:
 	./scripts/install-test-programs
 
@@ -46,6 +61,7 @@ CLOCK_TIMES ?= 01:59 02:00 06:00
 IT := tests/integration
 CLOCK_TESTS ?= $(IT)/test_http.py $(IT)/test_rates.py $(IT)/test_status_page.py \
 	$(IT)/test_operations.py $(IT)/test_cli.py $(IT)/test_cli_operations.py $(IT)/test_daemon.py \
+	$(IT)/test_cli_listing.py $(IT)/test_cli_demo.py \
 	$(IT)/test_pings.py $(IT)/test_lifecycle.py $(IT)/test_signals.py $(IT)/test_runner.py \
 	$(IT)/test_snapshots.py tests/unit/test_schedule.py tests/unit/test_schedule_zones.py \
 	tests/unit/test_health.py tests/unit/test_retries.py

@@ -12,13 +12,14 @@ import pytest
 _SBIN = "/usr/local/sbin:/usr/sbin:/sbin"
 
 
-def require_program(name: str, debian_package: str) -> str:
-    """The full path of ``name``; fails the test (never skips it) with the install command."""
+def require_program(name: str, debian_package: str = "", *, install: str = "") -> str:
+    """The full path of ``name``; fails the test (never skips it) with the install command:
+    ``install`` when given, else ``apt-get install debian_package``."""
     found = shutil.which(name) or shutil.which(name, path=_SBIN)
     if found is None:
+        command = install or f"apt-get install {debian_package}"
         pytest.fail(
-            f"`{name}` is not installed; this test needs it. "
-            f"Install it with `apt-get install {debian_package}`.",
+            f"`{name}` is not installed; this test needs it. install {name}: {command}",
             pytrace=False,
         )
     return found

@@ -1,5 +1,5 @@
-"""The operator commands of ``kontod``: runs, jobs next, jobs pause/resume, and the progress
-display of ``jobs run``. ``kontod.cli`` parses the arguments and calls these."""
+"""The operator commands of ``kontod``: jobs next, jobs pause/resume, and the progress display
+of ``jobs run``. ``kontod.cli`` parses the arguments and calls these."""
 
 from __future__ import annotations
 
@@ -9,15 +9,18 @@ import re
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TextIO
 from zoneinfo import ZoneInfo
 
 import asyncpg
 
+from kontod.cli import times
 from kontod.ops.board import progress_of
-from kontod.scheduler import pauses, runlist, schedule
+from kontod.scheduler import pauses, schedule
 from kontod.scheduler.contract import RunContext
+
+UTC_ZONE = ZoneInfo("UTC")
 
 # C0 and C1 controls, DEL, and the bidirectional overrides that reorder what a terminal shows.
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
@@ -41,59 +44,11 @@ def requester() -> str:
     return f"cli:{user}@{socket.gethostname()}"
 
 
-def _local(value: datetime | None, tz: ZoneInfo) -> str:
-    if value is None:
-        return "-"
-    try:
-        return value.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S %Z")
-    except (OverflowError, ValueError):  # a time written by hand near year 1 or 9999
-        return value.strftime("%Y-%m-%d %H:%M:%S") + " (as stored)"
-
-
 def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
     rows = [[visible(cell) for cell in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip(), file=out)
-
-
-# -- kontod runs ----------------------------------------------------------------------------
-
-
-async def print_runs(
-    pool: asyncpg.Pool,
-    job: str,
-    limit: int,
-    status: str | None,
-    tz: ZoneInfo,
-    now: datetime,
-    out: TextIO | None = None,
-) -> None:
-    """The newest runs of ``job`` as a table, newest first."""
-    out = out or sys.stdout
-    found = await runlist.runs_of(pool, job, limit, status)
-    if not found:
-        print(f"(no {status + ' ' if status else ''}run of {job} yet)", file=out)
-        return
-    rows = [("ID", "TRIGGER", "TICK", "STARTED", "DURATION", "STATUS", "COUNTS", "BY", "ERROR")]
-    for r in found:
-        who = r.requested_by or "-"
-        if r.reason:
-            who += f" ({r.reason})"
-        rows.append(
-            (
-                str(r.id),
-                r.trigger,
-                _local(r.scheduled_for, tz),
-                _local(r.started_at, tz),
-                f"{r.duration_s(now):.1f} s" + ("" if r.finished_at else " so far"),
-                r.status,
-                " ".join(f"{k}={v}" for k, v in sorted(r.counts.items())) or "-",
-                who,
-                r.error or "",
-            )
-        )
-    _table(rows, out)
 
 
 # -- kontod jobs next -----------------------------------------------------------------------
@@ -121,7 +76,7 @@ def print_next(
         rows.append(
             (
                 (t.at, 1),
-                (_local(t.at, tz), t.at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"), note),
+                (times.text(t.at, tz), times.text(t.at, UTC_ZONE), note),
             )
         )
     if ticks:
@@ -138,37 +93,6 @@ def print_next(
 # -- kontod jobs pause / resume -------------------------------------------------------------
 
 
-def parse_time(raw: str, tz: ZoneInfo) -> datetime:
-    """An ISO 8601 time, local to ``tz`` when it has no offset; ValueError says what is accepted."""
-    try:
-        value = datetime.fromisoformat(raw.strip())
-    except ValueError:
-        raise ValueError(
-            f"{raw!r}: expected a time such as 2026-03-02T08:00 or 2026-03-02T08:00+01:00"
-        ) from None
-    return value.replace(tzinfo=tz) if value.tzinfo is None else value
-
-
-def parse_until(raw: str, tz: ZoneInfo, now: datetime) -> datetime:
-    """``--until``: an ISO 8601 time (local to ``tz`` when it has no offset) or a duration
-    from now such as 2h, 30m, 1d. Raises ValueError naming what is accepted."""
-    text = raw.strip()
-    units = {"m": 60, "h": 3600, "d": 86400}
-    try:
-        if text[:-1].isdecimal() and text[-1:] in units:
-            until = now + timedelta(seconds=int(text[:-1]) * units[text[-1]])
-        else:
-            until = parse_time(text, tz)
-        # Converting tells an instant past year 9999 in UTC (9999-12-31T23:59-01:00).
-        until.astimezone(UTC)
-    except (ValueError, OverflowError):
-        raise ValueError(
-            f"--until {raw!r}: expected a time such as 2026-03-02T08:00 or 2026-03-02T08:00+01:00,"
-            f" or a duration such as 30m, 2h or 1d, before {pauses.LATEST_UNTIL.year}"
-        ) from None
-    return until
-
-
 async def pause_job(
     pool: asyncpg.Pool,
     job: str,
@@ -179,7 +103,7 @@ async def pause_job(
     out: TextIO | None = None,
 ) -> None:
     held = await pauses.pause(pool, job, reason, requester(), now, until)
-    end = f" until {_local(held.until, tz)}" if held.until else " until resumed"
+    end = f" until {times.text(held.until, tz)}" if held.until else " until resumed"
     print(visible(f"{job}: paused{end} by {held.by}: {held.reason}"), file=out)
 
 

@@ -1,4 +1,8 @@
-"""The ``kontod`` command: run, migrate, jobs run/next/pause/resume, runs, status, history, demo.
+"""The ``kontod`` command: run, migrate, jobs list/run/next/pause/resume, runs, status, history,
+demo.
+
+Only ``run`` and ``demo`` (the daemons) log what they do; the other commands print their
+answer on stdout and log nothing below a warning unless ``--verbose`` is given.
 
 Exit status: 0 success, 1 failure (a failed run, an unhealthy report), 2 bad usage or a bad
 setting (and, for ``status``, an unreachable daemon).
@@ -8,27 +12,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import logging
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import asyncpg
 import structlog
 
 from kontod import __version__, db, jobs
-from kontod.cli import commands
+from kontod.cli import commands, listing, times
 from kontod.config import ConfigError, Settings, load_settings
 from kontod.konto import schema as konto_schema
 from kontod.konto import tokens
 from kontod.logs import configure, watch_loop
 from kontod.ops import suspicion
-from kontod.scheduler.contract import RunStatus, Trigger
+from kontod.scheduler.contract import JobSpec, RunStatus, Trigger
 from kontod.scheduler.runlist import STATUSES
 
 log = structlog.get_logger("kontod.cli")
 JOB_NAMES = jobs.NAMES
+# The commands that keep logging at KONTOD_LOG_LEVEL: they are the daemon.
+DAEMONS = ("run", "demo")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,35 +45,65 @@ def parser() -> argparse.ArgumentParser:
         prog="kontod", description="Runs and watches Konto's scheduled jobs."
     )
     p.add_argument("--version", action="version", version=f"kontod {__version__}")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log at KONTOD_LOG_LEVEL on stderr (by default a command logs warnings only)",
+    )
+    # --verbose is taken after the command too (kontod runs -v); SUPPRESS keeps one given
+    # before it.
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="run the daemon (schedules, HTTP, metrics)")
-    sub.add_parser("migrate", help="apply the database migrations and exit")
-    jobs_cmd = sub.add_parser("jobs", help="work with one job")
+    sub.add_parser("migrate", help="apply the database migrations and exit", parents=[verbose])
+    jobs_cmd = sub.add_parser("jobs", help="list the jobs, or work with one")
     jobs_sub = jobs_cmd.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
-    run_one = jobs_sub.add_parser("run", help="run one job now, in this process")
+    every = jobs_sub.add_parser(
+        "list", help="schedule, next tick, pause and health of every job", parents=[verbose]
+    )
+    every.add_argument("--json", action="store_true", help="everything, as JSON")
+    run_one = jobs_sub.add_parser("run", help="run one job now, in this process", parents=[verbose])
     run_one.add_argument("name", help=" or ".join(JOB_NAMES))
     run_one.add_argument("--reason", help="why, recorded with the run")
-    upcoming = jobs_sub.add_parser("next", help="the next ticks of a job, local time and UTC")
+    run_one.add_argument("-q", "--quiet", action="store_true", help="no progress, the outcome only")
+    upcoming = jobs_sub.add_parser(
+        "next", help="the next ticks of a job, local time and UTC", parents=[verbose]
+    )
     upcoming.add_argument("name")
     upcoming.add_argument("--count", type=int, default=10, help="how many (default 10)")
     upcoming.add_argument(
         "--from", dest="start", help="from this time instead of now (2026-03-28T12:00, local)"
     )
-    pause = jobs_sub.add_parser("pause", help="skip the ticks of a job until it is resumed")
+    pause = jobs_sub.add_parser(
+        "pause", help="skip the ticks of a job until it is resumed", parents=[verbose]
+    )
     pause.add_argument("name")
     pause.add_argument("--reason", required=True, help="why, shown to whoever looks next")
     pause.add_argument(
         "--until", help="when the pause ends by itself: 2026-03-02T08:00 (local), 2h, 1d"
     )
-    resume = jobs_sub.add_parser("resume", help="end the pause of a job")
+    resume = jobs_sub.add_parser("resume", help="end the pause of a job", parents=[verbose])
     resume.add_argument("name")
-    runs_cmd = sub.add_parser("runs", help="the last runs of a job, from the database")
-    runs_cmd.add_argument("name")
+    runs_cmd = sub.add_parser(
+        "runs", help="the last runs, of every job or of one, from the database", parents=[verbose]
+    )
+    runs_cmd.add_argument("name", nargs="?", metavar="JOB", help="only this job's runs")
     runs_cmd.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    # kontod runs show ID: one run in full (a job is never named "show").
+    runs_cmd.add_argument(
+        "run_id", nargs="?", metavar="ID", help="kontod runs show ID: that run in full"
+    )
     runs_cmd.add_argument("--status", choices=STATUSES, help="only runs with this status")
-    status = sub.add_parser("status", help="show the health of a running daemon")
+    runs_cmd.add_argument("--json", action="store_true", help="everything, in full, as JSON")
+    status = sub.add_parser("status", help="show the health of a running daemon", parents=[verbose])
     status.add_argument("--url", help="base URL of the daemon (default: from KONTOD_LISTEN)")
-    history = sub.add_parser("history", help="snapshot rows per date, from the database")
+    history = sub.add_parser(
+        "history", help="snapshot rows per date, from the database", parents=[verbose]
+    )
     history.add_argument("--days", type=int, default=7, help="how many days back (default 7)")
     sub.add_parser("demo", help="demo data, a sandbox bank and the daemon, all local")
     return p
@@ -77,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
         return 2
-    configure(settings.logging.format, settings.logging.level)
+    configure(settings.logging.format, _log_level(args, settings.logging.level))
     try:
         return asyncio.run(_dispatch(args, settings))
     except (
@@ -93,6 +132,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _log_level(args: argparse.Namespace, configured: str) -> str:
+    """The daemons and ``--verbose`` log at the configured level; the other commands log
+    only what is wrong, so that their output is their answer."""
+    if args.command in DAEMONS or args.verbose:
+        return configured
+    level = max(logging.WARNING, logging.getLevelNamesMapping()[configured.upper()])
+    return logging.getLevelName(level).lower()
+
+
 async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     watch_loop(asyncio.get_running_loop())
     if args.command == "run":
@@ -106,9 +154,13 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             print(f"kontod: {why}", file=sys.stderr)
             return 2
         return await serve(settings)
+    if args.command == "runs" and (args.name == "show" or args.run_id is not None):
+        return await _show_run(settings, args.name, args.run_id)
     if args.command == "migrate":
         return await _migrate(settings)
     if args.command == "jobs":
+        if args.jobs_command == "list":
+            return await _jobs_list(settings, args.json)
         if args.name not in JOB_NAMES:
             print(
                 f"kontod: no job named {args.name!r}; jobs: {', '.join(JOB_NAMES)}", file=sys.stderr
@@ -118,9 +170,9 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             return _next(settings, args.name, args.count, args.start)
         if args.jobs_command in ("pause", "resume"):
             return await _pause(settings, args)
-        return await _run_job(settings, args.name, args.reason)
+        return await _run_job(settings, args.name, args.reason, args.quiet)
     if args.command == "runs":
-        return await _runs(settings, args.name, args.limit, args.status)
+        return await _runs(settings, args.name, args.limit, args.status, args.json)
     if args.command == "status":
         return await asyncio.to_thread(_status, settings, args.url)
     if args.command == "history":
@@ -144,7 +196,9 @@ async def _migrate(settings: Settings) -> int:
     return 0
 
 
-async def _run_job(settings: Settings, name: str, reason: str | None = None) -> int:
+async def _run_job(
+    settings: Settings, name: str, reason: str | None = None, quiet: bool = False
+) -> int:
     import aiohttp
 
     from kontod.ops import pings
@@ -182,7 +236,8 @@ async def _run_job(settings: Settings, name: str, reason: str | None = None) -> 
             if isinstance(outcome, Skipped):
                 print(f"kontod: {name} is already running", file=sys.stderr)
                 return 1
-            await commands.show_progress(follow, outcome.task, sys.stdout, utcnow)
+            if not quiet:
+                await commands.show_progress(follow, outcome.task, sys.stdout, utcnow)
             status = await outcome.task
         finally:
             await runner.stop(settings.runner.shutdown_timeout.total_seconds())
@@ -199,21 +254,48 @@ async def _run_job(settings: Settings, name: str, reason: str | None = None) -> 
         return 0 if status == RunStatus.SUCCESS else 1
 
 
-async def _runs(settings: Settings, name: str, limit: int, status: str | None) -> int:
+async def _runs(
+    settings: Settings, name: str | None, limit: int, status: str | None, as_json: bool
+) -> int:
     from kontod.scheduler.runner import utcnow
 
-    if name not in JOB_NAMES:
+    if name is not None and name not in JOB_NAMES:
         print(f"kontod: no job named {name!r}; jobs: {', '.join(JOB_NAMES)}", file=sys.stderr)
         return 2
     if not 1 <= limit <= 1000:
         print("kontod: --limit must be from 1 to 1000", file=sys.stderr)
         return 2
-    async with _database(settings) as pool:
-        await commands.print_runs(pool, name, limit, status, settings.runner.tz, utcnow())
+    async with _database(settings) as pool, _declared(settings, pool) as specs:
+        populations = suspicion.populations(specs)
+        await listing.print_runs(
+            pool, name, limit, status, settings.runner.tz, utcnow(), populations, as_json
+        )
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def _declared(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[list[JobSpec]]:
+    """The jobs as the settings declare them, to read their schedules and exports; the HTTP
+    session a configured provider needs is opened, never used."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        yield jobs.declare_jobs(settings, pool, http)
+
+
+async def _jobs_list(settings: Settings, as_json: bool) -> int:
+    from kontod.scheduler.runner import utcnow
+
+    async with _database(settings) as pool, _declared(settings, pool) as specs:
+        limits = suspicion.from_settings(
+            suspicion.populations(specs), settings.suspicion.thresholds
+        )
+        await listing.print_jobs(pool, specs, settings.runner.tz, utcnow(), limits, as_json)
     return 0
 
 
 def _next(settings: Settings, name: str, count: int, start: str | None) -> int:
+    from kontod.scheduler import instants
     from kontod.scheduler.runner import utcnow
 
     if not 1 <= count <= 1000:
@@ -222,7 +304,7 @@ def _next(settings: Settings, name: str, count: int, start: str | None) -> int:
     now = utcnow()
     if start is not None:
         try:
-            now = commands.parse_time(start, settings.runner.tz)
+            now = instants.parse_time(start, settings.runner.tz)
         except ValueError as exc:
             print(commands.visible(f"kontod: --from {exc}"), file=sys.stderr)
             return 2
@@ -232,28 +314,31 @@ def _next(settings: Settings, name: str, count: int, start: str | None) -> int:
 
 
 async def _pause(settings: Settings, args: argparse.Namespace) -> int:
-    from kontod.scheduler import pauses
+    from kontod.scheduler import instants, pauses
     from kontod.scheduler.runner import utcnow
 
     now = utcnow()
+    tz = settings.runner.tz
     until = None
     if args.jobs_command == "pause" and args.until:
         try:
-            until = commands.parse_until(args.until, settings.runner.tz, now)
+            until = instants.parse_until(args.until, tz, now)
         except ValueError as exc:
-            print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
+            print(
+                commands.visible(f"kontod: --until {times.within(str(exc), tz)}"), file=sys.stderr
+            )
             return 2
     async with _database(settings) as pool:
         if args.jobs_command == "resume":
             await commands.resume_job(pool, args.name, now)
             return 0
         try:
-            await commands.pause_job(pool, args.name, args.reason, until, settings.runner.tz, now)
+            await commands.pause_job(pool, args.name, args.reason, until, tz, now)
         except ValueError as exc:
-            print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
+            print(commands.visible(f"kontod: {times.within(str(exc), tz)}"), file=sys.stderr)
             return 2
-        except pauses.AlreadyPaused as exc:
-            print(commands.visible(f"kontod: {exc}"), file=sys.stderr)
+        except pauses.AlreadyPaused as exc:  # it says since when, as the table would
+            print(commands.visible(f"kontod: {times.within(str(exc), tz)}"), file=sys.stderr)
             return 1
     return 0
 
@@ -278,14 +363,15 @@ def _status(settings: Settings, url: str | None) -> int:
         )
         return 2
     # What a daemon answers is data too: escaped before it reaches the terminal.
+    tz = settings.runner.tz
     rows: list[tuple[str, ...]] = [("JOB", "LAST STATUS", "LAST RUN", "NEXT RUN", "HEALTHY")]
     for job in report["jobs"]:
         cells = (
             job["name"],
             job["lastStatus"],
-            job["lastRun"] or "-",
-            job.get("nextRun") or "-",
-            _health_cell(job),
+            times.text(times.parse(job["lastRun"]), tz),
+            times.text(times.parse(job.get("nextRun")), tz),
+            times.within(_health_cell(job), tz),
         )
         rows.append(tuple(commands.visible(str(cell)) for cell in cells))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -320,4 +406,29 @@ async def _history(settings: Settings, days: int) -> int:
         print(f"{r['day'].isoformat():<12}{r['snapshot_rows']:>8}{r['users']:>8}{total:>20}")
     if not rows:
         print(f"(no snapshot in the last {days} days)")
+    return 0
+
+
+async def _show_run(settings: Settings, first: str | None, raw: str | None) -> int:
+    """``kontod runs show ID``; ``kontod runs JOB ID`` is refused."""
+    from kontod.cli.show import print_run
+    from kontod.scheduler.runlist import parse_run_id
+    from kontod.scheduler.runner import utcnow
+
+    if first != "show":
+        print(commands.visible(f"kontod: runs: unexpected {raw!r}"), file=sys.stderr)
+        return 2
+    if raw is None:
+        print("kontod: runs show needs the id of a run: kontod runs show ID", file=sys.stderr)
+        return 2
+    try:
+        run_id = parse_run_id(raw)
+    except ValueError as exc:
+        print(commands.visible(f"kontod: runs show: {exc}"), file=sys.stderr)
+        return 2
+    async with _database(settings) as pool:
+        found = await print_run(pool, run_id, settings.runner.tz, utcnow())
+    if not found:
+        print(f"kontod: no run with id {run_id}", file=sys.stderr)
+        return 1
     return 0

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shlex
+import shutil
 import signal
 import sys
 from dataclasses import replace
 from datetime import date, timedelta
+from pathlib import Path
 
 import asyncpg
 import structlog
 
 from kontod.config import Settings
 from kontod.daemon import Daemon
-from kontod.demo import dvf_sandbox, rates_sandbox, sandbox
+from kontod.demo import dvf_sandbox, rates_sandbox, sandbox, state
 from kontod.konto import tokens
 from kontod.scheduler.contract import Trigger
 from kontod.scheduler.runner import Skipped
@@ -157,18 +160,41 @@ async def estimation_summary(pool: asyncpg.Pool) -> str:
     )
 
 
+def kontod_command() -> str:
+    """How another shell calls this kontod: the script beside this interpreter (the venv's
+    ``bin``, which ``make demo`` does not put on PATH), else the one on PATH, else ``-m``."""
+    beside = Path(sys.executable).parent / "kontod"
+    if beside.is_file():
+        return shlex.quote(str(beside.absolute()))
+    found = shutil.which("kontod")
+    return shlex.quote(found) if found else f"{shlex.quote(sys.executable)} -m kontod"
+
+
+def trigger_example(base: str, token: str | None) -> str:
+    """A ``curl`` line that starts a run over HTTP; a token of the user's own is a secret and
+    stays in their environment."""
+    auth = f"Bearer {token}" if token else "Bearer $KONTOD_ADMIN_TOKEN"
+    body = '{"reason": "trying the demo"}'
+    return f"curl -X POST -H \"Authorization: {auth}\" -d '{body}' {base}/jobs/daily-snapshots/run"
+
+
 async def demo(settings: Settings) -> int:
     """Run the demo until Ctrl-C."""
 
     key = settings.refresh.db_encryption_key or DEMO_KEY
+    folder = settings.database.state_dir / "demo"
+    # The demo's own token unless one is set: the HTTP trigger is refused without one.
+    own_token = settings.http.admin_token is None
+    token = state.admin_token(folder) if own_token else settings.http.admin_token
     demo_settings = replace(
         settings,
         database=replace(
             settings.database,
-            state_dir=settings.database.state_dir / "demo",
+            state_dir=folder,
             embedded=True,  # the demo's own database, created at its first start
         ),
         refresh=replace(settings.refresh, db_encryption_key=key),
+        http=replace(settings.http, admin_token=token),
     )
 
     async def seed_once(pool: asyncpg.Pool) -> None:
@@ -177,13 +203,27 @@ async def demo(settings: Settings) -> int:
 
     # The rate sources' sandbox serves yesterday's reference rates, as the ECB would at 02:00.
     rate_sources = rates_sandbox.RateSandbox(ecb_day=date.today() - timedelta(days=1))
-    # The DVF files' sandbox: nothing the demo does reaches the public files.
     sales = dvf_sandbox.demo_sandbox()
-    async with (
-        sandbox.serve() as bank_url,
-        rate_sources.serve() as rates_root,
-        sales.serve() as dvf_url,
-    ):
+    ports = state.saved_ports(folder)
+    async with contextlib.AsyncExitStack() as stack:
+        bank_url = await state.serve_on(
+            stack, lambda port: sandbox.serve(port=port), "bank", ports.get("bank")
+        )
+        rates_root = await state.serve_on(
+            stack, lambda port: rate_sources.serve(port=port), "rates", ports.get("rates")
+        )
+        # The DVF files' sandbox: nothing the demo does reaches the public files.
+        dvf_url = await state.serve_on(
+            stack, lambda port: sales.serve(port=port), "dvf", ports.get("dvf")
+        )
+        state.save_ports(
+            folder,
+            {
+                "bank": state.port_of(bank_url),
+                "rates": state.port_of(rates_root),
+                "dvf": state.port_of(dvf_url),
+            },
+        )
         fiat_url, crypto_url = rates_sandbox.urls(rates_root)
         demo_settings = replace(
             demo_settings,
@@ -199,9 +239,11 @@ async def demo(settings: Settings) -> int:
         await daemon.start()
         try:
             assert daemon.runner is not None
-            # Show every job at work now rather than at its next tick.
+            # Show every job at work now rather than at its next tick: the catch-up of a
+            # missed tick when the schedule makes one, else a manual run (both would overlap).
             started = []
             for name in daemon.runner.jobs:
+                await daemon.runner.first_pass(name)
                 task = daemon.runner.active(name)
                 if task is None:
                     outcome = await daemon.runner.trigger(
@@ -218,6 +260,8 @@ async def demo(settings: Settings) -> int:
             print(await estimation_summary(daemon.pool), file=sys.stderr)
             base = f"http://{demo_settings.http.host}:{daemon.port}"
             env = demo_env(demo_settings)
+            kontod = kontod_command()
+            shown_token = token if own_token else "your KONTOD_ADMIN_TOKEN"
             print(
                 "\nkontod demo is running; open:\n"
                 f"  {base}/\n"
@@ -230,13 +274,16 @@ async def demo(settings: Settings) -> int:
                 f"sandbox bank: {bank_url}\n"
                 f"sandbox rates: {fiat_url}\n               {crypto_url}\n"
                 f"sandbox DVF files: {dvf_url}/\n"
+                f"admin token (HTTP runs and pauses): {shown_token}\n"
+                f"  {trigger_example(base, token if own_token else None)}\n"
                 "and try, in another terminal (the demo's database and sandboxes):\n"
                 f"  export {env}\n"
-                "  kontod history\n"
-                "  kontod runs daily-snapshots\n"
-                "  kontod runs refresh-property-estimations\n"
-                "  kontod jobs run daily-snapshots\n"
-                "  kontod jobs pause refresh-stale-connections --reason 'bank maintenance' --until 2h\n"
+                f"  {kontod} jobs list\n"
+                f"  {kontod} runs\n"
+                f"  {kontod} history\n"
+                f"  {kontod} jobs run daily-snapshots\n"
+                f"  {kontod} jobs pause refresh-stale-connections --reason 'bank maintenance'"
+                " --until 2h\n"
                 "Ctrl-C stops it.\n",
                 file=sys.stderr,
                 flush=True,

@@ -31,8 +31,8 @@ from kontod.konto.schema import KontoSchemaError
 from kontod.konto.store import KontoSql, Statement
 from kontod.scheduler.contract import JobBody, JobExports, Requirement, RunContext
 
-# Between two batches: a writer of the web app that SQLite's busy handler put to sleep wakes
-# within this and finds the lock free.
+# Between two batches, the write lock is free this long: a writer of the web app waiting on
+# it (SQLite's busy handler retries every few milliseconds, then every 100 ms) gets its turn.
 PAUSE_S = 0.05
 _TIME_TYPES = ("timestamp with time zone", "timestamp without time zone")
 _TEXT_TYPES = ("text", "character varying")

@@ -11,7 +11,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import asyncpg
 import structlog
@@ -19,10 +18,10 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.registry import CollectorRegistry
 
-from kontod.ops import status_page
+from kontod.ops import run_page, status_page
 from kontod.ops.board import Board, JobView
 from kontod.ops.health import assess_job
-from kontod.scheduler import pauses, runs
+from kontod.scheduler import instants, pauses, runlist, runs
 from kontod.scheduler.contract import SkipReason, Trigger
 from kontod.scheduler.runner import Runner, Skipped, UnknownJob
 
@@ -145,6 +144,69 @@ def operator_fields(view: JobView) -> dict[str, Any]:
     }
 
 
+def run_json(r: runlist.Run) -> dict[str, Any]:
+    """One run as ``/jobs/{name}/runs`` lists it; ``/runs/{id}`` adds the lease and the
+    duration of a ``RunDetail``."""
+    out: dict[str, Any] = {
+        "id": r.id,
+        "job": r.job,
+        "trigger": r.trigger,
+        "scheduledFor": iso(r.scheduled_for),
+        "attempt": r.attempt,
+        "startedAt": iso(r.started_at),
+        "finishedAt": iso(r.finished_at),
+        "status": r.status,
+        "error": r.error,
+        "counts": dict(r.counts),
+        "instance": r.instance,
+        "requestedBy": r.requested_by,
+        "reason": r.reason,
+    }
+    if isinstance(r, runlist.RunDetail):
+        out["durationSeconds"] = (
+            None if r.finished_at is None else (r.finished_at - r.started_at).total_seconds()
+        )
+        out["heartbeatAt"] = iso(r.heartbeat_at)
+        out["leaseUntil"] = iso(r.lease_until)
+    return out
+
+
+def prefers_html(accept: str) -> bool:
+    """Whether an Accept header ranks text/html above application/json: a browser's does
+    (``text/html,…,*/*;q=0.8``); curl's ``*/*``, a client asking for JSON and no header at
+    all do not, and get JSON."""
+    ranges: dict[str, float] = {}
+    for part in accept.split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        ranges[media.lower()] = max(q, ranges.get(media.lower(), 0.0))
+
+    def quality(media: str) -> float:
+        kind = media.split("/")[0]
+        # The most specific range that names the type decides its quality.
+        for candidate in (media, f"{kind}/*", "*/*"):
+            if candidate in ranges:
+                return ranges[candidate]
+        return 0.0
+
+    return quality("text/html") > quality("application/json")
+
+
+def run_id_of(raw: str) -> int:
+    """The ``{id}`` of ``/runs/{id}``; 400 naming it when it is not a run id."""
+    try:
+        return runlist.parse_run_id(raw)
+    except ValueError as exc:
+        raise fail(web.HTTPBadRequest, str(exc), "id") from None
+
+
 async def _json_body(request: web.Request, timeout_s: float) -> dict[str, Any]:
     """The request's JSON object of string fields, {} when it has no body; 400, 408 or 413
     naming what is wrong on anything else."""
@@ -178,31 +240,6 @@ async def _json_body(request: web.Request, timeout_s: float) -> dict[str, Any]:
         if len(value) > MAX_TEXT:
             raise fail(web.HTTPBadRequest, f"{key} must be at most {MAX_TEXT} characters", key)
     return data
-
-
-def _parse_until(raw: str, tz: ZoneInfo, now: datetime) -> datetime:
-    """A pause's ``until``: an ISO 8601 time (in the daemon's zone without an offset) between
-    now and year 9000; 400 naming the field otherwise."""
-    try:
-        until = datetime.fromisoformat(raw)
-        if until.tzinfo is None:
-            until = until.replace(tzinfo=tz)
-        # Converting tells an instant past year 9999 in UTC (9999-12-31T23:59-01:00).
-        until = until.astimezone(UTC)
-    except (ValueError, OverflowError):
-        raise fail(
-            web.HTTPBadRequest, f"until must be an ISO 8601 time, not {shown(raw)}", "until"
-        ) from None
-    if until >= pauses.LATEST_UNTIL:
-        raise fail(
-            web.HTTPBadRequest,
-            f"until must be before {pauses.LATEST_UNTIL.date().isoformat()}; leave it out to pause"
-            " until resumed",
-            "until",
-        )
-    if until <= now:
-        raise fail(web.HTTPBadRequest, f"until must be in the future, not {iso(until)}", "until")
-    return until
 
 
 def build_app(
@@ -322,27 +359,26 @@ def build_app(
                 "limit",
             )
         async with asyncio.timeout(5):
-            records = await runs.recent_runs(runner.pool, name, int(raw))
-        return web.json_response(
-            {
-                "runs": [
-                    {
-                        "id": r.id,
-                        "job": r.job,
-                        "trigger": r.trigger,
-                        "scheduledFor": iso(r.scheduled_for),
-                        "attempt": r.attempt,
-                        "startedAt": iso(r.started_at),
-                        "finishedAt": iso(r.finished_at),
-                        "status": r.status,
-                        "error": r.error,
-                        "counts": dict(r.counts),
-                        "instance": r.instance,
-                    }
-                    for r in records
-                ]
-            }
-        )
+            found = await runlist.runs_of(runner.pool, name, int(raw))
+        return web.json_response({"runs": [run_json(r) for r in found]})
+
+    async def run_detail(request: web.Request) -> web.Response:
+        run_id = run_id_of(request.match_info["id"])
+        async with asyncio.timeout(5):
+            found = await runlist.run_detail(runner.pool, run_id)
+        if found is None:
+            raise fail(web.HTTPNotFound, f"no run with id {run_id}", "id")
+        # One address for people and programs: a browser asks for HTML and gets the run's page,
+        # anything else gets JSON. Caches must keep the two apart.
+        headers = {"Vary": "Accept", "Cache-Control": "no-store"}
+        if not prefers_html(request.headers.get("Accept", "")):
+            return web.json_response(run_json(found), headers=headers)
+        verdict = board.suspicions.get(found.job) if board is not None else None
+        if verdict is not None and verdict.run_id != found.id:
+            verdict = None
+        page = run_page.render(found, verdict, runner.tz, clock())
+        headers["Content-Security-Policy"] = status_page.CONTENT_SECURITY_POLICY
+        return web.Response(text=page, content_type="text/html", headers=headers)
 
     def known_job(request: web.Request) -> str:
         name = request.match_info["name"]
@@ -359,7 +395,12 @@ def build_app(
         name = known_job(request)
         body = await _json_body(request, limits.header_timeout_s)
         now = clock()
-        until = _parse_until(body["until"], runner.tz, now) if body.get("until") else None
+        until = None
+        if body.get("until"):
+            try:
+                until = instants.parse_until(body["until"], runner.tz, now)
+            except ValueError as exc:
+                raise fail(web.HTTPBadRequest, f"until {exc}", "until") from None
         try:
             held = await pauses.pause(
                 runner.pool, name, body.get("reason") or "", pauser(request, body), now, until
@@ -407,6 +448,7 @@ def build_app(
         for path in spec.exports.trigger_paths:
             app.router.add_post(path, run_of(spec.name))
     app.router.add_get("/jobs/{name}/runs", job_runs)
+    app.router.add_get("/runs/{id}", run_detail)
     return app
 
 

@@ -148,6 +148,8 @@ class Runner:
         # Per job, a tick that came while the job was paused: not made up after the resume.
         self._given_up: dict[str, datetime] = {}
         self._wake = {name: asyncio.Event() for name in self.jobs}
+        # Set once a job's schedule has decided its start: a catch-up claimed, or none due.
+        self._first_pass = {name: asyncio.Event() for name in self.jobs}
         self._prepared = False
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -186,6 +188,7 @@ class Runner:
         for spec in self.jobs.values():
             if spec.not_configured:
                 log.info("job.not_configured", job=spec.name, reason=spec.not_configured)
+                self._first_pass[spec.name].set()
                 continue
             log.info(
                 "job.registered",
@@ -233,6 +236,12 @@ class Runner:
     def loops(self) -> list[asyncio.Task[None]]:
         return list(self._loops)
 
+    async def first_pass(self, job: str) -> None:
+        """Wait until the schedule of ``job`` has made its first decision after ``start``: the
+        catch-up of a missed tick claimed (``active`` then has its run), or none due. Whoever
+        starts a run by hand at start (the demo) asks after this, or races the catch-up."""
+        await self._first_pass[job].wait()
+
     def active(self, job: str) -> asyncio.Task[str] | None:
         """The task of the run of ``job`` this process has in progress, if any."""
         return self._active.get(job)
@@ -255,6 +264,7 @@ class Runner:
             if plan is not None and plan.due <= now:
                 await self._run_planned(spec, plan)
                 plan = None  # what comes next is decided once this is known
+            self._first_pass[spec.name].set()
             awaited = schedule.next_tick(spec.schedule, self.tz, now)
             wake_at = awaited if plan is None else min(awaited, plan.due)
             if not await self._sleep_until(wake_at, self._wake[spec.name]):

@@ -360,33 +360,6 @@ async def prune(db: Executor, days: int, keep: int) -> int:
     return deleted
 
 
-async def recent_runs(db: Executor, job: str, limit: int) -> list[RunRecord]:
-    """The newest runs of a job, newest first."""
-    rows = await db.fetch(
-        """SELECT id, job, trigger, scheduled_for, attempt, started_at, finished_at, status,
-                  error, counts, instance
-             FROM kontod_runs WHERE job = $1 ORDER BY started_at DESC, id DESC LIMIT $2""",
-        job,
-        limit,
-    )
-    return [
-        RunRecord(
-            id=r["id"],
-            job=r["job"],
-            trigger=r["trigger"],
-            scheduled_for=r["scheduled_for"],
-            attempt=r["attempt"],
-            started_at=r["started_at"],
-            finished_at=r["finished_at"],
-            status=r["status"],
-            error=r["error"],
-            counts=_counts(r["counts"]),
-            instance=r["instance"],
-        )
-        for r in rows
-    ]
-
-
 def _counts(raw: Any) -> dict[str, int]:
     if raw is None:
         return {}

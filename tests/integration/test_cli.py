@@ -69,6 +69,7 @@ async def test_jobs_run_records_the_run_and_exits_by_outcome(dsn: str) -> None:
             "jobs",
             "run",
             "daily-snapshots",
+            "--verbose",  # the run's log lines, which a command leaves out by default
             env={"KONTOD_DATABASE_URL": dsn, "KONTOD_TIMEZONE": "Europe/Paris"},
         )
         assert code == 0, err

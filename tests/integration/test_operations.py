@@ -151,6 +151,39 @@ async def test_pause_and_resume_over_http_and_a_paused_job_is_healthy(dsn: str) 
         )
 
 
+async def test_a_pause_over_http_takes_a_duration_as_the_cli_does(dsn: str) -> None:
+    jobs = [spec("daily-snapshots", catchup=0), spec("refresh-stale-connections", catchup=0)]
+    async with running_daemon(settings_for(dsn), lambda *_: jobs) as (_daemon, base):
+        before = datetime.now(UTC)
+        status, body = await _post_json(
+            base + "/jobs/daily-snapshots/pause", {"reason": "db upgrade", "until": "2h"}
+        )
+        after = datetime.now(UTC)
+        assert status == 200, body
+        until = datetime.fromisoformat(body["until"])
+        # The answer rounds to the millisecond.
+        assert before + timedelta(hours=2, milliseconds=-1) <= until
+        assert until <= after + timedelta(hours=2)
+        status, body = await _post_json(
+            base + "/jobs/refresh-stale-connections/pause", {"reason": "bank down", "until": "1d"}
+        )
+        assert status == 200, body
+        assert datetime.fromisoformat(body["until"]) - until > timedelta(hours=21)
+        status, body = await _post_json(base + "/jobs/daily-snapshots/resume", {})
+        assert status == 200, body
+        status, body = await _post_json(
+            base + "/jobs/daily-snapshots/pause", {"reason": "x", "until": "soon"}
+        )
+        assert (status, body["field"]) == (400, "until"), body
+        assert body["error"].startswith("until 'soon': expected a time such as")
+        assert "a duration such as 30m, 2h or 1d" in body["error"]
+        status, body = await _post_json(
+            base + "/jobs/daily-snapshots/pause", {"reason": "x", "until": "0m"}
+        )
+        assert (status, body["field"]) == (400, "until"), body
+        assert body["error"].startswith("until must be in the future")
+
+
 async def test_a_run_doing_a_tenth_of_the_usual_items_is_suspicious(dsn: str) -> None:
     async with _conn(dsn) as conn:
         # 20 earlier successes of about a minute and 1000 users each.

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from kontod.scheduler import runs
+from kontod.scheduler import runlist, runs
 from kontod.scheduler.contract import RunContext, SkipReason
 from kontod.scheduler.retries import RetryPolicy
 from kontod.scheduler.runner import Skipped, Started
@@ -35,7 +35,7 @@ async def test_a_run_is_recorded_with_its_counts(dsn: str) -> None:
         outcome = await runner.trigger("test-job", "manual")
         assert isinstance(outcome, Started)
         assert await outcome.task == "success"
-        [record] = await runs.recent_runs(runner.pool, "test-job", 5)
+        [record] = await runlist.runs_of(runner.pool, "test-job", 5)
         assert (record.status, record.trigger, record.scheduled_for) == ("success", "manual", None)
         assert record.counts == {"items_done": 1}
         assert record.finished_at is not None
@@ -53,7 +53,7 @@ async def test_a_raising_job_is_recorded_as_error_and_the_runner_lives_on(dsn: s
         first = await runner.trigger("test-job", "manual")
         assert isinstance(first, Started)
         assert await first.task == "error"
-        [record] = await runs.recent_runs(runner.pool, "test-job", 5)
+        [record] = await runlist.runs_of(runner.pool, "test-job", 5)
         assert record.error == "ValueError: bank exploded"
         second = await runner.trigger("test-job", "manual")
         assert isinstance(second, Started)
@@ -78,7 +78,7 @@ async def test_maximum_run_time_cancels_and_records_timeout(dsn: str) -> None:
         assert isinstance(outcome, Started)
         assert await outcome.task == "timeout"
         assert cancelled.is_set()
-        [record] = await runs.recent_runs(runner.pool, "test-job", 1)
+        [record] = await runlist.runs_of(runner.pool, "test-job", 1)
         assert record.error == "exceeded its maximum run time of 0.3 s"
     finally:
         await close(runner)
@@ -182,6 +182,33 @@ async def test_catch_up_runs_a_missed_tick_within_the_window(dsn: str) -> None:
         await close(runner)
 
 
+async def test_first_pass_says_when_a_start_catch_up_is_claimed(dsn: str) -> None:
+    """What the demo waits for before it starts its own runs: the catch-up already holds the
+    job (no manual run to overlap it), and a job with none due is left to the caller."""
+    release = asyncio.Event()
+
+    async def held(ctx: RunContext) -> None:
+        await release.wait()
+
+    jobs = [spec("caught", held), spec("late", catchup=0)]
+    runner, events = await runner_on(dsn, jobs, clock=lambda: SUMMER_9AM)
+    try:
+        await runner.start()
+        async with asyncio.timeout(60):
+            await runner.first_pass("caught")
+            await runner.first_pass("late")
+        caught = runner.active("caught")
+        assert caught is not None
+        assert runner.active("late") is None
+        release.set()
+        assert await asyncio.wait_for(caught, 60) == "success"
+        assert await statuses(dsn, "caught") == [("catchup", "success")]
+        assert not events.skipped
+    finally:
+        release.set()
+        await close(runner)
+
+
 async def _done(dsn: str) -> bool:
     return any(status == "success" for _, status in await statuses(dsn))
 
@@ -225,7 +252,7 @@ async def test_runs_whose_lease_expired_become_interrupted_and_are_taken_over(ds
         await runner.start()
         await wait_for(lambda: _done(dsn))
         assert await statuses(dsn) == [("schedule", "interrupted"), ("takeover", "success")]
-        [taken, reaped] = await runs.recent_runs(runner.pool, "test-job", 5)
+        [taken, reaped] = await runlist.runs_of(runner.pool, "test-job", 5)
         assert (taken.attempt, taken.scheduled_for, taken.instance) == (2, TICK, runner.instance)
         assert reaped.error is not None
         assert "instance gone:123 stopped renewing its lease" in reaped.error, reaped.error
@@ -339,7 +366,7 @@ async def test_a_run_whose_lease_was_taken_stops_and_records_nothing(dsn: str) -
         assert await _status_is(dsn, "interrupted")
         assert await started.task == "lost"
         assert wrote == []
-        [record] = await runs.recent_runs(runner.pool, "test-job", 5)
+        [record] = await runlist.runs_of(runner.pool, "test-job", 5)
         assert record.status == "interrupted"  # the reaper's word stands
         assert not await runs.finish(
             runner.pool, started.run_id, runner.instance, "success", None, {}
@@ -458,7 +485,7 @@ async def test_a_tick_that_came_while_another_run_went_on_is_made_up_after_it(ds
         assert await statuses(dsn) == [("manual", "running")]
         release.set()
         await wait_for(lambda: _status_count(dsn, "success", 2))
-        [made_up, _] = await runs.recent_runs(runner.pool, "test-job", 5)
+        [made_up, _] = await runlist.runs_of(runner.pool, "test-job", 5)
         assert (made_up.trigger, made_up.scheduled_for) == ("catchup", TICK)
         await rounds.wait()
         assert await statuses(dsn) == [("manual", "success"), ("catchup", "success")]

@@ -1,8 +1,10 @@
 """The status page at /, rendered by a real kontod and opened in a real headless Chromium.
 
-Chromium is driven over its DevTools protocol (aiohttp's websocket client): the page must load
-without a console error, a failed request or a blocked asset, show both jobs and their bars;
-a screenshot is saved under ``artifacts/`` for a person to look at (a CI artefact).
+Chromium is driven over its DevTools protocol (aiohttp's websocket client), at 1280 px and as
+a 390 px phone: the page must load without a console error, a failed request or a blocked
+asset, show both jobs, their bars and the error of a failed run, fit a phone's width, reload
+itself, and lead from a bar, tapped, to its run's page. Screenshots are saved under
+``artifacts/`` for a person to look at (a CI artefact).
 """
 
 from __future__ import annotations
@@ -39,7 +41,17 @@ from tests.programs import require_program
 from tests.sandbox_helpers import Bank
 
 ROOT = Path(__file__).resolve().parents[2]
-SCREENSHOT = ROOT / "artifacts" / "status-page.png"
+ARTIFACTS = ROOT / "artifacts"
+ERROR = "PowensError: 503 <html>Service Unavailable</html> & try later"
+# After the manual runs: a fast failure of the paused job, the newest of its runs.
+FAILED_SQL = """
+INSERT INTO kontod_runs (job, trigger, started_at, finished_at, status, error, counts, instance,
+                         lease_until, requested_by, request_reason)
+VALUES ('refresh-stale-connections', 'manual', now(), now() + interval '0.3 seconds', 'error',
+        $1, '{"users": 3, "items_failed": 2}', 'kontod-earlier', now(), 'cli:ops@host',
+        'after the bank fix')
+RETURNING id
+"""
 
 # 30 earlier runs of each job, a few of them failed, durations varying from run to run.
 HISTORY_SQL = """
@@ -177,37 +189,153 @@ async def test_the_status_page_in_a_real_browser(
             refresh={"powens_url": bank.url},
             rates={"fiat_url": fiat, "crypto_url": crypto},
         )
-        shot, problems, page = await _open_status_page(settings, tmp_path)
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))
+        shots, problems, seen = await _open_status_page(settings, tmp_path)
+    ARTIFACTS.mkdir(exist_ok=True)
+    for name, shot in shots.items():
+        (ARTIFACTS / name).write_bytes(base64.b64decode(shot["data"]))
+        assert (ARTIFACTS / name).stat().st_size > 10_000, name
     with capsys.disabled():
-        print(f"\nstatus page screenshot: {SCREENSHOT}")
+        print(f"\nstatus page screenshots: {', '.join(str(ARTIFACTS / n) for n in shots)}")
     assert problems == []
-    assert page["jobs"] == [
+    wide, narrow, run = seen["wide"], seen["narrow"], seen["run"]
+    assert wide["jobs"] == [
         "job-daily-snapshots",
         "job-refresh-stale-connections",
         "job-refresh-property-estimations",
         "job-prune-audit-log",
     ]
-    # The last 30 of 31 runs each; the two jobs not configured here ran once, doing nothing.
-    assert page["bars"] == [30, 30, 1, 1]
-    assert page["statuses"] == ["error", "success", "timeout"]
-    assert page["paused"] == "paused"
-    assert page["svgHeight"] > 0
-    assert SCREENSHOT.stat().st_size > 10_000
+    # The last 30 of 31 (32) runs each; the two jobs not configured here ran once, doing nothing.
+    assert wide["bars"] == [30, 30, 1, 1]
+    assert wide["links"] == [30, 30, 1, 1] and wide["linksOk"]
+    assert wide["statuses"] == ["error", "success", "timeout"]
+    # Paused, with how its last run ended and that run's error, not a green "healthy".
+    assert wide["paused"] == "paused"
+    assert wide["status"].startswith("paused") and "last run: error" in wide["status"]
+    assert "healthy" not in wide["status"]
+    assert wide["error"] == ERROR
+    # The newest bar is a failure of 0.3 s among runs of about a minute: still half the chart.
+    assert wide["newest"] == "error" and wide["newestHeight"] >= status_page.CHART_H / 2
+    assert wide["svgHeight"] > 0
+    assert wide["refresh"] == str(status_page.REFRESH_S)
+    # A phone: nothing wider than the screen, the table as cards, the error and bars on it.
+    assert narrow["innerWidth"] == 390
+    assert narrow["scrollWidth"] <= narrow["innerWidth"], narrow
+    assert narrow["rowDisplay"] == "block" and narrow["headVisible"] is False
+    assert narrow["error"] == ERROR and narrow["errorRight"] <= 390
+    assert narrow["barsRight"] <= 390
+    assert narrow["reloaded"] is True
+    # The tapped bar opened its run's page: everything about that run.
+    assert run["path"] == f"/runs/{seen['failedId']}"
+    assert run["error"] == ERROR
+    assert run["counts"] == [["items_failed", "2"], ["users", "3"]]
+    assert "cli:ops@host" in run["facts"] and "after the bank fix" in run["facts"]
+    assert run["scrollWidth"] <= 390
+
+
+async def _evaluate(tools: DevTools, expression: str) -> Any:
+    found = await tools.call("Runtime.evaluate", returnByValue=True, expression=expression)
+    assert "exceptionDetails" not in found, found
+    return found["result"]["value"]
+
+
+async def _screenshot(tools: DevTools) -> dict[str, Any]:
+    size = (await tools.call("Page.getLayoutMetrics"))["cssContentSize"]
+    return await tools.call(
+        "Page.captureScreenshot",
+        format="png",
+        captureBeyondViewport=True,
+        clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+    )
+
+
+async def _load(tools: DevTools, url: str | None = None) -> None:
+    """Open ``url`` (None: wait for the page to load by itself) and wait for its load event."""
+    tools.loaded.clear()
+    if url is not None:
+        await tools.call("Page.navigate", url=url)
+    await asyncio.wait_for(tools.loaded.wait(), timeout=status_page.REFRESH_S + 30)
+
+
+WIDE_JS = """({
+    jobs: [...document.querySelectorAll('tbody tr')].map(r => r.id),
+    bars: [...document.querySelectorAll('tbody tr')].map(
+        r => r.querySelectorAll('svg rect.bar').length),
+    links: [...document.querySelectorAll('tbody tr')].map(
+        r => r.querySelectorAll('svg a').length),
+    linksOk: [...document.querySelectorAll('svg a')].every(
+        a => /^\\/runs\\/[0-9]+$/.test(a.getAttribute('href'))),
+    statuses: [...new Set([...document.querySelectorAll('rect.bar')].map(
+        b => b.dataset.status))].sort(),
+    paused: document.querySelector('#job-refresh-stale-connections .paused')?.textContent,
+    status: document.querySelector('#job-refresh-stale-connections td.status').innerText,
+    error: document.querySelector('#job-refresh-stale-connections pre.error')?.textContent,
+    newest: [...document.querySelectorAll('#job-refresh-stale-connections rect.bar')]
+        .at(-1).dataset.status,
+    newestHeight: [...document.querySelectorAll('#job-refresh-stale-connections rect.bar')]
+        .at(-1).getBoundingClientRect().height,
+    svgHeight: document.querySelector('svg').getBoundingClientRect().height,
+    refresh: document.querySelector('meta[http-equiv=refresh]')?.content,
+})"""
+
+NARROW_JS = """({
+    innerWidth: window.innerWidth,
+    scrollWidth: document.documentElement.scrollWidth,
+    rowDisplay: getComputedStyle(document.querySelector('tbody tr')).display,
+    headVisible: document.querySelector('thead').getClientRects().length > 0,
+    error: document.querySelector('#job-refresh-stale-connections pre.error')?.textContent,
+    errorRight: document.querySelector('#job-refresh-stale-connections pre.error')
+        .getBoundingClientRect().right,
+    barsRight: Math.max(...[...document.querySelectorAll('svg.runs')].map(
+        s => s.getBoundingClientRect().right)),
+})"""
+
+RUN_JS = """({
+    path: location.pathname,
+    error: document.querySelector('pre.error')?.textContent,
+    counts: [...document.querySelectorAll('table.counts tr')].map(
+        r => [...r.cells].map(c => c.textContent)),
+    facts: document.querySelector('dl.run')?.innerText,
+    scrollWidth: document.documentElement.scrollWidth,
+})"""
+
+
+async def _tap(tools: DevTools, selector: str) -> None:
+    """A real click (press and release of the mouse) at the middle of ``selector``."""
+    box = await _evaluate(
+        tools,
+        f"""(() => {{
+            const el = document.querySelector({selector!r});
+            el.scrollIntoView({{block: 'center'}});
+            const r = el.getBoundingClientRect();
+            return {{x: r.x + r.width / 2, y: r.y + r.height / 2}};
+        }})()""",
+    )
+    for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+        await tools.call(
+            "Input.dispatchMouseEvent",
+            type=kind,
+            x=box["x"],
+            y=box["y"],
+            button="left",
+            clickCount=1,
+        )
 
 
 async def _open_status_page(
     settings: Settings, tmp_path: Path
-) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
-    """Run both jobs once in a daemon, open its status page in Chromium: (screenshot,
-    problems seen by the browser, what the page shows)."""
+) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, Any]]:
+    """Run both jobs once in a daemon, add a failure, open its status page in Chromium at 1280
+    and 390 px, tap the failure's bar: (screenshots by file name, problems seen by the
+    browser, what the pages show)."""
 
     def jobs(pool: asyncpg.Pool, http: aiohttp.ClientSession, _: Observer) -> Any:
         return declare_jobs(settings, pool, http)
 
+    seen: dict[str, Any] = {}
+    shots: dict[str, dict[str, Any]] = {}
     async with running_daemon(settings, jobs) as (daemon, base):
-        assert daemon.runner is not None
+        assert daemon.runner is not None and daemon.history is not None
+        assert daemon.board is not None
         for name in daemon.runner.jobs:
             # The quiet schedule: no run of the day's tick holds the job, so each manual run
             # starts and succeeds.
@@ -216,6 +344,9 @@ async def _open_status_page(
             )
             assert isinstance(outcome, Started), (name, outcome)
             assert await outcome.task == "success"
+        seen["failedId"] = await daemon.runner.pool.fetchval(FAILED_SQL, ERROR)
+        await daemon.history.refresh()
+        await daemon.board.refresh()
         status, html = await get(base + "/")
         assert status == 200 and "<script" not in html
         async with chromium(tmp_path) as tools:
@@ -226,32 +357,29 @@ async def _open_status_page(
                 deviceScaleFactor=1,
                 mobile=False,
             )
-            await tools.call("Page.navigate", url=base + "/")
+            await _load(tools, base + "/")
+            seen["wide"] = await _evaluate(tools, WIDE_JS)
+            shots["status-page.png"] = await _screenshot(tools)
+            await tools.call(
+                "Emulation.setDeviceMetricsOverride",
+                width=390,
+                height=844,
+                deviceScaleFactor=1,
+                mobile=True,
+            )
+            await _load(tools, base + "/")
+            seen["narrow"] = await _evaluate(tools, NARROW_JS)
+            shots["status-page-390.png"] = await _screenshot(tools)
+            # The page reloads by itself (its meta refresh), with no navigation asked.
+            await _load(tools)
+            seen["narrow"]["reloaded"] = True
+            tools.loaded.clear()
+            await _tap(tools, "#job-refresh-stale-connections svg a:last-of-type rect.bar")
             await asyncio.wait_for(tools.loaded.wait(), timeout=30)
-            found = await tools.call(
-                "Runtime.evaluate",
-                returnByValue=True,
-                expression="""({
-                    jobs: [...document.querySelectorAll('tbody tr')].map(r => r.id),
-                    bars: [...document.querySelectorAll('tbody tr')].map(
-                        r => r.querySelectorAll('svg rect.bar').length),
-                    statuses: [...new Set([...document.querySelectorAll('rect.bar')].map(
-                        b => b.dataset.status))].sort(),
-                    paused: document.querySelector('#job-refresh-stale-connections .paused')
-                        ?.textContent,
-                    svgHeight: document.querySelector('svg').getBoundingClientRect().height,
-                })""",
-            )
-            metrics = await tools.call("Page.getLayoutMetrics")
-            size = metrics["cssContentSize"]
-            shot = await tools.call(
-                "Page.captureScreenshot",
-                format="png",
-                captureBeyondViewport=True,
-                clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
-            )
+            seen["run"] = await _evaluate(tools, RUN_JS)
+            shots["run-page-390.png"] = await _screenshot(tools)
             problems = tools.problems()
-    return shot, problems, found["result"]["value"]
+    return shots, problems, seen
 
 
 def test_the_page_escapes_what_it_shows_and_loads_nothing_from_outside() -> None:
@@ -300,7 +428,7 @@ async def test_the_page_renders_any_stored_pause_and_run(dsn: str) -> None:
         await daemon.board.refresh()
         status, html = await get(base + "/")
         assert status == 200, html
-        assert html.count('class="paused"') == 2
+        assert html.count('<span class="paused">paused</span> by sql') == 2
         assert "until 9999-12-30 01:00 CET" in html  # clamped: a day short of the end of time
         assert 'data-status="success"' in html
         status, report = await get(base + "/health/cron")
