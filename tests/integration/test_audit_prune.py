@@ -20,6 +20,7 @@ from kontod.konto.sqlite import open_sqlite
 from kontod.konto.store import Fence
 from kontod.scheduler.contract import ClaimLost, RunContext
 from tests.integration.test_konto_store import webapp_konto
+from tests.konto_engines import ENGINES, konto_on
 
 # The run starts at 03:00 UTC on 7 December 2026: with 90 days kept, the cut-off is
 # 2026-09-08 03:00:00 (the web app's datetime('now') form).
@@ -72,8 +73,9 @@ class Writer(threading.Thread):
             conn.close()
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 async def test_100000_rows_exactly_the_old_ones_go_in_batches_beside_a_writer(
-    pool: asyncpg.Pool, tmp_path: Path
+    pool: asyncpg.Pool, tmp_path: Path, engine: str
 ) -> None:
     path = webapp_konto(tmp_path / "konto.db")
     rows: list[tuple[str | int, str, str]] = [(t, "login", "session") for t in stamps(OLD, NEW)]
@@ -86,19 +88,18 @@ async def test_100000_rows_exactly_the_old_ones_go_in_batches_beside_a_writer(
             "INSERT INTO audit_log (timestamp, action, resource) VALUES (?, ?, ?)", rows
         )
     conn.close()
-    konto = open_sqlite(str(path), busy_timeout=10)
-    await lite_schema.create_missing(konto)
     writer = Writer(path)
     ctx = new_ctx()
-    writer.start()
-    began = time.perf_counter()
-    try:
-        await prune(pool, ctx, 90, 2_000, konto)
-    finally:
-        took = time.perf_counter() - began
-        writer.stop.set()
-        writer.join()
-        await konto.close()
+    async with konto_on(engine, path, busy_timeout=10) as konto:
+        await lite_schema.create_missing(konto)
+        writer.start()
+        began = time.perf_counter()
+        try:
+            await prune(pool, ctx, 90, 2_000, konto)
+        finally:
+            took = time.perf_counter() - began
+            writer.stop.set()
+            writer.join()
     with sqlite3.connect(path) as check:
         left_old = check.execute(
             "SELECT timestamp FROM audit_log WHERE timestamp < '2026-09-08 03:00:00'"
@@ -117,7 +118,7 @@ async def test_100000_rows_exactly_the_old_ones_go_in_batches_beside_a_writer(
     assert ctx.counts["audit_rows"] >= OLD + NEW + 2
     assert len(writer.waits) > 0
     print(
-        f"\nprune of 40 001 of 100 002 rows: {took:.2f} s in {ctx.counts['batches']} batches;"
+        f"\n{engine}: prune of 40 001 of 100 002 rows: {took:.2f} s in {ctx.counts['batches']} batches;"
         f" the writer's {len(writer.waits)} inserts waited at most"
         f" {max(writer.waits) * 1000:.1f} ms"
     )

@@ -31,6 +31,7 @@ from kontod.konto.store import Fence, KontoSql
 from kontod.providers.dvf import DvfClient
 from kontod.scheduler.contract import ClaimLost, Connection, RunContext, settle
 from tests.integration.test_konto_store import webapp_konto
+from tests.konto_engines import ENGINES, konto_on
 
 # The web app's estimation columns, for a PostgreSQL Konto that has them (kontod's own minimal
 # Konto tables do not).
@@ -143,7 +144,7 @@ ASSET_COLUMNS = (
 )
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
+@pytest.fixture(params=["postgresql", *ENGINES])
 async def place(
     request: pytest.FixtureRequest, pool: asyncpg.Pool, tmp_path: Path
 ) -> AsyncIterator[Place]:
@@ -175,8 +176,13 @@ async def place(
     with sqlite3.connect(path) as conn:
         conn.execute("INSERT INTO users (id, email) VALUES (1, 'a@example.org')")
     conn.close()
-    konto = open_sqlite(str(path), busy_timeout=5)
-    await lite_schema.create_missing(konto)
+    async with konto_on(request.param, path) as konto:
+        await lite_schema.create_missing(konto)
+        yield Place(request.param, pool, konto, _lite_insert(path), _lite_fetch(konto))
+
+
+def _lite_insert(path: Path) -> Callable[[dict[str, Any]], Awaitable[int]]:
+    """Assets written as the web app writes them, on its own connection to the file."""
 
     async def lite_insert(values: dict[str, Any]) -> int:
         cols = [c for c in ASSET_COLUMNS if c in values]
@@ -190,6 +196,10 @@ async def place(
         assert new is not None
         return new
 
+    return lite_insert
+
+
+def _lite_fetch(konto: KontoSql) -> Callable[[int], Awaitable[dict[str, Any]]]:
     async def lite_fetch(asset_id: int) -> dict[str, Any]:
         [row] = await konto.read(
             "SELECT current_value, estimated_price_m2, estimated_value, estimation_date"
@@ -204,10 +214,7 @@ async def place(
             )
         )
 
-    try:
-        yield Place("sqlite", pool, konto, lite_insert, lite_fetch)
-    finally:
-        await konto.close()
+    return lite_fetch
 
 
 @pytest.fixture
