@@ -34,6 +34,7 @@ from kontod.scheduler import schedule
 DEFAULT_LISTEN = "127.0.0.1:8435"
 ECB_DAILY_URL = "https://www.ecb.europa.eu/stats/eurofxref/eurofxref-daily.xml"
 COINGECKO_SIMPLE_PRICE_URL = "https://api.coingecko.com/api/v3/simple/price"
+GEO_DVF_URL = "https://files.data.gouv.fr/geo-dvf/latest/csv"
 # ISO 4217 currency codes in use (funds, metals and SDR included; the testing code XTS and
 # "no currency" XXX left out): what KONTOD_BASE_CURRENCY accepts.
 ISO_4217 = frozenset(
@@ -378,6 +379,19 @@ def _parse_encryption_key(raw: str) -> bytes:
     if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
         raise ValueError("expected 64 hexadecimal characters (a 32-byte key)")
     return bytes.fromhex(text)
+
+
+def _parse_years(raw: str) -> tuple[int, ...]:
+    """Years separated by commas (``2024,2023,2022``), each from 2000 to 2999, newest first."""
+    accepted = "expected years separated by commas, such as 2024,2023,2022"
+    years = set()
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        if not re.fullmatch(r"2\d{3}", part):
+            raise ValueError(accepted)
+        years.add(int(part))
+    if not years:
+        raise ValueError(accepted)
+    return tuple(sorted(years, reverse=True))
 
 
 def _parse_token(raw: str) -> str:
@@ -733,7 +747,54 @@ SETTINGS: tuple[Setting, ...] = (
         " again (`7d`, `12h`, `30m`, or seconds)",
         default="7d",
     ),
-    # --- providers: every third-party HTTP API (the bank and the rate sources) ----------------
+    # --- estimations: the refresh-property-estimations job and its DVF files -----------------
+    Setting(
+        "KONTOD_ESTIMATION_SCHEDULE",
+        "estimations.schedule",
+        _parse_cron,
+        "cron expression of `refresh-property-estimations`",
+        default="0 3 * * *",
+    ),
+    Setting(
+        "KONTOD_DVF_URL",
+        "estimations.dvf_url",
+        _http_url(GEO_DVF_URL),
+        "base URL of the geo-DVF CSV files: the listing of years, then"
+        " `{year}/communes/{department}/{commune}.csv` under it",
+        default=GEO_DVF_URL,
+    ),
+    Setting(
+        "KONTOD_DVF_YEARS",
+        "estimations.years",
+        _parse_years,
+        "years of DVF sales an estimate uses, `2024,2023,2022`",
+        default_doc="unset: the three latest years the source's listing publishes, read each run",
+    ),
+    # --- audit: the prune-audit-log job --------------------------------------------------------
+    Setting(
+        "KONTOD_AUDIT_LOG_SCHEDULE",
+        "audit.schedule",
+        _parse_cron,
+        "cron expression of `prune-audit-log`",
+        default="30 4 * * *",
+    ),
+    Setting(
+        "KONTOD_AUDIT_LOG_DAYS",
+        "audit.days",
+        _whole(1),
+        "age in days after which `prune-audit-log` deletes an `audit_log` row (the web app's"
+        " own retention is 90 days)",
+        default="90",
+    ),
+    Setting(
+        "KONTOD_AUDIT_LOG_BATCH",
+        "audit.batch_size",
+        _whole(1),
+        "`audit_log` rows deleted per write transaction, so that the web app's writes never"
+        " wait for more than one batch",
+        default="2000",
+    ),
+    # --- providers: every third-party HTTP API (the bank, the rate sources, the DVF files) -----
     Setting(
         "KONTOD_PROVIDER_TIMEOUT",
         "providers.timeout",
@@ -759,10 +820,11 @@ SETTINGS: tuple[Setting, ...] = (
         "KONTOD_PROVIDER_MAX_BODY",
         "providers.max_body",
         _parse_size,
-        "largest answer body kontod reads from the bank or a rate source, `8M`, `512K` or"
-        " bytes (K, M, G are powers of 1024; from 1K to 1G); when set it applies to both; a"
-        " larger answer is that request's error (see Bounded answers under the refresh job)",
-        default_doc="unset: 8 MiB for the bank, 2 MiB for the rate sources",
+        "largest answer body kontod reads from the bank, a rate source or the DVF files, `8M`,"
+        " `512K` or bytes (K, M, G are powers of 1024; from 1K to 1G); when set it applies to"
+        " all; a larger answer is that request's error (see Bounded answers under the refresh"
+        " job)",
+        default_doc="unset: 8 MiB for the bank, 2 MiB for the rate sources, 64 MiB for a DVF file",
     ),
     # --- rates: currency conversion of the snapshots -----------------------------------------
     Setting(
@@ -966,6 +1028,25 @@ class RefreshSettings:
 
 
 @dataclass(frozen=True)
+class EstimationSettings:
+    """The refresh-property-estimations job and the DVF files it reads."""
+
+    schedule: str = _spec_field("KONTOD_ESTIMATION_SCHEDULE")
+    dvf_url: str = _spec_field("KONTOD_DVF_URL")
+    # None: the three latest years the source publishes.
+    years: tuple[int, ...] | None = _spec_field("KONTOD_DVF_YEARS")
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """The prune-audit-log job."""
+
+    schedule: str = _spec_field("KONTOD_AUDIT_LOG_SCHEDULE")
+    days: int = _spec_field("KONTOD_AUDIT_LOG_DAYS")
+    batch_size: int = _spec_field("KONTOD_AUDIT_LOG_BATCH")
+
+
+@dataclass(frozen=True)
 class ProviderSettings:
     """Every third-party HTTP API: the bank and the rate sources."""
 
@@ -1017,6 +1098,8 @@ class Settings:
     logging: LogSettings = field(default_factory=LogSettings)
     snapshots: SnapshotSettings = field(default_factory=SnapshotSettings)
     refresh: RefreshSettings = field(default_factory=RefreshSettings)
+    estimations: EstimationSettings = field(default_factory=EstimationSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     providers: ProviderSettings = field(default_factory=ProviderSettings)
     rates: RateSettings = field(default_factory=RateSettings)
     pings: PingSettings = field(default_factory=PingSettings)

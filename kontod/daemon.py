@@ -46,7 +46,7 @@ from kontod.ops.metrics import (
 from kontod.ops.systemd import Notifier
 from kontod.providers.powens import Observer
 from kontod.scheduler import retries, schedule
-from kontod.scheduler.contract import JobSpec
+from kontod.scheduler.contract import JobSpec, settle
 from kontod.scheduler.history import History
 from kontod.scheduler.retries import RetryPolicy
 from kontod.scheduler.runner import Runner, utcnow
@@ -87,7 +87,7 @@ class Parts:
     app: web.Application
 
 
-def assemble(
+async def assemble(
     settings: Settings,
     pool: asyncpg.Pool,
     http: aiohttp.ClientSession,
@@ -97,13 +97,15 @@ def assemble(
 ) -> Parts:
     """Build the daemon's objects in dependency order, each from its constructor's arguments.
 
-    Nothing here does I/O or starts a task: ``Daemon.start`` does that, in its own order.
+    Nothing here starts a task: ``Daemon.start`` does that, in its own order. The one I/O is
+    each job's requirement check (``settle``), so that a job the database cannot serve is
+    known as not configured before anything is built on the list of jobs.
     """
     s = settings
     registry = new_registry()
     # The provider client reports to these from inside the jobs.
     provider = ProviderInstruments(registry)
-    jobs = jobs_factory(pool, http, provider.provider_request)
+    jobs = await settle(jobs_factory(pool, http, provider.provider_request))
     names = [spec.name for spec in jobs]
     retry = RetryPolicy(s.runner.retry_attempts, s.runner.retry_delay)
     instruments = RunInstruments(registry, names)
@@ -252,7 +254,7 @@ class Daemon:
         if self._on_migrated is not None:
             await self._on_migrated(pool)
         self.http = aiohttp.ClientSession()
-        self.parts = parts = assemble(
+        self.parts = parts = await assemble(
             s, pool, self.http, self._jobs_factory, self.clock, self.notifier
         )
         await parts.runner.prepare()

@@ -13,7 +13,12 @@ import pytest
 
 from kontod.demo.sandbox import Sandbox
 from tests import pg
+from tests.helpers import UNREACHABLE_DVF_URL
 from tests.sandbox_helpers import Bank
+
+# No test may reach the public DVF files: the kontod processes tests start read the
+# environment, and settings_for (tests/daemon_harness.py) gives in-process daemons the same.
+os.environ["KONTOD_DVF_URL"] = UNREACHABLE_DVF_URL
 
 # How far the clock may be past the asked time when it is checked: the session's start and the
 # start of its PostgreSQL come within this, a wrong zone or no fake clock are hours off.

@@ -24,7 +24,7 @@ from kontod.providers.powens import Observer
 from kontod.scheduler import schedule
 from kontod.scheduler.contract import JobSpec
 from kontod.scheduler.runner import utcnow
-from tests.helpers import quiet_schedule, wait_for
+from tests.helpers import UNREACHABLE_DVF_URL, quiet_schedule, wait_for
 
 TOKEN = "s3cret-admin-token"
 # A test lasts far less than this: a tick further away than it cannot start during one.
@@ -32,8 +32,9 @@ QUIET_AHEAD = timedelta(days=7)
 
 
 def settings_for(dsn: str, **changes: Mapping[str, Any]) -> Settings:
-    """Settings of a loopback daemon on ``dsn`` whose two jobs follow the quiet schedule;
-    ``changes`` are fields by section, as ``Settings.replace`` takes them."""
+    """Settings of a loopback daemon on ``dsn`` whose jobs follow the quiet schedule, the DVF
+    files at an address nothing answers (a test gives its sandbox's); ``changes`` are fields
+    by section, as ``Settings.replace`` takes them."""
     quiet = quiet_schedule()
     base = Settings().replace(
         database={"url": dsn, "state_dir": Path("/nonexistent")},
@@ -42,6 +43,8 @@ def settings_for(dsn: str, **changes: Mapping[str, Any]) -> Settings:
         logging={"format": "console"},
         snapshots={"schedule": quiet},
         refresh={"schedule": quiet},
+        estimations={"schedule": quiet, "dvf_url": UNREACHABLE_DVF_URL},
+        audit={"schedule": quiet},
     )
     return base.replace(**changes)
 

@@ -14,7 +14,16 @@ from zoneinfo import ZoneInfo
 import asyncpg
 
 from kontod import db
-from kontod.jobs import REFRESH, SNAPSHOTS, refresh, snapshots
+from kontod.jobs import (
+    AUDIT,
+    ESTIMATIONS,
+    REFRESH,
+    SNAPSHOTS,
+    audit,
+    estimations,
+    refresh,
+    snapshots,
+)
 from kontod.scheduler.contract import JobBody, JobExports, JobSpec, RunContext
 from kontod.scheduler.retries import RetryPolicy
 from kontod.scheduler.runner import Runner, RunObserver, utcnow
@@ -122,7 +131,15 @@ def quiet_schedule(now: datetime | None = None) -> str:
 
 
 # What the real jobs declare, by name (see spec).
-REAL_EXPORTS = {SNAPSHOTS: snapshots.EXPORTS, REFRESH: refresh.EXPORTS}
+REAL_EXPORTS = {
+    SNAPSHOTS: snapshots.EXPORTS,
+    REFRESH: refresh.EXPORTS,
+    ESTIMATIONS: estimations.EXPORTS,
+    AUDIT: audit.EXPORTS,
+}
+# The DVF base URL of every test that gives none of its own: a loopback port nothing listens
+# on, so that no test can reach the public files (tests/conftest.py sets it for subprocesses).
+UNREACHABLE_DVF_URL = "http://127.0.0.1:9/geo-dvf/latest/csv"
 
 
 def spec(

@@ -31,7 +31,7 @@ from kontod.konto import schema as konto_schema
 from kontod.konto import tokens
 from kontod.logs import configure, watch_loop
 from kontod.ops import suspicion
-from kontod.scheduler.contract import JobSpec, RunStatus, Trigger
+from kontod.scheduler.contract import JobSpec, RunStatus, Trigger, settle
 from kontod.scheduler.runlist import STATUSES
 
 log = structlog.get_logger("kontod.cli")
@@ -206,7 +206,7 @@ async def _run_job(
     from kontod.scheduler.runner import Runner, Skipped, utcnow
 
     async with _database(settings) as pool, aiohttp.ClientSession() as http:
-        specs = jobs.declare_jobs(settings, pool, http)
+        specs = await settle(jobs.declare_jobs(settings, pool, http))
         names = [spec.name for spec in specs]
         follow = commands.Follow()
         pinger = pings.Pinger(
@@ -280,7 +280,7 @@ async def _declared(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[lis
     import aiohttp
 
     async with aiohttp.ClientSession() as http:
-        yield jobs.declare_jobs(settings, pool, http)
+        yield await settle(jobs.declare_jobs(settings, pool, http))
 
 
 async def _jobs_list(settings: Settings, as_json: bool) -> int:

@@ -9,20 +9,29 @@ import aiohttp
 import asyncpg
 
 from kontod.config import RateSettings, Settings
-from kontod.jobs import refresh, snapshots
+from kontod.jobs import audit, estimations, refresh, snapshots
+from kontod.konto.store import KontoSql
+from kontod.providers.dvf import DvfClient
 from kontod.providers.powens import PowensClient
 from kontod.providers.rates import crypto_map
 from kontod.scheduler.contract import JobBody, JobSpec, RunContext
 
 SNAPSHOTS = "daily-snapshots"
 REFRESH = "refresh-stale-connections"
+ESTIMATIONS = "refresh-property-estimations"
+AUDIT = "prune-audit-log"
 # Every job's name, known before anything is wired (the CLI checks a name against them).
-NAMES = (SNAPSHOTS, REFRESH)
+NAMES = (SNAPSHOTS, REFRESH, ESTIMATIONS, AUDIT)
 
 
 def schedules(settings: Settings) -> dict[str, str]:
     """Each job's schedule expression, by name, as the settings give it."""
-    return {SNAPSHOTS: settings.snapshots.schedule, REFRESH: settings.refresh.schedule}
+    return {
+        SNAPSHOTS: settings.snapshots.schedule,
+        REFRESH: settings.refresh.schedule,
+        ESTIMATIONS: settings.estimations.schedule,
+        AUDIT: settings.audit.schedule,
+    }
 
 
 def declare_jobs(
@@ -30,8 +39,9 @@ def declare_jobs(
     pool: asyncpg.Pool,
     http: aiohttp.ClientSession | None = None,
     observe_request: Callable[[str, str, float], None] | None = None,
+    konto: KontoSql | None = None,
 ) -> list[JobSpec]:
-    """Both jobs, wired to the database and the settings."""
+    """Every job, wired to the database and the settings."""
     refresh_body, refresh_not_configured = _refresh_wiring(settings, pool, http, observe_request)
     return [
         JobSpec(
@@ -70,6 +80,8 @@ def declare_jobs(
             not_configured=refresh_not_configured,
             exports=refresh.EXPORTS,
         ),
+        _estimations(settings, pool, http, observe_request, konto),
+        _audit(settings, pool, konto),
     ]
 
 
@@ -112,6 +124,53 @@ def _refresh_wiring(
         token_hold=bank.rejection_hold,
     )
     return body, None
+
+
+def _estimations(
+    settings: Settings,
+    pool: asyncpg.Pool,
+    http: aiohttp.ClientSession | None,
+    observe_request: Callable[[str, str, float], None] | None,
+    konto: KontoSql | None,
+) -> JobSpec:
+    providers = settings.providers
+
+    def connect(session: aiohttp.ClientSession) -> DvfClient:
+        return DvfClient(
+            session,
+            settings.estimations.dvf_url,
+            timeout=providers.timeout.total_seconds(),
+            attempts=providers.attempts,
+            observe=observe_request,
+            rate=providers.rate,
+            max_body=providers.max_body,
+        )
+
+    return JobSpec(
+        name=ESTIMATIONS,
+        schedule=schedules(settings)[ESTIMATIONS],
+        body=estimations.make_body(pool, connect, http, settings.estimations.years, konto),
+        grace=timedelta(hours=1),
+        max_runtime=timedelta(hours=2),
+        catchup_window=timedelta(hours=20),
+        description="property estimates from the DVF sales of each asset's commune",
+        exports=estimations.EXPORTS,
+        requires=estimations.requirement(pool, konto),
+    )
+
+
+def _audit(settings: Settings, pool: asyncpg.Pool, konto: KontoSql | None) -> JobSpec:
+    return JobSpec(
+        name=AUDIT,
+        schedule=schedules(settings)[AUDIT],
+        body=audit.make_body(pool, settings.audit.days, settings.audit.batch_size, konto),
+        grace=timedelta(hours=1),
+        max_runtime=timedelta(hours=1),
+        catchup_window=timedelta(hours=20),
+        description=f"deletion of audit_log rows older than {settings.audit.days} days",
+        exports=audit.EXPORTS,
+        requires=audit.requirement(pool, konto),
+    )
 
 
 async def _idle(ctx: RunContext) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -184,6 +184,9 @@ class RunContext:
 
 
 JobBody = Callable[[RunContext], Awaitable[None]]
+# Says, once at start, why a job cannot run against this database (None: it can), such as a
+# Konto table or column the job needs and the database lacks.
+Requirement = Callable[[], Awaitable[str | None]]
 
 
 async def run_workers(work: Callable[[], Coroutine[Any, Any, None]], count: int, name: str) -> None:
@@ -218,3 +221,18 @@ class JobSpec:
     # runner does not schedule it.
     not_configured: str | None = None
     exports: JobExports = field(default_factory=JobExports)
+    # Checked by ``settle`` once the database is open: a reason makes the job not configured.
+    requires: Requirement | None = None
+
+
+async def settle(specs: list[JobSpec]) -> list[JobSpec]:
+    """The jobs, each whose requirement gives a reason marked not configured with it (a job
+    already not configured keeps its own reason and is not asked)."""
+    settled = []
+    for spec in specs:
+        if spec.requires is not None and spec.not_configured is None:
+            reason = await spec.requires()
+            if reason is not None:
+                spec = replace(spec, not_configured=reason)
+        settled.append(spec)
+    return settled

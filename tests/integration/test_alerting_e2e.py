@@ -21,6 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from kontod.demo import sandbox
+from kontod.demo.dvf_sandbox import DEMO_COMMUNE, demo_sandbox
+from kontod.demo.run import WEBAPP_EXTRAS_SQL
 from tests import prom
 from tests.integration.test_dashboard import check_queries
 from tests.programs import kontod_script
@@ -73,10 +75,14 @@ async def kontod_role(dsn: str) -> AsyncIterator[tuple[str, str]]:
 
 
 @asynccontextmanager
-async def running_kontod(tmp: Path, database_url: str, bank_url: str) -> AsyncIterator[str]:
+async def running_kontod(
+    tmp: Path, database_url: str, bank_url: str, dvf_url: str
+) -> AsyncIterator[str]:
     """``kontod run`` in its own process; yields its host:port."""
     port = prom.free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KONTOD_")}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("KONTOD_") or k == "KONTOD_DVF_URL"
+    }
     env.update(
         KONTOD_DATABASE_URL=database_url,
         KONTOD_LISTEN=f"127.0.0.1:{port}",
@@ -85,6 +91,9 @@ async def running_kontod(tmp: Path, database_url: str, bank_url: str) -> AsyncIt
         KONTOD_SNAPSHOT_SCHEDULE="*/3 * * * * *",
         KONTOD_REFRESH_SCHEDULE="*/5 * * * * *",
         KONTOD_POWENS_URL=bank_url,
+        KONTOD_ESTIMATION_SCHEDULE="*/4 * * * * *",
+        KONTOD_DVF_URL=dvf_url,
+        KONTOD_AUDIT_LOG_SCHEDULE="*/4 * * * * *",
         KONTOD_PROVIDER_TIMEOUT="5",
         KONTOD_SHUTDOWN_TIMEOUT="5",
         KONTOD_LOG_FORMAT="json",
@@ -105,6 +114,20 @@ async def test_failed_snapshot_run_alerts_and_resolves(dsn: str, tmp_path: Path)
         # Two users with stale bank accounts: snapshots write rows, the refresh has work.
         await seed_user(pool, 1)
         await seed_user(pool, 2)
+        # The web app's estimation columns and audit log, a flat to estimate, audit rows.
+        await pool.execute(WEBAPP_EXTRAS_SQL)
+        await pool.execute(
+            """INSERT INTO assets (user_id, type, name, citycode, latitude, longitude, surface)
+               VALUES (1, 'real_estate', 'Flat', $1, 45.7655, 4.8318, 62)""",
+            DEMO_COMMUNE,
+        )
+        # One row old enough to go, one of now that stays: the audit log is never found empty
+        # (which would be a suspicious success).
+        await pool.execute(
+            "INSERT INTO audit_log (timestamp, action, resource)"
+            " VALUES ('2020-01-01 00:00:00', 'login', 'session')"
+        )
+        await pool.execute("INSERT INTO audit_log (action, resource) VALUES ('login', 'session')")
     finally:
         await pool.close()
 
@@ -112,7 +135,8 @@ async def test_failed_snapshot_run_alerts_and_resolves(dsn: str, tmp_path: Path)
     async with (
         kontod_role(dsn) as (role, role_dsn),
         sandbox.serve() as bank_url,
-        running_kontod(tmp_path, role_dsn, bank_url) as target,
+        demo_sandbox().serve() as dvf_url,
+        running_kontod(tmp_path, role_dsn, bank_url, dvf_url) as target,
         prom.webhook() as hook,
         prom.alertmanager(hook.url) as alertmanager_url,
         prom.prometheus(

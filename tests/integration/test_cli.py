@@ -20,7 +20,9 @@ from tests.helpers import add_user, free_port, spec
 
 
 async def kontod(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("KONTOD_")}
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith("KONTOD_") or k == "KONTOD_DVF_URL"
+    }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -131,7 +133,9 @@ async def test_migrate_then_run_logs_registration_first_and_exits_0_on_sigterm(d
     code, _, err = await kontod("migrate", env={"KONTOD_DATABASE_URL": dsn})
     assert code == 0, err
     port = free_port()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("KONTOD_")}
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith("KONTOD_") or k == "KONTOD_DVF_URL"
+    }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -284,7 +288,9 @@ async def test_a_real_password_appears_nowhere_in_what_kontod_writes(dsn: str) -
 
 async def run_until_listening(env: dict[str, str]) -> tuple[int, str]:
     """Start ``kontod run``, stop it with SIGTERM once it listens; its exit status and stderr."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("KONTOD_")}
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith("KONTOD_") or k == "KONTOD_DVF_URL"
+    }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -120,7 +120,12 @@ async def test_the_demo_prints_commands_that_work_and_keeps_its_ports(state_dir:
         assert warnings(first.events) == []
         started = [(e["job"], e["trigger"]) for e in first.events if e["event"] == "run.started"]
         assert ("daily-snapshots", "catchup") in started
-        assert sorted(job for job, _ in started) == ["daily-snapshots", "refresh-stale-connections"]
+        assert sorted(job for job, _ in started) == [
+            "daily-snapshots",
+            "prune-audit-log",
+            "refresh-property-estimations",
+            "refresh-stale-connections",
+        ]
         env = first.exported()
         assert env["KONTOD_STATE_DIR"] == str(tmp_path / "demo")
         # The commands name the venv's kontod: they work from a shell without it on PATH.
@@ -135,7 +140,7 @@ async def test_the_demo_prints_commands_that_work_and_keeps_its_ports(state_dir:
         assert header.split()[:3] == ["DATE", "ROWS", "USERS"] and today.split()[2] == "3"
         assert "users=3" in outputs[f"{kontod} runs"]
         assert "refresh-stale-connections" in outputs[f"{kontod} runs"]
-        assert len(outputs[f"{kontod} jobs list"].splitlines()) == 4
+        assert len(outputs[f"{kontod} jobs list"].splitlines()) == 6  # the zone, a header, 4 jobs
 
         # The admin token works with the curl line as printed.
         token = first.line("admin token (HTTP runs and pauses): ").rsplit(" ", 1)[1]

@@ -80,7 +80,7 @@ async def test_each_part_is_wired_by_its_constructor_and_nothing_starts(dsn: str
     before = asyncio.all_tasks()
     try:
         async with aiohttp.ClientSession() as http:
-            parts = assemble(settings, pool, http, jobs, utcnow, Notifier.from_env({}))
+            parts = await assemble(settings, pool, http, jobs, utcnow, Notifier.from_env({}))
             assert asyncio.all_tasks() == before
             assert parts.runner.history is parts.history
             assert parts.runner.events is parts.instruments

@@ -47,6 +47,11 @@ KNOWN_METRICS = frozenset(
         "kontod_provider_requests_total",
         "kontod_provider_connections",
         "kontod_refresh_stale_accounts",
+        "kontod_estimation_failed_assets",
+        "kontod_estimation_sales_used",
+        "kontod_estimation_low_price_m2",
+        "kontod_estimation_high_price_m2",
+        "kontod_estimation_latest_timestamp_seconds",
         "kontod_build_info",
         "process_resident_memory_bytes",
         "process_virtual_memory_bytes",
@@ -73,6 +78,9 @@ REQUIRED_METRICS = frozenset(
         "kontod_provider_request_duration_seconds_bucket",
         "kontod_provider_connections",  # connections by state
         "kontod_refresh_stale_accounts",  # stale accounts by reason
+        "kontod_estimation_failed_assets",  # property estimations
+        "kontod_estimation_sales_used",
+        "kontod_estimation_latest_timestamp_seconds",
         "up",
         "process_resident_memory_bytes",
     }

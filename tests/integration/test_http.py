@@ -85,10 +85,21 @@ async def test_health_cron_has_the_old_shape_and_more(dsn: str) -> None:
             assert (status, body["status"]) == (200, "healthy")
             assert set(body) == {"status", "timestamp", "jobs"}
             names = [job["name"] for job in body["jobs"]]
-            assert names == ["daily-snapshots", "refresh-stale-connections"]
+            assert names == [
+                "daily-snapshots",
+                "refresh-stale-connections",
+                "refresh-property-estimations",
+                "prune-audit-log",
+            ]
             for job in body["jobs"]:
                 assert set(job) >= OLD_FIELDS | NEW_FIELDS
-            snapshots, refresh = body["jobs"]
+            snapshots, refresh, estimations, audit = body["jobs"]
+            # kontod's own minimal Konto tables have neither the estimation columns nor an
+            # audit log: both jobs are healthy and say why they do nothing.
+            for unconfigured in (estimations, audit):
+                assert (unconfigured["healthy"], unconfigured["configured"]) == (True, False)
+            assert "has no column citycode" in estimations["reason"]
+            assert "audit_log table does not exist" in audit["reason"]
             assert (snapshots["healthy"], snapshots["runCount"], snapshots["lastStatus"]) == (
                 True,
                 0,
@@ -530,7 +541,11 @@ async def test_slow_clients_cannot_hold_kontod(dsn: str, tmp_path: Path) -> None
     header timeout, and /health answers while they are held."""
     port = free_port()
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("KONTOD_")},
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("KONTOD_") or k == "KONTOD_DVF_URL"
+        },
         "KONTOD_DATABASE_URL": dsn,
         "KONTOD_LISTEN": f"127.0.0.1:{port}",
         "KONTOD_STATE_DIR": str(tmp_path),

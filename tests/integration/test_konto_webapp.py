@@ -173,7 +173,9 @@ def test_tokens_follow_the_web_apps_rule() -> None:
 
 
 async def kontod(*args: str, env: dict[str, str]) -> tuple[int, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("KONTOD_")}
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith("KONTOD_") or k == "KONTOD_DVF_URL"
+    }
     clean.pop("DB_ENCRYPTION_KEY", None)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -296,7 +298,9 @@ async def test_a_wrong_key_stops_kontod_run_with_exit_2_naming_the_setting(
     await seed_webapp(webapp)  # user 1's token encrypted under KEY, user 2's plaintext
     stored = await webapp.fetchval("SELECT powens_token FROM bank_connections WHERE user_id = 1")
     wrong = bytes(range(32)).hex()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("KONTOD_")}
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith("KONTOD_") or k == "KONTOD_DVF_URL"
+    }
     clean.pop("DB_ENCRYPTION_KEY", None)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -11,12 +11,13 @@ from __future__ import annotations
 import re
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import structlog
 
 import kontod
-from kontod.jobs import NAMES, refresh, snapshots
+from kontod.jobs import NAMES, estimations, refresh, snapshots
 from kontod.ops.health import assess_job
 from kontod.ops.metrics import JobExportsCollector, RunTableCollector, new_registry
 from kontod.scheduler.contract import (
@@ -50,7 +51,14 @@ FORBIDDEN = [
     r"\bSTALE_REASONS\b",
     r"\bPOPULATIONS\b",
     r"latest_snapshot",
-    *(re.escape(fam.prefix) for fam in (*snapshots.EXPORTS.families, *refresh.EXPORTS.families)),
+    *(
+        re.escape(fam.prefix)
+        for fam in (
+            *snapshots.EXPORTS.families,
+            *refresh.EXPORTS.families,
+            *estimations.EXPORTS.families,
+        )
+    ),
     r"rate_fallback_",
 ]
 # The layers under the daemon never import a concrete job.
@@ -166,3 +174,27 @@ async def never_run(ctx: RunContext) -> None:
 
 
 HOUR = timedelta(hours=1)
+
+
+async def test_settle_marks_a_job_whose_requirement_fails_not_configured() -> None:
+    from dataclasses import replace
+
+    from kontod.scheduler.contract import settle
+    from tests.helpers import spec
+
+    asked: list[str] = []
+
+    def needs(reason: str | None, name: str) -> Any:
+        async def check() -> str | None:
+            asked.append(name)
+            return reason
+
+        return check
+
+    met = replace(spec("met"), requires=needs(None, "met"))
+    unmet = replace(spec("unmet"), requires=needs("no audit_log table", "unmet"))
+    idle = replace(spec("idle"), not_configured="no bank", requires=needs("other", "idle"))
+    plain = spec("plain")
+    settled = await settle([met, unmet, idle, plain])
+    assert [s.not_configured for s in settled] == [None, "no audit_log table", "no bank", None]
+    assert asked == ["met", "unmet"]  # a job already not configured keeps its own reason
