@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "alerts.yml"
 RULE_TESTS = sorted((ROOT / "tests" / "rules").glob("*.yml"))
 RUNBOOK = ROOT / "docs" / "runbook.md"
-RUNBOOK_URL = "https://github.com/konto/kontod/blob/main/docs/runbook.md#"
+RUNBOOK_URL = "docs/runbook.md#"
 SEVERITIES = {"critical", "warning"}
 # The deploy config scrapes every 30 s; a rule built on absent() must wait for two scrapes.
 SCRAPE_INTERVAL_S = 30
