@@ -38,7 +38,8 @@ from tests.sandbox_helpers import Bank, fast_client, powens_user
 
 KEY = bytes.fromhex("5f" * 16 + "a3" * 16)
 INSTANCE = "test-refresh-lite"
-WEEK = timedelta(days=7)
+DAY = timedelta(days=1)
+WEEK = 7 * DAY
 KONTO_TABLES = ("users", "companies", "bank_accounts", "bank_connections", "transactions")
 
 
@@ -85,12 +86,12 @@ Seed = dict[str, tuple[tuple[str, ...], list[tuple[object, ...]]]]
 
 
 def seed_data(now: datetime) -> Seed:
-    """Five users: 1 (encrypted token; two rows the web app imported, one of them changed at
+    """Six users: 1 (encrypted token; two rows the web app imported, one of them changed at
     the bank since), 2 (plaintext token, never synced, a company account), 3 (a token Powens
     rejects), 4 (fresh: SQLite's own time format), 5 (the bank needs the user; one account's
-    last_sync unreadable)."""
+    last_sync unreadable), 6 (no active connection)."""
     accounts: list[tuple[object, ...]] = []
-    for user in (1, 2, 3, 4, 5):
+    for user in (1, 2, 3, 4, 5, 6):
         for n, a in enumerate(demo_accounts(user)):
             last_sync: object = "2026-01-01T00:00:00.000Z"
             if user == 2:
@@ -103,7 +104,7 @@ def seed_data(now: datetime) -> Seed:
             accounts.append((a.id, user, company, "powens", str(a.id), a.name, 0.1, last_sync))
     first, second, *_ = demo_transactions(1)
     return {
-        "users": (("id", "email"), [(u, f"u{u}@example.org") for u in (1, 2, 3, 4, 5)]),
+        "users": (("id", "email"), [(u, f"u{u}@example.org") for u in (1, 2, 3, 4, 5, 6)]),
         "companies": (("id", "user_id", "name"), [(1, 2, "Acme SARL")]),
         "bank_accounts": (
             (
@@ -126,6 +127,7 @@ def seed_data(now: datetime) -> Seed:
                 (3, 3, "3", "revoked-token-of-user-3", "active"),
                 (4, 4, "4", token_for(4), "active"),
                 (5, 5, "5", token_for(5), "active"),
+                (7, 6, "6", token_for(6), "inactive"),
             ],
         ),
         "transactions": (
@@ -266,7 +268,15 @@ async def test_both_engines_refresh_to_the_same_rows_and_counts(
     seed = seed_data(now)
     seed_sqlite(konto.path, seed)
     await seed_postgres(webapp_pool, seed)
+    old = now.replace(microsecond=0) - 30 * DAY  # Powens' times are to the second
     powens_user(bank, 5).connections[0].state = "SCARequired"
+    for account in powens_user(bank, 5).accounts:
+        account.last_update = old  # still stale: the bank needs the user
+    powens_user(bank, 1).account(5).last_update = old  # bank data old
+    powens_user(bank, 2).account(1002).last_update = None  # never synced at all
+    # Gone at the bank: kontod remembers it, and the account is no longer stale.
+    powens_user(bank, 2).account(1003).deleted = now - timedelta(days=3)
+    powens_user(bank, 1).account(4).disabled = now - timedelta(days=3)
     schema_before = table_info(konto.path)
 
     lite = await run_claimed(konto.pool, lite_body(konto, bank, http), now)
@@ -274,12 +284,22 @@ async def test_both_engines_refresh_to_the_same_rows_and_counts(
 
     assert dict(lite.counts) == dict(pg.counts)
     counts = lite.counts
-    assert (counts["users"], counts["items_refreshed"], counts["items_failed"]) == (4, 3, 1)
-    assert counts["transactions_inserted"] == 3 * 3 * 5 - 2  # users 1, 2, 5, less the web app's
+    assert (counts["users"], counts["items_refreshed"], counts["items_failed"]) == (5, 3, 1)
+    assert counts["items_skipped"] == 1
+    assert (counts["accounts_deleted"], counts["accounts_disabled"]) == (1, 1)
+    # Users 1, 2, 5, less the web app's two and the two accounts gone at the bank.
+    assert counts["transactions_inserted"] == 3 * 3 * 5 - 2 - 2 * 3
     assert counts["transactions_updated"] == 1
     assert counts["connections_needing_user"] == 1
     assert counts["connections_state.token_rejected"] == 1
-    assert counts["stale_accounts_after.token_rejected"] == 5
+    assert {k: n for k, n in counts.items() if k.startswith("stale_accounts_after.")} == {
+        "stale_accounts_after.token_rejected": 5,
+        "stale_accounts_after.no_connection": 5,
+        "stale_accounts_after.needs_user": 5,
+        "stale_accounts_after.bank_data_old": 1,
+        "stale_accounts_after.never_synced": 1,
+        "stale_accounts_after.provider_error": 0,
+    }
     # Konto's rows: the same values, each of its column's own type, to the last bit.
     lite_accounts = sqlite_rows(konto.path, ACCOUNTS_SQL)
     assert lite_accounts == await pg_rows(webapp_pool, ACCOUNTS_SQL)
@@ -287,10 +307,12 @@ async def test_both_engines_refresh_to_the_same_rows_and_counts(
     assert lite_txs == await pg_rows(webapp_pool, TRANSACTIONS_SQL)
     assert await kontod_rows(konto.pool) == await kontod_rows(webapp_pool)
     # What those rows are: the bank's balances as floats, its time as the web app's text.
-    user_1 = {a.id: a for a in demo_accounts(1)}
+    user_1 = {a.id: a for a in demo_accounts(1) if a.id != 4}  # 4: disabled, left as it was
     assert [(r[1], r[2]) for r in lite_accounts if r[0] in user_1] == [
-        (float(a.balance), iso_text(bank.sandbox.synced_at)) for a in user_1.values()
+        (float(a.balance), iso_text(bank.sandbox.synced_at if a.id != 5 else old))
+        for a in user_1.values()
     ]
+    assert [r[1:3] for r in lite_accounts if r[0] == 4] == [(0.1, "2026-01-01T00:00:00.000Z")]
     assert [r[3:6] for r in lite_accounts if r[0] in {a.id for a in demo_accounts(2)}][-1] == (
         "checking",
         "professional",
