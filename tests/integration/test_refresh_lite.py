@@ -23,7 +23,7 @@ from structlog.testing import capture_logs
 
 from kontod import db
 from kontod.demo.sandbox import demo_accounts, demo_transactions, token_for
-from kontod.jobs import REFRESH
+from kontod.jobs import REFRESH, refresh_lite
 from kontod.jobs.refresh import make_body
 from kontod.jobs.refresh_lite import read_time
 from kontod.konto import lite_schema, tokens
@@ -258,12 +258,17 @@ def table_info(path: Path) -> dict[str, list[tuple[object, ...]]]:
     return info
 
 
+@pytest.mark.parametrize("chunk", [refresh_lite.READ_CHUNK, 7])
 async def test_both_engines_refresh_to_the_same_rows_and_counts(
     konto: Konto,
     webapp_pool: asyncpg.Pool,
     bank: Bank,
     http: aiohttp.ClientSession,
+    chunk: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Scans of a few rows a read, to go through the chunked reads of a large Konto too.
+    monkeypatch.setattr(refresh_lite, "READ_CHUNK", chunk)
     now = datetime.now(UTC)
     seed = seed_data(now)
     seed_sqlite(konto.path, seed)
