@@ -4,6 +4,7 @@ here), a SQLite file, or a libSQL server."""
 from __future__ import annotations
 
 from kontod.config import KontoSettings
+from kontod.konto.libsql import open_libsql
 from kontod.konto.sqlite import open_sqlite
 from kontod.konto.store import KontoSql
 
@@ -17,4 +18,6 @@ def open_konto(settings: KontoSettings) -> KontoSql | None:
     busy = settings.busy_timeout.total_seconds()
     if location.kind == "sqlite":
         return open_sqlite(location.target, busy)
-    raise NotImplementedError("libSQL servers: kontod/konto/libsql.py (issue 19, in progress)")
+    # A libSQL server: nothing is sent yet; the daemon's first read (the schema check, or
+    # ``LibsqlKonto.check``) finds an unreachable server or a refused token.
+    return open_libsql(location.target, settings.auth_token, busy)
