@@ -2,7 +2,9 @@
 
 The same Konto data goes into a SQLite file made with the web app's own table definitions and
 into a PostgreSQL database with the web app's column types; both paths run against the same
-sandbox bank at the same instant, each under a real claim, and must leave the same rows.
+sandbox bank at the same instant, each under a real claim, and must leave the same rows. Each
+test runs on both engines: the file itself, and the file behind a libSQL server (the Hrana
+sandbox).
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ from kontod.jobs.refresh import make_body
 from kontod.jobs.refresh_lite import read_time
 from kontod.konto import lite_schema, tokens
 from kontod.konto.schema import iso_text
-from kontod.konto.sqlite import open_sqlite
 from kontod.konto.store import Fence, KontoSql
 from kontod.scheduler import runs
 from kontod.scheduler.contract import ClaimLost, Connection, JobBody, RunContext
 from tests.helpers import WEBAPP_SCHEMA
 from tests.integration.test_konto_store import webapp_konto
+from tests.konto_engines import ENGINES, konto_on
 from tests.sandbox_helpers import Bank, fast_client, powens_user
 
 KEY = bytes.fromhex("5f" * 16 + "a3" * 16)
@@ -52,15 +54,15 @@ class Konto:
     pool: asyncpg.Pool
 
 
-@pytest.fixture
-async def konto(tmp_path: Path, pool: asyncpg.Pool) -> AsyncIterator[Konto]:
+@pytest.fixture(params=ENGINES)
+async def konto(
+    request: pytest.FixtureRequest, tmp_path: Path, pool: asyncpg.Pool
+) -> AsyncIterator[Konto]:
+    """Konto's file through each engine in turn: the file itself, and behind a libSQL server."""
     path = webapp_konto(tmp_path / "konto.db")
-    engine = open_sqlite(str(path), busy_timeout=5)
-    await lite_schema.create_missing(engine)
-    try:
+    async with konto_on(str(request.param), path) as engine:
+        await lite_schema.create_missing(engine)
         yield Konto(path, engine, pool)
-    finally:
-        await engine.close()
 
 
 @pytest.fixture
