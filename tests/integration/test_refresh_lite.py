@@ -405,6 +405,47 @@ async def test_a_refused_write_fails_its_connection_alone(
     assert kept == {a.id for u in (1, 5) for a in demo_accounts(u)}
 
 
+async def test_bank_data_written_but_not_recorded_is_not_doubled_by_the_next_run(
+    konto: Konto, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    # As if kontod died between a user's Konto transaction and its PostgreSQL record: the
+    # record of user 2's connection is refused, so nothing of user 2 is recorded.
+    now = datetime.now(UTC)
+    seed = seed_data(now)
+    seed["bank_connections"] = (seed["bank_connections"][0], seed["bank_connections"][1][:2])
+    seed_sqlite(konto.path, seed)
+    await konto.pool.execute(
+        "ALTER TABLE kontod_connections ADD CONSTRAINT lost CHECK (connection_id <> 2)"
+    )
+    user_2 = {a.id for a in demo_accounts(2)}
+    count_2 = "SELECT count(*) FROM transactions WHERE bank_account_id BETWEEN 1001 AND 1005"
+
+    with capture_logs() as logs:
+        first = await run_claimed(konto.pool, lite_body(konto, bank, http), now)
+
+    assert (first.counts["items_refreshed"], first.counts["items_failed"]) == (1, 1)
+    assert sqlite_rows(konto.path, count_2) == [(15,)]
+    [lost] = [e for e in logs if e["event"] == "refresh.record_failed"]
+    assert lost["user_id"] == 2 and "lost" in lost["error"]
+    kept = {r[0] for r in await pg_rows(konto.pool, "SELECT bank_account_id FROM kontod_accounts")}
+    assert not kept & user_2
+
+    await konto.pool.execute("ALTER TABLE kontod_connections DROP CONSTRAINT lost")
+    second = await run_claimed(
+        konto.pool, lite_body(konto, bank, http, timedelta(0)), now + timedelta(hours=1)
+    )
+
+    assert (second.counts["items_refreshed"], second.counts["items_failed"]) == (2, 0)
+    assert (second.counts["transactions_inserted"], second.counts["transactions_updated"]) == (
+        0,
+        0,
+    )
+    assert bank.sandbox.requests_by_endpoint_token[("transactions", token_for(2))] == 10
+    assert sqlite_rows(konto.path, count_2) == [(15,)]
+    kept = {r[0] for r in await pg_rows(konto.pool, "SELECT bank_account_id FROM kontod_accounts")}
+    assert user_2 <= kept
+
+
 async def test_a_takeover_mid_run_stops_the_older_run_before_its_next_write(
     konto: Konto, bank: Bank, http: aiohttp.ClientSession
 ) -> None:
