@@ -431,7 +431,9 @@ class BankConnection:
 class StaleUser:
     """A user owning at least one stale account, the connections to ask and those held."""
 
-    user_id: int
+    # None: the accounts the web app never gave a user (its user_id column came later); no
+    # connection can refresh them, so they make one user, skipped.
+    user_id: int | None
     stale_accounts: int
     accounts: list[LocalAccount]
     to_call: list[BankConnection]
