@@ -614,7 +614,8 @@ def stale_reason(
 ) -> str:
     """Why a stale account is still stale (the PostgreSQL path's ``stale_reasons``): judged by
     the record of its own connection when known and active, else of its user's most troubled
-    active one (``users_active``: its user's active connections; ``active``: everyone's)."""
+    active one, the lowest id among equals where PostgreSQL takes any (``users_active``: its
+    user's active connections; ``active``: everyone's)."""
     if not users_active:
         return "no_connection"
     if known is not None:
