@@ -7,6 +7,10 @@
   ``{coin id: {vs currency: price}}``; unknown ids and currencies are left out, a missing
   parameter is a 400, rate limiting a 429 with CoinGecko's ``{status: {error_code,
   error_message}}`` body and a ``Retry-After`` header.
+- ``GET /api/v3/search?query=...``: CoinGecko's search answer, ``{coins: [{id, name,
+  api_symbol, symbol, market_cap_rank, thumb, large}], exchanges, icons, categories, nfts}``:
+  the coins of ``RateSandbox.coins`` whose id, name or symbol contains the query (case aside),
+  ranked coins first by market-cap rank; a missing query is a 400. Its faults go by ``search``.
 
 Faults are injected per source, for the next N requests or for all of them, with
 ``RateSandbox.fail(source, kind, times, **options)``:
@@ -42,8 +46,10 @@ from kontod.demo.sandbox import deep_json, write_split, write_stream
 
 ECB_PATH = "/stats/eurofxref/eurofxref-daily.xml"
 PRICE_PATH = "/api/v3/simple/price"
+SEARCH_PATH = "/api/v3/search"
 ECB = "ecb"
 CRYPTO = "crypto"
+SEARCH = "search"
 
 # A plausible day of reference rates (units per 1 EUR) and of prices (per coin).
 DEMO_DAY = date(2026, 6, 9)
@@ -58,7 +64,17 @@ DEMO_ECB_RATES = {
 DEMO_PRICES = {
     "bitcoin": {"eur": Decimal("58213.37"), "usd": Decimal("63068.3"), "chf": Decimal("54208.3")},
     "ethereum": {"eur": Decimal("3124.5"), "usd": Decimal("3385.1"), "chf": Decimal("2909.6")},
+    "pepe": {"eur": Decimal("0.00001127"), "usd": Decimal("0.00001221")},
 }
+# What the search knows: (id, name, symbol, market-cap rank or None). The mapped coins, one
+# unmapped coin, and a symbol three coins share.
+DEMO_COINS = [
+    ("bitcoin", "Bitcoin", "BTC", 1),
+    ("ethereum", "Ethereum", "ETH", 2),
+    ("pepe", "Pepe", "PEPE", 24),
+    ("pepe-classic", "Pepe Classic", "PEPE", None),
+    ("based-pepe", "Based Pepe", "PEPE", 2210),
+]
 
 
 @dataclass
@@ -83,6 +99,7 @@ class RateSandbox:
     prices: dict[str, dict[str, Decimal | str]] = field(
         default_factory=lambda: {k: dict(v) for k, v in DEMO_PRICES.items()}
     )
+    coins: list[tuple[str, str, str, int | None]] = field(default_factory=lambda: list(DEMO_COINS))
     faults: dict[str, Fault] = field(default_factory=dict)
     streamed: list[int] = field(default_factory=list)
     requests: Counter[str] = field(default_factory=Counter)
@@ -101,13 +118,14 @@ class RateSandbox:
         size: int = 0,
         body: str = "",
     ) -> None:
-        """Make ``source`` (``ecb`` or ``crypto``) misbehave as ``kind`` says."""
+        """Make ``source`` (``ecb``, ``crypto`` or ``search``) misbehave as ``kind`` says."""
         self.faults[source] = Fault(kind, times, pause, size, body)
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get(ECB_PATH, self._ecb)
         app.router.add_get(PRICE_PATH, self._prices)
+        app.router.add_get(SEARCH_PATH, self._search)
         return app
 
     @asynccontextmanager
@@ -179,6 +197,36 @@ class RateSandbox:
         if fault is not None:
             return await write_split(request, 200, text.encode(), fault.pause)
         return web.Response(text=text, content_type="application/json")
+
+    async def _search(self, request: web.Request) -> web.StreamResponse:
+        self.requests[SEARCH] += 1
+        self.last_query[SEARCH] = dict(request.query)
+        fault = self._next_fault(SEARCH)
+        if fault is not None and fault.kind != "split":
+            return await self._fault(fault, request, xml=False)
+        query = request.query.get("query", "").strip().lower()
+        if not query:
+            return web.json_response({"error": "Missing parameter query"}, status=400)
+        hits = sorted(
+            (c for c in self.coins if any(query in text.lower() for text in c[:3])),
+            key=lambda c: (c[3] is None, c[3] or 0),
+        )
+        coins = [
+            {
+                "id": coin_id,
+                "name": name,
+                "api_symbol": coin_id,
+                "symbol": symbol,
+                "market_cap_rank": rank,
+                "thumb": f"https://coin-images.example/{coin_id}/thumb.png",
+                "large": f"https://coin-images.example/{coin_id}/large.png",
+            }
+            for coin_id, name, symbol, rank in hits
+        ]
+        body = {"coins": coins, "exchanges": [], "icons": [], "categories": [], "nfts": []}
+        if fault is not None:
+            return await write_split(request, 200, json.dumps(body).encode(), fault.pause)
+        return web.json_response(body)
 
     def _next_fault(self, source: str) -> Fault | None:
         fault = self.faults.get(source)

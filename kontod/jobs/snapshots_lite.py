@@ -61,7 +61,7 @@ from kontod.jobs.snapshots import (
 )
 from kontod.konto.fenced import FencedWriter
 from kontod.konto.store import KontoSql, Row, Statement, Value
-from kontod.providers import rates
+from kontod.providers import coins, rates
 from kontod.scheduler.contract import RunContext
 
 # Rows per read of the first pass over bank_accounts and assets: a few milliseconds each.
@@ -82,7 +82,7 @@ SELECT id FROM (SELECT id, row_number() OVER (ORDER BY id) AS n FROM users)
  WHERE n % ? = 0 ORDER BY id
 """
 _ACCOUNT_IDS_SQL = """
-SELECT rowid, user_id, currency FROM bank_accounts WHERE rowid > ? ORDER BY rowid LIMIT ?
+SELECT rowid, user_id, currency, provider FROM bank_accounts WHERE rowid > ? ORDER BY rowid LIMIT ?
 """
 _ASSET_IDS_SQL = "SELECT rowid, user_id FROM assets WHERE rowid > ? ORDER BY rowid LIMIT ?"
 
@@ -199,6 +199,7 @@ async def take_snapshots_lite(
         log=ctx.log,
         before_write=ctx.check_claim,
         in_use=rows.currencies,
+        crypto_held=rows.crypto_held,
     )
     record_rates(ctx, report)
     usable = await usable_rates(pool, conv.base, day, conv.max_age_days)
@@ -216,6 +217,8 @@ class RowIndex:
     accounts: list[array[int]]
     assets: list[array[int]]
     currencies: set[str] = field(default_factory=set)
+    # the currencies of crypto providers' accounts (``coins.crypto_held``'s answer)
+    crypto_held: set[str] = field(default_factory=set)
     # The last rowid the first pass saw in each table.
     last_account: int = -(2**63)
     last_asset: int = -(2**63)
@@ -228,7 +231,10 @@ async def index_rows(
     and sort their rowids into the batches their user_id falls in."""
     index = RowIndex([array("q") for _ in range(batches)], [array("q") for _ in range(batches)])
     async for row in _chunks(konto, _ACCOUNT_IDS_SQL, chunk):
-        index.currencies.add(rates.account_currency(row[2]))
+        currency = rates.account_currency(row[2])
+        index.currencies.add(currency)
+        if row[3] in coins.CRYPTO_PROVIDERS:
+            index.crypto_held.add(currency)
         index.last_account = _note(index.accounts, bounds, row)
     async for row in _chunks(konto, _ASSET_IDS_SQL, chunk):
         index.last_asset = _note(index.assets, bounds, row)

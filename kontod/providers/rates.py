@@ -2,7 +2,9 @@
 
 Fiat rates come from the European Central Bank's daily reference rates (units of each currency
 per 1 EUR), crypto prices from a CoinGecko-style ``/simple/price`` endpoint (price of one coin
-in the base currency), and manual rates from the settings. A stored row says "currency_amount
+in the base currency), manual rates from the settings, and the currencies with a fixed parity
+to the euro from ``FIXED_PARITIES`` (crossed through the ECB's rate of the base when the base is
+not the euro). A crypto symbol outside the map is looked up first (kontod/providers/coins.py). A stored row says "currency_amount
 units of the currency are worth base_amount units of the base currency", so every source is
 kept exactly, cross rates through the euro included; the snapshot SQL converts with it.
 
@@ -31,12 +33,15 @@ import asyncpg
 import structlog
 
 from kontod.db import Connection
+from kontod.providers import coins
 from kontod.providers.answers import RATES_MAX_BODY, BodyTooLarge, loads, read_body
 from kontod.providers.backoff import Backoff, BackoffOptions, Transient, transient_status
 
 ECB = "ecb"
 CRYPTO = "crypto"
 MANUAL = "manual"
+FIXED = "fixed"
+LOOKUP = "crypto_lookup"
 # An answer larger than this is not a rate file (the ECB's daily file is about 2 kB, its
 # 90-day history 50 kB); KONTOD_PROVIDER_MAX_BODY changes it.
 MAX_BODY = RATES_MAX_BODY
@@ -52,6 +57,20 @@ PLAUSIBLE_SQL = (
 )
 DEMO_KEY_HEADER = "x-cg-demo-api-key"
 PRO_KEY_HEADER = "x-cg-pro-api-key"
+
+# Currencies pegged to the euro by law: (units of the currency, euros they are worth), both
+# exact as the legal definition states them. XOF and XAF (CFA francs) and KMF (Comorian franc)
+# were fixed to the French franc, hence 655.957 and 491.96775 per euro through 6.55957 FRF;
+# XPF (CFP franc) is defined by its issuing institute (IEOM) as 1 XPF = 0.00838 EUR; BAM
+# (convertible mark) keeps the Deutsche Mark's 1.95583 per euro. Checked against the issuer's
+# page for XPF and reference pages (encyclopedia, currency guides) for the others.
+FIXED_PARITIES: Mapping[str, tuple[Decimal, Decimal]] = {
+    "XOF": (Decimal("655.957"), Decimal(1)),
+    "XAF": (Decimal("655.957"), Decimal(1)),
+    "KMF": (Decimal("491.96775"), Decimal(1)),
+    "XPF": (Decimal(1), Decimal("0.00838")),
+    "BAM": (Decimal("1.95583"), Decimal(1)),
+}
 
 # Symbols as crypto providers store them in bank_accounts.currency -> CoinGecko coin ids.
 # KONTOD_CRYPTO_IDS adds to it or overrides it.
@@ -221,6 +240,27 @@ def fiat_quotes(
     return quotes
 
 
+def fixed_quotes(
+    currencies: Iterable[str], day: date, base_units: Decimal, base_euros: Decimal
+) -> list[Quote]:
+    """Quotes of fixed-parity currencies to a base of which ``base_units`` are worth
+    ``base_euros`` euros (1 and 1 for the euro; the ECB's rate and 1 for a quoted base).
+
+    ``units`` of a currency are worth ``euros`` euros, so ``units * base_euros`` of it are worth
+    ``euros * base_units`` of the base: both figures stay exact.
+    """
+    quotes = []
+    for cur in currencies:
+        units, euros = FIXED_PARITIES[cur]
+        quotes.append(Quote(cur, day, units * base_euros, euros * base_units, FIXED))
+    return quotes
+
+
+def euro_parity(base: str) -> tuple[Decimal, Decimal] | None:
+    """(units of ``base``, euros they are worth) when known without a source, else None."""
+    return (Decimal(1), Decimal(1)) if base == "EUR" else FIXED_PARITIES.get(base)
+
+
 def crypto_quotes(
     prices: Mapping[str, Decimal], symbols: Iterable[str], ids: Mapping[str, str], day: date
 ) -> list[Quote]:
@@ -280,6 +320,20 @@ class RateSources:
         params = {"ids": ",".join(wanted), "vs_currencies": vs, "precision": "full"}
         body = await self._get(CRYPTO, self.crypto_url, params, self._headers)
         return parse_simple_price(body, wanted, vs)
+
+    async def search(self, symbol: str) -> list[coins.Coin]:
+        """The coins the price API's ``/search`` finds for ``symbol`` (one request)."""
+        path = urlsplit(self.crypto_url).path
+        if not path.endswith("/simple/price"):
+            raise RateSourceError(
+                LOOKUP, "the crypto price URL does not end in /simple/price: no /search beside it"
+            )
+        url = self.crypto_url.split("?", 1)[0].removesuffix("/simple/price") + "/search"
+        body = await self._get(LOOKUP, url, {"query": symbol}, self._headers)
+        try:
+            return coins.parse_search(body)
+        except ValueError as exc:
+            raise RateSourceError(LOOKUP, str(exc)) from None
 
     async def _get(
         self,
@@ -341,28 +395,47 @@ async def update(
     log: structlog.typing.FilteringBoundLogger,
     before_write: Callable[[Connection], Awaitable[None]],
     in_use: Iterable[str] | None = None,
+    crypto_held: Iterable[str] | None = None,
 ) -> RateReport:
     """Ask each source once for the currencies the accounts use, store what they give for
     ``day``, and say for each currency which stored rate the snapshot of ``day`` can use.
 
-    ``before_write`` runs inside the write transaction (the run's claim check). ``in_use``:
-    the currencies the accounts use, read by the caller when Konto's tables are not in this
-    PostgreSQL database (None: read from its bank_accounts).
+    ``before_write`` runs inside the write transaction (the run's claim check). ``in_use``
+    and ``crypto_held``: the currencies the accounts use, and those of crypto providers'
+    accounts, read by the caller when Konto's tables are not in this PostgreSQL database
+    (None: read from its bank_accounts).
     """
     report = RateReport()
     async with pool.acquire() as conn:
         accounts = await currencies_in_use(conn) if in_use is None else in_use
+        held = await coins.crypto_held(conn) if crypto_held is None else crypto_held
         used = sorted({cur for cur in accounts if cur != base})
         last = await last_rates(conn, base, used, day)
-    fiat, crypto = split_sources((cur for cur in used if cur not in manual), base, crypto_ids)
+        known = {*crypto_ids, *manual, *FIXED_PARITIES}
+        cached = await coins.cached(conn, [c for c in held if c in used and c not in known])
+    # The lookup comes first: the price request then asks for every coin at once.
+    wanted = [c for c in coins.to_look_up(held, {*known, *cached}, base) if c in used]
+    looked_up = await _look_up(sources, wanted, report, log) if sources is not None else {}
+    ids = {**cached, **{sym: coin.id for sym, coin in looked_up.items()}, **crypto_ids}
+    own_rates = [cur for cur in used if cur not in manual]
+    fixed = [cur for cur in own_rates if cur in FIXED_PARITIES]
+    fiat, crypto = split_sources((c for c in own_rates if c not in FIXED_PARITIES), base, ids)
     quotes: list[Quote] = []
     fetched: set[str] = set()
+    # Against the euro (or a pegged base) a parity needs no source; else the ECB's rate of
+    # the base crosses it, as for any other fiat currency.
+    parity = euro_parity(base)
+    if fixed and parity is not None:
+        pegged = _plausible(fixed_quotes(fixed, day, *parity), last, report, log)
+        quotes.extend(pegged)
+        fetched.update(q.currency for q in pegged)
+    crossed = fixed if parity is None else []
     if sources is not None:
         asks: dict[str, Awaitable[list[Quote]]] = {}
-        if fiat:
-            asks[ECB] = _ask_ecb(sources, base, fiat)
+        if fiat or crossed:
+            asks[ECB] = _ask_ecb(sources, base, fiat, crossed)
         if crypto:
-            asks[CRYPTO] = _ask_crypto(sources, base, crypto, crypto_ids, day)
+            asks[CRYPTO] = _ask_crypto(sources, base, crypto, ids, day)
         answers = await asyncio.gather(*asks.values(), return_exceptions=True)
         for source, answer in zip(asks, answers, strict=True):
             if isinstance(answer, RateSourceError):
@@ -395,6 +468,7 @@ async def update(
         async with conn.transaction():
             await before_write(conn)
             report.stored = await store(conn, base, quotes, now)
+            await coins.remember(conn, looked_up, now)
         stored = await newest(conn, base, used, day)
     for cur in sorted(used):
         found = stored.get(cur)
@@ -422,8 +496,49 @@ async def update(
     return report
 
 
-async def _ask_ecb(sources: RateSources, base: str, fiat: list[str]) -> list[Quote]:
-    return fiat_quotes(await sources.ecb(), base, fiat)
+async def _ask_ecb(
+    sources: RateSources, base: str, fiat: list[str], fixed: list[str]
+) -> list[Quote]:
+    """The ECB's quotes of ``fiat``, and of the ``fixed`` currencies crossed through the ECB's
+    rate of the base on each day of its file."""
+    days = await sources.ecb()
+    quotes = fiat_quotes(days, base, fiat)
+    for day, per_eur in days.items():
+        if base in per_eur:
+            quotes.extend(fixed_quotes(fixed, day, per_eur[base], Decimal(1)))
+    return quotes
+
+
+async def _look_up(
+    sources: RateSources,
+    symbols: list[str],
+    report: RateReport,
+    log: structlog.typing.FilteringBoundLogger,
+) -> dict[str, coins.Coin]:
+    """The coin each symbol stands for, asking at most ``coins.MAX_LOOKUPS`` symbols; a
+    failure stops the lookups and is reported as a failed source, never raised."""
+    found: dict[str, coins.Coin] = {}
+    if len(symbols) > coins.MAX_LOOKUPS:
+        log.warning("rates.lookup_deferred", symbols=symbols[coins.MAX_LOOKUPS :])
+    for symbol in symbols[: coins.MAX_LOOKUPS]:
+        try:
+            coin = coins.choose(symbol, await sources.search(symbol))
+        except Exception as exc:
+            # Whatever the answer did to its parser, the lookup failed: the run goes on.
+            error = (
+                str(exc)
+                if isinstance(exc, RateSourceError)
+                else f"{LOOKUP}: {type(exc).__name__}: {str(exc)[:300]}"
+            )
+            report.failed_sources[LOOKUP] = error
+            log.warning("rates.source_failed", source=LOOKUP, error=error)
+            break
+        if coin is None:
+            log.warning("rates.coin_unknown", symbol=symbol)
+            continue
+        log.info("rates.coin_found", symbol=symbol, coin_id=coin.id, market_cap_rank=coin.rank)
+        found[symbol] = coin
+    return found
 
 
 async def _ask_crypto(
