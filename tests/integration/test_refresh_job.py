@@ -287,6 +287,23 @@ async def test_coming_transactions_wait_for_booking_and_deleted_ones_go(
     assert amount == Decimal("-12.34")
 
 
+async def test_transactions_without_a_date_or_an_amount_are_skipped_and_counted(
+    pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    await seed_user(pool, 1)
+    undated, unvalued, whole = powens_user(bank, 1).transactions[1]
+    undated.date, unvalued.value = None, None
+
+    ctx = await run(body_for(pool, fast_client(http, bank.url)))
+
+    # Konto's NOT NULL columns would have refused the user's whole write.
+    assert outcomes(ctx) == (1, 0, 0)
+    assert ctx.counts["transactions_incomplete_skipped"] == 2
+    assert ctx.counts["transactions_inserted"] == 13
+    assert await tx_hashes(pool, "1") == [f"powens_{whole.id}"]
+    assert (await kontod_connection(pool, 1))["error_kind"] is None
+
+
 async def test_a_connection_needing_the_user_stays_stale_and_is_left_alone(
     pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
 ) -> None:

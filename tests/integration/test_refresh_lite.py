@@ -353,6 +353,30 @@ async def test_both_engines_refresh_to_the_same_rows_and_counts(
     assert table_info(konto.path) == schema_before
 
 
+async def test_transactions_without_a_date_or_an_amount_are_skipped_on_both_engines(
+    konto: Konto, webapp_pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    now = datetime.now(UTC)
+    seed = seed_data(now)
+    seed_sqlite(konto.path, seed)
+    await seed_postgres(webapp_pool, seed)
+    undated, unvalued, whole = powens_user(bank, 2).transactions[1001]
+    undated.date, unvalued.value = None, None
+
+    lite = await run_claimed(konto.pool, lite_body(konto, bank, http), now)
+    pg = await run_claimed(webapp_pool, pg_body(webapp_pool, bank, http), now)
+
+    assert dict(lite.counts) == dict(pg.counts)
+    assert lite.counts["transactions_incomplete_skipped"] == 2
+    # User 2's write went through (Konto's NOT NULL columns would have refused all of it).
+    hashes = "SELECT tx_hash FROM transactions WHERE bank_account_id = 1001"
+    assert sqlite_rows(konto.path, hashes) == [(f"powens_{whole.id}",)]
+    assert sqlite_rows(konto.path, TRANSACTIONS_SQL) == await pg_rows(webapp_pool, TRANSACTIONS_SQL)
+    for pool in (konto.pool, webapp_pool):
+        row = await pool.fetchrow("SELECT * FROM kontod_connections WHERE connection_id = 2")
+        assert row is not None and row["error_kind"] is None
+
+
 async def test_a_refused_write_fails_its_connection_alone(
     konto: Konto, bank: Bank, http: aiohttp.ClientSession
 ) -> None:

@@ -113,10 +113,11 @@ def tx(
     deleted: bool = False,
     label: str = "CB CAFE",
     last_update: datetime | None = SYNCED,
+    day: date | None = DAY,
 ) -> ProviderTransaction:
     return ProviderTransaction(
         id=tx_id,
-        date=DAY,
+        date=day,
         amount=None if amount is None else Decimal(amount),
         label=label,
         category="food",
@@ -303,7 +304,9 @@ def test_an_account_is_updated_refused_or_only_remembered(
     ("transaction", "written", "gone", "counts", "events"),
     [
         (tx("t1"), ["powens_t1"], [], {}, []),
-        (tx("t1", None), ["powens_t1"], [], {}, []),
+        # Konto's date and amount are NOT NULL: left out, counted.
+        (tx("t1", None), [], [], {"transactions_incomplete_skipped": 1}, []),
+        (tx("t1", day=None), [], [], {"transactions_incomplete_skipped": 1}, []),
         (tx("t1", coming=True), [], [], {"transactions_coming_skipped": 1}, []),
         (tx("t1", deleted=True), [], ["powens_t1"], {}, []),
         # Deleted wins over coming: the row, if any, goes.
