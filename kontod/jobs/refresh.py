@@ -1,8 +1,9 @@
 """The ``refresh-stale-connections`` job: Konto's Powens accounts brought up to what Powens has.
 
 A Powens account is stale when its ``last_sync`` (the bank data's own time, Powens'
-``last_update``) is missing or older than ``stale_after``, unless Powens reported it deleted or
-disabled. Each user owning a stale account is refreshed through their active connections (one
+``last_update``) is missing or older than ``stale_after``, or when it has no transaction at
+all (the web app's rule: the accounts its bank callback creates), unless Powens reported it
+deleted or disabled. Each user owning a stale account is refreshed through their active connections (one
 Powens user and token each), at most ``concurrency`` users at a time:
 
 - the connection's state (``GET /users/me/connections``), its accounts, deleted and disabled
@@ -108,6 +109,7 @@ STALE_REASONS = (
     "no_connection",
     "never_synced",
     "bank_data_old",
+    "no_transactions",
 )
 STATE_COUNT = "connections_state."
 STALE_COUNT = "stale_accounts_after."
@@ -179,11 +181,17 @@ def plausible_amount(value: object) -> bool:
     return amount.is_finite() and abs(amount) <= MAX_AMOUNT
 
 
+# The web app's rule besides last_sync: an account with no transaction at all is stale (its
+# bank callback creates accounts with last_sync = now and no transaction, for the refresh job
+# to fill). The (bank_account_id, tx_hash) unique index answers it.
+NO_TRANSACTIONS = "NOT EXISTS (SELECT 1 FROM transactions t WHERE t.bank_account_id = a.id)"
+
+
 def _stale_filter(schema: KontoSchema) -> str:
     last_sync = schema.timestamptz("bank_accounts", "last_sync", "a")
     return f"""a.provider = 'powens'
        AND k.deleted_at IS NULL AND k.disabled_at IS NULL
-       AND ({last_sync} IS NULL OR {last_sync} < $1)"""
+       AND ({last_sync} IS NULL OR {last_sync} < $1 OR {NO_TRANSACTIONS})"""
 
 
 # When a connection's hold ends (``h.until``), from its kontod_connections row ``k``.
@@ -364,7 +372,8 @@ SELECT CASE
          WHEN kc.error_kind IS NULL AND kc.powens_state = ANY($2::text[]) THEN 'needs_user'
          WHEN kc.error_kind IS NOT NULL OR kc.powens_state IS NOT NULL THEN 'provider_error'
          WHEN {last_sync} IS NULL THEN 'never_synced'
-         ELSE 'bank_data_old'
+         WHEN {last_sync} < $1 THEN 'bank_data_old'
+         ELSE 'no_transactions'
        END AS reason, count(*) AS accounts
   FROM bank_accounts a
   LEFT JOIN kontod_accounts k ON k.bank_account_id = a.id

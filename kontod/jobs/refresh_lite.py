@@ -79,7 +79,8 @@ from kontod.scheduler.contract import ClaimLost, JobBody, RunContext
 # the stale users. Parameters of the scans: the last id read, then READ_CHUNK.
 READ_CHUNK = 10_000
 POWENS_ACCOUNTS_SQL = """
-SELECT id, user_id, provider_account_id, name, company_id IS NOT NULL, last_sync
+SELECT id, user_id, provider_account_id, name, company_id IS NOT NULL, last_sync,
+       EXISTS (SELECT 1 FROM transactions t WHERE t.bank_account_id = bank_accounts.id)
   FROM bank_accounts WHERE provider = 'powens' AND id > ? ORDER BY id LIMIT ?"""
 ACTIVE_CONNECTIONS_SQL = """
 SELECT id, user_id, powens_connection_id, powens_token FROM bank_connections
@@ -260,6 +261,12 @@ class KontoAccount:
     name: str | None
     has_company: bool
     last_sync: datetime | None
+    has_transactions: bool
+
+    def stale_in_konto(self, cutoff: datetime) -> bool:
+        """Stale by Konto's rows alone (the PostgreSQL path's filter before kontod's records):
+        last_sync missing, unreadable or older than ``cutoff``, or no transaction at all."""
+        return self.last_sync is None or self.last_sync < cutoff or not self.has_transactions
 
 
 class LiteRefresh(_Refresh):
@@ -305,7 +312,7 @@ class LiteRefresh(_Refresh):
         times: dict[object, datetime | None] = {}
         out = []
         async for r in self._scan(POWENS_ACCOUNTS_SQL):
-            account_id, user_id, provider_id, name, company, last_sync = r
+            account_id, user_id, provider_id, name, company, last_sync, has_tx = r
             if not isinstance(account_id, int) or not isinstance(user_id, int | None):
                 continue
             if last_sync not in times:  # many accounts share a time: parse each text once
@@ -318,6 +325,7 @@ class LiteRefresh(_Refresh):
                     _text(name),
                     bool(company),
                     times[last_sync],
+                    bool(has_tx),
                 )
             )
         return out
@@ -330,7 +338,7 @@ class LiteRefresh(_Refresh):
         """Every user owning a stale account, with the connections to ask: two reads of Konto's
         database, two of kontod's."""
         accounts = await self._powens_accounts()
-        maybe = {a.user_id for a in accounts if a.last_sync is None or a.last_sync < cutoff}
+        maybe = {a.user_id for a in accounts if a.stale_in_konto(cutoff)}
         mine = [a for a in accounts if a.user_id in maybe]
         kept = await self._kontod_accounts([a.id for a in mine])
         stale = stale_accounts(cutoff, mine, kept)
@@ -557,7 +565,7 @@ class LiteRefresh(_Refresh):
         """Stale accounts by reason and active connections by state, as the PostgreSQL path
         counts them, from Konto's rows and kontod's."""
         accounts = await self._powens_accounts()
-        maybe = [a for a in accounts if a.last_sync is None or a.last_sync < cutoff]
+        maybe = [a for a in accounts if a.stale_in_konto(cutoff)]
         active = [
             (r[0], r[1])
             async for r in self._scan(ALL_ACTIVE_CONNECTIONS_SQL)
@@ -577,7 +585,7 @@ class LiteRefresh(_Refresh):
         for a in stale:
             k = kept.get(a.id)
             known = k["connection_id"] if k else None
-            reasons[stale_reason(a, known, users_active[a.user_id], active_ids, tried)] += 1
+            reasons[stale_reason(a, cutoff, known, users_active[a.user_id], active_ids, tried)] += 1
         for reason in STALE_REASONS:
             self.ctx.set_in(STALE, reason, reasons[reason])
         self.ctx.counts["stale_accounts_after"] = sum(reasons.values())
@@ -596,17 +604,18 @@ def stale_accounts(
     cutoff: datetime, accounts: list[KontoAccount], kept: dict[int, asyncpg.Record]
 ) -> list[KontoAccount]:
     """The stale accounts, by the PostgreSQL path's rule: last_sync missing, unreadable or
-    older than ``cutoff``, unless kontod saw Powens delete or disable the account."""
+    older than ``cutoff``, or no transaction, unless kontod saw Powens delete or disable the
+    account."""
     return [
         a
         for a in accounts
-        if (a.last_sync is None or a.last_sync < cutoff)
-        and not (a.id in kept and kept[a.id]["gone"])
+        if a.stale_in_konto(cutoff) and not (a.id in kept and kept[a.id]["gone"])
     ]
 
 
 def stale_reason(
     account: KontoAccount,
+    cutoff: datetime,
     known: int | None,
     users_active: list[int],
     active: set[int],
@@ -631,7 +640,9 @@ def stale_reason(
             return "needs_user"
         if record["error_kind"] is not None or record["powens_state"] is not None:
             return "provider_error"
-    return "never_synced" if account.last_sync is None else "bank_data_old"
+    if account.last_sync is None:
+        return "never_synced"
+    return "bank_data_old" if account.last_sync < cutoff else "no_transactions"
 
 
 def _text(value: object) -> str | None:

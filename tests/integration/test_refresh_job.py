@@ -287,6 +287,21 @@ async def test_coming_transactions_wait_for_booking_and_deleted_ones_go(
     assert amount == Decimal("-12.34")
 
 
+async def test_a_just_linked_account_without_transactions_is_filled_at_the_next_run(
+    pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    # As the web app's bank callback leaves them: last_sync = now, no transaction.
+    now = datetime.now(UTC)
+    await seed_user(pool, 1, last_sync=now - timedelta(minutes=1))
+
+    ctx = await run(body_for(pool, fast_client(http, bank.url)), at=now)
+
+    assert (ctx.counts["users"], ctx.counts["stale_accounts"]) == (1, 5)
+    assert ctx.counts["transactions_inserted"] == 15
+    assert ctx.counts["stale_accounts_after"] == 0
+    assert len(await tx_hashes(pool, "1")) == 3
+
+
 async def test_transactions_without_a_date_or_an_amount_are_skipped_and_counted(
     pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
 ) -> None:

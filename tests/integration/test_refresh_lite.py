@@ -93,7 +93,8 @@ def seed_data(now: datetime) -> Seed:
     """Six users: 1 (encrypted token; two rows the web app imported, one of them changed at
     the bank since), 2 (plaintext token, never synced, a company account), 3 (a token Powens
     rejects), 4 (fresh: SQLite's own time format), 5 (the bank needs the user; one account's
-    last_sync unreadable), 6 (no active connection); and an account with no user."""
+    last_sync unreadable), 6 (no active connection); and an account with no user. Each of
+    user 4's accounts holds its first transaction (an account without any is stale)."""
     accounts: list[tuple[object, ...]] = []
     for user in (1, 2, 3, 4, 5, 6):
         for n, a in enumerate(demo_accounts(user)):
@@ -144,6 +145,8 @@ def seed_data(now: datetime) -> Seed:
                 # This one is as the bank has it: left alone.
                 (1, second.date.isoformat(), float(second.value), second.wording,
                  second.category, f"powens_{second.id}"),
+                *[(a.id, t.date.isoformat(), float(t.value), t.wording, t.category,
+                   f"powens_{t.id}") for a in demo_accounts(4) for t in demo_transactions(a.id)[:1]],
             ],
         ),
     }  # fmt: skip
@@ -309,6 +312,7 @@ async def test_both_engines_refresh_to_the_same_rows_and_counts(
         "stale_accounts_after.bank_data_old": 1,
         "stale_accounts_after.never_synced": 1,
         "stale_accounts_after.provider_error": 0,
+        "stale_accounts_after.no_transactions": 0,
     }
     # Konto's rows: the same values, each of its column's own type, to the last bit.
     lite_accounts = sqlite_rows(konto.path, ACCOUNTS_SQL)
@@ -336,17 +340,19 @@ async def test_both_engines_refresh_to_the_same_rows_and_counts(
     assert table_info(konto.path) == schema_before
 
     # Everything is stale an hour later: nothing new at the bank, nothing written twice; only
-    # user 4, fresh until now, has transactions to import.
+    # user 4, fresh until now, has transactions to import (all but the five it holds).
     later = now + timedelta(hours=1)
     lite_2 = await run_claimed(konto.pool, lite_body(konto, bank, http, timedelta(0)), later)
     pg_2 = await run_claimed(webapp_pool, pg_body(webapp_pool, bank, http, timedelta(0)), later)
     assert dict(lite_2.counts) == dict(pg_2.counts)
     assert (lite_2.counts["transactions_inserted"], lite_2.counts["transactions_updated"]) == (
-        15,
+        10,
         0,
     )
     user_4 = {a.id for a in demo_accounts(4)}
-    assert [r for r in sqlite_rows(konto.path, TRANSACTIONS_SQL) if r[0] not in user_4] == lite_txs
+    assert [r for r in sqlite_rows(konto.path, TRANSACTIONS_SQL) if r[0] not in user_4] == [
+        r for r in lite_txs if r[0] not in user_4
+    ]
     assert sqlite_rows(konto.path, TRANSACTIONS_SQL) == await pg_rows(webapp_pool, TRANSACTIONS_SQL)
     assert sqlite_rows(konto.path, ACCOUNTS_SQL) == await pg_rows(webapp_pool, ACCOUNTS_SQL)
     assert await kontod_rows(konto.pool) == await kontod_rows(webapp_pool)
@@ -377,12 +383,42 @@ async def test_transactions_without_a_date_or_an_amount_are_skipped_on_both_engi
         assert row is not None and row["error_kind"] is None
 
 
+async def test_a_just_linked_account_without_transactions_is_filled_at_the_next_run(
+    konto: Konto, webapp_pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    # As the web app's bank callback leaves them: last_sync = now, no transaction.
+    now = datetime.now(UTC)
+    seed = seed_data(now)
+    just_now = iso_text(now - timedelta(minutes=1))
+    seed["bank_accounts"] = (
+        seed["bank_accounts"][0],
+        [(*a[:7], just_now) for a in seed["bank_accounts"][1] if a[1] == 4],
+    )
+    seed["transactions"] = (seed["transactions"][0], [])
+    seed_sqlite(konto.path, seed)
+    await seed_postgres(webapp_pool, seed)
+    empty = demo_accounts(4)[2].id
+    powens_user(bank, 4).transactions[empty] = []  # none at the bank either
+
+    lite = await run_claimed(konto.pool, lite_body(konto, bank, http), now)
+    pg = await run_claimed(webapp_pool, pg_body(webapp_pool, bank, http), now)
+
+    assert dict(lite.counts) == dict(pg.counts)
+    assert (lite.counts["users"], lite.counts["stale_accounts"]) == (1, 5)
+    assert lite.counts["transactions_inserted"] == 4 * 3
+    assert sqlite_rows(konto.path, TRANSACTIONS_SQL) == await pg_rows(webapp_pool, TRANSACTIONS_SQL)
+    # The account the bank has no transaction for stays stale, and says why.
+    assert lite.counts["stale_accounts_after"] == 1
+    assert lite.counts["stale_accounts_after.no_transactions"] == 1
+
+
 async def test_a_refused_write_fails_its_connection_alone(
     konto: Konto, bank: Bank, http: aiohttp.ClientSession
 ) -> None:
     now = datetime.now(UTC)
     seed = seed_data(now)
-    seed["transactions"] = (seed["transactions"][0], [])
+    columns, rows = seed["transactions"]
+    seed["transactions"] = (columns, [r for r in rows if r[0] != 1])  # user 4's kept: fresh
     seed_sqlite(konto.path, seed)
     # User 1 has a second bank, seen through user 2's Powens data and token.
     with sqlite3.connect(konto.path) as conn:
@@ -495,7 +531,7 @@ async def test_a_takeover_mid_run_stops_the_older_run_before_its_next_write(
     with pytest.raises(ClaimLost, match="a newer run took the job over"):
         await body(ctx)
 
-    assert sqlite_rows(konto.path, "SELECT count(*) FROM transactions") == [(2,)]
+    assert sqlite_rows(konto.path, "SELECT count(*) FROM transactions") == [(2 + 5,)]  # seeded
     assert {r[0] for r in sqlite_rows(konto.path, "SELECT balance FROM bank_accounts")} == {0.1}
     assert await konto.pool.fetchval("SELECT count(*) FROM kontod_accounts") == 0
 
