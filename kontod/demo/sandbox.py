@@ -6,7 +6,7 @@ accounts only with ``all``; ``balance`` may be null; ``currency`` objects) and
 ``GET /2.0/users/me/accounts/{id}/transactions`` (``limit`` required, at most 1000, else 400 with
 a Powens error body; pages linked by ``_links.next.href``; filters ``last_update``,
 ``min_date``, ``max_date``, ``all``; ``categories`` with ``expand=categories``; ``coming`` and
-``deleted`` transactions, and transactions with a null ``date`` or ``value``).
+``deleted`` transactions, and transactions with a null ``date``, ``value`` or ``id``).
 
 Each token is one Powens user. Tokens ``sandbox-user-<n>`` (n >= 1) get deterministic demo data
 (see ``demo_accounts``) the first time they are used; a test may change that data through
@@ -238,9 +238,10 @@ class SandboxAccount:
 
 @dataclass
 class SandboxTransaction:
-    """A Powens transaction; ``coming`` not booked yet, ``deleted`` removed by Powens."""
+    """A Powens transaction; ``coming`` not booked yet, ``deleted`` removed by Powens; ``id``
+    None: one Powens gives without an id."""
 
-    id: int
+    id: int | None
     id_account: int
     date: date | None
     value: Decimal | Raw | None
@@ -490,7 +491,7 @@ class Sandbox:
             and (min_date is None or (t.date is not None and t.date >= min_date))
             and (max_date is None or (t.date is not None and t.date <= max_date))
         ]
-        rows.sort(key=lambda t: (t.date or date.min, t.id), reverse=True)
+        rows.sort(key=lambda t: (t.date or date.min, t.id or 0), reverse=True)
         page = rows[offset : offset + int(limit)]
         categories = "categories" in query.get("expand", "").split(",")
         links: dict[str, Any] = {"self": {"href": str(request.url)}}

@@ -33,6 +33,7 @@ app's SQLite/libSQL database, ``kontod.jobs.refresh_lite`` gives the shell its d
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ COUNT_KEYS = (
     "balances_null_kept",
     "accounts_invalid",
     "transactions_inserted",
+    "transactions_adopted",
     "transactions_updated",
     "transactions_deleted",
     "transactions_coming_skipped",
@@ -147,6 +149,7 @@ MAX_AMOUNT = Decimal(10) ** 15
 # Errors stored on a connection are cut to this many characters.
 MAX_REASON = 1000
 TX_HASH_PREFIX = "powens_"
+TX_FALLBACK_PREFIX = "powens_f_"
 
 
 def needs_user_hold(streak: int) -> timedelta:
@@ -168,6 +171,20 @@ def pg_text(text: str | None) -> str | None:
     except UnicodeEncodeError:
         text = "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
     return text
+
+
+def tx_key(account_id: int, tx: ProviderTransaction) -> str:
+    """The web app's ``tx_hash`` of a Powens transaction in Konto's account ``account_id``.
+
+    ``'powens_' || id``; without an id, as the web app's per-account sync makes it:
+    ``'powens_f_'`` + the first 20 hex digits of SHA-256 of ``account_id|date|value|label``
+    (the date and value as JavaScript prints them, the label trimmed). Made fit for ``text``.
+    """
+    if tx.id is not None:
+        return pg_text(TX_HASH_PREFIX + tx.id) or ""
+    label = (tx.label or "").strip()
+    text = pg_text(f"{account_id}|{tx.date_text}|{tx.value_text}|{label}") or ""
+    return TX_FALLBACK_PREFIX + hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
 
 
 def plausible_amount(value: object) -> bool:
@@ -223,6 +240,7 @@ class Statements:
     connections: str
     accounts: str
     update_accounts: str
+    adopt_transactions: str
     upsert_transactions: str
     delete_transactions: str
     upsert_kontod_accounts: str
@@ -278,6 +296,35 @@ UPDATE bank_accounts a
               $7::{c("bank_accounts", "subtype")}[])
        AS u (id, balance, last_sync, currency, type, usage, subtype)
  WHERE a.id = u.id""",
+        # Before the upsert: rows the web app's old refresh job imported without a key are
+        # given the key of the Powens transaction they stand for (same account, date, amount
+        # and label, the n-th alike row for the n-th alike transaction), so that the upsert
+        # updates them instead of inserting twins. Transactions whose key is already there
+        # adopt nothing (their row is known), nor do rows that already have a key.
+        adopt_transactions=f"""
+WITH incoming AS (
+    SELECT u.account_id, u.date, u.amount, u.label, u.tx_hash,
+           row_number() OVER (PARTITION BY u.account_id, u.date, u.amount, u.label
+                              ORDER BY u.tx_hash) AS n
+      FROM unnest($1::{c("transactions", "bank_account_id")}[],
+                  $2::{c("transactions", "date")}[], $3::{c("transactions", "amount")}[],
+                  $4::{c("transactions", "label")}[], $5::{c("transactions", "category")}[],
+                  $6::{c("transactions", "tx_hash")}[])
+           AS u (account_id, date, amount, label, category, tx_hash)
+     WHERE NOT EXISTS (SELECT 1 FROM transactions t
+                        WHERE t.bank_account_id = u.account_id AND t.tx_hash = u.tx_hash)
+), orphans AS (
+    SELECT t.ctid AS row, t.bank_account_id, t.date, t.amount, t.label,
+           row_number() OVER (PARTITION BY t.bank_account_id, t.date, t.amount, t.label
+                              ORDER BY t.ctid) AS n
+      FROM transactions t
+     WHERE t.tx_hash IS NULL AND t.bank_account_id IN (SELECT account_id FROM incoming)
+)
+UPDATE transactions t SET tx_hash = i.tx_hash
+  FROM orphans o
+  JOIN incoming i ON i.account_id = o.bank_account_id AND i.date = o.date
+                 AND i.amount = o.amount AND i.label IS NOT DISTINCT FROM o.label AND i.n = o.n
+ WHERE t.ctid = o.row""",
         # The web app's key: a row it imported is updated, never doubled. xmax = 0 tells an
         # inserted row from an updated one; unchanged rows are not touched at all.
         upsert_transactions=f"""
@@ -737,7 +784,7 @@ def _plan_connection(
                 continue
             for tx in txs or ():
                 if tx.deleted:
-                    tx_gone.append((account.id, pg_text(TX_HASH_PREFIX + tx.id) or ""))
+                    tx_gone.append((account.id, tx_key(account.id, tx)))
                     continue
                 if tx.coming:
                     counts["transactions_coming_skipped"] += 1
@@ -775,16 +822,21 @@ def _plan_connection(
         f.connection,
         record,
         accounts=tuple(_account_row(schema, a, r, loc, b) for a, r, loc, b in updates),
+        # One row per key: two id-less transactions alike have one key, which the web app
+        # writes once (the last wins), and one upsert statement cannot write a row twice.
         transactions=tuple(
-            TransactionRow(
-                account_id,
-                _encode_one(schema, "transactions", "date", tx.date),
-                amount,
-                pg_text(tx.label),
-                pg_text(tx.category),
-                pg_text(TX_HASH_PREFIX + tx.id),
-            )
-            for account_id, tx, amount in tx_rows
+            {
+                (account_id, key): TransactionRow(
+                    account_id,
+                    _encode_one(schema, "transactions", "date", tx.date),
+                    amount,
+                    pg_text(tx.label),
+                    pg_text(tx.category),
+                    key,
+                )
+                for account_id, tx, amount in tx_rows
+                for key in (tx_key(account_id, tx),)
+            }.values()
         ),
         deleted=tuple(tx_gone),
         states=tuple(
@@ -1251,6 +1303,8 @@ class _Refresh:
             status = await conn.execute(self.sql.update_accounts, *_columns(part.accounts))
             counts["accounts_updated"] += int(status.split()[-1])
         if part.transactions:
+            status = await conn.execute(self.sql.adopt_transactions, *_columns(part.transactions))
+            counts["transactions_adopted"] += int(status.split()[-1])
             row = await conn.fetchrow(self.sql.upsert_transactions, *_columns(part.transactions))
             assert row is not None
             counts["transactions_inserted"] += row["inserted"]

@@ -102,6 +102,34 @@ UPDATE bank_accounts AS a
                value->>6 AS subtype
           FROM json_each(?)) AS u
  WHERE a.id = u.id"""
+# Rows the web app's old refresh job imported without a key take the key of the Powens
+# transaction they stand for, before the upsert (the PostgreSQL path's adopt_transactions).
+# The statement starts with UPDATE so that the rows it changes are counted.
+ADOPT_TRANSACTIONS_SQL = """
+UPDATE transactions SET tx_hash = m.tx_hash
+  FROM (WITH incoming AS (
+            SELECT value->>0 AS account_id, value->>1 AS date, value->>2 AS amount,
+                   value->>3 AS label, value->>5 AS tx_hash
+              FROM json_each(?)
+        ), fresh AS (
+            SELECT i.*, row_number() OVER (PARTITION BY account_id, date, amount, label
+                                           ORDER BY tx_hash) AS n
+              FROM incoming i
+             WHERE NOT EXISTS (SELECT 1 FROM transactions t
+                                WHERE t.bank_account_id = i.account_id
+                                  AND t.tx_hash = i.tx_hash)
+        ), orphans AS (
+            SELECT t.rowid AS row, t.bank_account_id, t.date, t.amount, t.label,
+                   row_number() OVER (PARTITION BY t.bank_account_id, t.date, t.amount, t.label
+                                      ORDER BY t.rowid) AS n
+              FROM transactions t
+             WHERE t.tx_hash IS NULL AND t.bank_account_id IN (SELECT account_id FROM fresh)
+        )
+        SELECT o.row, f.tx_hash
+          FROM orphans o
+          JOIN fresh f ON f.account_id = o.bank_account_id AND f.date = o.date
+                      AND f.amount = o.amount AND f.label IS o.label AND f.n = o.n) AS m
+ WHERE transactions.rowid = m.row"""
 # New rows get a rowid above every existing one (the write lock is held), so the rowids the
 # upsert returns tell inserted rows from updated ones. Unchanged rows are not touched.
 MAX_ROWID_SQL = "SELECT coalesce(max(rowid), 0) FROM transactions"
@@ -493,9 +521,11 @@ class LiteRefresh(_Refresh):
                 steps.append(Statement(UPDATE_ACCOUNTS_SQL, (_json(part.accounts),)))
                 kinds.append("accounts")
             if part.transactions:
+                rows = _json(part.transactions)
+                steps.append(Statement(ADOPT_TRANSACTIONS_SQL, (rows,)))
                 steps.append(Statement(MAX_ROWID_SQL))
-                steps.append(Statement(UPSERT_TRANSACTIONS_SQL, (_json(part.transactions),)))
-                kinds += ["max_rowid", "upsert"]
+                steps.append(Statement(UPSERT_TRANSACTIONS_SQL, (rows,)))
+                kinds += ["adopted", "max_rowid", "upsert"]
             if part.deleted:
                 steps.append(Statement(DELETE_TRANSACTIONS_SQL, (_json(part.deleted),)))
                 kinds.append("deleted")
@@ -510,6 +540,8 @@ class LiteRefresh(_Refresh):
         for kind, result in zip(kinds, results, strict=True):
             if kind == "accounts":
                 counts["accounts_updated"] += result.changes
+            elif kind == "adopted":
+                counts["transactions_adopted"] += result.changes
             elif kind == "max_rowid":
                 before = int(result.rows[0][0] or 0)
             elif kind == "upsert":

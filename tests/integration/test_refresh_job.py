@@ -257,6 +257,36 @@ async def test_a_transaction_the_web_app_imported_is_not_imported_again(
     assert await tx_hashes(pool, "1") == sorted(f"powens_{t.id}" for t in demo_transactions(1))
 
 
+async def test_rows_the_old_web_app_job_imported_are_adopted_not_doubled(
+    pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    await seed_user(pool, 1)
+    txs = powens_user(bank, 1).transactions[1]
+    txs[2].id = None  # Powens gave this one no id
+    # As the web app's refresh job imported them: no tx_hash, no category.
+    await pool.executemany(
+        """INSERT INTO transactions (bank_account_id, date, amount, label)
+           SELECT id, $1, $2, $3 FROM bank_accounts WHERE provider_account_id = '1'""",
+        [(t.date, t.value, t.wording) for t in txs],
+    )
+    body = body_for(pool, fast_client(http, bank.url), stale_after=timedelta(seconds=1))
+
+    ctx = await run(body)
+
+    assert ctx.counts["transactions_adopted"] == 3
+    assert ctx.counts["transactions_inserted"] == 12
+    hashes = await tx_hashes(pool, "1")
+    assert len(hashes) == 3
+    assert {f"powens_{txs[0].id}", f"powens_{txs[1].id}"} < set(hashes)
+    assert [h for h in hashes if h.startswith("powens_f_")] != []
+
+    # The bank's data moves: every transaction is asked again, none inserted.
+    powens_user(bank, 1).account(1).last_update = bank.sandbox.synced_at + timedelta(hours=1)
+    ctx = await run(body)
+    assert (ctx.counts["transactions_inserted"], ctx.counts["transactions_adopted"]) == (0, 0)
+    assert await tx_hashes(pool, "1") == hashes
+
+
 async def test_coming_transactions_wait_for_booking_and_deleted_ones_go(
     pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
 ) -> None:

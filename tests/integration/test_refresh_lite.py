@@ -9,9 +9,11 @@ sandbox).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sqlite3
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,7 +26,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from kontod import db
-from kontod.demo.sandbox import demo_accounts, demo_transactions, token_for
+from kontod.demo.sandbox import DemoTransaction, demo_accounts, demo_transactions, token_for
 from kontod.jobs import REFRESH, refresh_lite
 from kontod.jobs.refresh import make_body
 from kontod.jobs.refresh_lite import read_time
@@ -229,7 +231,7 @@ def pg_body(
 ACCOUNTS_SQL = """SELECT id, balance, last_sync, type, usage, subtype, currency
                     FROM bank_accounts ORDER BY id"""
 TRANSACTIONS_SQL = """SELECT bank_account_id, tx_hash, date, amount, label, category
-                        FROM transactions ORDER BY bank_account_id, tx_hash"""
+                        FROM transactions ORDER BY bank_account_id, tx_hash NULLS FIRST"""
 
 
 def sqlite_rows(path: Path, sql: str) -> list[tuple[object, ...]]:
@@ -410,6 +412,59 @@ async def test_a_just_linked_account_without_transactions_is_filled_at_the_next_
     # The account the bank has no transaction for stays stale, and says why.
     assert lite.counts["stale_accounts_after"] == 1
     assert lite.counts["stale_accounts_after.no_transactions"] == 1
+
+
+async def test_rows_the_old_web_app_job_imported_are_adopted_not_doubled(
+    konto: Konto, webapp_pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    now = datetime.now(UTC)
+    seed = seed_data(now)
+    columns, _ = seed["transactions"]
+    txs = powens_user(bank, 1).transactions
+    # Account 2: two Powens transactions alike, three rows alike (the old job's doubles).
+    twin = txs[2][1]
+    twin.date, twin.value, twin.wording = txs[2][0].date, txs[2][0].value, txs[2][0].wording
+    # Account 3: a transaction Powens gives without an id.
+    txs[3][2].id = None
+    nameless = demo_transactions(3)[2]
+
+    # As the web app's refresh job imported them: no tx_hash, no category.
+    def old_row(t: DemoTransaction) -> tuple[object, ...]:
+        return (t.account_id, t.date.isoformat(), float(t.value), t.wording, None, None)
+
+    first, alike = demo_transactions(1)[:2], demo_transactions(2)[0]
+    old = [old_row(t) for t in first] + [old_row(alike)] * 3 + [old_row(nameless)]
+    seed["transactions"] = (columns, old)
+    seed_sqlite(konto.path, seed)
+    await seed_postgres(webapp_pool, seed)
+
+    lite = await run_claimed(konto.pool, lite_body(konto, bank, http), now)
+    pg = await run_claimed(webapp_pool, pg_body(webapp_pool, bank, http), now)
+
+    assert dict(lite.counts) == dict(pg.counts)
+    # Two of account 1, two of the three alike (two Powens transactions), the id-less one.
+    assert lite.counts["transactions_adopted"] == 2 + 2 + 1
+    rows = sqlite_rows(konto.path, TRANSACTIONS_SQL)
+    assert rows == await pg_rows(webapp_pool, TRANSACTIONS_SQL)
+    per_account = Counter(r[0] for r in rows if r[0] in (1, 2, 3))
+    assert per_account == {1: 3, 2: 3 + 1, 3: 3}  # the old job's third double stays
+    assert [r for r in rows if r[1] is None] == [(2, None, *old_row(alike)[1:4], None)]
+    # The web app's key for a transaction without an id (the value as JavaScript prints it).
+    value = format(nameless.value, "f").rstrip("0").rstrip(".")
+    fallback = f"3|{nameless.date.isoformat()}|{value}|{nameless.wording.strip()}"
+    expected = "powens_f_" + hashlib.sha256(fallback.encode()).hexdigest()[:20]
+    assert [r[1] for r in rows if r[0] == 3 and r[2] == nameless.date.isoformat()] == [expected]
+
+    # The bank's data moves: every transaction is asked again, and none is inserted.
+    later = now + timedelta(hours=1)
+    for account in powens_user(bank, 1).accounts:
+        account.last_update = later.replace(microsecond=0)
+    lite_2 = await run_claimed(konto.pool, lite_body(konto, bank, http, timedelta(0)), later)
+    pg_2 = await run_claimed(webapp_pool, pg_body(webapp_pool, bank, http, timedelta(0)), later)
+    assert dict(lite_2.counts) == dict(pg_2.counts)
+    assert bank.sandbox.requests_by_endpoint_token[("transactions", token_for(1))] == 4 * 5
+    assert (lite_2.counts["transactions_inserted"], lite_2.counts["transactions_adopted"]) == (0, 0)
+    assert sqlite_rows(konto.path, TRANSACTIONS_SQL) == rows
 
 
 async def test_a_refused_write_fails_its_connection_alone(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
@@ -22,6 +23,7 @@ from kontod.jobs.refresh import (
     statements,
     transactions_wanted,
     triage,
+    tx_key,
 )
 from kontod.konto.schema import REQUIRED, KontoSchema
 from kontod.providers.powens import ProviderAccount, ProviderConnection, ProviderTransaction
@@ -465,3 +467,22 @@ def test_every_statement_is_an_attribute_with_the_columns_casts() -> None:
     assert "$2::numeric[]" in exact.update_accounts
     assert "kontod_try_timestamptz(a.last_sync)" in web_app.stale_users
     assert "kontod_try_timestamptz" not in exact.stale_users
+
+
+def test_a_transaction_without_an_id_gets_the_web_apps_fallback_key() -> None:
+    nameless = ProviderTransaction(
+        id=None,
+        date=DAY,
+        amount=Decimal("-12.50"),
+        label=" CB CAFE ",
+        category=None,
+        date_text="2026-02-10",
+        value_text="-12.5",
+    )
+    digest = hashlib.sha256(b"7|2026-02-10|-12.5|CB CAFE").hexdigest()
+    assert tx_key(7, nameless) == "powens_f_" + digest[:20]
+    assert tx_key(7, tx("t9")) == "powens_t9"
+    # Two alike have one key, written once (one upsert cannot write a row twice).
+    fetched = brought([remote("a")], {"a": [nameless, nameless]})
+    [part] = plan(user([local(7, "a")]), [fetched], NOW, EXACT).parts
+    assert [row.tx_hash for row in part.transactions] == ["powens_f_" + digest[:20]]
