@@ -125,7 +125,7 @@ async def test_happy_path_writes_the_bank_data_and_its_own_time(
         ("savings", "personal", None),
         ("investment", "personal", "stocks"),
         ("loan", "personal", None),
-        ("checking", "professional", None),
+        ("checking", "personal", None),  # Powens' ORGA: the web app's rule ignores it
     ]
     # Honest freshness: the time Powens got the data from the bank, not the time of the call.
     assert {r["last_sync"] for r in rows} == {bank.sandbox.synced_at}
@@ -767,7 +767,8 @@ async def test_classification_uses_the_local_company(
     assert [(r["balance"], r["type"], r["usage"], r["subtype"]) for r in rows[:3]] == [
         (Decimal(1), "checking", "professional", None),
         (Decimal("2.5"), "savings", "professional", None),
-        (Decimal(0), "investment", "personal", "gold"),  # no balance given: kept
+        # As the web app decides: Powens' PRIV is not recognised, the company decides.
+        (Decimal(0), "investment", "professional", "gold"),  # no balance given: kept
     ]
     assert ctx.counts["balances_null_kept"] == 1
     assert [r["last_sync"] for r in rows] == [None] * 5  # no last_update given
