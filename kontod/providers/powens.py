@@ -138,7 +138,8 @@ class ProviderAccount:
 class ProviderTransaction:
     """One transaction; ``id`` is the provider's, stable across imports.
 
-    ``category`` is the code of the first of Powens' ``categories``; ``coming`` is a pending
+    ``category`` is the ``name`` of a ``category`` object, as the web app takes it (Powens
+    documents no such field, so it is None in practice, as in the web app); ``coming`` is a pending
     transaction, not booked yet; ``deleted`` one Powens has removed. ``id`` is None when Powens
     gave none; ``date_text`` and ``value_text`` are then the date and the value as JavaScript
     prints the JSON it got (``date || rdate``, ``String(value)``), which the web app's key for
@@ -257,7 +258,7 @@ class PowensClient:
         """
         url = f"{self._base}/users/me/accounts/{quote(account_id, safe='')}/transactions"
         what = f"transactions of account {account_id}"
-        first = {"limit": str(limit), "all": "true", "expand": "categories"}
+        first = {"limit": str(limit), "all": "true"}
         if since is not None:
             first["last_update"] = since.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
         params: dict[str, str] | None = first
@@ -568,14 +569,13 @@ def _transaction(item: object, account_id: str) -> ProviderTransaction:
     where = f"transaction {tx_id or '(no id)'} of account {account_id}"
     raw_date = item.get("date") or item.get("rdate")
     raw_amount = item.get("value") if item.get("value") is not None else item.get("amount")
-    categories = item.get("categories")
-    first = categories[0] if isinstance(categories, list) and categories else None
+    category = item.get("category")
     return ProviderTransaction(
         id=tx_id,
         date=_date(raw_date, TRANSACTIONS, f"the date of {where}"),
         amount=_decimal(raw_amount, TRANSACTIONS, f"the amount of {where}"),
         label=_text(item.get("original_wording")) or _text(item.get("wording")),
-        category=_text(first.get("code")) if isinstance(first, dict) else None,
+        category=_text(category.get("name")) if isinstance(category, dict) else None,
         coming=item.get("coming") is True,
         deleted=_flag(item.get("deleted")),
         last_update=_datetime(item.get("last_update"), TRANSACTIONS, f"last_update of {where}"),
