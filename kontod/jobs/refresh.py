@@ -1,8 +1,10 @@
 """The ``refresh-stale-connections`` job: Konto's Powens accounts brought up to what Powens has.
 
-A Powens account is stale when its ``last_sync`` (the bank data's own time, Powens'
-``last_update``) is missing or older than ``stale_after``, or when it has no transaction at
-all (the web app's rule: the accounts its bank callback creates), unless Powens reported it
+A Powens account is stale, as the web app counts it, when its ``last_sync`` (the time of the
+last successful fetch, kontod's or the web app's) is missing or older than ``stale_after`` or
+when it has no transaction at all (the accounts the web app's bank callback creates); and, by
+kontod's own rule, when the bank data's own time (Powens' ``last_update``, which kontod keeps
+in ``kontod_accounts``) is missing or older than ``stale_after``; unless Powens reported it
 deleted or disabled. Each user owning a stale account is refreshed through their active connections (one
 Powens user and token each), at most ``concurrency`` users at a time:
 
@@ -204,11 +206,19 @@ def plausible_amount(value: object) -> bool:
 NO_TRANSACTIONS = "NOT EXISTS (SELECT 1 FROM transactions t WHERE t.bank_account_id = a.id)"
 
 
+# kontod's rule beside the web app's: the bank data's own age, Powens' last_update as kontod
+# last saw it (last_sync is the time of the last fetch, as the web app writes it, so an
+# account whose bank needs the user would otherwise look fresh). No record: never asked yet.
+BANK_DATA_OLD = "k.powens_last_update < $1"
+BANK_DATA_NONE = "(k.bank_account_id IS NOT NULL AND k.powens_last_update IS NULL)"
+
+
 def _stale_filter(schema: KontoSchema) -> str:
     last_sync = schema.timestamptz("bank_accounts", "last_sync", "a")
     return f"""a.provider = 'powens'
        AND k.deleted_at IS NULL AND k.disabled_at IS NULL
-       AND ({last_sync} IS NULL OR {last_sync} < $1 OR {NO_TRANSACTIONS})"""
+       AND ({last_sync} IS NULL OR {last_sync} < $1 OR {NO_TRANSACTIONS}
+            OR {BANK_DATA_NONE} OR {BANK_DATA_OLD})"""
 
 
 # When a connection's hold ends (``h.until``), from its kontod_connections row ``k``.
@@ -418,8 +428,8 @@ SELECT CASE
          WHEN kc.error_kind = 'token_rejected' THEN 'token_rejected'
          WHEN kc.error_kind IS NULL AND kc.powens_state = ANY($2::text[]) THEN 'needs_user'
          WHEN kc.error_kind IS NOT NULL OR kc.powens_state IS NOT NULL THEN 'provider_error'
-         WHEN {last_sync} IS NULL THEN 'never_synced'
-         WHEN {last_sync} < $1 THEN 'bank_data_old'
+         WHEN {last_sync} IS NULL OR {BANK_DATA_NONE} THEN 'never_synced'
+         WHEN {last_sync} < $1 OR {BANK_DATA_OLD} THEN 'bank_data_old'
          ELSE 'no_transactions'
        END AS reason, count(*) AS accounts
   FROM bank_accounts a
@@ -821,7 +831,7 @@ def _plan_connection(
     return ConnectionPlan(
         f.connection,
         record,
-        accounts=tuple(_account_row(schema, a, r, loc, b) for a, r, loc, b in updates),
+        accounts=tuple(_account_row(schema, a, r, loc, b, now) for a, r, loc, b in updates),
         # One row per key: two id-less transactions alike have one key, which the web app
         # writes once (the last wins), and one upsert statement cannot write a row twice.
         transactions=tuple(
@@ -863,7 +873,10 @@ def _account_row(
     remote: ProviderAccount,
     local: LocalAccount,
     balance: object,
+    now: datetime,
 ) -> AccountRow:
+    """The account's row; ``last_sync`` is ``now``, the time of kontod's fetch, as the web app
+    writes it (the bank data's own time, Powens' last_update, is kept in kontod_accounts)."""
     kind = classify(
         provider_type=remote.type,
         name=remote.name or local.name,
@@ -873,7 +886,7 @@ def _account_row(
     return AccountRow(
         account_id,
         balance,
-        _encode_one(schema, "bank_accounts", "last_sync", remote.last_update),
+        _encode_one(schema, "bank_accounts", "last_sync", now),
         _encode_one(schema, "bank_accounts", "currency", pg_text(remote.currency)),
         pg_text(kind.type),
         pg_text(kind.usage),

@@ -150,6 +150,11 @@ DELETE FROM transactions
  WHERE (bank_account_id, tx_hash) IN (SELECT value->>0, value->>1 FROM json_each(?))"""
 
 # kontod's side, in PostgreSQL, by the ids Konto's rows gave.
+# The accounts stale by kontod's own rule: the bank data's time missing or old.
+BANK_DATA_OLD_SQL = """
+SELECT bank_account_id AS id FROM kontod_accounts
+ WHERE deleted_at IS NULL AND disabled_at IS NULL
+   AND (powens_last_update IS NULL OR powens_last_update < $1)"""
 KONTOD_ACCOUNTS_SQL = """
 SELECT bank_account_id AS id, connection_id,
        deleted_at IS NOT NULL OR disabled_at IS NOT NULL AS gone,
@@ -358,6 +363,11 @@ class LiteRefresh(_Refresh):
             )
         return out
 
+    async def _bank_data_old(self, cutoff: datetime) -> set[int]:
+        """The accounts whose bank data kontod last saw missing or older than ``cutoff``."""
+        async with self.pool.acquire() as conn:
+            return {r["id"] for r in await conn.fetch(BANK_DATA_OLD_SQL, cutoff)}
+
     async def _kontod_accounts(self, ids: list[int]) -> dict[int, asyncpg.Record]:
         async with self.pool.acquire() as conn:
             return {r["id"]: r for r in await conn.fetch(KONTOD_ACCOUNTS_SQL, ids)}
@@ -366,7 +376,8 @@ class LiteRefresh(_Refresh):
         """Every user owning a stale account, with the connections to ask: two reads of Konto's
         database, two of kontod's."""
         accounts = await self._powens_accounts()
-        maybe = {a.user_id for a in accounts if a.stale_in_konto(cutoff)}
+        old = await self._bank_data_old(cutoff)
+        maybe = {a.user_id for a in accounts if a.stale_in_konto(cutoff) or a.id in old}
         mine = [a for a in accounts if a.user_id in maybe]
         kept = await self._kontod_accounts([a.id for a in mine])
         stale = stale_accounts(cutoff, mine, kept)
@@ -597,7 +608,8 @@ class LiteRefresh(_Refresh):
         """Stale accounts by reason and active connections by state, as the PostgreSQL path
         counts them, from Konto's rows and kontod's."""
         accounts = await self._powens_accounts()
-        maybe = [a for a in accounts if a.stale_in_konto(cutoff)]
+        old = await self._bank_data_old(cutoff)
+        maybe = [a for a in accounts if a.stale_in_konto(cutoff) or a.id in old]
         active = [
             (r[0], r[1])
             async for r in self._scan(ALL_ACTIVE_CONNECTIONS_SQL)
@@ -615,9 +627,9 @@ class LiteRefresh(_Refresh):
         active_ids = {c for c, _ in active}
         reasons: Counter[str] = Counter()
         for a in stale:
-            k = kept.get(a.id)
-            known = k["connection_id"] if k else None
-            reasons[stale_reason(a, cutoff, known, users_active[a.user_id], active_ids, tried)] += 1
+            reasons[
+                stale_reason(a, cutoff, kept.get(a.id), users_active[a.user_id], active_ids, tried)
+            ] += 1
         for reason in STALE_REASONS:
             self.ctx.set_in(STALE, reason, reasons[reason])
         self.ctx.counts["stale_accounts_after"] = sum(reasons.values())
@@ -636,19 +648,30 @@ def stale_accounts(
     cutoff: datetime, accounts: list[KontoAccount], kept: dict[int, asyncpg.Record]
 ) -> list[KontoAccount]:
     """The stale accounts, by the PostgreSQL path's rule: last_sync missing, unreadable or
-    older than ``cutoff``, or no transaction, unless kontod saw Powens delete or disable the
-    account."""
+    older than ``cutoff``, or no transaction, or the bank data kontod saw missing or older than
+    ``cutoff``, unless kontod saw Powens delete or disable the account."""
     return [
         a
         for a in accounts
-        if a.stale_in_konto(cutoff) and not (a.id in kept and kept[a.id]["gone"])
+        if (a.stale_in_konto(cutoff) or bank_data_old(kept.get(a.id), cutoff) is not None)
+        and not (a.id in kept and kept[a.id]["gone"])
     ]
+
+
+def bank_data_old(kept: asyncpg.Record | None, cutoff: datetime) -> str | None:
+    """kontod's rule on its record of an account: ``never_synced`` when Powens gave no time,
+    ``bank_data_old`` when older than ``cutoff``, None when fresh or never seen."""
+    if kept is None:
+        return None
+    if kept["powens_last_update"] is None:
+        return "never_synced"
+    return "bank_data_old" if kept["powens_last_update"] < cutoff else None
 
 
 def stale_reason(
     account: KontoAccount,
     cutoff: datetime,
-    known: int | None,
+    kept: asyncpg.Record | None,
     users_active: list[int],
     active: set[int],
     tried: dict[int, asyncpg.Record],
@@ -659,6 +682,7 @@ def stale_reason(
     user's active connections; ``active``: everyone's)."""
     if not users_active:
         return "no_connection"
+    known = kept["connection_id"] if kept else None
     if known is not None:
         seen = [tried[known]] if known in active and known in tried else []
     else:
@@ -672,9 +696,12 @@ def stale_reason(
             return "needs_user"
         if record["error_kind"] is not None or record["powens_state"] is not None:
             return "provider_error"
-    if account.last_sync is None:
+    bank = bank_data_old(kept, cutoff)
+    if account.last_sync is None or bank == "never_synced":
         return "never_synced"
-    return "bank_data_old" if account.last_sync < cutoff else "no_transactions"
+    if account.last_sync < cutoff or bank == "bank_data_old":
+        return "bank_data_old"
+    return "no_transactions"
 
 
 def _text(value: object) -> str | None:

@@ -127,8 +127,11 @@ async def test_happy_path_writes_the_bank_data_and_its_own_time(
         ("loan", "personal", None),
         ("checking", "personal", None),  # Powens' ORGA: the web app's rule ignores it
     ]
-    # Honest freshness: the time Powens got the data from the bank, not the time of the call.
-    assert {r["last_sync"] for r in rows} == {bank.sandbox.synced_at}
+    # last_sync as the web app writes it: the time of the fetch. The bank data's own time (when
+    # Powens got it from the bank) is kontod's, in kontod_accounts.
+    assert {r["last_sync"] for r in rows} == {ctx.started_at}
+    bank_times = await pool.fetch("SELECT DISTINCT powens_last_update FROM kontod_accounts")
+    assert [r["powens_last_update"] for r in bank_times] == [bank.sandbox.synced_at]
     assert {r["currency"] for r in rows} == {"EUR"}
     txs = await pool.fetch(
         """SELECT t.tx_hash, t.date, t.amount, t.label, t.category
@@ -368,10 +371,16 @@ async def test_a_connection_needing_the_user_stays_stale_and_is_left_alone(
 
     ctx = await run(body, at=now)
 
-    # Powens answered with its stored (old) data: written as it is, and still stale.
+    # Powens answered with its stored (old) data: written as it is, fetched now (last_sync, as
+    # the web app writes it), and still stale by the bank data's own time, which kontod keeps.
     assert outcomes(ctx) == (2, 0, 0)
     assert ctx.counts["connections_needing_user"] == 1
-    assert {r["last_sync"] for r in await accounts_of(pool, 1)} == {old}
+    assert {r["last_sync"] for r in await accounts_of(pool, 1)} == {now}
+    kept = await pool.fetch(
+        """SELECT DISTINCT k.powens_last_update FROM kontod_accounts k
+             JOIN bank_accounts a ON a.id = k.bank_account_id WHERE a.user_id = 1"""
+    )
+    assert [r["powens_last_update"] for r in kept] == [old]
     assert [r["balance"] for r in await accounts_of(pool, 1)] == [
         a.balance for a in demo_accounts(1)
     ]
@@ -431,7 +440,7 @@ async def test_a_null_balance_keeps_the_previous_one(
     assert ctx.counts["balances_null_kept"] == 1
     rows = {r["provider_account_id"]: r for r in await accounts_of(pool, 1)}
     assert rows["2"]["balance"] == Decimal("42.5")
-    assert rows["2"]["last_sync"] == bank.sandbox.synced_at
+    assert rows["2"]["last_sync"] == ctx.started_at
     assert rows["1"]["balance"] == demo_accounts(1)[0].balance
     assert await pool.fetchval(
         """SELECT null_balance_at FROM kontod_accounts k JOIN bank_accounts a
@@ -773,8 +782,11 @@ async def test_classification_uses_the_local_company(
         (Decimal(0), "investment", "professional", "gold"),  # no balance given: kept
     ]
     assert ctx.counts["balances_null_kept"] == 1
-    assert [r["last_sync"] for r in rows] == [None] * 5  # no last_update given
+    # Fetched: last_sync is the time of the fetch (the two not returned are left as they were);
+    # without a last_update from Powens, the bank data has no time and the account stays stale.
+    assert [r["last_sync"] for r in rows] == [ctx.started_at] * 3 + [None] * 2
     assert ctx.counts["accounts_not_returned"] == 2
+    assert ctx.counts["stale_accounts_after.never_synced"] == 5
 
 
 async def test_failures_are_logged_with_ids_and_codes_and_never_the_token(

@@ -322,11 +322,19 @@ async def test_both_engines_refresh_to_the_same_rows_and_counts(
     lite_txs = sqlite_rows(konto.path, TRANSACTIONS_SQL)
     assert lite_txs == await pg_rows(webapp_pool, TRANSACTIONS_SQL)
     assert await kontod_rows(konto.pool) == await kontod_rows(webapp_pool)
-    # What those rows are: the bank's balances as floats, its time as the web app's text.
+    # What those rows are: the bank's balances as floats; last_sync the time of kontod's fetch,
+    # as the web app writes it (JavaScript's toISOString, in its text column).
     user_1 = {a.id: a for a in demo_accounts(1) if a.id != 4}  # 4: disabled, left as it was
     assert [(r[1], r[2]) for r in lite_accounts if r[0] in user_1] == [
-        (float(a.balance), iso_text(bank.sandbox.synced_at if a.id != 5 else old))
-        for a in user_1.values()
+        (float(a.balance), iso_text(now)) for a in user_1.values()
+    ]
+    # The bank data's own time is kontod's: in kontod_accounts, and account 5 stays stale by it.
+    bank_times = {
+        r["bank_account_id"]: r["powens_last_update"]
+        for r in await konto.pool.fetch("SELECT * FROM kontod_accounts")
+    }
+    assert [bank_times[a] for a in user_1] == [
+        bank.sandbox.synced_at if a != 5 else old for a in user_1
     ]
     assert [r[1:3] for r in lite_accounts if r[0] == 4] == [(0.1, "2026-01-01T00:00:00.000Z")]
     assert [r[3:6] for r in lite_accounts if r[0] in {a.id for a in demo_accounts(2)}][-1] == (
