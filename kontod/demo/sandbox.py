@@ -6,7 +6,7 @@ accounts only with ``all``; ``balance`` may be null; ``currency`` objects) and
 ``GET /2.0/users/me/accounts/{id}/transactions`` (``limit`` required, at most 1000, else 400 with
 a Powens error body; pages linked by ``_links.next.href``; filters ``last_update``,
 ``min_date``, ``max_date``, ``all``; ``categories`` with ``expand=categories``; ``coming`` and
-``deleted`` transactions).
+``deleted`` transactions, and transactions with a null ``date``, ``value`` or ``id``).
 
 Each token is one Powens user. Tokens ``sandbox-user-<n>`` (n >= 1) get deterministic demo data
 (see ``demo_accounts``) the first time they are used; a test may change that data through
@@ -238,11 +238,12 @@ class SandboxAccount:
 
 @dataclass
 class SandboxTransaction:
-    """A Powens transaction; ``coming`` not booked yet, ``deleted`` removed by Powens."""
+    """A Powens transaction; ``coming`` not booked yet, ``deleted`` removed by Powens; ``id``
+    None: one Powens gives without an id."""
 
-    id: int
+    id: int | None
     id_account: int
-    date: date
+    date: date | None
     value: Decimal | Raw | None
     wording: str
     category: str | None
@@ -486,23 +487,26 @@ class Sandbox:
             for t in user.transactions.get(int(raw_id), [])
             if (every or t.deleted is None)
             and (since is None or t.last_update >= since)
-            and (min_date is None or t.date >= min_date)
-            and (max_date is None or t.date <= max_date)
+            # A transaction without a date is outside any date filter.
+            and (min_date is None or (t.date is not None and t.date >= min_date))
+            and (max_date is None or (t.date is not None and t.date <= max_date))
         ]
-        rows.sort(key=lambda t: (t.date, t.id), reverse=True)
+        rows.sort(key=lambda t: (t.date or date.min, t.id or 0), reverse=True)
         page = rows[offset : offset + int(limit)]
         categories = "categories" in query.get("expand", "").split(",")
         links: dict[str, Any] = {"self": {"href": str(request.url)}}
         if offset + int(limit) < len(rows):
             # An opaque link to the next page, as Powens gives it: the client follows it as is.
             links["next"] = {"href": str(request.url.update_query(offset=offset + int(limit)))}
+        dated = [t.date for t in rows if t.date is not None]
+        page_dated = [t.date for t in page if t.date is not None]
         return _json(
             {
                 "transactions": [_transaction_body(t, behaviour, categories) for t in page],
-                "first_date": rows[-1].date.isoformat() if rows else None,
-                "last_date": rows[0].date.isoformat() if rows else None,
-                "result_min_date": page[-1].date.isoformat() if page else None,
-                "result_max_date": page[0].date.isoformat() if page else None,
+                "first_date": min(dated).isoformat() if dated else None,
+                "last_date": max(dated).isoformat() if dated else None,
+                "result_min_date": min(page_dated).isoformat() if page_dated else None,
+                "result_max_date": max(page_dated).isoformat() if page_dated else None,
                 "_links": links,
             }
         )
@@ -630,8 +634,8 @@ def _transaction_body(
     body: dict[str, Any] = {
         "id": t.id,
         "id_account": t.id_account,
-        "date": t.date.isoformat(),
-        "rdate": t.date.isoformat(),
+        "date": t.date.isoformat() if t.date else None,
+        "rdate": t.date.isoformat() if t.date else None,
         "value": _amount(t.value, behaviour),
         "original_wording": t.wording,
         "wording": t.wording.title(),

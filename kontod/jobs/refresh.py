@@ -1,8 +1,11 @@
 """The ``refresh-stale-connections`` job: Konto's Powens accounts brought up to what Powens has.
 
-A Powens account is stale when its ``last_sync`` (the bank data's own time, Powens'
-``last_update``) is missing or older than ``stale_after``, unless Powens reported it deleted or
-disabled. Each user owning a stale account is refreshed through their active connections (one
+A Powens account is stale, as the web app counts it, when its ``last_sync`` (the time of the
+last successful fetch, kontod's or the web app's) is missing or older than ``stale_after`` or
+when it has no transaction at all (the accounts the web app's bank callback creates); and, by
+kontod's own rule, when the bank data's own time (Powens' ``last_update``, which kontod keeps
+in ``kontod_accounts``) is missing or older than ``stale_after``; unless Powens reported it
+deleted or disabled. Each user owning a stale account is refreshed through their active connections (one
 Powens user and token each), at most ``concurrency`` users at a time:
 
 - the connection's state (``GET /users/me/connections``), its accounts, deleted and disabled
@@ -32,6 +35,7 @@ app's SQLite/libSQL database, ``kontod.jobs.refresh_lite`` gives the shell its d
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -80,9 +84,11 @@ COUNT_KEYS = (
     "balances_null_kept",
     "accounts_invalid",
     "transactions_inserted",
+    "transactions_adopted",
     "transactions_updated",
     "transactions_deleted",
     "transactions_coming_skipped",
+    "transactions_incomplete_skipped",
     "transactions_invalid",
     "stale_accounts_after",
 )
@@ -107,6 +113,7 @@ STALE_REASONS = (
     "no_connection",
     "never_synced",
     "bank_data_old",
+    "no_transactions",
 )
 STATE_COUNT = "connections_state."
 STALE_COUNT = "stale_accounts_after."
@@ -144,6 +151,7 @@ MAX_AMOUNT = Decimal(10) ** 15
 # Errors stored on a connection are cut to this many characters.
 MAX_REASON = 1000
 TX_HASH_PREFIX = "powens_"
+TX_FALLBACK_PREFIX = "powens_f_"
 
 
 def needs_user_hold(streak: int) -> timedelta:
@@ -167,6 +175,20 @@ def pg_text(text: str | None) -> str | None:
     return text
 
 
+def tx_key(account_id: int, tx: ProviderTransaction) -> str:
+    """The web app's ``tx_hash`` of a Powens transaction in Konto's account ``account_id``.
+
+    ``'powens_' || id``; without an id, as the web app's per-account sync makes it:
+    ``'powens_f_'`` + the first 20 hex digits of SHA-256 of ``account_id|date|value|label``
+    (the date and value as JavaScript prints them, the label trimmed). Made fit for ``text``.
+    """
+    if tx.id is not None:
+        return pg_text(TX_HASH_PREFIX + tx.id) or ""
+    label = (tx.label or "").strip()
+    text = pg_text(f"{account_id}|{tx.date_text}|{tx.value_text}|{label}") or ""
+    return TX_FALLBACK_PREFIX + hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
 def plausible_amount(value: object) -> bool:
     """Whether a value about to be written as money is finite and within +-10^15 (None is)."""
     if value is None:
@@ -178,11 +200,25 @@ def plausible_amount(value: object) -> bool:
     return amount.is_finite() and abs(amount) <= MAX_AMOUNT
 
 
+# The web app's rule besides last_sync: an account with no transaction at all is stale (its
+# bank callback creates accounts with last_sync = now and no transaction, for the refresh job
+# to fill). The (bank_account_id, tx_hash) unique index answers it.
+NO_TRANSACTIONS = "NOT EXISTS (SELECT 1 FROM transactions t WHERE t.bank_account_id = a.id)"
+
+
+# kontod's rule beside the web app's: the bank data's own age, Powens' last_update as kontod
+# last saw it (last_sync is the time of the last fetch, as the web app writes it, so an
+# account whose bank needs the user would otherwise look fresh). No record: never asked yet.
+BANK_DATA_OLD = "k.powens_last_update < $1"
+BANK_DATA_NONE = "(k.bank_account_id IS NOT NULL AND k.powens_last_update IS NULL)"
+
+
 def _stale_filter(schema: KontoSchema) -> str:
     last_sync = schema.timestamptz("bank_accounts", "last_sync", "a")
     return f"""a.provider = 'powens'
        AND k.deleted_at IS NULL AND k.disabled_at IS NULL
-       AND ({last_sync} IS NULL OR {last_sync} < $1)"""
+       AND ({last_sync} IS NULL OR {last_sync} < $1 OR {NO_TRANSACTIONS}
+            OR {BANK_DATA_NONE} OR {BANK_DATA_OLD})"""
 
 
 # When a connection's hold ends (``h.until``), from its kontod_connections row ``k``.
@@ -214,6 +250,7 @@ class Statements:
     connections: str
     accounts: str
     update_accounts: str
+    adopt_transactions: str
     upsert_transactions: str
     delete_transactions: str
     upsert_kontod_accounts: str
@@ -269,6 +306,35 @@ UPDATE bank_accounts a
               $7::{c("bank_accounts", "subtype")}[])
        AS u (id, balance, last_sync, currency, type, usage, subtype)
  WHERE a.id = u.id""",
+        # Before the upsert: rows the web app's old refresh job imported without a key are
+        # given the key of the Powens transaction they stand for (same account, date, amount
+        # and label, the n-th alike row for the n-th alike transaction), so that the upsert
+        # updates them instead of inserting twins. Transactions whose key is already there
+        # adopt nothing (their row is known), nor do rows that already have a key.
+        adopt_transactions=f"""
+WITH incoming AS (
+    SELECT u.account_id, u.date, u.amount, u.label, u.tx_hash,
+           row_number() OVER (PARTITION BY u.account_id, u.date, u.amount, u.label
+                              ORDER BY u.tx_hash) AS n
+      FROM unnest($1::{c("transactions", "bank_account_id")}[],
+                  $2::{c("transactions", "date")}[], $3::{c("transactions", "amount")}[],
+                  $4::{c("transactions", "label")}[], $5::{c("transactions", "category")}[],
+                  $6::{c("transactions", "tx_hash")}[])
+           AS u (account_id, date, amount, label, category, tx_hash)
+     WHERE NOT EXISTS (SELECT 1 FROM transactions t
+                        WHERE t.bank_account_id = u.account_id AND t.tx_hash = u.tx_hash)
+), orphans AS (
+    SELECT t.ctid AS row, t.bank_account_id, t.date, t.amount, t.label,
+           row_number() OVER (PARTITION BY t.bank_account_id, t.date, t.amount, t.label
+                              ORDER BY t.ctid) AS n
+      FROM transactions t
+     WHERE t.tx_hash IS NULL AND t.bank_account_id IN (SELECT account_id FROM incoming)
+)
+UPDATE transactions t SET tx_hash = i.tx_hash
+  FROM orphans o
+  JOIN incoming i ON i.account_id = o.bank_account_id AND i.date = o.date
+                 AND i.amount = o.amount AND i.label IS NOT DISTINCT FROM o.label AND i.n = o.n
+ WHERE t.ctid = o.row""",
         # The web app's key: a row it imported is updated, never doubled. xmax = 0 tells an
         # inserted row from an updated one; unchanged rows are not touched at all.
         upsert_transactions=f"""
@@ -362,8 +428,9 @@ SELECT CASE
          WHEN kc.error_kind = 'token_rejected' THEN 'token_rejected'
          WHEN kc.error_kind IS NULL AND kc.powens_state = ANY($2::text[]) THEN 'needs_user'
          WHEN kc.error_kind IS NOT NULL OR kc.powens_state IS NOT NULL THEN 'provider_error'
-         WHEN {last_sync} IS NULL THEN 'never_synced'
-         ELSE 'bank_data_old'
+         WHEN {last_sync} IS NULL OR {BANK_DATA_NONE} THEN 'never_synced'
+         WHEN {last_sync} < $1 OR {BANK_DATA_OLD} THEN 'bank_data_old'
+         ELSE 'no_transactions'
        END AS reason, count(*) AS accounts
   FROM bank_accounts a
   LEFT JOIN kontod_accounts k ON k.bank_account_id = a.id
@@ -727,10 +794,16 @@ def _plan_connection(
                 continue
             for tx in txs or ():
                 if tx.deleted:
-                    tx_gone.append((account.id, pg_text(TX_HASH_PREFIX + tx.id) or ""))
+                    tx_gone.append((account.id, tx_key(account.id, tx)))
                     continue
                 if tx.coming:
                     counts["transactions_coming_skipped"] += 1
+                    continue
+                if tx.date is None or tx.amount is None:
+                    # Konto's date and amount are NOT NULL: written, the row would fail the
+                    # user's whole write at every run. Left out like a pending one, and
+                    # imported once Powens gives both (its last_update changes then).
+                    counts["transactions_incomplete_skipped"] += 1
                     continue
                 [amount] = schema.encode("transactions", "amount", [tx.amount])
                 if not plausible_amount(amount):
@@ -758,17 +831,22 @@ def _plan_connection(
     return ConnectionPlan(
         f.connection,
         record,
-        accounts=tuple(_account_row(schema, a, r, loc, b) for a, r, loc, b in updates),
+        accounts=tuple(_account_row(schema, a, r, loc, b, now) for a, r, loc, b in updates),
+        # One row per key: two id-less transactions alike have one key, which the web app
+        # writes once (the last wins), and one upsert statement cannot write a row twice.
         transactions=tuple(
-            TransactionRow(
-                account_id,
-                _encode_one(schema, "transactions", "date", tx.date),
-                amount,
-                pg_text(tx.label),
-                pg_text(tx.category),
-                pg_text(TX_HASH_PREFIX + tx.id),
-            )
-            for account_id, tx, amount in tx_rows
+            {
+                (account_id, key): TransactionRow(
+                    account_id,
+                    _encode_one(schema, "transactions", "date", tx.date),
+                    amount,
+                    pg_text(tx.label),
+                    pg_text(tx.category),
+                    key,
+                )
+                for account_id, tx, amount in tx_rows
+                for key in (tx_key(account_id, tx),)
+            }.values()
         ),
         deleted=tuple(tx_gone),
         states=tuple(
@@ -795,7 +873,10 @@ def _account_row(
     remote: ProviderAccount,
     local: LocalAccount,
     balance: object,
+    now: datetime,
 ) -> AccountRow:
+    """The account's row; ``last_sync`` is ``now``, the time of kontod's fetch, as the web app
+    writes it (the bank data's own time, Powens' last_update, is kept in kontod_accounts)."""
     kind = classify(
         provider_type=remote.type,
         name=remote.name or local.name,
@@ -805,7 +886,7 @@ def _account_row(
     return AccountRow(
         account_id,
         balance,
-        _encode_one(schema, "bank_accounts", "last_sync", remote.last_update),
+        _encode_one(schema, "bank_accounts", "last_sync", now),
         _encode_one(schema, "bank_accounts", "currency", pg_text(remote.currency)),
         pg_text(kind.type),
         pg_text(kind.usage),
@@ -1235,6 +1316,8 @@ class _Refresh:
             status = await conn.execute(self.sql.update_accounts, *_columns(part.accounts))
             counts["accounts_updated"] += int(status.split()[-1])
         if part.transactions:
+            status = await conn.execute(self.sql.adopt_transactions, *_columns(part.transactions))
+            counts["transactions_adopted"] += int(status.split()[-1])
             row = await conn.fetchrow(self.sql.upsert_transactions, *_columns(part.transactions))
             assert row is not None
             counts["transactions_inserted"] += row["inserted"]

@@ -79,7 +79,8 @@ from kontod.scheduler.contract import ClaimLost, JobBody, RunContext
 # the stale users. Parameters of the scans: the last id read, then READ_CHUNK.
 READ_CHUNK = 10_000
 POWENS_ACCOUNTS_SQL = """
-SELECT id, user_id, provider_account_id, name, company_id IS NOT NULL, last_sync
+SELECT id, user_id, provider_account_id, name, company_id IS NOT NULL, last_sync,
+       EXISTS (SELECT 1 FROM transactions t WHERE t.bank_account_id = bank_accounts.id)
   FROM bank_accounts WHERE provider = 'powens' AND id > ? ORDER BY id LIMIT ?"""
 ACTIVE_CONNECTIONS_SQL = """
 SELECT id, user_id, powens_connection_id, powens_token FROM bank_connections
@@ -101,6 +102,34 @@ UPDATE bank_accounts AS a
                value->>6 AS subtype
           FROM json_each(?)) AS u
  WHERE a.id = u.id"""
+# Rows the web app's old refresh job imported without a key take the key of the Powens
+# transaction they stand for, before the upsert (the PostgreSQL path's adopt_transactions).
+# The statement starts with UPDATE so that the rows it changes are counted.
+ADOPT_TRANSACTIONS_SQL = """
+UPDATE transactions SET tx_hash = m.tx_hash
+  FROM (WITH incoming AS (
+            SELECT value->>0 AS account_id, value->>1 AS date, value->>2 AS amount,
+                   value->>3 AS label, value->>5 AS tx_hash
+              FROM json_each(?)
+        ), fresh AS (
+            SELECT i.*, row_number() OVER (PARTITION BY account_id, date, amount, label
+                                           ORDER BY tx_hash) AS n
+              FROM incoming i
+             WHERE NOT EXISTS (SELECT 1 FROM transactions t
+                                WHERE t.bank_account_id = i.account_id
+                                  AND t.tx_hash = i.tx_hash)
+        ), orphans AS (
+            SELECT t.rowid AS row, t.bank_account_id, t.date, t.amount, t.label,
+                   row_number() OVER (PARTITION BY t.bank_account_id, t.date, t.amount, t.label
+                                      ORDER BY t.rowid) AS n
+              FROM transactions t
+             WHERE t.tx_hash IS NULL AND t.bank_account_id IN (SELECT account_id FROM fresh)
+        )
+        SELECT o.row, f.tx_hash
+          FROM orphans o
+          JOIN fresh f ON f.account_id = o.bank_account_id AND f.date = o.date
+                      AND f.amount = o.amount AND f.label IS o.label AND f.n = o.n) AS m
+ WHERE transactions.rowid = m.row"""
 # New rows get a rowid above every existing one (the write lock is held), so the rowids the
 # upsert returns tell inserted rows from updated ones. Unchanged rows are not touched.
 MAX_ROWID_SQL = "SELECT coalesce(max(rowid), 0) FROM transactions"
@@ -121,6 +150,11 @@ DELETE FROM transactions
  WHERE (bank_account_id, tx_hash) IN (SELECT value->>0, value->>1 FROM json_each(?))"""
 
 # kontod's side, in PostgreSQL, by the ids Konto's rows gave.
+# The accounts stale by kontod's own rule: the bank data's time missing or old.
+BANK_DATA_OLD_SQL = """
+SELECT bank_account_id AS id FROM kontod_accounts
+ WHERE deleted_at IS NULL AND disabled_at IS NULL
+   AND (powens_last_update IS NULL OR powens_last_update < $1)"""
 KONTOD_ACCOUNTS_SQL = """
 SELECT bank_account_id AS id, connection_id,
        deleted_at IS NOT NULL OR disabled_at IS NOT NULL AS gone,
@@ -260,6 +294,12 @@ class KontoAccount:
     name: str | None
     has_company: bool
     last_sync: datetime | None
+    has_transactions: bool
+
+    def stale_in_konto(self, cutoff: datetime) -> bool:
+        """Stale by Konto's rows alone (the PostgreSQL path's filter before kontod's records):
+        last_sync missing, unreadable or older than ``cutoff``, or no transaction at all."""
+        return self.last_sync is None or self.last_sync < cutoff or not self.has_transactions
 
 
 class LiteRefresh(_Refresh):
@@ -305,7 +345,7 @@ class LiteRefresh(_Refresh):
         times: dict[object, datetime | None] = {}
         out = []
         async for r in self._scan(POWENS_ACCOUNTS_SQL):
-            account_id, user_id, provider_id, name, company, last_sync = r
+            account_id, user_id, provider_id, name, company, last_sync, has_tx = r
             if not isinstance(account_id, int) or not isinstance(user_id, int | None):
                 continue
             if last_sync not in times:  # many accounts share a time: parse each text once
@@ -318,9 +358,15 @@ class LiteRefresh(_Refresh):
                     _text(name),
                     bool(company),
                     times[last_sync],
+                    bool(has_tx),
                 )
             )
         return out
+
+    async def _bank_data_old(self, cutoff: datetime) -> set[int]:
+        """The accounts whose bank data kontod last saw missing or older than ``cutoff``."""
+        async with self.pool.acquire() as conn:
+            return {r["id"] for r in await conn.fetch(BANK_DATA_OLD_SQL, cutoff)}
 
     async def _kontod_accounts(self, ids: list[int]) -> dict[int, asyncpg.Record]:
         async with self.pool.acquire() as conn:
@@ -330,7 +376,8 @@ class LiteRefresh(_Refresh):
         """Every user owning a stale account, with the connections to ask: two reads of Konto's
         database, two of kontod's."""
         accounts = await self._powens_accounts()
-        maybe = {a.user_id for a in accounts if a.last_sync is None or a.last_sync < cutoff}
+        old = await self._bank_data_old(cutoff)
+        maybe = {a.user_id for a in accounts if a.stale_in_konto(cutoff) or a.id in old}
         mine = [a for a in accounts if a.user_id in maybe]
         kept = await self._kontod_accounts([a.id for a in mine])
         stale = stale_accounts(cutoff, mine, kept)
@@ -485,9 +532,11 @@ class LiteRefresh(_Refresh):
                 steps.append(Statement(UPDATE_ACCOUNTS_SQL, (_json(part.accounts),)))
                 kinds.append("accounts")
             if part.transactions:
+                rows = _json(part.transactions)
+                steps.append(Statement(ADOPT_TRANSACTIONS_SQL, (rows,)))
                 steps.append(Statement(MAX_ROWID_SQL))
-                steps.append(Statement(UPSERT_TRANSACTIONS_SQL, (_json(part.transactions),)))
-                kinds += ["max_rowid", "upsert"]
+                steps.append(Statement(UPSERT_TRANSACTIONS_SQL, (rows,)))
+                kinds += ["adopted", "max_rowid", "upsert"]
             if part.deleted:
                 steps.append(Statement(DELETE_TRANSACTIONS_SQL, (_json(part.deleted),)))
                 kinds.append("deleted")
@@ -502,6 +551,8 @@ class LiteRefresh(_Refresh):
         for kind, result in zip(kinds, results, strict=True):
             if kind == "accounts":
                 counts["accounts_updated"] += result.changes
+            elif kind == "adopted":
+                counts["transactions_adopted"] += result.changes
             elif kind == "max_rowid":
                 before = int(result.rows[0][0] or 0)
             elif kind == "upsert":
@@ -557,7 +608,8 @@ class LiteRefresh(_Refresh):
         """Stale accounts by reason and active connections by state, as the PostgreSQL path
         counts them, from Konto's rows and kontod's."""
         accounts = await self._powens_accounts()
-        maybe = [a for a in accounts if a.last_sync is None or a.last_sync < cutoff]
+        old = await self._bank_data_old(cutoff)
+        maybe = [a for a in accounts if a.stale_in_konto(cutoff) or a.id in old]
         active = [
             (r[0], r[1])
             async for r in self._scan(ALL_ACTIVE_CONNECTIONS_SQL)
@@ -575,9 +627,9 @@ class LiteRefresh(_Refresh):
         active_ids = {c for c, _ in active}
         reasons: Counter[str] = Counter()
         for a in stale:
-            k = kept.get(a.id)
-            known = k["connection_id"] if k else None
-            reasons[stale_reason(a, known, users_active[a.user_id], active_ids, tried)] += 1
+            reasons[
+                stale_reason(a, cutoff, kept.get(a.id), users_active[a.user_id], active_ids, tried)
+            ] += 1
         for reason in STALE_REASONS:
             self.ctx.set_in(STALE, reason, reasons[reason])
         self.ctx.counts["stale_accounts_after"] = sum(reasons.values())
@@ -596,18 +648,30 @@ def stale_accounts(
     cutoff: datetime, accounts: list[KontoAccount], kept: dict[int, asyncpg.Record]
 ) -> list[KontoAccount]:
     """The stale accounts, by the PostgreSQL path's rule: last_sync missing, unreadable or
-    older than ``cutoff``, unless kontod saw Powens delete or disable the account."""
+    older than ``cutoff``, or no transaction, or the bank data kontod saw missing or older than
+    ``cutoff``, unless kontod saw Powens delete or disable the account."""
     return [
         a
         for a in accounts
-        if (a.last_sync is None or a.last_sync < cutoff)
+        if (a.stale_in_konto(cutoff) or bank_data_old(kept.get(a.id), cutoff) is not None)
         and not (a.id in kept and kept[a.id]["gone"])
     ]
 
 
+def bank_data_old(kept: asyncpg.Record | None, cutoff: datetime) -> str | None:
+    """kontod's rule on its record of an account: ``never_synced`` when Powens gave no time,
+    ``bank_data_old`` when older than ``cutoff``, None when fresh or never seen."""
+    if kept is None:
+        return None
+    if kept["powens_last_update"] is None:
+        return "never_synced"
+    return "bank_data_old" if kept["powens_last_update"] < cutoff else None
+
+
 def stale_reason(
     account: KontoAccount,
-    known: int | None,
+    cutoff: datetime,
+    kept: asyncpg.Record | None,
     users_active: list[int],
     active: set[int],
     tried: dict[int, asyncpg.Record],
@@ -618,6 +682,7 @@ def stale_reason(
     user's active connections; ``active``: everyone's)."""
     if not users_active:
         return "no_connection"
+    known = kept["connection_id"] if kept else None
     if known is not None:
         seen = [tried[known]] if known in active and known in tried else []
     else:
@@ -631,7 +696,12 @@ def stale_reason(
             return "needs_user"
         if record["error_kind"] is not None or record["powens_state"] is not None:
             return "provider_error"
-    return "never_synced" if account.last_sync is None else "bank_data_old"
+    bank = bank_data_old(kept, cutoff)
+    if account.last_sync is None or bank == "never_synced":
+        return "never_synced"
+    if account.last_sync < cutoff or bank == "bank_data_old":
+        return "bank_data_old"
+    return "no_transactions"
 
 
 def _text(value: object) -> str | None:

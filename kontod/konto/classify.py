@@ -1,8 +1,8 @@
 """Classification of a provider account into Konto's type, usage and subtype.
 
-Pure and table-driven: the tables below are the rules Konto's web app applies, plus the
-Powens usage codes (``PRIV``, ``ORGA``, ``ASSO``) it never recognised. This module imports
-nothing of kontod.
+Pure and table-driven: the tables below are the rules Konto's web app applies, to the letter
+where both write the same column (the usage ignores Powens' ``PRIV``, ``ORGA``, ``ASSO`` as the
+web app does). This module imports nothing of kontod.
 """
 
 from __future__ import annotations
@@ -54,14 +54,12 @@ SUBTYPE_BY_NAME: tuple[tuple[tuple[str, ...], str], ...] = (
 )
 DEFAULT_SUBTYPE = "other"
 
-# Provider usage (lower-cased) -> Konto usage. An association's account is not the user's own
-# money, so ASSO is filed with the organisations' accounts as professional.
+# Provider usage -> Konto usage, the web app's rule: only these two literals, exactly as given,
+# are taken; anything else (Powens' real values PRIV, ORGA, ASSO among them) is decided by the
+# company. kontod writes what the web app writes, or each would overwrite the other.
 USAGE_BY_PROVIDER_USAGE: dict[str, str] = {
     "professional": "professional",
     "private": "private",
-    "priv": "personal",
-    "orga": "professional",
-    "asso": "professional",
 }
 
 
@@ -103,8 +101,9 @@ def classify_subtype(provider: str | None, name: str | None) -> str:
 
 
 def classify_usage(usage: str | None, has_company: bool) -> str:
-    """The Konto usage: the provider's usage through the table, else by company ownership."""
-    known = USAGE_BY_PROVIDER_USAGE.get((usage or "").strip().lower())
+    """The Konto usage, as the web app decides it: the literal ``professional`` or ``private``,
+    else ``professional`` for an account of a company and ``personal`` otherwise."""
+    known = USAGE_BY_PROVIDER_USAGE.get(usage or "")
     if known is not None:
         return known
     return "professional" if has_company else "personal"

@@ -138,11 +138,15 @@ class ProviderAccount:
 class ProviderTransaction:
     """One transaction; ``id`` is the provider's, stable across imports.
 
-    ``category`` is the code of the first of Powens' ``categories``; ``coming`` is a pending
-    transaction, not booked yet; ``deleted`` one Powens has removed.
+    ``category`` is the ``name`` of a ``category`` object, as the web app takes it (Powens
+    documents no such field, so it is None in practice, as in the web app); ``coming`` is a pending
+    transaction, not booked yet; ``deleted`` one Powens has removed. ``id`` is None when Powens
+    gave none; ``date_text`` and ``value_text`` are then the date and the value as JavaScript
+    prints the JSON it got (``date || rdate``, ``String(value)``), which the web app's key for
+    such a transaction is made of.
     """
 
-    id: str
+    id: str | None
     date: date | None
     amount: Decimal | None
     label: str | None
@@ -150,6 +154,8 @@ class ProviderTransaction:
     coming: bool = False
     deleted: bool = False
     last_update: datetime | None = None
+    date_text: str | None = None
+    value_text: str | None = None
 
 
 class RateLimiter:
@@ -252,7 +258,7 @@ class PowensClient:
         """
         url = f"{self._base}/users/me/accounts/{quote(account_id, safe='')}/transactions"
         what = f"transactions of account {account_id}"
-        first = {"limit": str(limit), "all": "true", "expand": "categories"}
+        first = {"limit": str(limit), "all": "true"}
         if since is not None:
             first["last_update"] = since.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
         params: dict[str, str] | None = first
@@ -558,19 +564,38 @@ def _transaction(item: object, account_id: str) -> ProviderTransaction:
     where = f"a transaction of account {account_id}"
     if not isinstance(item, dict):
         raise _bad(TRANSACTIONS, f"{where} is not an object ({type(item).__name__})")
-    tx_id = _identifier(item.get("id"), TRANSACTIONS, where)
-    where = f"transaction {tx_id} of account {account_id}"
+    raw_id = item.get("id")
+    tx_id = None if raw_id is None else _identifier(raw_id, TRANSACTIONS, where)
+    where = f"transaction {tx_id or '(no id)'} of account {account_id}"
     raw_date = item.get("date") or item.get("rdate")
     raw_amount = item.get("value") if item.get("value") is not None else item.get("amount")
-    categories = item.get("categories")
-    first = categories[0] if isinstance(categories, list) and categories else None
+    category = item.get("category")
     return ProviderTransaction(
         id=tx_id,
         date=_date(raw_date, TRANSACTIONS, f"the date of {where}"),
         amount=_decimal(raw_amount, TRANSACTIONS, f"the amount of {where}"),
         label=_text(item.get("original_wording")) or _text(item.get("wording")),
-        category=_text(first.get("code")) if isinstance(first, dict) else None,
+        category=_text(category.get("name")) if isinstance(category, dict) else None,
         coming=item.get("coming") is True,
         deleted=_flag(item.get("deleted")),
         last_update=_datetime(item.get("last_update"), TRANSACTIONS, f"last_update of {where}"),
+        date_text=_js_text(raw_date),
+        value_text=_js_text(item.get("value")),
     )
+
+
+def _js_text(value: object) -> str:
+    """A JSON value as JavaScript's ``String()`` prints it (numbers in their shortest form:
+    ``100``, ``-12.5``, ``1e-7``), for the web app's keys."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Decimal | int | float):
+        number = float(value)
+        if number.is_integer() and abs(number) < 1e21:
+            return str(int(number))
+        return re.sub(r"e([+-])0*(\d)", r"e\1\2", repr(number))
+    return str(value)

@@ -80,7 +80,8 @@ async def test_accounts_and_transactions_are_parsed_with_exact_decimals(
     assert [t.amount for t in txs] == [t.value for t in demo]
     assert [t.date for t in txs] == [t.date for t in demo]
     assert [t.label for t in txs] == [t.wording for t in demo]
-    assert [t.category for t in txs] == [t.category for t in demo]
+    # The web app's category.name; Powens sends none (its categories need expand=categories).
+    assert [t.category for t in txs] == [None] * len(demo)
     assert all(t.last_update == bank.sandbox.synced_at and not t.coming for t in txs)
     assert calls.outcomes == ["200", "200", "200"]
     assert [endpoint for endpoint, _, _ in calls.seen] == [
@@ -89,7 +90,7 @@ async def test_accounts_and_transactions_are_parsed_with_exact_decimals(
         "transactions",
     ]
     [(_, first), (_, second)] = bank.sandbox.queries[1:]
-    assert first == {"limit": "2", "all": "true", "expand": "categories"}
+    assert first == {"limit": "2", "all": "true"}
     assert second == {**first, "offset": "2"}
     assert all(seconds >= 0 for _, _, seconds in calls.seen)
 
@@ -646,3 +647,23 @@ async def test_a_length_announced_over_the_cap_is_refused_before_reading(
 
     assert "larger than 1024 bytes (1 KiB); it announced" in str(caught.value)
     assert len(await fast_client(http, bank.url, max_body=64 * 1024).accounts(TOKEN)) == 200
+
+
+async def test_a_category_object_gives_its_name_and_an_id_less_transaction_its_key_parts(
+    bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    items = [
+        {"id": 1, "date": "2026-11-02", "value": -12.5, "category": {"name": "Courses"},
+         "categories": [{"code": "food"}], "original_wording": "CB"},
+        {"date": None, "rdate": "2026-11-03", "value": 100.0, "wording": "VIR"},
+    ]  # fmt: skip
+    bank.sandbox.behave(
+        TOKEN,
+        Fault(status=200, endpoint="transactions", body={"transactions": items, "_links": {}}),
+    )
+
+    first, nameless = await fast_client(http, bank.url).transactions(TOKEN, "1")
+
+    assert (first.category, nameless.category) == ("Courses", None)
+    assert nameless.id is None
+    assert (nameless.date_text, nameless.value_text) == ("2026-11-03", "100")

@@ -125,10 +125,13 @@ async def test_happy_path_writes_the_bank_data_and_its_own_time(
         ("savings", "personal", None),
         ("investment", "personal", "stocks"),
         ("loan", "personal", None),
-        ("checking", "professional", None),
+        ("checking", "personal", None),  # Powens' ORGA: the web app's rule ignores it
     ]
-    # Honest freshness: the time Powens got the data from the bank, not the time of the call.
-    assert {r["last_sync"] for r in rows} == {bank.sandbox.synced_at}
+    # last_sync as the web app writes it: the time of the fetch. The bank data's own time (when
+    # Powens got it from the bank) is kontod's, in kontod_accounts.
+    assert {r["last_sync"] for r in rows} == {ctx.started_at}
+    bank_times = await pool.fetch("SELECT DISTINCT powens_last_update FROM kontod_accounts")
+    assert [r["powens_last_update"] for r in bank_times] == [bank.sandbox.synced_at]
     assert {r["currency"] for r in rows} == {"EUR"}
     txs = await pool.fetch(
         """SELECT t.tx_hash, t.date, t.amount, t.label, t.category
@@ -136,7 +139,9 @@ async def test_happy_path_writes_the_bank_data_and_its_own_time(
             WHERE a.provider_account_id = '1' ORDER BY t.tx_hash"""
     )
     assert [tuple(r) for r in txs] == [
-        (f"powens_{t.id}", t.date, t.value, t.wording, t.category) for t in demo_transactions(1)
+        # No category: the web app's rule (category.name, a field Powens does not send).
+        (f"powens_{t.id}", t.date, t.value, t.wording, None)
+        for t in demo_transactions(1)
     ]
     row = await kontod_connection(pool, conn_1)
     assert (row["error_kind"], row["powens_state"], row["held_until"]) == (None, None, None)
@@ -148,11 +153,11 @@ async def test_happy_path_writes_the_bank_data_and_its_own_time(
     assert await pool.fetchval("SELECT status FROM bank_connections WHERE id = $1", conn_1) == (
         "active"
     )
-    # What the requests asked for: every account, whole pages, categories.
+    # What the requests asked for: every account, whole pages.
     assert bank.sandbox.requests == {"connections": 2, "accounts": 2, "transactions": 10}
     queries = {path.rsplit("/", 1)[-1]: query for path, query in bank.sandbox.queries}
     assert queries["accounts"] == {"all": "true"}
-    assert queries["transactions"] == {"limit": "1000", "all": "true", "expand": "categories"}
+    assert queries["transactions"] == {"limit": "1000", "all": "true"}
 
 
 async def test_only_stale_accounts_bring_their_users_in(
@@ -247,7 +252,7 @@ async def test_a_transaction_the_web_app_imported_is_not_imported_again(
         tx.date,
         tx.value,
         tx.wording,
-        tx.category,
+        None,
         f"powens_{tx.id}",
     )
 
@@ -255,6 +260,36 @@ async def test_a_transaction_the_web_app_imported_is_not_imported_again(
 
     assert (ctx.counts["transactions_inserted"], ctx.counts["transactions_updated"]) == (14, 0)
     assert await tx_hashes(pool, "1") == sorted(f"powens_{t.id}" for t in demo_transactions(1))
+
+
+async def test_rows_the_old_web_app_job_imported_are_adopted_not_doubled(
+    pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    await seed_user(pool, 1)
+    txs = powens_user(bank, 1).transactions[1]
+    txs[2].id = None  # Powens gave this one no id
+    # As the web app's refresh job imported them: no tx_hash, no category.
+    await pool.executemany(
+        """INSERT INTO transactions (bank_account_id, date, amount, label)
+           SELECT id, $1, $2, $3 FROM bank_accounts WHERE provider_account_id = '1'""",
+        [(t.date, t.value, t.wording) for t in txs],
+    )
+    body = body_for(pool, fast_client(http, bank.url), stale_after=timedelta(seconds=1))
+
+    ctx = await run(body)
+
+    assert ctx.counts["transactions_adopted"] == 3
+    assert ctx.counts["transactions_inserted"] == 12
+    hashes = await tx_hashes(pool, "1")
+    assert len(hashes) == 3
+    assert {f"powens_{txs[0].id}", f"powens_{txs[1].id}"} < set(hashes)
+    assert [h for h in hashes if h.startswith("powens_f_")] != []
+
+    # The bank's data moves: every transaction is asked again, none inserted.
+    powens_user(bank, 1).account(1).last_update = bank.sandbox.synced_at + timedelta(hours=1)
+    ctx = await run(body)
+    assert (ctx.counts["transactions_inserted"], ctx.counts["transactions_adopted"]) == (0, 0)
+    assert await tx_hashes(pool, "1") == hashes
 
 
 async def test_coming_transactions_wait_for_booking_and_deleted_ones_go(
@@ -287,6 +322,38 @@ async def test_coming_transactions_wait_for_booking_and_deleted_ones_go(
     assert amount == Decimal("-12.34")
 
 
+async def test_a_just_linked_account_without_transactions_is_filled_at_the_next_run(
+    pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    # As the web app's bank callback leaves them: last_sync = now, no transaction.
+    now = datetime.now(UTC)
+    await seed_user(pool, 1, last_sync=now - timedelta(minutes=1))
+
+    ctx = await run(body_for(pool, fast_client(http, bank.url)), at=now)
+
+    assert (ctx.counts["users"], ctx.counts["stale_accounts"]) == (1, 5)
+    assert ctx.counts["transactions_inserted"] == 15
+    assert ctx.counts["stale_accounts_after"] == 0
+    assert len(await tx_hashes(pool, "1")) == 3
+
+
+async def test_transactions_without_a_date_or_an_amount_are_skipped_and_counted(
+    pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    await seed_user(pool, 1)
+    undated, unvalued, whole = powens_user(bank, 1).transactions[1]
+    undated.date, unvalued.value = None, None
+
+    ctx = await run(body_for(pool, fast_client(http, bank.url)))
+
+    # Konto's NOT NULL columns would have refused the user's whole write.
+    assert outcomes(ctx) == (1, 0, 0)
+    assert ctx.counts["transactions_incomplete_skipped"] == 2
+    assert ctx.counts["transactions_inserted"] == 13
+    assert await tx_hashes(pool, "1") == [f"powens_{whole.id}"]
+    assert (await kontod_connection(pool, 1))["error_kind"] is None
+
+
 async def test_a_connection_needing_the_user_stays_stale_and_is_left_alone(
     pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
 ) -> None:
@@ -304,10 +371,16 @@ async def test_a_connection_needing_the_user_stays_stale_and_is_left_alone(
 
     ctx = await run(body, at=now)
 
-    # Powens answered with its stored (old) data: written as it is, and still stale.
+    # Powens answered with its stored (old) data: written as it is, fetched now (last_sync, as
+    # the web app writes it), and still stale by the bank data's own time, which kontod keeps.
     assert outcomes(ctx) == (2, 0, 0)
     assert ctx.counts["connections_needing_user"] == 1
-    assert {r["last_sync"] for r in await accounts_of(pool, 1)} == {old}
+    assert {r["last_sync"] for r in await accounts_of(pool, 1)} == {now}
+    kept = await pool.fetch(
+        """SELECT DISTINCT k.powens_last_update FROM kontod_accounts k
+             JOIN bank_accounts a ON a.id = k.bank_account_id WHERE a.user_id = 1"""
+    )
+    assert [r["powens_last_update"] for r in kept] == [old]
     assert [r["balance"] for r in await accounts_of(pool, 1)] == [
         a.balance for a in demo_accounts(1)
     ]
@@ -367,7 +440,7 @@ async def test_a_null_balance_keeps_the_previous_one(
     assert ctx.counts["balances_null_kept"] == 1
     rows = {r["provider_account_id"]: r for r in await accounts_of(pool, 1)}
     assert rows["2"]["balance"] == Decimal("42.5")
-    assert rows["2"]["last_sync"] == bank.sandbox.synced_at
+    assert rows["2"]["last_sync"] == ctx.started_at
     assert rows["1"]["balance"] == demo_accounts(1)[0].balance
     assert await pool.fetchval(
         """SELECT null_balance_at FROM kontod_accounts k JOIN bank_accounts a
@@ -705,11 +778,15 @@ async def test_classification_uses_the_local_company(
     assert [(r["balance"], r["type"], r["usage"], r["subtype"]) for r in rows[:3]] == [
         (Decimal(1), "checking", "professional", None),
         (Decimal("2.5"), "savings", "professional", None),
-        (Decimal(0), "investment", "personal", "gold"),  # no balance given: kept
+        # As the web app decides: Powens' PRIV is not recognised, the company decides.
+        (Decimal(0), "investment", "professional", "gold"),  # no balance given: kept
     ]
     assert ctx.counts["balances_null_kept"] == 1
-    assert [r["last_sync"] for r in rows] == [None] * 5  # no last_update given
+    # Fetched: last_sync is the time of the fetch (the two not returned are left as they were);
+    # without a last_update from Powens, the bank data has no time and the account stays stale.
+    assert [r["last_sync"] for r in rows] == [ctx.started_at] * 3 + [None] * 2
     assert ctx.counts["accounts_not_returned"] == 2
+    assert ctx.counts["stale_accounts_after.never_synced"] == 5
 
 
 async def test_failures_are_logged_with_ids_and_codes_and_never_the_token(

@@ -9,9 +9,11 @@ sandbox).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sqlite3
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,7 +26,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from kontod import db
-from kontod.demo.sandbox import demo_accounts, demo_transactions, token_for
+from kontod.demo.sandbox import DemoTransaction, demo_accounts, demo_transactions, token_for
 from kontod.jobs import REFRESH, refresh_lite
 from kontod.jobs.refresh import make_body
 from kontod.jobs.refresh_lite import read_time
@@ -93,7 +95,8 @@ def seed_data(now: datetime) -> Seed:
     """Six users: 1 (encrypted token; two rows the web app imported, one of them changed at
     the bank since), 2 (plaintext token, never synced, a company account), 3 (a token Powens
     rejects), 4 (fresh: SQLite's own time format), 5 (the bank needs the user; one account's
-    last_sync unreadable), 6 (no active connection); and an account with no user."""
+    last_sync unreadable), 6 (no active connection); and an account with no user. Each of
+    user 4's accounts holds its first transaction (an account without any is stale)."""
     accounts: list[tuple[object, ...]] = []
     for user in (1, 2, 3, 4, 5, 6):
         for n, a in enumerate(demo_accounts(user)):
@@ -143,7 +146,9 @@ def seed_data(now: datetime) -> Seed:
                  f"powens_{first.id}"),
                 # This one is as the bank has it: left alone.
                 (1, second.date.isoformat(), float(second.value), second.wording,
-                 second.category, f"powens_{second.id}"),
+                 None, f"powens_{second.id}"),
+                *[(a.id, t.date.isoformat(), float(t.value), t.wording, None,
+                   f"powens_{t.id}") for a in demo_accounts(4) for t in demo_transactions(a.id)[:1]],
             ],
         ),
     }  # fmt: skip
@@ -226,7 +231,7 @@ def pg_body(
 ACCOUNTS_SQL = """SELECT id, balance, last_sync, type, usage, subtype, currency
                     FROM bank_accounts ORDER BY id"""
 TRANSACTIONS_SQL = """SELECT bank_account_id, tx_hash, date, amount, label, category
-                        FROM transactions ORDER BY bank_account_id, tx_hash"""
+                        FROM transactions ORDER BY bank_account_id, tx_hash NULLS FIRST"""
 
 
 def sqlite_rows(path: Path, sql: str) -> list[tuple[object, ...]]:
@@ -309,6 +314,7 @@ async def test_both_engines_refresh_to_the_same_rows_and_counts(
         "stale_accounts_after.bank_data_old": 1,
         "stale_accounts_after.never_synced": 1,
         "stale_accounts_after.provider_error": 0,
+        "stale_accounts_after.no_transactions": 0,
     }
     # Konto's rows: the same values, each of its column's own type, to the last bit.
     lite_accounts = sqlite_rows(konto.path, ACCOUNTS_SQL)
@@ -316,11 +322,19 @@ async def test_both_engines_refresh_to_the_same_rows_and_counts(
     lite_txs = sqlite_rows(konto.path, TRANSACTIONS_SQL)
     assert lite_txs == await pg_rows(webapp_pool, TRANSACTIONS_SQL)
     assert await kontod_rows(konto.pool) == await kontod_rows(webapp_pool)
-    # What those rows are: the bank's balances as floats, its time as the web app's text.
+    # What those rows are: the bank's balances as floats; last_sync the time of kontod's fetch,
+    # as the web app writes it (JavaScript's toISOString, in its text column).
     user_1 = {a.id: a for a in demo_accounts(1) if a.id != 4}  # 4: disabled, left as it was
     assert [(r[1], r[2]) for r in lite_accounts if r[0] in user_1] == [
-        (float(a.balance), iso_text(bank.sandbox.synced_at if a.id != 5 else old))
-        for a in user_1.values()
+        (float(a.balance), iso_text(now)) for a in user_1.values()
+    ]
+    # The bank data's own time is kontod's: in kontod_accounts, and account 5 stays stale by it.
+    bank_times = {
+        r["bank_account_id"]: r["powens_last_update"]
+        for r in await konto.pool.fetch("SELECT * FROM kontod_accounts")
+    }
+    assert [bank_times[a] for a in user_1] == [
+        bank.sandbox.synced_at if a != 5 else old for a in user_1
     ]
     assert [r[1:3] for r in lite_accounts if r[0] == 4] == [(0.1, "2026-01-01T00:00:00.000Z")]
     assert [r[3:6] for r in lite_accounts if r[0] in {a.id for a in demo_accounts(2)}][-1] == (
@@ -331,26 +345,138 @@ async def test_both_engines_refresh_to_the_same_rows_and_counts(
     first = demo_transactions(1)[0]
     assert [r for r in lite_txs if r[1] == f"powens_{first.id}"] == [
         (1, f"powens_{first.id}", first.date.isoformat(), float(first.value), first.wording,
-         first.category)
+         None)
     ]  # fmt: skip
+    # The web app's rules for the same Powens answer: usage by the company alone (Powens' ORGA
+    # ignored), no category (category.name, which Powens does not send).
+    assert [r[4] for r in lite_accounts if r[0] == demo_accounts(1)[4].id] == ["personal"]
+    assert {r[5] for r in lite_txs} == {None}
     assert table_info(konto.path) == schema_before
 
     # Everything is stale an hour later: nothing new at the bank, nothing written twice; only
-    # user 4, fresh until now, has transactions to import.
+    # user 4, fresh until now, has transactions to import (all but the five it holds).
     later = now + timedelta(hours=1)
     lite_2 = await run_claimed(konto.pool, lite_body(konto, bank, http, timedelta(0)), later)
     pg_2 = await run_claimed(webapp_pool, pg_body(webapp_pool, bank, http, timedelta(0)), later)
     assert dict(lite_2.counts) == dict(pg_2.counts)
     assert (lite_2.counts["transactions_inserted"], lite_2.counts["transactions_updated"]) == (
-        15,
+        10,
         0,
     )
     user_4 = {a.id for a in demo_accounts(4)}
-    assert [r for r in sqlite_rows(konto.path, TRANSACTIONS_SQL) if r[0] not in user_4] == lite_txs
+    assert [r for r in sqlite_rows(konto.path, TRANSACTIONS_SQL) if r[0] not in user_4] == [
+        r for r in lite_txs if r[0] not in user_4
+    ]
     assert sqlite_rows(konto.path, TRANSACTIONS_SQL) == await pg_rows(webapp_pool, TRANSACTIONS_SQL)
     assert sqlite_rows(konto.path, ACCOUNTS_SQL) == await pg_rows(webapp_pool, ACCOUNTS_SQL)
     assert await kontod_rows(konto.pool) == await kontod_rows(webapp_pool)
     assert table_info(konto.path) == schema_before
+
+
+async def test_transactions_without_a_date_or_an_amount_are_skipped_on_both_engines(
+    konto: Konto, webapp_pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    now = datetime.now(UTC)
+    seed = seed_data(now)
+    seed_sqlite(konto.path, seed)
+    await seed_postgres(webapp_pool, seed)
+    undated, unvalued, whole = powens_user(bank, 2).transactions[1001]
+    undated.date, unvalued.value = None, None
+
+    lite = await run_claimed(konto.pool, lite_body(konto, bank, http), now)
+    pg = await run_claimed(webapp_pool, pg_body(webapp_pool, bank, http), now)
+
+    assert dict(lite.counts) == dict(pg.counts)
+    assert lite.counts["transactions_incomplete_skipped"] == 2
+    # User 2's write went through (Konto's NOT NULL columns would have refused all of it).
+    hashes = "SELECT tx_hash FROM transactions WHERE bank_account_id = 1001"
+    assert sqlite_rows(konto.path, hashes) == [(f"powens_{whole.id}",)]
+    assert sqlite_rows(konto.path, TRANSACTIONS_SQL) == await pg_rows(webapp_pool, TRANSACTIONS_SQL)
+    for pool in (konto.pool, webapp_pool):
+        row = await pool.fetchrow("SELECT * FROM kontod_connections WHERE connection_id = 2")
+        assert row is not None and row["error_kind"] is None
+
+
+async def test_a_just_linked_account_without_transactions_is_filled_at_the_next_run(
+    konto: Konto, webapp_pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    # As the web app's bank callback leaves them: last_sync = now, no transaction.
+    now = datetime.now(UTC)
+    seed = seed_data(now)
+    just_now = iso_text(now - timedelta(minutes=1))
+    seed["bank_accounts"] = (
+        seed["bank_accounts"][0],
+        [(*a[:7], just_now) for a in seed["bank_accounts"][1] if a[1] == 4],
+    )
+    seed["transactions"] = (seed["transactions"][0], [])
+    seed_sqlite(konto.path, seed)
+    await seed_postgres(webapp_pool, seed)
+    empty = demo_accounts(4)[2].id
+    powens_user(bank, 4).transactions[empty] = []  # none at the bank either
+
+    lite = await run_claimed(konto.pool, lite_body(konto, bank, http), now)
+    pg = await run_claimed(webapp_pool, pg_body(webapp_pool, bank, http), now)
+
+    assert dict(lite.counts) == dict(pg.counts)
+    assert (lite.counts["users"], lite.counts["stale_accounts"]) == (1, 5)
+    assert lite.counts["transactions_inserted"] == 4 * 3
+    assert sqlite_rows(konto.path, TRANSACTIONS_SQL) == await pg_rows(webapp_pool, TRANSACTIONS_SQL)
+    # The account the bank has no transaction for stays stale, and says why.
+    assert lite.counts["stale_accounts_after"] == 1
+    assert lite.counts["stale_accounts_after.no_transactions"] == 1
+
+
+async def test_rows_the_old_web_app_job_imported_are_adopted_not_doubled(
+    konto: Konto, webapp_pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    now = datetime.now(UTC)
+    seed = seed_data(now)
+    columns, _ = seed["transactions"]
+    txs = powens_user(bank, 1).transactions
+    # Account 2: two Powens transactions alike, three rows alike (the old job's doubles).
+    twin = txs[2][1]
+    twin.date, twin.value, twin.wording = txs[2][0].date, txs[2][0].value, txs[2][0].wording
+    # Account 3: a transaction Powens gives without an id.
+    txs[3][2].id = None
+    nameless = demo_transactions(3)[2]
+
+    # As the web app's refresh job imported them: no tx_hash, no category.
+    def old_row(t: DemoTransaction) -> tuple[object, ...]:
+        return (t.account_id, t.date.isoformat(), float(t.value), t.wording, None, None)
+
+    first, alike = demo_transactions(1)[:2], demo_transactions(2)[0]
+    old = [old_row(t) for t in first] + [old_row(alike)] * 3 + [old_row(nameless)]
+    seed["transactions"] = (columns, old)
+    seed_sqlite(konto.path, seed)
+    await seed_postgres(webapp_pool, seed)
+
+    lite = await run_claimed(konto.pool, lite_body(konto, bank, http), now)
+    pg = await run_claimed(webapp_pool, pg_body(webapp_pool, bank, http), now)
+
+    assert dict(lite.counts) == dict(pg.counts)
+    # Two of account 1, two of the three alike (two Powens transactions), the id-less one.
+    assert lite.counts["transactions_adopted"] == 2 + 2 + 1
+    rows = sqlite_rows(konto.path, TRANSACTIONS_SQL)
+    assert rows == await pg_rows(webapp_pool, TRANSACTIONS_SQL)
+    per_account = Counter(r[0] for r in rows if r[0] in (1, 2, 3))
+    assert per_account == {1: 3, 2: 3 + 1, 3: 3}  # the old job's third double stays
+    assert [r for r in rows if r[1] is None] == [(2, None, *old_row(alike)[1:4], None)]
+    # The web app's key for a transaction without an id (the value as JavaScript prints it).
+    value = format(nameless.value, "f").rstrip("0").rstrip(".")
+    fallback = f"3|{nameless.date.isoformat()}|{value}|{nameless.wording.strip()}"
+    expected = "powens_f_" + hashlib.sha256(fallback.encode()).hexdigest()[:20]
+    assert [r[1] for r in rows if r[0] == 3 and r[2] == nameless.date.isoformat()] == [expected]
+
+    # The bank's data moves: every transaction is asked again, and none is inserted.
+    later = now + timedelta(hours=1)
+    for account in powens_user(bank, 1).accounts:
+        account.last_update = later.replace(microsecond=0)
+    lite_2 = await run_claimed(konto.pool, lite_body(konto, bank, http, timedelta(0)), later)
+    pg_2 = await run_claimed(webapp_pool, pg_body(webapp_pool, bank, http, timedelta(0)), later)
+    assert dict(lite_2.counts) == dict(pg_2.counts)
+    assert bank.sandbox.requests_by_endpoint_token[("transactions", token_for(1))] == 4 * 5
+    assert (lite_2.counts["transactions_inserted"], lite_2.counts["transactions_adopted"]) == (0, 0)
+    assert sqlite_rows(konto.path, TRANSACTIONS_SQL) == rows
 
 
 async def test_a_refused_write_fails_its_connection_alone(
@@ -358,7 +484,8 @@ async def test_a_refused_write_fails_its_connection_alone(
 ) -> None:
     now = datetime.now(UTC)
     seed = seed_data(now)
-    seed["transactions"] = (seed["transactions"][0], [])
+    columns, rows = seed["transactions"]
+    seed["transactions"] = (columns, [r for r in rows if r[0] != 1])  # user 4's kept: fresh
     seed_sqlite(konto.path, seed)
     # User 1 has a second bank, seen through user 2's Powens data and token.
     with sqlite3.connect(konto.path) as conn:
@@ -471,7 +598,7 @@ async def test_a_takeover_mid_run_stops_the_older_run_before_its_next_write(
     with pytest.raises(ClaimLost, match="a newer run took the job over"):
         await body(ctx)
 
-    assert sqlite_rows(konto.path, "SELECT count(*) FROM transactions") == [(2,)]
+    assert sqlite_rows(konto.path, "SELECT count(*) FROM transactions") == [(2 + 5,)]  # seeded
     assert {r[0] for r in sqlite_rows(konto.path, "SELECT balance FROM bank_accounts")} == {0.1}
     assert await konto.pool.fetchval("SELECT count(*) FROM kontod_accounts") == 0
 

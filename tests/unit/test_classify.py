@@ -64,10 +64,12 @@ def test_type(provider_type: str | None, name: str | None, expected: str) -> Non
     [
         ("professional", False, "professional"),
         ("private", True, "private"),
-        ("PRIV", True, "personal"),
-        ("ORGA", False, "professional"),
-        ("ASSO", False, "professional"),
+        # The web app's rule: Powens' real values are not recognised; the company decides.
+        ("PRIV", True, "professional"),
+        ("ORGA", False, "personal"),
+        ("ASSO", False, "personal"),
         ("priv", False, "personal"),
+        ("Professional", False, "personal"),
         (None, False, "personal"),
         (None, True, "professional"),
         ("something else", False, "personal"),
@@ -107,6 +109,6 @@ def test_investment_subtype(
 
 @pytest.mark.parametrize("provider_type", ["checking", "savings", "loan", "joint"])
 def test_subtype_only_for_investments(provider_type: str) -> None:
-    result = classify(provider_type=provider_type, name="PEA or", usage="ORGA", has_company=False)
+    result = classify(provider_type=provider_type, name="PEA or", usage="ORGA", has_company=True)
     assert result.subtype is None
     assert result.usage == "professional"

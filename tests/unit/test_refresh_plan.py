@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
@@ -22,6 +23,7 @@ from kontod.jobs.refresh import (
     statements,
     transactions_wanted,
     triage,
+    tx_key,
 )
 from kontod.konto.schema import REQUIRED, KontoSchema
 from kontod.providers.powens import ProviderAccount, ProviderConnection, ProviderTransaction
@@ -113,10 +115,11 @@ def tx(
     deleted: bool = False,
     label: str = "CB CAFE",
     last_update: datetime | None = SYNCED,
+    day: date | None = DAY,
 ) -> ProviderTransaction:
     return ProviderTransaction(
         id=tx_id,
-        date=DAY,
+        date=day,
         amount=None if amount is None else Decimal(amount),
         label=label,
         category="food",
@@ -303,7 +306,9 @@ def test_an_account_is_updated_refused_or_only_remembered(
     ("transaction", "written", "gone", "counts", "events"),
     [
         (tx("t1"), ["powens_t1"], [], {}, []),
-        (tx("t1", None), ["powens_t1"], [], {}, []),
+        # Konto's date and amount are NOT NULL: left out, counted.
+        (tx("t1", None), [], [], {"transactions_incomplete_skipped": 1}, []),
+        (tx("t1", day=None), [], [], {"transactions_incomplete_skipped": 1}, []),
         (tx("t1", coming=True), [], [], {"transactions_coming_skipped": 1}, []),
         (tx("t1", deleted=True), [], ["powens_t1"], {}, []),
         # Deleted wins over coming: the row, if any, goes.
@@ -340,12 +345,13 @@ def test_a_deleted_or_disabled_accounts_transactions_are_left_alone() -> None:
     assert part.counts == {"accounts_deleted": 1, "accounts_disabled": 1}
 
 
-# The rows of one connection's part, in the column types of each schema.
+# The rows of one connection's part, in the column types of each schema; last_sync is the
+# time of the fetch (NOW), as the web app writes it, the bank's own time (SYNCED) kontod's.
 @pytest.mark.parametrize(
     ("schema", "balance", "last_sync", "tx_date", "amount"),
     [
-        (EXACT, Decimal("100.00"), SYNCED, DAY, Decimal("-12.50")),
-        (WEB_APP, 100.0, "2026-03-01T10:00:00.000Z", "2026-02-27", -12.5),
+        (EXACT, Decimal("100.00"), NOW, DAY, Decimal("-12.50")),
+        (WEB_APP, 100.0, "2026-03-01T12:00:00.000Z", "2026-02-27", -12.5),
     ],
 )
 def test_the_rows_written_are_in_the_columns_types(
@@ -462,3 +468,22 @@ def test_every_statement_is_an_attribute_with_the_columns_casts() -> None:
     assert "$2::numeric[]" in exact.update_accounts
     assert "kontod_try_timestamptz(a.last_sync)" in web_app.stale_users
     assert "kontod_try_timestamptz" not in exact.stale_users
+
+
+def test_a_transaction_without_an_id_gets_the_web_apps_fallback_key() -> None:
+    nameless = ProviderTransaction(
+        id=None,
+        date=DAY,
+        amount=Decimal("-12.50"),
+        label=" CB CAFE ",
+        category=None,
+        date_text="2026-02-10",
+        value_text="-12.5",
+    )
+    digest = hashlib.sha256(b"7|2026-02-10|-12.5|CB CAFE").hexdigest()
+    assert tx_key(7, nameless) == "powens_f_" + digest[:20]
+    assert tx_key(7, tx("t9")) == "powens_t9"
+    # Two alike have one key, written once (one upsert cannot write a row twice).
+    fetched = brought([remote("a")], {"a": [nameless, nameless]})
+    [part] = plan(user([local(7, "a")]), [fetched], NOW, EXACT).parts
+    assert [row.tx_hash for row in part.transactions] == ["powens_f_" + digest[:20]]
