@@ -393,14 +393,19 @@ class HranaSandbox:
         want_rows = stmt.get("want_rows", True) is not False
 
         def run() -> Json:
+            # sqld counts the rows a writing statement changed (sqlite3_changes), whatever its
+            # form; the cursor's rowcount stays -1 for one that starts with WITH.
+            before = stream.conn.total_changes
             cursor = stream.conn.execute(sql, args)
-            rows = [[encode_value(v) for v in r] for r in cursor.fetchall()] if want_rows else []
+            fetched = cursor.fetchall()
+            changed = stream.conn.total_changes - before
+            rows = [[encode_value(v) for v in r] for r in fetched] if want_rows else []
             if _values_size(rows) > self.max_response_size:
                 raise StepError("Response is too large", "RESPONSE_TOO_LARGE")
             return {
                 "cols": [{"name": d[0], "decltype": None} for d in cursor.description or ()],
                 "rows": rows,
-                "affected_row_count": max(cursor.rowcount, 0),
+                "affected_row_count": changed,
                 "last_insert_rowid": None if cursor.lastrowid is None else str(cursor.lastrowid),
             }
 

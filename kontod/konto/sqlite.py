@@ -177,9 +177,11 @@ def _transaction(
             check_fence(fence, [tuple(r) for r in rows])
         results = []
         for step in steps:
-            cursor = conn.execute(step.sql, tuple(step.params))
-            rows = [tuple(r) for r in cursor.fetchall()]
-            results.append(Result(rows, max(cursor.rowcount, 0)))
+            # The rows a step changed, whatever its form: the cursor's rowcount stays -1 for a
+            # statement that starts with WITH, the connection's running total does not.
+            before = conn.total_changes
+            rows = [tuple(r) for r in conn.execute(step.sql, tuple(step.params)).fetchall()]
+            results.append(Result(rows, conn.total_changes - before))
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:

@@ -212,3 +212,18 @@ async def test_a_read_blocked_past_the_busy_timeout_is_a_clear_error(tmp_path: P
         holder.join()
     finally:
         await db.close()
+
+
+async def test_a_step_reports_the_rows_it_changed_whatever_its_form(konto: KontoSql) -> None:
+    results = await konto.write(
+        [
+            Statement("INSERT INTO users (email) VALUES ('a@x'), ('b@x'), ('c@x')"),
+            Statement(
+                "WITH gone AS (SELECT id FROM users WHERE email <> 'a@x')"
+                " UPDATE users SET name = 'n' WHERE id IN (SELECT id FROM gone)"
+            ),
+            Statement("SELECT count(*) FROM users"),
+        ],
+        None,
+    )
+    assert [r.changes for r in results] == [3, 2, 0]
