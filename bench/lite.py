@@ -138,7 +138,7 @@ accounts AS (
     SELECT a.user_id, a.id, a.name, coalesce(nullif(a.type, ''), 'checking') AS type,
            coalesce(nullif(upper(trim(a.currency)), ''), 'EUR') AS currency,
            coalesce(a.balance, 0) AS amount
-      FROM bank_accounts a WHERE coalesce(a.hidden, 0) = 0 AND a.user_id IS NOT NULL
+      FROM bank_accounts a WHERE a.hidden = 0 AND a.user_id IS NOT NULL
 ),
 holdings AS (
     SELECT c.user_id, 'account:' || c.id AS holding_key, 'account' AS kind, c.id AS ref_id,

@@ -106,11 +106,13 @@ EXPORTS = JobExports(
 )
 
 # How each column type is read or written. Only these fragments ever enter the statement.
+# A 0/1 flag as the web app reads it (``hidden = 0``): a NULL one is left out. kontod's own
+# boolean is NOT NULL.
 _VISIBLE = {
     "boolean": "a.hidden IS NOT TRUE",
-    "smallint": "coalesce(a.hidden, 0) = 0",
-    "integer": "coalesce(a.hidden, 0) = 0",
-    "bigint": "coalesce(a.hidden, 0) = 0",
+    "smallint": "a.hidden = 0",
+    "integer": "a.hidden = 0",
+    "bigint": "a.hidden = 0",
 }
 # $3 is the snapshot date; a text column holds it as YYYY-MM-DD whatever the DateStyle.
 _DAY = {

@@ -89,12 +89,12 @@ _ASSET_IDS_SQL = "SELECT rowid, user_id FROM assets WHERE rowid > ? ORDER BY row
 _USERS_SQL = "SELECT id FROM users WHERE id BETWEEN ? AND ? ORDER BY id"
 # A batch's rows: looked up by rowid, and the rows added since the first pass (rowids above the
 # last it saw: a range of the rowid, not a scan). The user_id test drops a row moved to another
-# user since. hidden: 0/1, NULL visible, as the PostgreSQL path reads an integer flag.
+# user since. hidden: 0/1, NULL left out, as the web app reads it (``hidden = 0``).
 _ACCOUNTS_SQL = """
 SELECT a.id, a.user_id, a.name, a.type, a.currency, a.balance
   FROM bank_accounts a
  WHERE (a.rowid IN (SELECT value FROM json_each(?1)) OR a.rowid > ?2)
-   AND a.user_id BETWEEN ?3 AND ?4 AND coalesce(a.hidden, 0) = 0
+   AND a.user_id BETWEEN ?3 AND ?4 AND a.hidden = 0
 """
 _ASSETS_SQL = """
 SELECT s.id, s.user_id, s.name, s.type, s.current_value, s.purchase_price

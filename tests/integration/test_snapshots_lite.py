@@ -343,6 +343,34 @@ async def test_the_sqlite_konto_gets_the_rows_of_the_postgresql_path_to_the_last
     assert table_info(path) == schema_before
 
 
+async def both_paths(
+    konto: KontoSql, path: Path, pg: asyncpg.Pool, dsn: str, data: Any
+) -> dict[str, tuple[Any, ...]]:
+    """Run both paths on the same data; they must write the same rows. Each holding row by its
+    key: (user, name, value), and each category row by user and category as ``cat:``."""
+    await fill(path, pg, data)
+    await run_lite(dsn, pg, konto)
+    rows, holdings = lite_rows(path)
+    await run_pg(pg, datetime.fromisoformat(f"{rows[0][0]}T10:00:00+02:00"))
+    assert (rows, holdings) == await pg_rows(pg)
+    found: dict[str, tuple[Any, ...]] = {h[2]: (h[1], h[5], h[7]) for h in holdings}
+    found.update({f"cat:{r[1]}:{r[2]}": (r[3],) for r in rows})
+    return found
+
+
+async def test_an_account_whose_hidden_is_null_is_left_out_as_the_web_app_does(
+    konto: KontoSql, path: Path, pg: asyncpg.Pool, empty_dsn: str
+) -> None:
+    accounts = [
+        Account(1, 1, "checking", "EUR", 10.0, 0),
+        Account(2, 1, "checking", "EUR", 999.0, None),
+        Account(3, 1, "savings", "EUR", 5.0, 1),
+    ]
+    found = await both_paths(konto, path, pg, empty_dsn, ([1], accounts, []))
+    assert {k for k in found if k.startswith("account:")} == {"account:1"}
+    assert found["cat:1:total"] == (10.0,)
+
+
 async def test_a_rerun_with_nothing_new_writes_nothing_and_a_row_that_became_zero_goes(
     konto: KontoSql, path: Path, pg: asyncpg.Pool, empty_dsn: str
 ) -> None:
