@@ -18,9 +18,9 @@ from __future__ import annotations
 # Every user's rows for the date $1, in base currency $2 with rates at most $3 days old, as the
 # job computes them: each visible account converted with the newest usable rate of its
 # currency (none: left out), each asset in the base currency at its current value, else its
-# purchase price, else 0; a holding row per converted account and per asset; a row per
-# category (account type, none: checking; asset type, none: other) whose sum is not 0, and a
-# total row for every user. ``{users}``, ``{accounts}`` and ``{assets}`` restrict the rows to a
+# purchase price, else 0 (a 0 falls through as NULL does); a holding row per converted account
+# and per asset; a row per category (account type, none: checking; asset type, none: other)
+# whose sum is not 0, and a total row for every user. ``{users}``, ``{accounts}`` and ``{assets}`` restrict the rows to a
 # range of user ids, or to nothing (every user).
 _ROWS_SQL = """
 WITH rates AS (
@@ -50,7 +50,8 @@ holdings AS MATERIALIZED (
     UNION ALL
     SELECT s.user_id, 'asset:' || s.id, 'asset', s.id, s.name,
            coalesce(nullif(s.type, ''), 'other'),
-           coalesce(s.current_value::numeric, s.purchase_price::numeric, 0), NULL, NULL
+           coalesce(nullif(s.current_value::numeric, 0), nullif(s.purchase_price::numeric, 0), 0),
+           NULL, NULL
       FROM assets s{assets}
 ),
 categories AS (

@@ -149,7 +149,7 @@ holdings AS (
      WHERE c.currency = ?3 OR c.amount = 0 OR r.currency IS NOT NULL
     UNION ALL
     SELECT s.user_id, 'asset:' || s.id, 'asset', s.id, s.name, coalesce(nullif(s.type, ''), 'other'),
-           coalesce(s.current_value, s.purchase_price, 0)
+           coalesce(nullif(s.current_value, 0), nullif(s.purchase_price, 0), 0)
       FROM assets s
 )"""
 FLOOR_HOLDINGS_SQL = (
@@ -574,7 +574,7 @@ def _old_user(
         written += 1
     for asset_id, name, typ, purchase, current in conn.execute(OLD_ASSETS_SQL, (user_id,)):
         category = typ or "other"
-        value = current if current is not None else purchase if purchase is not None else 0.0
+        value = current or purchase or 0.0  # JavaScript's ||: a 0 falls through
         sums[category] = sums.get(category, 0.0) + value
         conn.execute(
             OLD_HOLDING_SQL,

@@ -228,7 +228,8 @@ async def columns(conn: Connection) -> Columns:
 # For the users whose id is in [$1, $2], for the date $3, in base currency $4 with rates at most
 # $5 days old:
 # - every visible account converted with the newest usable rate of its currency (none: NULL,
-#   left out and counted), every asset valued in the base currency; a balance or value that is
+#   left out and counted), every asset valued in the base currency (its current value, else
+#   its purchase price, else 0, a 0 falling through as NULL does); a balance or value that is
 #   not a number (NaN, Infinity) left out and counted as invalid;
 # - one holding row per converted account and per asset, one row per non-zero category and a
 #   total, all sums in exact numeric arithmetic;
@@ -273,9 +274,11 @@ converted AS (
 ),
 valued AS (
     SELECT s.user_id, s.id, s.name, coalesce(nullif(s.type, ''), 'other') AS type,
-           CASE WHEN s.current_value IS NOT NULL THEN
+           -- The web app's current_value || purchase_price || 0: a NULL or 0 falls through
+           -- (NaN and Infinity do not: they are left out and counted).
+           CASE WHEN s.current_value <> 0 THEN
                     CASE WHEN {current_finite} THEN s.current_value::numeric END
-                WHEN s.purchase_price IS NOT NULL THEN
+                WHEN s.purchase_price <> 0 THEN
                     CASE WHEN {purchase_finite} THEN s.purchase_price::numeric END
                 ELSE 0 END AS value
       FROM assets s

@@ -399,9 +399,10 @@ def compute(
             by_user[_int(user_id)].append(holding)
         for asset_id, user_id, name, typ, current, purchase in assets:
             ref = _int(asset_id)
-            if current is not None:
+            # current_value || purchase_price || 0, as the web app values it: a 0 falls through.
+            if current is not None and current != 0:
                 value_or_none = _money(current)
-            elif purchase is not None:
+            elif purchase is not None and purchase != 0:
                 value_or_none = _money(purchase)
             else:
                 value_or_none = _ZERO

@@ -80,13 +80,21 @@ async def test_hidden_accounts_are_excluded(pool: asyncpg.Pool) -> None:
 async def test_asset_value_falls_back_to_purchase_price_then_zero(pool: asyncpg.Pool) -> None:
     uid = await add_user(
         pool,
-        assets=[("vehicle", "18000", None), ("valuable", None, None), ("other", "5", "7")],
+        assets=[
+            ("vehicle", "18000", None),
+            ("valuable", None, None),
+            ("other", "5", "7"),
+            # The web app's current_value || purchase_price || 0: a 0 falls through too.
+            ("real_estate", "250000", "0"),
+            ("valuable", "0", "0"),
+        ],
     )
     await run(pool)
     assert await snapshot_rows(pool, uid, date(2026, 6, 10)) == {
         "vehicle": Decimal("18000"),
         "other": Decimal("7"),
-        "total": Decimal("18007"),
+        "real_estate": Decimal("250000"),
+        "total": Decimal("268007"),
     }
 
 

@@ -371,6 +371,26 @@ async def test_an_account_whose_hidden_is_null_is_left_out_as_the_web_app_does(
     assert found["cat:1:total"] == (10.0,)
 
 
+async def test_an_asset_worth_0_is_valued_at_its_purchase_price_as_the_web_app_does(
+    konto: KontoSql, path: Path, pg: asyncpg.Pool, empty_dsn: str
+) -> None:
+    # JavaScript's current_value || purchase_price || 0.
+    assets = [
+        Asset(1, 1, "vehicle", 18000.0, 0.0),
+        Asset(2, 1, "valuable", 0.0, None),
+        Asset(3, 1, "other", 5.0, 7.0),
+        Asset(4, 1, "other", None, None),
+    ]
+    found = await both_paths(konto, path, pg, empty_dsn, ([1], [], assets))
+    assert {k: v[2] for k, v in found.items() if k.startswith("asset:")} == {
+        "asset:1": 18000.0,
+        "asset:2": 0.0,
+        "asset:3": 7.0,
+        "asset:4": 0.0,
+    }
+    assert found["cat:1:vehicle"] == (18000.0,) and found["cat:1:total"] == (18007.0,)
+
+
 async def test_a_rerun_with_nothing_new_writes_nothing_and_a_row_that_became_zero_goes(
     konto: KontoSql, path: Path, pg: asyncpg.Pool, empty_dsn: str
 ) -> None:
