@@ -20,7 +20,8 @@ from __future__ import annotations
 # currency (none: left out), each asset in the base currency at its current value, else its
 # purchase price, else 0 (a 0 falls through as NULL does); a holding row per converted account
 # and per asset; a row per category (account type, none: checking; asset type, none: other)
-# whose sum is not 0, and a total row for every user. ``{users}``, ``{accounts}`` and ``{assets}`` restrict the rows to a
+# whose sum is not 0, and a total row for every user; a holding is named name || '' (kontod's
+# own tables, which this runs on, have no custom_name or address). ``{users}``, ``{accounts}`` and ``{assets}`` restrict the rows to a
 # range of user ids, or to nothing (every user).
 _ROWS_SQL = """
 WITH rates AS (
@@ -31,7 +32,8 @@ WITH rates AS (
      ORDER BY currency, day DESC
 ),
 accounts AS (
-    SELECT a.user_id, a.id, a.name, coalesce(nullif(a.type, ''), 'checking') AS type,
+    SELECT a.user_id, a.id, coalesce(nullif(a.name, ''), '') AS name,
+           coalesce(nullif(a.type, ''), 'checking') AS type,
            coalesce(nullif(upper(btrim(a.currency)), ''), 'EUR') AS currency,
            coalesce(a.balance::numeric, 0) AS amount
       FROM bank_accounts a
@@ -48,7 +50,7 @@ holdings AS MATERIALIZED (
            type, value, currency, amount
       FROM converted WHERE value IS NOT NULL
     UNION ALL
-    SELECT s.user_id, 'asset:' || s.id, 'asset', s.id, s.name,
+    SELECT s.user_id, 'asset:' || s.id, 'asset', s.id, coalesce(nullif(s.name, ''), ''),
            coalesce(nullif(s.type, ''), 'other'),
            coalesce(nullif(s.current_value::numeric, 0), nullif(s.purchase_price::numeric, 0), 0),
            NULL, NULL

@@ -135,7 +135,8 @@ WITH rates(currency, base_amount, currency_amount) AS (
     SELECT value->>0, value->>1, value->>2 FROM json_each(?2)
 ),
 accounts AS (
-    SELECT a.user_id, a.id, a.name, coalesce(nullif(a.type, ''), 'checking') AS type,
+    SELECT a.user_id, a.id, coalesce(nullif(a.custom_name, ''), nullif(a.name, ''), '') AS name,
+           coalesce(nullif(a.type, ''), 'checking') AS type,
            coalesce(nullif(upper(trim(a.currency)), ''), 'EUR') AS currency,
            coalesce(a.balance, 0) AS amount
       FROM bank_accounts a WHERE a.hidden = 0 AND a.user_id IS NOT NULL
@@ -148,7 +149,8 @@ holdings AS (
       FROM accounts c LEFT JOIN rates r ON r.currency = c.currency
      WHERE c.currency = ?3 OR c.amount = 0 OR r.currency IS NOT NULL
     UNION ALL
-    SELECT s.user_id, 'asset:' || s.id, 'asset', s.id, s.name, coalesce(nullif(s.type, ''), 'other'),
+    SELECT s.user_id, 'asset:' || s.id, 'asset', s.id,
+           coalesce(nullif(s.address, ''), nullif(s.name, ''), ''), coalesce(nullif(s.type, ''), 'other'),
            coalesce(nullif(s.current_value, 0), nullif(s.purchase_price, 0), 0)
       FROM assets s
 )"""
@@ -195,12 +197,14 @@ SELECT count(*) FROM {table} a
 _COUNT_SQL = "SELECT count(*) FROM {table} WHERE date = ? {users}"
 
 # The web app's loop, statement by statement.
-OLD_ACCOUNTS_SQL = (
-    "SELECT id, name, type, currency, balance FROM bank_accounts WHERE user_id = ? AND hidden = 0"
-)
-OLD_ASSETS_SQL = (
-    "SELECT id, name, type, purchase_price, current_value FROM assets WHERE user_id = ?"
-)
+OLD_ACCOUNTS_SQL = """
+SELECT id, coalesce(nullif(custom_name, ''), nullif(name, ''), ''), type, currency, balance
+  FROM bank_accounts WHERE user_id = ? AND hidden = 0
+"""
+OLD_ASSETS_SQL = """
+SELECT id, coalesce(nullif(address, ''), nullif(name, ''), ''), type, purchase_price, current_value
+  FROM assets WHERE user_id = ?
+"""
 OLD_HOLDING_SQL = """
 INSERT OR REPLACE INTO holding_snapshots (date, user_id, holding_key, kind, ref_id, name, type, value)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?)

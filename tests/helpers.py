@@ -45,12 +45,13 @@ CREATE TABLE users (id serial PRIMARY KEY, email text UNIQUE NOT NULL, name text
     created_at text DEFAULT (now()::text));
 CREATE TABLE bank_accounts (id serial PRIMARY KEY,
     user_id integer NOT NULL REFERENCES users(id) ON DELETE CASCADE, company_id integer,
-    provider text, provider_account_id text, name text, balance double precision DEFAULT 0,
-    hidden integer DEFAULT 0, last_sync text, type text DEFAULT 'checking',
+    provider text, provider_account_id text, name text, custom_name text,
+    balance double precision DEFAULT 0, hidden integer DEFAULT 0, last_sync text,
+    type text DEFAULT 'checking',
     usage text DEFAULT 'personal', subtype text, currency text DEFAULT 'EUR');
 CREATE TABLE assets (id serial PRIMARY KEY,
     user_id integer NOT NULL REFERENCES users(id) ON DELETE CASCADE, type text, name text,
-    purchase_price double precision, current_value double precision);
+    purchase_price double precision, current_value double precision, address text);
 CREATE TABLE bank_connections (id serial PRIMARY KEY,
     user_id integer NOT NULL REFERENCES users(id) ON DELETE CASCADE, company_id integer,
     powens_connection_id text, powens_token text NOT NULL, powens_refresh_token text,

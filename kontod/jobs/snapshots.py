@@ -17,7 +17,7 @@ written or removed that day, the other users of the batch are written.
 
 The statement works on kontod's own tables (numeric money, boolean flags, date dates) and on
 the tables Konto's web app creates (float money, 0/1 flags, text dates, holding rows without
-currency and amount): the types of the columns it reads and writes are looked up once per run,
+currency and amount, the custom_name and address its holding names prefer): the types of the columns it reads and writes are looked up once per run,
 and each one is handled by a fixed SQL fragment chosen from the lists below.
 """
 
@@ -141,6 +141,17 @@ _FITS = {
     ),
     "real": "({x} = 0 OR abs({x}) BETWEEN 1.1754944e-38 AND 3.4028234e38)",
 }
+# A holding's name as the web app writes it (JavaScript's ``a || b || ''``: NULL and '' fall
+# through): accounts custom_name || name, assets address || name. kontod's own minimal tables
+# have no custom_name or address column: name alone there.
+_NAME = "coalesce({preferred}nullif({x}.name::text, ''), '')"
+
+
+def _name(types: Mapping[tuple[str, str], str], table: str, alias: str, preferred: str) -> str:
+    first = f"nullif({alias}.{preferred}::text, ''), " if (table, preferred) in types else ""
+    return _NAME.format(preferred=first, x=alias)
+
+
 # How many invalid holdings and failed users of a batch its log line names (it counts them all).
 SHOWN = 20
 
@@ -183,6 +194,9 @@ class Columns:
     holding_money: str
     # None when holding_snapshots has no currency and amount columns (Konto's web app).
     holding_amount: str | None
+    # The name a holding row gets, from bank_accounts (a) and assets (s).
+    account_name: str
+    asset_name: str
     # Conditions on the columns read (is a number) and on values written (fits the column).
     balance_finite: str = "true"
     current_finite: str = "true"
@@ -216,6 +230,8 @@ async def columns(conn: Connection) -> Columns:
         holding_day=_pick(_DAY, types, "holding_snapshots.date"),
         holding_money=_pick(_MONEY, types, "holding_snapshots.value"),
         holding_amount=_pick(_MONEY, types, "holding_snapshots.amount") if has_amount else None,
+        account_name=_name(types, "bank_accounts", "a", "custom_name"),
+        asset_name=_name(types, "assets", "s", "address"),
         balance_finite=_pick(_FINITE, types, "bank_accounts.balance").format(x="a.balance"),
         current_finite=_pick(_FINITE, types, "assets.current_value").format(x="s.current_value"),
         purchase_finite=_pick(_FINITE, types, "assets.purchase_price").format(x="s.purchase_price"),
@@ -231,8 +247,8 @@ async def columns(conn: Connection) -> Columns:
 #   left out and counted), every asset valued in the base currency (its current value, else
 #   its purchase price, else 0, a 0 falling through as NULL does); a balance or value that is
 #   not a number (NaN, Infinity) left out and counted as invalid;
-# - one holding row per converted account and per asset, one row per non-zero category and a
-#   total, all sums in exact numeric arithmetic;
+# - one holding row per converted account and per asset (named as the web app names it), one
+#   row per non-zero category and a total, all sums in exact numeric arithmetic;
 # - a user with any value that the column it goes to cannot hold (beyond a float's range)
 #   failed: none of their rows is written or removed, and they are counted;
 # - rows of that date that no longer apply deleted, rows that differ from what is stored
@@ -258,7 +274,8 @@ rates AS (
      ORDER BY currency, day DESC
 ),
 accounts AS (
-    SELECT a.user_id, a.id, a.name, coalesce(nullif(a.type, ''), 'checking') AS type,
+    SELECT a.user_id, a.id, {account_name} AS name,
+           coalesce(nullif(a.type, ''), 'checking') AS type,
            coalesce(nullif(upper(btrim(a.currency)), ''), 'EUR') AS currency,
            CASE WHEN a.balance IS NULL THEN 0
                 WHEN {balance_finite} THEN a.balance::numeric END AS amount
@@ -273,7 +290,7 @@ converted AS (
       FROM accounts c LEFT JOIN rates r ON r.currency = c.currency
 ),
 valued AS (
-    SELECT s.user_id, s.id, s.name, coalesce(nullif(s.type, ''), 'other') AS type,
+    SELECT s.user_id, s.id, {asset_name} AS name, coalesce(nullif(s.type, ''), 'other') AS type,
            -- The web app's current_value || purchase_price || 0: a NULL or 0 falls through
            -- (NaN and Infinity do not: they are left out and counted).
            CASE WHEN s.current_value <> 0 THEN
@@ -495,6 +512,8 @@ def _fragments(cols: Columns) -> dict[str, str]:
         snapshot_fits_total=cols.snapshot_fits.format(x="total_value"),
         snapshot_fits_sum=cols.snapshot_fits.format(x="sum(total_value)"),
         visible=cols.visible,
+        account_name=cols.account_name,
+        asset_name=cols.asset_name,
         snapshot_day=cols.snapshot_day,
         snapshot_money=cols.snapshot_money,
         created_at=", created_at = DEFAULT" if cols.touch_created_at else "",

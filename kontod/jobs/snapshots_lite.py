@@ -90,14 +90,16 @@ _USERS_SQL = "SELECT id FROM users WHERE id BETWEEN ? AND ? ORDER BY id"
 # A batch's rows: looked up by rowid, and the rows added since the first pass (rowids above the
 # last it saw: a range of the rowid, not a scan). The user_id test drops a row moved to another
 # user since. hidden: 0/1, NULL left out, as the web app reads it (``hidden = 0``).
+# The names are the web app's (custom_name || name || '' and address || name || '', see
+# snapshots._NAME), each preferred column read only where the table has it (_names).
 _ACCOUNTS_SQL = """
-SELECT a.id, a.user_id, a.name, a.type, a.currency, a.balance
+SELECT a.id, a.user_id, {name}, a.type, a.currency, a.balance
   FROM bank_accounts a
  WHERE (a.rowid IN (SELECT value FROM json_each(?1)) OR a.rowid > ?2)
    AND a.user_id BETWEEN ?3 AND ?4 AND a.hidden = 0
 """
 _ASSETS_SQL = """
-SELECT s.id, s.user_id, s.name, s.type, s.current_value, s.purchase_price
+SELECT s.id, s.user_id, {name}, s.type, s.current_value, s.purchase_price
   FROM assets s
  WHERE (s.rowid IN (SELECT value FROM json_each(?1)) OR s.rowid > ?2)
    AND s.user_id BETWEEN ?3 AND ?4
@@ -203,7 +205,17 @@ async def take_snapshots_lite(
     )
     record_rates(ctx, report)
     usable = await usable_rates(pool, conv.base, day, conv.max_age_days)
-    batch = _Batch(ctx, konto, writer, day, conv.base, usable, await _created_at(konto), rows)
+    batch = _Batch(
+        ctx,
+        konto,
+        writer,
+        day,
+        conv.base,
+        usable,
+        await _created_at(konto),
+        rows,
+        *await _reads(konto),
+    )
     ctx.report_progress(0, expected)
     await batch.run_all(ranges, expected)
     finish(ctx, day, conv)
@@ -281,6 +293,22 @@ async def _created_at(konto: KontoSql) -> str:
     return ""
 
 
+async def _reads(konto: KontoSql) -> tuple[str, str]:
+    """A batch's reads of bank_accounts and assets, each naming its holdings by the web app's
+    rule with the columns this database has (kontod's own tables lack custom_name, address)."""
+    return (
+        _ACCOUNTS_SQL.format(name=await _name(konto, "bank_accounts", "a", "custom_name")),
+        _ASSETS_SQL.format(name=await _name(konto, "assets", "s", "address")),
+    )
+
+
+async def _name(konto: KontoSql, table: str, alias: str, preferred: str) -> str:
+    """``preferred || name || ''`` in SQL, or ``name || ''`` when the table lacks ``preferred``."""
+    names = {column[1] for column in await konto.read(f"PRAGMA table_info({table})")}
+    first = f"nullif({alias}.{preferred}, ''), " if preferred in names else ""
+    return f"coalesce({first}nullif({alias}.name, ''), '')"
+
+
 @dataclass(frozen=True)
 class _Batch:
     ctx: RunContext
@@ -291,6 +319,8 @@ class _Batch:
     rates: dict[str, Rate]
     created_at: str
     index: RowIndex
+    accounts_sql: str
+    assets_sql: str
 
     async def run_all(self, ranges: Sequence[tuple[int, int]], expected: int) -> None:
         """Every batch, one after another: read, compute, write. Nothing overlaps the write
@@ -312,11 +342,12 @@ class _Batch:
         return _Fetched(
             users,
             await konto.read(
-                _ACCOUNTS_SQL,
+                self.accounts_sql,
                 (_ids(self.index.accounts[number]), self.index.last_account, low, high),
             ),
             await konto.read(
-                _ASSETS_SQL, (_ids(self.index.assets[number]), self.index.last_asset, low, high)
+                self.assets_sql,
+                (_ids(self.index.assets[number]), self.index.last_asset, low, high),
             ),
             await konto.read(_STORED_SQL, (day, low, high)),
             await konto.read(_HOLDINGS_STORED_SQL, (day, low, high)),

@@ -98,6 +98,20 @@ async def test_asset_value_falls_back_to_purchase_price_then_zero(pool: asyncpg.
     }
 
 
+async def test_holdings_are_named_by_name_alone_where_the_tables_have_no_custom_name(
+    pool: asyncpg.Pool,
+) -> None:
+    # kontod's own tables have no custom_name or address: the web app's rule falls back to
+    # name || '' (NULL and '' give '').
+    uid = await add_user(pool, accounts=[("checking", "1", False)], assets=[("other", "2", None)])
+    await pool.execute("UPDATE assets SET name = NULL WHERE user_id = $1", uid)
+    await run(pool)
+    names = await pool.fetch(
+        "SELECT kind, name FROM holding_snapshots WHERE user_id = $1 ORDER BY 1", uid
+    )
+    assert [tuple(r) for r in names] == [("account", "acc"), ("asset", "")]
+
+
 async def test_user_owning_nothing_gets_a_zero_total(pool: asyncpg.Pool) -> None:
     uid = await add_user(pool)
     c = await run(pool)

@@ -68,6 +68,8 @@ class Account:
     currency: str | None
     balance: float | None
     hidden: int | None = 0
+    name: str = "account"
+    custom_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ class Asset:
     type: str
     purchase_price: float | None
     current_value: float | None
+    name: str = "asset"
+    address: str | None = None
 
 
 class Counts:
@@ -119,6 +123,10 @@ async def konto(path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Kon
         yield store
 
 
+# (name, custom_name or address): the web app's name is NOT NULL; '' falls through as NULL.
+_NAMES = [("n", None), ("n", ""), ("n", "mine"), ("", None), ("", ""), ("", "mine")]
+
+
 def sample(seed: int = 19) -> tuple[list[int], list[Account], list[Asset]]:
     """Users with accounts in several currencies (one with no rate, one with a stale rate),
     balances that are not numbers, hidden NULL and 1, assets valued each way, awkward floats."""
@@ -145,8 +153,11 @@ def sample(seed: int = 19) -> tuple[list[int], list[Account], list[Asset]]:
                 ]
             )
             hidden = rng.choice([0, 0, 0, 1, None])
+            name, custom = rng.choice(_NAMES)
             accounts.append(
-                Account(n, uid, rng.choice(types), rng.choice(currencies), balance, hidden)
+                Account(
+                    n, uid, rng.choice(types), rng.choice(currencies), balance, hidden, name, custom
+                )
             )
     n = 0
     for uid in users[::3]:
@@ -159,6 +170,7 @@ def sample(seed: int = 19) -> tuple[list[int], list[Account], list[Asset]]:
                     typ,
                     rng.choice([None, round(rng.uniform(1e3, 1e6), 2)]),
                     rng.choice([None, 0.0, round(rng.uniform(1e3, 1e6), 2), 0.30000000000000004]),
+                    *rng.choice(_NAMES),
                 )
             )
     # Values that are not numbers, and a user whose converted balance no float holds.
@@ -189,26 +201,28 @@ async def fill(konto_path: Path, pool: asyncpg.Pool, data: Any) -> None:
             "INSERT INTO users (id, email) VALUES (?, ?)", [(u, f"u{u}@example.org") for u in users]
         )
         conn.executemany(
-            "INSERT INTO bank_accounts (id, user_id, name, type, currency, balance, hidden)"
-            " VALUES (?, ?, ?, coalesce(?, 'checking'), ?, ?, ?)",
+            "INSERT INTO bank_accounts"
+            " (id, user_id, name, custom_name, type, currency, balance, hidden)"
+            " VALUES (?, ?, ?, ?, coalesce(?, 'checking'), ?, ?, ?)",
             [
-                (a.id, a.user_id, f"acc {a.id}", a.type, a.currency, a.balance, a.hidden)
+                (a.id, a.user_id, a.name, a.custom_name, a.type, a.currency, a.balance, a.hidden)
                 for a in accounts
             ],
         )
         conn.executemany(
-            "INSERT INTO assets (id, user_id, name, type, purchase_price, current_value)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO assets (id, user_id, name, address, type, purchase_price, current_value)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
             [
-                (s.id, s.user_id, f"asset {s.id}", s.type, s.purchase_price, s.current_value)
+                (s.id, s.user_id, s.name, s.address, s.type, s.purchase_price, s.current_value)
                 for s in assets
             ],
         )
         stored_accounts = conn.execute(
-            "SELECT id, user_id, name, type, currency, balance, hidden FROM bank_accounts"
+            "SELECT id, user_id, name, custom_name, type, currency, balance, hidden"
+            " FROM bank_accounts"
         ).fetchall()
         stored_assets = conn.execute(
-            "SELECT id, user_id, name, type, purchase_price, current_value FROM assets"
+            "SELECT id, user_id, name, address, type, purchase_price, current_value FROM assets"
         ).fetchall()
     conn.close()
     async with pool.acquire() as pg:
@@ -217,13 +231,14 @@ async def fill(konto_path: Path, pool: asyncpg.Pool, data: Any) -> None:
             [(u, f"u{u}@example.org") for u in users],
         )
         await pg.executemany(
-            "INSERT INTO bank_accounts (id, user_id, name, type, currency, balance, hidden)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO bank_accounts"
+            " (id, user_id, name, custom_name, type, currency, balance, hidden)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             stored_accounts,
         )
         await pg.executemany(
-            "INSERT INTO assets (id, user_id, name, type, purchase_price, current_value)"
-            " VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO assets (id, user_id, name, address, type, purchase_price, current_value)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7)",
             stored_assets,
         )
 
@@ -389,6 +404,33 @@ async def test_an_asset_worth_0_is_valued_at_its_purchase_price_as_the_web_app_d
         "asset:4": 0.0,
     }
     assert found["cat:1:vehicle"] == (18000.0,) and found["cat:1:total"] == (18007.0,)
+
+
+async def test_holdings_are_named_custom_name_or_address_else_name_as_the_web_app_does(
+    konto: KontoSql, path: Path, pg: asyncpg.Pool, empty_dsn: str
+) -> None:
+    # JavaScript's custom_name || name || '' and address || name || '': '' falls through too.
+    accounts = [
+        Account(1, 1, "checking", "EUR", 1.0, name="Compte", custom_name="Joint"),
+        Account(2, 1, "checking", "EUR", 2.0, name="Compte", custom_name=""),
+        Account(3, 1, "checking", "EUR", 3.0, name="Compte", custom_name=None),
+        Account(4, 1, "checking", "EUR", 4.0, name="", custom_name=""),
+    ]
+    assets = [
+        Asset(1, 1, "real_estate", 9.0, None, name="Maison", address="3 rue Haute"),
+        Asset(2, 1, "real_estate", 9.0, None, name="Maison", address=""),
+        Asset(3, 1, "vehicle", 9.0, None, name="", address=None),
+    ]
+    found = await both_paths(konto, path, pg, empty_dsn, ([1], accounts, assets))
+    assert {k: v[1] for k, v in found.items() if not k.startswith("cat:")} == {
+        "account:1": "Joint",
+        "account:2": "Compte",
+        "account:3": "Compte",
+        "account:4": "",
+        "asset:1": "3 rue Haute",
+        "asset:2": "Maison",
+        "asset:3": "",
+    }
 
 
 async def test_a_rerun_with_nothing_new_writes_nothing_and_a_row_that_became_zero_goes(
@@ -623,8 +665,8 @@ def test_no_read_or_write_of_a_batch_scans_a_table(path: Path) -> None:
     snapshot tables by their unique keys, never by scanning a table."""
     statements = [
         (snapshots_lite._USERS_SQL, (1, 2)),
-        (snapshots_lite._ACCOUNTS_SQL, ("[1, 2]", 9, 1, 2)),
-        (snapshots_lite._ASSETS_SQL, ("[1, 2]", 9, 1, 2)),
+        (snapshots_lite._ACCOUNTS_SQL.format(name="a.custom_name, a.name"), ("[1, 2]", 9, 1, 2)),
+        (snapshots_lite._ASSETS_SQL.format(name="s.address, s.name"), ("[1, 2]", 9, 1, 2)),
         (snapshots_lite._STORED_SQL, ("2026-01-01", 1, 2)),
         (snapshots_lite._HOLDINGS_STORED_SQL, ("2026-01-01", 1, 2)),
         (snapshots_lite._REMOVE_SQL, ("2026-01-01", "[]")),
