@@ -1,5 +1,5 @@
 """The ``kontod`` command: run, migrate, jobs list/run/next/pause/resume, runs, status, history,
-reconcile transactions, demo.
+reconcile transactions, doctor, demo.
 
 Only ``run`` and ``demo`` (the daemons) log what they do; the other commands print their
 answer on stdout and log nothing below a warning unless ``--verbose`` is given.
@@ -116,6 +116,12 @@ def parser() -> argparse.ArgumentParser:
     )
     twins.add_argument("--dry-run", action="store_true", help="report only, change nothing")
     twins.add_argument("--json", action="store_true", help="the report as JSON")
+    doctor = sub.add_parser(
+        "doctor",
+        help="check Konto, kontod and the providers before and after the switch",
+        parents=[verbose],
+    )
+    doctor.add_argument("--json", action="store_true", help="the checks as JSON")
     sub.add_parser("demo", help="demo data, a sandbox bank and the daemon, all local")
     return p
 
@@ -188,6 +194,12 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await asyncio.to_thread(_status, settings, args.url)
     if args.command == "history":
         return await _history(settings, args.days)
+    if args.command == "doctor":
+        from kontod.cli import doctor
+
+        checks = await doctor.diagnose(settings)
+        doctor.print_checks(checks, args.json)
+        return doctor.RANK[doctor.worst(checks)]
     if args.command == "reconcile":
         return await _reconcile(settings, args.dry_run, args.json)
     if args.command == "demo":
