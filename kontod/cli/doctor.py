@@ -19,6 +19,7 @@ import aiohttp
 import asyncpg
 
 from kontod import db
+from kontod.cli import times
 from kontod.cli.commands import visible
 from kontod.config import Settings
 from kontod.jobs import SNAPSHOTS
@@ -304,7 +305,7 @@ async def _snapshot_writers(settings: Settings, conn: asyncpg.Connection, konto:
             name,
             "warn",
             f"{len(outside)} of today's {len(rows)} snapshot row(s) were written outside any"
-            f" kontod run of {SNAPSHOTS}, the first at {min(outside).isoformat()}",
+            f" kontod run of {SNAPSHOTS}, the first at {times.text(min(outside), settings.runner.tz)}",
             "turn off the web app's own snapshot writes (dashboard auto-snapshot, POST"
             " /api/dashboard/snapshot), see the cut-over guide",
         )

@@ -5,6 +5,7 @@ failure (exit 2). Real sandboxes answer for Powens and the rate sources."""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -45,15 +46,17 @@ async def sandboxes(dsn: str) -> AsyncIterator[dict[str, str]]:
         }
 
 
-async def a_snapshot_run(dsn: str) -> None:
-    """A daily-snapshots run of kontod that covers the last minute."""
+async def a_snapshot_run(dsn: str, days_ago: int = 0) -> None:
+    """A daily-snapshots run of kontod that ended ``days_ago`` days ago and took a minute."""
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(
             """INSERT INTO kontod_runs (job, trigger, started_at, finished_at, status, instance,
                                         lease_until)
-               VALUES ('daily-snapshots', 'manual', now() - interval '1 minute', now(),
-                       'success', 'test', now())"""
+               SELECT 'daily-snapshots', 'manual', ended - interval '1 minute', ended,
+                      'success', 'test', ended
+                 FROM (SELECT now() - make_interval(days => $1) AS ended) AS t""",
+            days_ago,
         )
     finally:
         await conn.close()
@@ -121,10 +124,25 @@ async def test_doctor_on_a_sqlite_konto(dsn: str, tmp_path: Path) -> None:
         code, out, err = await kontod("doctor", env=env)
         assert (code, err) == (1, "")
         lines = out.splitlines()
+        assert "ok    web app jobs" in out
         [writer] = [i for i, line in enumerate(lines) if line.startswith("warn  snapshot writers")]
         assert "1 of today's 2 snapshot row(s) were written outside any kontod run" in lines[writer]
+        assert re.search(r" [+-]\d\d:\d\d$", lines[writer])  # local, with its offset
         assert "dashboard auto-snapshot" in lines[writer + 1]
         assert lines[-1] == "overall: warn"
+        # kontod first ran three days ago; the web app's job imported a transaction of
+        # yesterday without a key since.
+        await a_snapshot_run(dsn, days_ago=3)
+        with sqlite3.connect(path) as conn:
+            conn.execute(
+                "INSERT INTO transactions (bank_account_id, date, amount, label)"
+                " VALUES (1, date('now', '-1 day'), -9.9, 'BOULANGERIE')"
+            )
+        conn.close()
+        code, out, err = await kontod("doctor", env=env)
+        assert (code, err) == (1, "")
+        assert "warn  web app jobs" in out
+        assert "1 transaction(s) without tx_hash dated after kontod's first run" in out
         # A column kontod needs is gone.
         with sqlite3.connect(path) as conn:
             conn.execute("DROP INDEX idx_transactions_hash")
