@@ -197,7 +197,13 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "doctor":
         from kontod.cli import doctor
 
-        checks = await doctor.diagnose(settings)
+        from kontod.konto.store import KontoError
+
+        try:
+            checks = await doctor.diagnose(settings)
+        except KontoError as exc:  # a read that failed after Konto's database answered
+            print(commands.visible(f"kontod: doctor: {exc}"), file=sys.stderr)
+            return 2
         doctor.print_checks(checks, args.json)
         return doctor.RANK[doctor.worst(checks)]
     if args.command == "reconcile":
