@@ -196,7 +196,6 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await _history(settings, args.days)
     if args.command == "doctor":
         from kontod.cli import doctor
-
         from kontod.konto.store import KontoError
 
         try:
