@@ -1,5 +1,5 @@
 """The ``kontod`` command: run, migrate, jobs list/run/next/pause/resume, runs, status, history,
-demo.
+reconcile transactions, doctor, demo.
 
 Only ``run`` and ``demo`` (the daemons) log what they do; the other commands print their
 answer on stdout and log nothing below a warning unless ``--verbose`` is given.
@@ -105,6 +105,23 @@ def parser() -> argparse.ArgumentParser:
         "history", help="snapshot rows per date, from the database", parents=[verbose]
     )
     history.add_argument("--days", type=int, default=7, help="how many days back (default 7)")
+    reconcile = sub.add_parser("reconcile", help="repair what an earlier kontod left in Konto")
+    reconcile_sub = reconcile.add_subparsers(
+        dest="reconcile_command", required=True, metavar="WHAT"
+    )
+    twins = reconcile_sub.add_parser(
+        "transactions",
+        help="remove unkeyed twins of the web app's keyed transactions",
+        parents=[verbose],
+    )
+    twins.add_argument("--dry-run", action="store_true", help="report only, change nothing")
+    twins.add_argument("--json", action="store_true", help="the report as JSON")
+    doctor = sub.add_parser(
+        "doctor",
+        help="check Konto, kontod and the providers before and after the switch",
+        parents=[verbose],
+    )
+    doctor.add_argument("--json", action="store_true", help="the checks as JSON")
     sub.add_parser("demo", help="demo data, a sandbox bank and the daemon, all local")
     return p
 
@@ -177,6 +194,19 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await asyncio.to_thread(_status, settings, args.url)
     if args.command == "history":
         return await _history(settings, args.days)
+    if args.command == "doctor":
+        from kontod.cli import doctor
+        from kontod.konto.store import KontoError
+
+        try:
+            checks = await doctor.diagnose(settings)
+        except KontoError as exc:  # a read that failed after Konto's database answered
+            print(commands.visible(f"kontod: doctor: {exc}"), file=sys.stderr)
+            return 2
+        doctor.print_checks(checks, args.json)
+        return doctor.RANK[doctor.worst(checks)]
+    if args.command == "reconcile":
+        return await _reconcile(settings, args.dry_run, args.json)
     if args.command == "demo":
         from kontod.demo.run import demo
 
@@ -406,6 +436,30 @@ async def _history(settings: Settings, days: int) -> int:
         print(f"{r['day'].isoformat():<12}{r['snapshot_rows']:>8}{r['users']:>8}{total:>20}")
     if not rows:
         print(f"(no snapshot in the last {days} days)")
+    return 0
+
+
+async def _reconcile(settings: Settings, dry_run: bool, as_json: bool) -> int:
+    """``kontod reconcile transactions``, on whichever engine holds Konto's tables."""
+    from kontod.cli.reconcile import print_report
+    from kontod.konto import reconcile
+    from kontod.konto.engines import open_konto
+    from kontod.konto.store import KontoError
+
+    try:
+        konto = open_konto(settings.konto)
+        if konto is not None:
+            try:
+                report = await reconcile.reconcile_lite(konto, dry_run)
+            finally:
+                await konto.close()
+        else:
+            async with _database(settings) as pool:
+                report = await reconcile.reconcile_pg(pool, dry_run)
+    except KontoError as exc:
+        print(commands.visible(f"kontod: reconcile transactions: {exc}"), file=sys.stderr)
+        return 2
+    print_report(report, dry_run, as_json)
     return 0
 
 
