@@ -168,3 +168,62 @@ def test_env_example_shows_each_default_and_only_values_kontod_accepts() -> None
                 parse(value)  # ValueError: the example shows a value kontod refuses
             if spec.default and name == spec.env:
                 assert [parse(v) for v in values] == [parse(spec.default)], name
+
+
+CLI = ROOT / "deploy" / "systemd" / "kontod-cli"
+
+
+def _kontod_cli_arguments(tmp_path: Path, *command: str) -> list[str]:
+    """What deploy/systemd/kontod-cli hands to systemd-run, with a stand-in systemd-run on PATH
+    that writes its arguments, one per line, instead of starting anything."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    seen = tmp_path / "arguments"
+    fake = bin_dir / "systemd-run"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {seen}\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "KONTOD_UNIT_FILE": str(UNIT)}
+    subprocess.run([str(CLI), *command], env=env, check=True, timeout=30)
+    return seen.read_text().splitlines()
+
+
+def test_kontod_cli_runs_a_command_as_the_service_with_its_settings_and_credentials(
+    tmp_path: Path, unit: dict[str, dict[str, list[str]]]
+) -> None:
+    args = _kontod_cli_arguments(tmp_path, "runs", "show", "42")
+    service = unit["Service"]
+    properties = [a.removeprefix("--property=") for a in args if a.startswith("--property=")]
+    # The service's own user (DynamicUser, named like the unit: the same UID), state, settings
+    # and every credential it loads, in its order.
+    assert "DynamicUser=yes" in properties and "User=kontod" in properties
+    assert f"StateDirectory={service['StateDirectory'][0]}" in properties
+    assert f"EnvironmentFile={service['EnvironmentFile'][0]}" in properties
+    loaded = [
+        p.removeprefix("LoadCredential=") for p in properties if p.startswith("LoadCredential")
+    ]
+    assert loaded == service["LoadCredential"]
+    # The running service keeps its runtime directory when the command ends.
+    assert "RuntimeDirectoryPreserve=yes" in properties
+    runtime = next(e for e in service["Environment"] if e.startswith("XDG_RUNTIME_DIR="))
+    assert runtime.replace("%t", "/run") in [a.removeprefix("--setenv=") for a in args]
+    assert {"--pty", "--wait", "--collect"} <= set(args)
+    assert args[-4:] == [service["ExecStart"][0].split()[0], "runs", "show", "42"]
+
+
+def test_kontod_cli_properties_are_ones_systemd_accepts(tmp_path: Path) -> None:
+    """The transient service's properties, written as a unit, pass systemd-analyze verify."""
+    analyze = require_program("systemd-analyze", "systemd")
+    args = _kontod_cli_arguments(tmp_path, "status")
+    lines = [a.removeprefix("--property=") for a in args if a.startswith("--property=")]
+    lines += [
+        "Environment=" + a.removeprefix("--setenv=") for a in args if a.startswith("--setenv=")
+    ]
+    unit_file = tmp_path / "kontod-cli-check.service"
+    unit_file.write_text(
+        "[Service]\nType=exec\nExecStart=" + f"{kontod_script()} status\n" + "\n".join(lines) + "\n"
+    )
+    done = subprocess.run(
+        [analyze, "verify", str(unit_file)], capture_output=True, text=True, timeout=60, check=False
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "kontod-cli-check.service" not in output, output
