@@ -109,22 +109,32 @@ async def connect(k: Konto, stored: str, refresh_stored: str | None) -> None:
     )
 
 
-def body(k: Konto, bank: Bank, http: aiohttp.ClientSession, rotation: Rotation | None) -> JobBody:
+def body(
+    k: Konto,
+    bank: Bank,
+    http: aiohttp.ClientSession,
+    rotation: Rotation | None,
+    key: bytes | None = KEY,
+) -> JobBody:
     return make_body(
         k.pool,
         fast_client(http, bank.url),
         stale_after=WEEK,
         concurrency=2,
-        key=KEY,
+        key=key,
         konto=k.db,
         rotation=rotation,
     )
 
 
 async def run(
-    k: Konto, bank: Bank, http: aiohttp.ClientSession, rotation: Rotation | None
+    k: Konto,
+    bank: Bank,
+    http: aiohttp.ClientSession,
+    rotation: Rotation | None,
+    key: bytes | None = KEY,
 ) -> RunContext:
-    return await run_claimed(k.pool, body(k, bank, http, rotation), datetime.now(UTC))
+    return await run_claimed(k.pool, body(k, bank, http, rotation, key), datetime.now(UTC))
 
 
 async def run_failing(
@@ -177,6 +187,19 @@ async def test_a_401_with_a_refresh_token_rotates_once_and_stores_the_pair_encry
     shown = repr(logs)
     for secret in (CLIENT_SECRET, token_for(1), refresh, access, new_refresh, stored, new_stored):
         assert secret not in shown
+
+
+async def test_without_a_key_a_plaintext_pair_is_rotated_in_plaintext(
+    konto: Konto, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    refresh = expired_pair(bank)
+    await connect(konto, token_for(1), refresh)  # rows from before encryption
+
+    ctx = await run(konto, bank, http, ROTATION, key=None)
+
+    assert (ctx.counts["items_refreshed"], ctx.counts["items_failed"]) == (1, 0)
+    [pair] = bank.sandbox.rotations
+    assert await konto.tokens() == (*pair, "active")
 
 
 async def test_a_rotation_by_the_web_app_meanwhile_is_used_and_not_refreshed_again(
