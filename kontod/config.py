@@ -740,6 +740,25 @@ SETTINGS: tuple[Setting, ...] = (
         credential="db_encryption_key",
     ),
     Setting(
+        "KONTOD_POWENS_CLIENT_ID",
+        "refresh.powens_client_id",
+        _parse_token,
+        "the Powens client id the web app refreshes tokens with; with the secret, a 401 on a"
+        " connection with a refresh token is answered by one refresh, as the web app does it",
+        default_doc="unset: a 401 is not answered by a refresh",
+        aliases=(Alias("POWENS_CLIENT_ID"),),
+    ),
+    Setting(
+        "KONTOD_POWENS_CLIENT_SECRET",
+        "refresh.powens_client_secret",
+        _parse_token,
+        "the Powens client secret that goes with `KONTOD_POWENS_CLIENT_ID`",
+        default_doc="unset: a 401 is not answered by a refresh",
+        aliases=(Alias("POWENS_CLIENT_SECRET"),),
+        secret=True,
+        credential="powens_client_secret",
+    ),
+    Setting(
         "KONTOD_TOKEN_HOLD",
         "refresh.rejection_hold",
         _parse_duration,
@@ -1025,6 +1044,9 @@ class RefreshSettings:
     db_encryption_key: bytes | None = _spec_field("KONTOD_DB_ENCRYPTION_KEY")
     # Longest a connection whose token got a 401 is left alone before it is tried again.
     rejection_hold: timedelta = _spec_field("KONTOD_TOKEN_HOLD")
+    # The web app's Powens client, to refresh a token Powens rejected (both or neither used).
+    powens_client_id: str | None = _spec_field("KONTOD_POWENS_CLIENT_ID")
+    powens_client_secret: str | None = _spec_field("KONTOD_POWENS_CLIENT_SECRET")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,11 @@ accounts only with ``all``; ``balance`` may be null; ``currency`` objects) and
 ``GET /2.0/users/me/accounts/{id}/transactions`` (``limit`` required, at most 1000, else 400 with
 a Powens error body; pages linked by ``_links.next.href``; filters ``last_update``,
 ``min_date``, ``max_date``, ``all``; ``categories`` with ``expand=categories``; ``coming`` and
-``deleted`` transactions, and transactions with a null ``date``, ``value`` or ``id``).
+``deleted`` transactions, and transactions with a null ``date``, ``value`` or ``id``), and
+``POST /2.0/auth/token/refresh`` (``{client_id, client_secret, refresh_token}`` as JSON) with
+refresh-token rotation: each refresh token is taken once, the answer is a new access and
+refresh token, and the access token that went with the old refresh token stops working. A
+wrong client or a refresh token unknown or already used gets a Powens error body.
 
 Each token is one Powens user. Tokens ``sandbox-user-<n>`` (n >= 1) get deterministic demo data
 (see ``demo_accounts``) the first time they are used; a test may change that data through
@@ -39,6 +43,7 @@ import asyncio
 import itertools
 import json
 import re
+import secrets
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -55,6 +60,7 @@ API_PREFIX = "/2.0"
 CONNECTIONS = "connections"
 ACCOUNTS = "accounts"
 TRANSACTIONS = "transactions"
+TOKEN_REFRESH = "token_refresh"  # noqa: S105 (an endpoint label, not a secret)
 MAX_LIMIT = 1000
 
 _TOKEN = re.compile(re.escape(TOKEN_PREFIX) + r"([1-9]\d{0,8})")
@@ -306,7 +312,25 @@ class Sandbox:
     sandbox was made, unless given.
     """
 
-    def __init__(self, *, latency: float = 0.0, synced_at: datetime | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        latency: float = 0.0,
+        synced_at: datetime | None = None,
+        client_id: str | None = None,
+        client_secret: str | None = None,
+    ) -> None:
+        # The client allowed to refresh tokens; none: every refresh is refused.
+        self.client_id = client_id
+        self.client_secret = client_secret
+        # Refresh tokens not used yet, each with the access token it was issued with.
+        self.refresh_tokens: dict[str, str] = {}
+        self.used_refresh_tokens: set[str] = set()
+        # Access tokens a rotation ended.
+        self.revoked: set[str] = set()
+        # The refresh token of every refresh asked, accepted or not; the pairs issued.
+        self.refreshes: list[str] = []
+        self.rotations: list[tuple[str, str]] = []
         self.default = Behaviour(latency=latency)
         self.behaviours: dict[str, Behaviour] = {}
         self.synced_at = synced_at or (
@@ -322,13 +346,18 @@ class Sandbox:
         self.max_in_flight = 0
         # Bytes written by each oversized or endless answer, recorded when it ended.
         self.streamed: list[int] = []
-        # Awaited before each answer with (token, endpoint): lets a test act mid-run.
+        # Awaited before each answer with (token, endpoint): lets a test act mid-run. For a
+        # refresh: (the refresh token, TOKEN_REFRESH), before the client is checked.
         self.on_request: RequestHook | None = None
         self._request_ids = itertools.count(1)
         self._stopping = asyncio.Event()
 
     def user(self, token: str) -> PowensUser | None:
         """The Powens user behind ``token`` (demo data for sandbox tokens), None if unknown."""
+        return None if token in self.revoked else self._owner(token)
+
+    def _owner(self, token: str) -> PowensUser | None:
+        """The Powens user an access token was issued for, whether it still works or not."""
         found = self.users.get(token)
         if found is None:
             n = user_of(token)
@@ -340,6 +369,27 @@ class Sandbox:
     def add_user(self, token: str, user: PowensUser) -> None:
         """Serve ``user`` to ``token`` from now on."""
         self.users[token] = user
+
+    def refresh_token_for(self, access: str) -> str:
+        """A refresh token issued with ``access``, as the first code exchange gives one."""
+        refresh = f"sandbox-refresh-{secrets.token_hex(8)}"
+        self.refresh_tokens[refresh] = access
+        return refresh
+
+    def expire(self, access: str) -> None:
+        """``access`` stops working (a 401 from now on), as an access token does after its
+        hour; a refresh token issued with it still gives a new pair."""
+        self.revoked.add(access)
+
+    def grant(self, access: str) -> tuple[str, str]:
+        """A new (access, refresh) pair for the Powens user behind ``access``; ``access``
+        stays valid. A refresh uses it; a test stands for another client with it."""
+        user = self._owner(access)
+        if user is None:
+            raise ValueError("the sandbox knows no user behind that access token")
+        new_access = f"sandbox-access-{secrets.token_hex(8)}"
+        self.users[new_access] = user
+        return new_access, self.refresh_token_for(new_access)
 
     def behave(
         self,
@@ -356,8 +406,9 @@ class Sandbox:
         )
 
     def app(self) -> web.Application:
-        """The aiohttp application serving the three endpoints under ``/2.0``."""
+        """The aiohttp application serving the four endpoints under ``/2.0``."""
         app = web.Application()
+        app.router.add_post(f"{API_PREFIX}/auth/token/refresh", self._token_refresh)
         app.router.add_get(f"{API_PREFIX}/users/me/connections", self._connections)
         app.router.add_get(f"{API_PREFIX}/users/me/accounts", self._accounts)
         app.router.add_get(
@@ -382,6 +433,41 @@ class Sandbox:
         finally:
             self._stopping.set()
             await runner.cleanup()
+
+    async def _token_refresh(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return self._error(400, "invalidValue", "The body must be a JSON object.")
+        refresh = body.get("refresh_token")
+        refresh = refresh if isinstance(refresh, str) else ""
+        self.requests[TOKEN_REFRESH] += 1
+        self.refreshes.append(refresh)
+        if self.on_request is not None:
+            await self.on_request(refresh, TOKEN_REFRESH)
+        if (
+            self.client_id is None
+            or body.get("client_id") != self.client_id
+            or body.get("client_secret") != self.client_secret
+        ):
+            return self._error(401, "invalidClient", "The client id or secret is wrong.")
+        access = self.refresh_tokens.pop(refresh, None)
+        if access is None:
+            used = refresh in self.used_refresh_tokens
+            return self._error(
+                400,
+                "invalidToken",
+                "The refresh token was already used." if used else "The refresh token is unknown.",
+            )
+        self.used_refresh_tokens.add(refresh)
+        new_access, new_refresh = self.grant(access)
+        self.revoked.add(access)
+        self.rotations.append((new_access, new_refresh))
+        return web.json_response(
+            {"access_token": new_access, "refresh_token": new_refresh, "token_type": "Bearer"}
+        )
 
     async def _connections(self, request: web.Request) -> web.StreamResponse:
         return await self._answer(request, CONNECTIONS)

@@ -115,6 +115,9 @@ def _refresh_wiring(
         rate=providers.rate,
         max_body=providers.max_body,
     )
+    rotation = None
+    if bank.powens_client_id is not None and bank.powens_client_secret is not None:
+        rotation = refresh.Rotation(bank.powens_client_id, bank.powens_client_secret)
     body = refresh.make_body(
         pool,
         client,
@@ -122,6 +125,7 @@ def _refresh_wiring(
         concurrency=bank.concurrency,
         key=bank.db_encryption_key,
         token_hold=bank.rejection_hold,
+        rotation=rotation,
     )
     return body, None
 

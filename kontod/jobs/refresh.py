@@ -15,6 +15,10 @@ Powens user and token each), at most ``concurrency`` users at a time:
   by default), and while the bank needs the user (SCA, a password...) for a back-off that
   doubles from a day up to a week; a change of the stored token, of the key or of the Powens
   connection id lifts either hold;
+- with the web app's Powens client (``Rotation``), a 401 on a connection with a refresh token
+  is answered by one token refresh, as the web app does it, and the calls are made again once
+  with the new token; the new pair is written back with a compare-and-set on the stored
+  token, and when the web app rotated it meanwhile, its token is used and none is refreshed;
 - everything one user brings is written in one transaction, each connection's part in a
   savepoint of its own, so that one connection's bad write leaves the others' data; any
   failure (the provider, a token, the database, a bug) is counted, logged and recorded in
@@ -38,7 +42,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Literal, NamedTuple
@@ -53,6 +57,7 @@ from kontod.konto.store import KontoError, KontoSql
 from kontod.providers.powens import (
     PowensClient,
     ProviderAccount,
+    ProviderAuthError,
     ProviderConnection,
     ProviderError,
     ProviderTransaction,
@@ -452,6 +457,25 @@ SELECT coalesce(k.error_kind, k.powens_state,
  WHERE c.status = 'active'
  GROUP BY 1""",
     )
+
+
+# A connection's stored tokens, read again when Powens rejected the access token.
+READ_TOKENS_SQL = """
+SELECT powens_token::text AS stored, powens_refresh_token::text AS refresh_stored
+  FROM bank_connections WHERE id = $1"""
+# The pair a refresh gave, written only over the access token that was read (a compare-and-set:
+# the web app may have rotated it meanwhile).
+SWAP_TOKENS_SQL = """
+UPDATE bank_connections SET powens_token = $1, powens_refresh_token = $2
+ WHERE id = $3 AND powens_token = $4"""
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """The web app's Powens client, with which a rejected access token is refreshed."""
+
+    client_id: str
+    client_secret: str = field(repr=False)
 
 
 class RefreshFailed(Exception):
@@ -950,6 +974,7 @@ def make_body(
     schema: KontoSchema | None = None,
     token_hold: timedelta = TOKEN_HOLD,
     konto: KontoSql | None = None,
+    rotation: Rotation | None = None,
 ) -> JobBody:
     """The job body: refresh every user owning a stale account, ``concurrency`` at a time.
 
@@ -957,7 +982,8 @@ def make_body(
     connection. Konto's schema is read again at each run unless ``schema`` is given, so a
     change the web app makes to its tables is seen at the next run rather than at kontod's
     next start. ``konto``: Konto's tables are in that SQLite-family database, not in ``pool``
-    (which keeps kontod's own); see ``kontod.jobs.refresh_lite``.
+    (which keeps kontod's own); see ``kontod.jobs.refresh_lite``. ``rotation``: the web app's
+    Powens client, to answer a 401 with a token refresh (None: a 401 fails the connection).
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
@@ -975,6 +1001,7 @@ def make_body(
             concurrency=concurrency,
             key=key,
             token_hold=token_hold,
+            rotation=rotation,
         )
 
     async def body(ctx: RunContext) -> None:
@@ -982,7 +1009,7 @@ def make_body(
         if current is None:
             async with pool.acquire() as conn:
                 current = await konto_schema.load(conn)
-        job = _Refresh(pool, client, current, ctx, key, token_hold)
+        job = _Refresh(pool, client, current, ctx, key, token_hold, rotation)
         await job.run(ctx.started_at - stale_after, concurrency)
 
     return body
@@ -999,8 +1026,10 @@ class _Refresh:
         ctx: RunContext,
         key: bytes | None,
         token_hold: timedelta,
+        rotation: Rotation | None = None,
     ) -> None:
         self.pool = pool
+        self.rotation = rotation
         self.client = client
         self.schema = schema
         self.sql = statements(schema)
@@ -1226,19 +1255,24 @@ class _Refresh:
         try:
             token = tokens.decrypt(connection.stored, self.key)
             tokens.header_safe(token)
-            remote = await self.client.connections(token)
-            out.remote = _pick(remote, connection.powens_id)
-            out.accounts = await self.client.accounts(token)
-            for account_id, since in transactions_wanted(user.accounts, out.accounts):
-                out.transactions[account_id] = await self.client.transactions(
-                    token, account_id, since=since
+            try:
+                await self._fetch_into(out, user, token)
+            except ProviderAuthError:
+                rotation = self.rotation
+                rotated = (
+                    None if rotation is None else await self.rotate(user, connection, rotation)
                 )
+                if rotated is None:
+                    raise
+                # Once, with the new token: a second 401 fails the connection.
+                out.connection, token = rotated
+                await self._fetch_into(out, user, token)
         except ClaimLost:
             raise
         except Exception as exc:
             # A connection brings all or nothing: balances without their transactions would
             # look fresh and never be asked for the missing transactions.
-            out.failure = failure_of(exc, token, connection.stored)
+            out.failure = failure_of(exc, token, connection.stored, out.connection.stored)
             out.remote, out.accounts, out.transactions = None, [], {}
             self.ctx.log.warning(
                 "refresh.connection_failed",
@@ -1254,6 +1288,106 @@ class _Refresh:
                 exc_info=out.failure.kind == "internal" and not _quotes(exc, token),
             )
         return out
+
+    async def _fetch_into(self, out: Fetched, user: StaleUser, token: str) -> None:
+        """The connection's state, accounts and wanted transactions, asked with ``token``."""
+        out.transactions = {}
+        remote = await self.client.connections(token)
+        out.remote = _pick(remote, out.connection.powens_id)
+        out.accounts = await self.client.accounts(token)
+        for account_id, since in transactions_wanted(user.accounts, out.accounts):
+            out.transactions[account_id] = await self.client.transactions(
+                token, account_id, since=since
+            )
+
+    async def rotate(
+        self, user: StaleUser, connection: BankConnection, rotation: Rotation
+    ) -> tuple[BankConnection, str] | None:
+        """After a 401: the connection with its new stored token and the token to send, from
+        one refresh as the web app makes it, or from the web app's own rotation when it
+        rotated first (then kontod does not refresh). None: the 401 stands (no refresh
+        token, a refused refresh, any failure, which is logged without a secret)."""
+        where: dict[str, object] = {"user_id": user.user_id, "connection_id": connection.id}
+        secrets = [rotation.client_secret]
+        try:
+            current = await self.read_tokens(connection.id)
+            if current is None:
+                return None
+            stored, refresh_stored = current
+            if stored != connection.stored:
+                return self._rotated_elsewhere(connection, stored, where)
+            if not refresh_stored:
+                return None
+            refresh = tokens.decrypt(refresh_stored, self.key)
+            secrets.append(refresh)
+            try:
+                pair = await self.client.refresh_token(
+                    rotation.client_id, rotation.client_secret, refresh
+                )
+            except ProviderError:
+                # The web app may have taken this refresh token first: its pair is then stored.
+                current = await self.read_tokens(connection.id)
+                if current is not None and current[0] != connection.stored:
+                    return self._rotated_elsewhere(connection, current[0], where)
+                raise
+            secrets += [pair.access_token, pair.refresh_token]
+            tokens.header_safe(pair.access_token)
+            new_stored = self._seal(pair.access_token)
+            if await self.swap_tokens(
+                connection.id, connection.stored, new_stored, self._seal(pair.refresh_token)
+            ):
+                self.ctx.log.info("refresh.token_rotated", **where)
+                return _with_stored(connection, new_stored), pair.access_token
+            # The compare-and-set found another token: the web app rotated meanwhile.
+            current = await self.read_tokens(connection.id)
+            if current is None:
+                return None
+            return self._rotated_elsewhere(connection, current[0], where)
+        except ClaimLost:
+            raise
+        except Exception as exc:
+            failure = failure_of(exc, *secrets)
+            self.ctx.log.warning(
+                "refresh.token_refresh_failed",
+                **where,
+                kind=failure.kind,
+                status=getattr(exc, "status", None),
+                code=getattr(exc, "code", None),
+                reason=failure.reason,
+            )
+            return None
+
+    def _rotated_elsewhere(
+        self, connection: BankConnection, stored: str, where: dict[str, object]
+    ) -> tuple[BankConnection, str]:
+        """The token the web app stored since the run read the connection, to send as is."""
+        self.ctx.log.info("refresh.token_rotated_elsewhere", **where)
+        return _with_stored(connection, stored), tokens.header_safe(
+            tokens.decrypt(stored, self.key)
+        )
+
+    def _seal(self, token: str) -> str:
+        """A token as the web app stores it: encrypted under its key, plaintext without one
+        (a key-less run only ever read plaintext tokens)."""
+        return token if self.key is None else tokens.encrypt(token, self.key)
+
+    async def read_tokens(self, connection_id: int) -> tuple[str, str | None] | None:
+        """The connection's stored access and refresh tokens now; None when the row is gone."""
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(READ_TOKENS_SQL, connection_id)
+        return None if row is None else (row["stored"], row["refresh_stored"])
+
+    async def swap_tokens(
+        self, connection_id: int, expected: str, stored: str, refresh_stored: str
+    ) -> bool:
+        """Write a refreshed pair under the run's claim if the stored token is still
+        ``expected``; whether it was."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self.ctx.check_claim(conn)
+            status = await conn.execute(
+                SWAP_TOKENS_SQL, stored, refresh_stored, connection_id, expected
+            )
+        return status == "UPDATE 1"
 
     async def apply(
         self, conn: Connection, user: StaleUser, planned: Plan, failures: list[Failure | None]
@@ -1356,6 +1490,11 @@ class _Refresh:
         self.ctx.set_in(CONNECTIONS, "ok", 0)  # present even with no connection: the metric exists
         for r in states:
             self.ctx.set_in(CONNECTIONS, r["state"], r["connections"])
+
+
+def _with_stored(connection: BankConnection, stored: str) -> BankConnection:
+    """The connection with another stored token (its record then names that token)."""
+    return replace(connection, stored=stored, fingerprint=tokens.fingerprint(stored))
 
 
 def _pick(remote: list[ProviderConnection], powens_id: str | None) -> ProviderConnection | None:

@@ -49,6 +49,7 @@ from kontod.jobs.refresh import (
     Failure,
     LocalAccount,
     Plan,
+    Rotation,
     StaleUser,
     _columns,
     _Refresh,
@@ -86,6 +87,12 @@ ACTIVE_CONNECTIONS_SQL = """
 SELECT id, user_id, powens_connection_id, powens_token FROM bank_connections
  WHERE status = 'active' AND user_id IN (SELECT value FROM json_each(?))
  ORDER BY user_id, id"""
+# A connection's stored tokens, read again after a 401 (the PostgreSQL path's READ_TOKENS_SQL).
+READ_TOKENS_SQL = "SELECT powens_token, powens_refresh_token FROM bank_connections WHERE id = ?"
+# A refreshed pair, written over the access token read only (a compare-and-set).
+SWAP_TOKENS_SQL = """
+UPDATE bank_connections SET powens_token = ?, powens_refresh_token = ?
+ WHERE id = ? AND powens_token = ?"""
 ALL_ACTIVE_CONNECTIONS_SQL = """
 SELECT id, user_id FROM bank_connections
  WHERE status = 'active' AND id > ? ORDER BY id LIMIT ?"""
@@ -270,6 +277,7 @@ def make_body(
     concurrency: int,
     key: bytes | None,
     token_hold: timedelta,
+    rotation: Rotation | None = None,
 ) -> JobBody:
     """The job body on Konto's SQLite-family database ``konto``; kontod's tables in ``pool``."""
 
@@ -278,7 +286,7 @@ def make_body(
         # it wrote before is what this run reads.
         writer = await FencedWriter.start(konto, pool, ctx)
         schema = as_konto_schema(await lite_schema.load(konto))
-        job = LiteRefresh(pool, client, schema, ctx, key, token_hold, konto, writer)
+        job = LiteRefresh(pool, client, schema, ctx, key, token_hold, konto, writer, rotation)
         await job.run(ctx.started_at - stale_after, concurrency)
 
     return body
@@ -315,8 +323,9 @@ class LiteRefresh(_Refresh):
         token_hold: timedelta,
         konto: KontoSql,
         writer: FencedWriter,
+        rotation: Rotation | None = None,
     ) -> None:
-        super().__init__(pool, client, schema, ctx, key, token_hold)
+        super().__init__(pool, client, schema, ctx, key, token_hold, rotation)
         self.konto = konto
         self.writer = writer
         # One Konto write of this run at a time, whatever the concurrency: SQLite lets one
@@ -466,6 +475,20 @@ class LiteRefresh(_Refresh):
                 )
             )
         return out
+
+    async def read_tokens(self, connection_id: int) -> tuple[str, str | None] | None:
+        rows = await self.konto.read(READ_TOKENS_SQL, (connection_id,))
+        if not rows or not isinstance(rows[0][0], str):
+            return None
+        return rows[0][0], _text(rows[0][1])
+
+    async def swap_tokens(
+        self, connection_id: int, expected: str, stored: str, refresh_stored: str
+    ) -> bool:
+        step = Statement(SWAP_TOKENS_SQL, (stored, refresh_stored, connection_id, expected))
+        async with self.one_writer:
+            (result,) = await self.writer.write([step])
+        return result.changes == 1
 
     async def write_user(
         self, user: StaleUser, planned: Plan, failures: list[Failure | None]

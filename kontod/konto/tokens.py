@@ -167,7 +167,7 @@ def key_fingerprint(key: bytes | None) -> str | None:
 
 
 def encrypt(token: str, key: bytes, iv: bytes | None = None) -> str:
-    """A stored value as the web app writes it (for the demo and the tests)."""
+    """A stored value as the web app writes it (a refreshed token, the demo, the tests)."""
     nonce = iv if iv is not None else os.urandom(IV_BYTES)
     sealed = AESGCM(key).encrypt(nonce, token.encode("utf-8"), None)
     body, tag = sealed[:-TAG_BYTES], sealed[-TAG_BYTES:]

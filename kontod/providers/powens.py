@@ -2,12 +2,13 @@
 
 It runs on an ``aiohttp.ClientSession`` shared by the whole process: ``GET /users/me/connections``
 (state of each bank connection), ``GET /users/me/accounts?all`` (deleted and disabled accounts
-included) and ``GET /users/me/accounts/{id}/transactions`` (``limit=1000``, pages followed
-through ``_links.next.href`` as given). Every request, retries included, first takes a token
-from a bucket shared by the process (``rate`` requests per second). Transient failures
-(connection errors, timeouts, 5xx, 429) are retried with exponential backoff and jitter,
-honouring ``Retry-After``; every other failure raises a typed ``ProviderError`` whose message
-is safe to log and store: the user's token never appears in it.
+included), ``GET /users/me/accounts/{id}/transactions`` (``limit=1000``, pages followed through
+``_links.next.href`` as given) and ``POST /auth/token/refresh`` (a new token pair for a refresh
+token, with the web app's client id and secret; one attempt). Every request, retries included,
+first takes a token from a bucket shared by the process (``rate`` requests per second). Transient
+failures (connection errors, timeouts, 5xx, 429) are retried with exponential backoff and jitter,
+honouring ``Retry-After``; every other failure raises a typed ``ProviderError`` whose message is
+safe to log and store: the user's token never appears in it.
 
 Answers are bounded: a body is read to its end up to ``max_body`` bytes (kontod/providers/answers.py),
 its JSON may nest at most 64 levels and holds no ``NaN`` or ``Infinity``, and the pages of one
@@ -21,7 +22,7 @@ import hashlib
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Unpack
@@ -40,6 +41,9 @@ Observer = Callable[[str, str, float], None]
 CONNECTIONS = "connections"
 ACCOUNTS = "accounts"
 TRANSACTIONS = "transactions"
+TOKEN_REFRESH = "token_refresh"  # noqa: S105 (an endpoint label, not a secret)
+# The two tokens of a refresh's answer, access first.
+TOKEN_FIELDS = ("access_token", "refresh_token")
 # Powens' maximum page size for transactions; the parameter is required.
 PAGE_LIMIT = 1000
 # A transaction list longer than this many pages is taken for a loop in the provider's links.
@@ -102,6 +106,14 @@ class ProviderUnavailable(ProviderError):
     """Every attempt hit a transient failure (timeout, connection error, 5xx, 429)."""
 
     kind = "unavailable"
+
+
+@dataclass(frozen=True)
+class TokenPair:
+    """The access and refresh tokens ``/auth/token/refresh`` gives; kept out of repr."""
+
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -295,6 +307,52 @@ class PowensClient:
             seen.add(digest)
         raise _bad_page(f"{what}: more than {MAX_PAGES} pages")
 
+    async def refresh_token(self, client_id: str, client_secret: str, refresh: str) -> TokenPair:
+        """``POST /auth/token/refresh`` as the web app calls it: a new pair for ``refresh``.
+
+        One attempt, never retried: Powens takes a refresh token once, so a retry after an
+        answer lost on the way would be refused and would hide the pair the first one made.
+        """
+        url = f"{self._base}/auth/token/refresh"
+        what = "token refresh"
+        payload = {"client_id": client_id, "client_secret": client_secret, "refresh_token": refresh}
+        await self.limiter.acquire()
+        started = time.monotonic()
+        try:
+            async with self._session.post(
+                url,
+                json=payload,
+                headers={"Accept": "application/json"},
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as resp:
+                status = resp.status
+                body = await read_body(resp, self.max_body)
+        except BodyTooLarge as exc:
+            self._report(TOKEN_REFRESH, str(status), started)
+            raise ProviderBadResponse(
+                f"{what}: {exc}", endpoint=TOKEN_REFRESH, status=status
+            ) from None
+        except TimeoutError:
+            self._report(TOKEN_REFRESH, TIMEOUT, started)
+            raise ProviderUnavailable(
+                f"{what}: no answer within {self._timeout_s:g} s", endpoint=TOKEN_REFRESH
+            ) from None
+        except aiohttp.ClientError as exc:
+            self._report(TOKEN_REFRESH, CONNECTION_ERROR, started)
+            detail = _scrub(str(exc) or type(exc).__name__, refresh, client_secret)
+            raise ProviderUnavailable(
+                f"{what}: connection failed ({detail})", endpoint=TOKEN_REFRESH
+            ) from None
+        self._report(TOKEN_REFRESH, str(status), started)
+        if not 200 <= status < 300:
+            raise _error_from_body(TOKEN_REFRESH, what, status, body, refresh, client_secret)
+        answer = _parse_json(body, TOKEN_REFRESH, what, refresh)
+        tokens = [answer.get(k) if isinstance(answer, dict) else None for k in TOKEN_FIELDS]
+        if not all(isinstance(t, str) and t for t in tokens):
+            raise _bad(TOKEN_REFRESH, "the answer lacks access_token or refresh_token")
+        return TokenPair(str(tokens[0]), str(tokens[1]))
+
     async def _get_json(
         self, token: str, endpoint: str, what: str, url: str, params: Mapping[str, str] | None
     ) -> tuple[Any, int]:
@@ -376,9 +434,13 @@ class PowensClient:
             self._observe(endpoint, outcome, time.monotonic() - started)
 
 
-def _scrub(text: str, token: str) -> str:
-    """Text from outside (error bodies, library messages) with the token blotted out."""
-    return text.replace(token, "***") if token else text
+def _scrub(text: str, *secrets: str) -> str:
+    """Text from outside (error bodies, library messages) with the token (and any other
+    secret given) blotted out."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 def _parse_json(body: bytes, endpoint: str, what: str, token: str) -> Any:
@@ -399,7 +461,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 
 
 def _error_from_body(
-    endpoint: str, what: str, status: int, body: bytes, token: str
+    endpoint: str, what: str, status: int, body: bytes, *secrets: str
 ) -> ProviderError:
     """The error an HTTP failure stands for, with the fields of a Powens error body if any."""
     fields: dict[str, str] = {}
@@ -411,7 +473,7 @@ def _error_from_body(
         for key in ("code", "description", "message", "request_id"):
             value = parsed.get(key)
             if isinstance(value, str | int) and not isinstance(value, bool):
-                text = _CONTROL.sub(" ", _scrub(str(value), token)).strip()
+                text = _CONTROL.sub(" ", _scrub(str(value), *secrets)).strip()
                 if text:
                     fields[key] = text[:300]
     code = fields.get("code")

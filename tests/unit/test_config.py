@@ -78,6 +78,21 @@ def test_secrets_from_systemd_credentials(tmp_path: Path) -> None:
     assert "tok" not in repr(s)
 
 
+def test_powens_client_from_the_web_apps_names_or_a_credential(tmp_path: Path) -> None:
+    s = load_settings({"POWENS_CLIENT_ID": "web", "POWENS_CLIENT_SECRET": "shh-1"})
+    assert (s.refresh.powens_client_id, s.refresh.powens_client_secret) == ("web", "shh-1")
+    assert "shh-1" not in repr(s)
+    (tmp_path / "powens_client_secret").write_text("shh-2\n")
+    s = load_settings(
+        {
+            "KONTOD_POWENS_CLIENT_ID": "kontod",
+            "POWENS_CLIENT_ID": "web",
+            "CREDENTIALS_DIRECTORY": str(tmp_path),
+        }
+    )
+    assert (s.refresh.powens_client_id, s.refresh.powens_client_secret) == ("kontod", "shh-2")
+
+
 def test_durations_and_provider_url() -> None:
     s = load_settings({"KONTOD_STALE_AFTER": "12h", "KONTOD_POWENS_DOMAIN": "konto.biapi.pro"})
     assert s.refresh.stale_after == timedelta(hours=12)
