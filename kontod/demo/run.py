@@ -1,4 +1,9 @@
-"""``kontod demo``: an embedded database with demo users, a sandbox bank, and the daemon."""
+"""``kontod demo``: an embedded database with demo users, a sandbox bank, and the daemon.
+
+``kontod demo --konto sqlite`` keeps the demo's Konto (users, accounts, snapshots) in a SQLite
+file made with the web app's own table definitions, as the web app keeps it; kontod's own
+tables stay in the embedded PostgreSQL.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +17,11 @@ from datetime import date, timedelta
 import asyncpg
 import structlog
 
-from kontod.config import Settings
+from kontod.config import KontoLocation, Settings
 from kontod.daemon import Daemon
-from kontod.demo import rates_sandbox, sandbox
+from kontod.demo import lite, rates_sandbox, sandbox
 from kontod.konto import tokens
+from kontod.konto.store import KontoSql
 from kontod.scheduler.contract import Trigger
 from kontod.scheduler.runner import Skipped
 
@@ -74,6 +80,8 @@ def demo_env(settings: Settings) -> str:
     parts = []
     if settings.database.url is None:
         parts.append(f"KONTOD_STATE_DIR={shlex.quote(str(settings.database.state_dir))}")
+    if settings.konto.location is not None:
+        parts.append(f"KONTOD_KONTO_URL={shlex.quote('file:' + settings.konto.location.target)}")
     if settings.refresh.powens_url is not None:
         parts.append(f"KONTOD_POWENS_URL={shlex.quote(settings.refresh.powens_url)}")
     parts.append(f"KONTOD_FIAT_RATES_URL={shlex.quote(settings.rates.fiat_url)}")
@@ -105,22 +113,73 @@ async def converted_summary(pool: asyncpg.Pool, base: str) -> str:
     return "\n".join(lines)
 
 
-async def demo(settings: Settings) -> int:
-    """Run the demo until Ctrl-C."""
+async def lite_summary(konto: KontoSql, base: str) -> str:
+    """``converted_summary`` on the demo's SQLite Konto, whose holding rows (the web app's)
+    carry no amount or currency: those come from the accounts the rows name."""
+    rows = await konto.read(
+        """SELECT h.name, a.balance, a.currency, h.value, t.total_value
+             FROM holding_snapshots h
+             JOIN bank_accounts a ON a.id = h.ref_id
+             JOIN patrimoine_snapshots t
+               ON t.user_id = h.user_id AND t.date = h.date AND t.category = 'total'
+            WHERE h.user_id = 1 AND h.kind = 'account' AND coalesce(a.currency, 'EUR') <> ?
+              AND h.date = (SELECT max(date) FROM holding_snapshots WHERE user_id = 1)
+            ORDER BY h.name""",
+        (base,),
+    )
+    if not rows:
+        return "\nno converted holding yet (see the daily-snapshots run's counts)"
+    lines = [f"\nAlice's snapshot, in {base}:"]
+    for name, amount, currency, value, _ in rows:
+        held = f"{amount!s} {currency!s}"
+        lines.append(f"  {name!s}: {held} = {float(value or 0):,.2f} {base}")
+    lines.append(f"  total: {float(rows[0][4] or 0):,.2f} {base}")
+    return "\n".join(lines)
+
+
+def konto_lines(settings: Settings) -> str:
+    """Where the demo's Konto is, and how to look at its snapshot rows."""
+    location = settings.konto.location
+    if location is None:
+        return "Konto's tables: in the embedded PostgreSQL, beside kontod's own\n"
+    query = (
+        "SELECT date, user_id, category, total_value FROM patrimoine_snapshots"
+        " ORDER BY date DESC, user_id, category"
+    )
+    return (
+        f"Konto's tables: the SQLite file {location.target}\n"
+        f"  sqlite3 -header -column {shlex.quote(location.target)} {shlex.quote(query)}\n"
+    )
+
+
+async def demo(settings: Settings, konto: str = "postgresql") -> int:
+    """Run the demo until Ctrl-C; ``konto`` is where the demo's Konto lives: ``postgresql``
+    (beside kontod's tables) or ``sqlite`` (a file in the demo's folder)."""
 
     key = settings.refresh.db_encryption_key or DEMO_KEY
+    state_dir = settings.database.state_dir / "demo"
+    # The demo's Konto is always its own: never a Konto the environment names.
+    location = None
+    if konto == "sqlite":
+        path = state_dir / "konto.db"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        if lite.seed_konto(path, key):
+            log.info("demo.seeded", users=3, konto=str(path))
+        location = KontoLocation("sqlite", str(path))
     demo_settings = replace(
         settings,
         database=replace(
             settings.database,
-            state_dir=settings.database.state_dir / "demo",
+            state_dir=state_dir,
             embedded=True,  # the demo's own database, created at its first start
         ),
+        konto=replace(settings.konto, location=location),
         refresh=replace(settings.refresh, db_encryption_key=key),
     )
 
     async def seed_once(pool: asyncpg.Pool) -> None:
-        if await seed(pool, key):
+        # With a SQLite Konto the copies of Konto's tables in PostgreSQL stay empty.
+        if location is None and await seed(pool, key):
             log.info("demo.seeded", users=3)
 
     # The rate sources' sandbox serves yesterday's reference rates, as the ECB would at 02:00.
@@ -153,9 +212,13 @@ async def demo(settings: Settings) -> int:
                     started.append(task)
             await asyncio.gather(*started)
             assert daemon.pool is not None
-            print(
-                await converted_summary(daemon.pool, settings.rates.base_currency), file=sys.stderr
+            base_currency = settings.rates.base_currency
+            summary = (
+                await converted_summary(daemon.pool, base_currency)
+                if daemon.konto is None
+                else await lite_summary(daemon.konto, base_currency)
             )
+            print(summary, file=sys.stderr)
             base = f"http://{demo_settings.http.host}:{daemon.port}"
             env = demo_env(demo_settings)
             print(
@@ -167,6 +230,7 @@ async def demo(settings: Settings) -> int:
                 f"  {base}/jobs/refresh-stale-connections/runs\n"
                 f"sandbox bank: {bank_url}\n"
                 f"sandbox rates: {fiat_url}\n               {crypto_url}\n"
+                f"{konto_lines(demo_settings)}"
                 "and try, in another terminal (the demo's database and sandboxes):\n"
                 f"  export {env}\n"
                 "  kontod history\n"

@@ -10,6 +10,7 @@ import asyncpg
 
 from kontod.config import RateSettings, Settings
 from kontod.jobs import refresh, snapshots
+from kontod.konto.store import KontoSql
 from kontod.providers.powens import PowensClient
 from kontod.providers.rates import crypto_map
 from kontod.scheduler.contract import JobBody, JobSpec, RunContext
@@ -30,9 +31,14 @@ def declare_jobs(
     pool: asyncpg.Pool,
     http: aiohttp.ClientSession | None = None,
     observe_request: Callable[[str, str, float], None] | None = None,
+    konto: KontoSql | None = None,
 ) -> list[JobSpec]:
-    """Both jobs, wired to the database and the settings."""
-    refresh_body, refresh_not_configured = _refresh_wiring(settings, pool, http, observe_request)
+    """Both jobs, wired to the database and the settings. ``konto`` is Konto's SQLite-family
+    database when Konto's tables are there (``kontod.konto.engines.open_checked``), None when
+    they are in kontod's PostgreSQL beside its own."""
+    refresh_body, refresh_not_configured = _refresh_wiring(
+        settings, pool, http, observe_request, konto
+    )
     return [
         JobSpec(
             name=SNAPSHOTS,
@@ -52,12 +58,13 @@ def declare_jobs(
                 ),
                 http,
                 workers=settings.snapshots.workers,
+                konto=konto,
             ),
             grace=timedelta(hours=1),
             max_runtime=timedelta(hours=2),
             catchup_window=timedelta(hours=20),
             description="wealth snapshot of every user, once a day",
-            exports=snapshots.EXPORTS,
+            exports=snapshots.exports(konto),
         ),
         JobSpec(
             name=REFRESH,
@@ -87,6 +94,7 @@ def _refresh_wiring(
     pool: asyncpg.Pool,
     http: aiohttp.ClientSession | None,
     observe_request: Callable[[str, str, float], None] | None,
+    konto: KontoSql | None,
 ) -> tuple[JobBody, str | None]:
     """The refresh body, or an idle one with the reason when no provider is configured."""
     bank, providers = settings.refresh, settings.providers
@@ -110,6 +118,7 @@ def _refresh_wiring(
         concurrency=bank.concurrency,
         key=bank.db_encryption_key,
         token_hold=bank.rejection_hold,
+        konto=konto,
     )
     return body, None
 

@@ -44,6 +44,7 @@ from kontod.konto import schema as konto_schema
 from kontod.konto import tokens
 from kontod.konto.classify import classify
 from kontod.konto.schema import KontoSchema
+from kontod.konto.store import KontoSql
 from kontod.providers.powens import (
     PowensClient,
     ProviderAccount,
@@ -851,6 +852,7 @@ def make_body(
     key: bytes | None = None,
     schema: KontoSchema | None = None,
     token_hold: timedelta = TOKEN_HOLD,
+    konto: KontoSql | None = None,
 ) -> JobBody:
     """The job body: refresh every user owning a stale account, ``concurrency`` at a time.
 

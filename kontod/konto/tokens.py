@@ -128,7 +128,21 @@ async def check_key(conn: asyncpg.Connection | PoolConnectionProxy, key: bytes) 
             ORDER BY id DESC LIMIT $1""",
         KEY_CHECK_SAMPLE,
     )
-    results = [opens(r["stored"], key) for r in rows]
+    return check_stored([r["stored"] for r in rows], key)
+
+
+# The same sample on Konto's SQLite-family database, which has no regular expressions: at
+# least 40 characters, none outside base64's alphabet (GLOB's negated class).
+LITE_SAMPLE_SQL = """
+SELECT powens_token FROM bank_connections
+ WHERE length(powens_token) >= 40 AND powens_token NOT GLOB '*[^A-Za-z0-9+/=]*'
+ ORDER BY id DESC LIMIT ?"""
+
+
+def check_stored(stored: list[str], key: bytes) -> int:
+    """``check_key``'s verdict on stored values already read: how many ``key`` opens, or
+    ``WrongKey`` when some look encrypted and it opens none."""
+    results = [opens(value, key) for value in stored]
     tried = sum(1 for r in results if r is not None)
     opened = sum(1 for r in results if r)
     if tried and not opened:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import AsyncIterator
-from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,7 @@ from kontod.konto import lite_schema
 from kontod.konto.schema import KontoSchemaError
 from kontod.konto.sqlite import SqliteKonto, open_sqlite
 from kontod.konto.store import Fence, Fenced, KontoUnavailable, Statement
-
-
-def webapp_konto(path: Path) -> Path:
-    """A Konto SQLite file made with the web app's own table definitions."""
-    script = resources.files("kontod.demo").joinpath("webapp_tables.sql").read_text()
-    with sqlite3.connect(path) as conn:
-        conn.executescript(script)
-    conn.close()
-    return path
+from tests.helpers import webapp_konto
 
 
 @pytest.fixture
