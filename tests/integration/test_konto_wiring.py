@@ -1,0 +1,173 @@
+"""A SQLite Konto wired into kontod: the daemon and the commands read and check Konto's tables in
+the file, never the empty copies migration 0001 leaves in kontod's PostgreSQL."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import date, datetime, time
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from kontod import db
+from kontod.config import KontoLocation, load_settings
+from kontod.konto.tokens import WrongKey, encrypt
+from tests.daemon_harness import running_daemon, settings_for
+from tests.helpers import PARIS, add_user, webapp_konto
+from tests.integration.test_cli import kontod
+from tests.integration.test_http import samples
+
+KEY = bytes.fromhex("71" * 32)
+OTHER_KEY = bytes.fromhex("2c" * 32)
+LATEST = ("kontod_snapshot_latest_date_timestamp_seconds", ())
+
+
+def konto_file(tmp_path: Path, *, snapshot: str | None = None, token_key: bytes = KEY) -> Path:
+    """A Konto file with one user, an encrypted bank token and, with ``snapshot``, a total row
+    of that date."""
+    path = webapp_konto(tmp_path / "konto.db")
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("INSERT INTO users (id, email) VALUES (1, 'a@example.org')")
+        conn.execute(
+            "INSERT INTO bank_connections (user_id, powens_token, status) VALUES (1, ?, 'active')",
+            (encrypt("a-bank-token-long-enough-to-look-encrypted", token_key),),
+        )
+        if snapshot is not None:
+            conn.execute(
+                """INSERT INTO patrimoine_snapshots (date, user_id, category, total_value)
+                   VALUES (?, 1, 'total', 1234.5)""",
+                (snapshot,),
+            )
+    conn.close()
+    return path
+
+
+def tables(path: Path) -> dict[str, list[tuple[object, ...]]]:
+    """Every table of the file and its ``PRAGMA table_info``."""
+    conn = sqlite3.connect(path)
+    try:
+        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")]
+        return {n: conn.execute(f"PRAGMA table_info({n})").fetchall() for n in sorted(names)}
+    finally:
+        conn.close()
+
+
+async def pg_decoy(pool: asyncpg.Pool) -> None:
+    """Konto's tables in PostgreSQL hold a newer snapshot and a token under another key: any
+    reader that reaches them instead of the file gives itself away."""
+    uid = await add_user(pool, accounts=[("checking", "1.00", False)])
+    await pool.execute(
+        """INSERT INTO patrimoine_snapshots (date, user_id, category, total_value)
+           VALUES (DATE '2031-01-01', $1, 'total', 99)""",
+        uid,
+    )
+    await pool.execute(
+        """INSERT INTO bank_connections (user_id, powens_connection_id, powens_token, status)
+           VALUES ($1, '9', $2, 'active')""",
+        uid,
+        encrypt("a-token-under-another-key-entirely", OTHER_KEY),
+    )
+
+
+async def test_the_daemon_opens_checks_and_reads_the_sqlite_konto(
+    dsn: str, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    path = konto_file(tmp_path, snapshot="2026-03-01")
+    before = tables(path)
+    await pg_decoy(pool)
+    settings = settings_for(
+        dsn,
+        konto={"location": KontoLocation("sqlite", str(path))},
+        refresh={"db_encryption_key": KEY},
+    )
+    async with running_daemon(settings) as (daemon, base):
+        assert daemon.konto is not None and daemon.konto.engine == "sqlite"
+        await daemon._refresh_stats()
+        async with aiohttp.ClientSession() as http, http.get(base + "/metrics") as resp:
+            text = await resp.text()
+    # The freshness probe read the file's date, not PostgreSQL's newer one.
+    assert samples(text)[LATEST] == datetime.combine(date(2026, 3, 1), time(), PARIS).timestamp()
+    after = tables(path)
+    assert set(after) - set(before) == {"holding_snapshots", "kontod_fence"}
+    assert {t: after[t] for t in before} == before
+
+
+async def test_a_key_that_opens_none_of_the_files_tokens_stops_the_start(
+    dsn: str, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    await pg_decoy(pool)  # a token OTHER_KEY opens, in PostgreSQL: not where Konto is
+    path = konto_file(tmp_path)
+    settings = settings_for(
+        dsn,
+        konto={"location": KontoLocation("sqlite", str(path))},
+        refresh={"db_encryption_key": OTHER_KEY},
+    )
+    with pytest.raises(WrongKey, match=r"bank_connections\.powens_token"):
+        async with running_daemon(settings):
+            pass
+
+
+async def test_the_embedded_postgresql_holds_kontods_tables_beside_a_sqlite_konto(
+    tmp_path: Path,
+) -> None:
+    env = {"KONTOD_KONTO_URL": "file:/srv/konto/db/konto.db", "KONTOD_STATE_DIR": str(tmp_path)}
+    settings = load_settings(env)
+    assert settings.database.embedded and settings.database.url is None
+    assert db.refusal(settings, create=True) is None
+    # An explicit choice is kept, and a DSN given is used.
+    assert not load_settings(env | {"KONTOD_EMBEDDED": "0"}).database.embedded
+    assert not load_settings(env | {"KONTOD_DATABASE_URL": "postgresql://k@h/d"}).database.embedded
+    # Without a Konto elsewhere, the refusal stands: it guards Konto's own data.
+    assert db.refusal(load_settings({"KONTOD_STATE_DIR": str(tmp_path)}), create=True)
+
+
+async def test_migrate_adds_kontods_two_tables_and_changes_no_other(
+    dsn: str, tmp_path: Path
+) -> None:
+    path = konto_file(tmp_path)
+    before = tables(path)
+    env = {"KONTOD_DATABASE_URL": dsn, "KONTOD_KONTO_URL": f"file:{path}"}
+    code, _, err = await kontod("migrate", env=env)
+    assert code == 0, err
+    after = tables(path)
+    assert set(after) - set(before) == {"holding_snapshots", "kontod_fence"}
+    assert {t: after[t] for t in before} == before
+    # Again: nothing more.
+    code, _, err = await kontod("migrate", env=env)
+    assert code == 0, err
+    assert tables(path) == after
+
+
+async def test_history_reads_the_snapshots_of_the_sqlite_konto(
+    dsn: str, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    today = datetime.now(PARIS).date().isoformat()
+    path = konto_file(tmp_path, snapshot=today)
+    await pg_decoy(pool)
+    await pool.execute(
+        "INSERT INTO patrimoine_snapshots (date, user_id, category, total_value)"
+        " SELECT current_date, user_id, 'total', 5 FROM patrimoine_snapshots LIMIT 1"
+    )
+    env = {
+        "KONTOD_DATABASE_URL": dsn,
+        "KONTOD_KONTO_URL": str(path),
+        "KONTOD_TIMEZONE": "Europe/Paris",
+    }
+    code, out, err = await kontod("history", env=env)
+    assert code == 0, err
+    assert out.splitlines()[1].split() == [today, "1", "1", "1,234.50"], out
+
+
+async def test_a_missing_file_stops_every_command_that_reads_konto(
+    dsn: str, tmp_path: Path
+) -> None:
+    missing = tmp_path / "db" / "konto.db"
+    env = {"KONTOD_DATABASE_URL": dsn, "KONTOD_KONTO_URL": f"file:{missing}"}
+    for command in (("migrate",), ("history",), ("jobs", "run", "daily-snapshots")):
+        code, _, err = await kontod(*command, env=env)
+        assert code == 2, (command, err)
+        assert f"Konto's SQLite file {missing} does not exist" in err, (command, err)
+    assert not missing.exists() and not missing.parent.exists()
