@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from kontod.config import KontoSettings
 from kontod.konto import lite_schema, tokens
+from kontod.konto.libsql import LibsqlKonto, open_libsql
 from kontod.konto.sqlite import open_sqlite
 from kontod.konto.store import KontoBusy, KontoError, KontoSql, KontoUnavailable
 
@@ -22,7 +23,9 @@ def open_konto(settings: KontoSettings) -> KontoSql | None:
     busy = settings.busy_timeout.total_seconds()
     if location.kind == "sqlite":
         return open_sqlite(location.target, busy)
-    raise NotImplementedError("libSQL servers: kontod/konto/libsql.py (issue 19, in progress)")
+    # A libSQL server: nothing is sent yet; the daemon's first read (the schema check, or
+    # ``LibsqlKonto.check``) finds an unreachable server or a refused token.
+    return open_libsql(location.target, settings.auth_token, busy)
 
 
 async def open_checked(settings: KontoSettings, key: bytes | None) -> KontoSql | None:
@@ -39,6 +42,8 @@ async def open_checked(settings: KontoSettings, key: bytes | None) -> KontoSql |
     if db is None:
         return None
     try:
+        if isinstance(db, LibsqlKonto):
+            await db.check()  # a server that is not one, or refuses the token, at once
         try:
             await lite_schema.create_missing(db)
         except (KontoBusy, KontoUnavailable):

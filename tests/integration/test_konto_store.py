@@ -1,4 +1,6 @@
-"""Konto's SQLite file as kontod opens it: where it is, its schema, its fence, its lock."""
+"""Konto's SQLite file as kontod opens it: where it is, its schema, its fence, its lock. The
+store's promises (schema checks, fencing, atomicity, foreign keys) are tested on both engines:
+the local file and the same file behind a libSQL server (the Hrana sandbox)."""
 
 from __future__ import annotations
 
@@ -11,17 +13,23 @@ import pytest
 from kontod.config import ConfigError, KontoLocation, load_settings, parse_konto_location
 from kontod.konto import lite_schema
 from kontod.konto.schema import KontoSchemaError
-from kontod.konto.sqlite import SqliteKonto, open_sqlite
-from kontod.konto.store import Fence, Fenced, KontoUnavailable, Statement
+from kontod.konto.sqlite import open_sqlite
+from kontod.konto.store import Fence, Fenced, KontoSql, KontoUnavailable, Statement
 from tests.helpers import webapp_konto
+from tests.konto_engines import ENGINES, konto_on
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    """Each engine in turn: ``sqlite`` (the file) and ``libsql`` (the file behind a server)."""
+    return str(request.param)
 
 
 @pytest.fixture
-async def konto(tmp_path: Path) -> AsyncIterator[SqliteKonto]:
-    db = open_sqlite(str(webapp_konto(tmp_path / "konto.db")), busy_timeout=5)
-    await lite_schema.create_missing(db)
-    yield db
-    await db.close()
+async def konto(tmp_path: Path, engine: str) -> AsyncIterator[KontoSql]:
+    async with konto_on(engine, webapp_konto(tmp_path / "konto.db")) as db:
+        await lite_schema.create_missing(db)
+        yield db
 
 
 @pytest.mark.parametrize(
@@ -76,35 +84,31 @@ def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
         open_sqlite(str(tmp_path / "konto.db"), 1)
 
 
-async def test_the_web_apps_tables_pass_and_only_kontods_two_are_added(tmp_path: Path) -> None:
+async def test_the_web_apps_tables_pass_and_only_kontods_two_are_added(
+    tmp_path: Path, engine: str
+) -> None:
     path = webapp_konto(tmp_path / "konto.db")
     before = _tables(path)
     info_before = _tables_info(path)
-    db = open_sqlite(str(path), 5)
-    try:
+    async with konto_on(engine, path) as db:
         await lite_schema.create_missing(db)
         await lite_schema.load(db)
-    finally:
-        await db.close()
     assert _tables(path) - before == {"holding_snapshots", "kontod_fence"}
     assert _tables_info_of(before, path) == info_before
 
 
-async def test_a_missing_column_is_named_with_its_table(tmp_path: Path) -> None:
+async def test_a_missing_column_is_named_with_its_table(tmp_path: Path, engine: str) -> None:
     path = webapp_konto(tmp_path / "konto.db")
     with sqlite3.connect(path) as conn:
         conn.execute("ALTER TABLE transactions DROP COLUMN category")
     conn.close()
-    db = open_sqlite(str(path), 5)
-    try:
+    async with konto_on(engine, path) as db:
         await lite_schema.create_missing(db)
         with pytest.raises(KontoSchemaError, match="table transactions has no column category"):
             await lite_schema.load(db)
-    finally:
-        await db.close()
 
 
-async def test_a_newer_run_fences_an_older_one_out(konto: SqliteKonto) -> None:
+async def test_a_newer_run_fences_an_older_one_out(konto: KontoSql) -> None:
     await konto.advance_fence(Fence("daily-snapshots", 7))
     await konto.write(
         [Statement("INSERT INTO users (email) VALUES ('a@x')")], Fence("daily-snapshots", 7)
@@ -119,7 +123,7 @@ async def test_a_newer_run_fences_an_older_one_out(konto: SqliteKonto) -> None:
     assert await konto.read("SELECT email FROM users") == [("a@x",)]
 
 
-async def test_a_failed_statement_leaves_nothing_of_its_transaction(konto: SqliteKonto) -> None:
+async def test_a_failed_statement_leaves_nothing_of_its_transaction(konto: KontoSql) -> None:
     with pytest.raises(Exception, match="UNIQUE"):
         await konto.write(
             [
@@ -131,7 +135,7 @@ async def test_a_failed_statement_leaves_nothing_of_its_transaction(konto: Sqlit
     assert await konto.read("SELECT count(*) FROM users") == [(0,)]
 
 
-async def test_foreign_keys_are_enforced_on_kontods_writes(konto: SqliteKonto) -> None:
+async def test_foreign_keys_are_enforced_on_kontods_writes(konto: KontoSql) -> None:
     with pytest.raises(Exception, match="FOREIGN KEY"):
         await konto.write(
             [Statement("INSERT INTO bank_accounts (user_id, name) VALUES (99, 'x')")], None
