@@ -22,9 +22,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from kontod.demo.hrana_sandbox import HranaSandbox
-from tests.helpers import webapp_konto
+from kontod.konto import lite_schema
+from kontod.konto.fenced import FencedWriter
+from kontod.konto.sqlite import open_sqlite
+from kontod.konto.store import Statement
+from kontod.scheduler.contract import RunContext
+from kontod.scheduler.runner import Started
+from tests.helpers import close, runner_on, spec, webapp_konto
 from tests.integration.test_signals import START_TIMEOUT_S, Kontod, kontod
 
 SECRET = "the-right-libsql-token-8d1e"
@@ -117,3 +124,36 @@ def write_lock(path: Path) -> Iterator[threading.Event]:
     finally:
         release.set()
         thread.join()
+
+
+async def test_a_konto_write_waiting_longer_than_the_guards_idle_limit_still_succeeds(
+    dsn: str, tmp_path: Path
+) -> None:
+    """The PostgreSQL transaction guarding a Konto write gets an idle limit of a third of the
+    lease (2 s here); the web app holds the file's lock for 4 s. The write waits, commits once,
+    and the run succeeds: the guard the server ended meanwhile fails nothing."""
+    path = webapp_konto(tmp_path / "konto.db")
+    konto = open_sqlite(str(path), busy_timeout=30)
+    await lite_schema.create_missing(konto)
+    holding = asyncio.Event()
+
+    async def body(ctx: RunContext) -> None:
+        writer = await FencedWriter.start(konto, runner.pool, ctx)
+        with write_lock(path) as release:
+            holding.set()
+            asyncio.get_running_loop().call_later(4, release.set)
+            await writer.write([Statement("INSERT INTO users (email) VALUES ('late@x')")])
+
+    runner, _ = await runner_on(dsn, [spec(body=body)], lease_s=6)
+    try:
+        with capture_logs() as logs:
+            started = await runner.trigger("test-job", "manual")
+            assert isinstance(started, Started)
+            status = await asyncio.wait_for(started.task, timeout=30)
+        assert holding.is_set()
+        assert status == "success", logs
+        assert "konto.guard_ended" in [e["event"] for e in logs]
+        assert await konto.read("SELECT email FROM users") == [("late@x",)]
+    finally:
+        await close(runner)
+        await konto.close()
