@@ -560,7 +560,7 @@ def snapshot_date(ctx: RunContext, tz: ZoneInfo) -> date:
     return ctx.at.astimezone(tz).date()
 
 
-def _record_rates(ctx: RunContext, report: rates.RateReport) -> None:
+def record_rates(ctx: RunContext, report: rates.RateReport) -> None:
     ctx.counts.update(rate_counts(report))
 
 
@@ -599,7 +599,7 @@ def id_ranges(bounds: list[int]) -> list[tuple[int, int]]:
     return ranges
 
 
-def _shown(low: int) -> int | None:
+def shown(low: int) -> int | None:
     """A range's first id as a log shows it: none for the first range, which is unbounded."""
     return None if low == _MIN_ID else low
 
@@ -618,27 +618,7 @@ async def take_snapshots(
     run's date, batch by batch, ``workers`` batches at a time."""
     conv = conversion or Conversion()
     day = snapshot_date(ctx, tz)
-    ctx.log.info(
-        "snapshots.started",
-        date=day.isoformat(),
-        batch_size=batch_size,
-        workers=workers,
-        base=conv.base,
-    )
-    for key in (
-        "users",
-        "rows_written",
-        "rows_unchanged",
-        "rows_removed",
-        "holdings_written",
-        "holdings_unchanged",
-        "holdings_removed",
-        "batches",
-        "items_unconverted",
-        "items_invalid",
-        "items_failed",
-    ):
-        ctx.counts[key] += 0  # recorded even when there is no user
+    begin(ctx, day, batch_size, workers, conv)
     report = await rates.update(
         pool,
         sources,
@@ -651,7 +631,7 @@ async def take_snapshots(
         log=ctx.log,
         before_write=ctx.check_claim,
     )
-    _record_rates(ctx, report)
+    record_rates(ctx, report)
     async with pool.acquire() as conn:
         cols = await columns(conn)
         # On a date that already holds rows (a re-run), each batch is compared first and written
@@ -662,6 +642,40 @@ async def take_snapshots(
     ctx.report_progress(0, expected)
     batch = _Batch(ctx, batch_sql(cols), check_sql(cols) if held else None, day, conv)
     await run_workers(batch.worker(pool, iter(id_ranges(bounds)), expected), workers, "snapshots")
+    finish(ctx, day, conv)
+
+
+# Counts every run records, zeros included, even when there is no user.
+RUN_COUNTS = (
+    "users",
+    "rows_written",
+    "rows_unchanged",
+    "rows_removed",
+    "holdings_written",
+    "holdings_unchanged",
+    "holdings_removed",
+    "batches",
+    "items_unconverted",
+    "items_invalid",
+    "items_failed",
+)
+
+
+def begin(ctx: RunContext, day: date, batch_size: int, workers: int, conv: Conversion) -> None:
+    """Log the run's start and record its counts at zero (both engines)."""
+    ctx.log.info(
+        "snapshots.started",
+        date=day.isoformat(),
+        batch_size=batch_size,
+        workers=workers,
+        base=conv.base,
+    )
+    for key in RUN_COUNTS:
+        ctx.counts[key] += 0
+
+
+def finish(ctx: RunContext, day: date, conv: Conversion) -> None:
+    """Log the accounts left unconverted and what the run wrote (both engines)."""
     unconverted = UNCONVERTED.values(ctx.counts) or {}
     if unconverted:
         ctx.log.warning("snapshots.unconverted", base=conv.base, accounts=unconverted)
@@ -703,9 +717,9 @@ class _Batch:
                     if row["users"] == 0:
                         continue
                     _count_batch(ctx, row)
-                    _log_batch_problems(ctx, row)
+                    log_batch_problems(ctx, row)
                     ctx.report_progress(ctx.counts["users"], max(expected, ctx.counts["users"]))
-                    ctx.log.debug("snapshots.batch", from_id=_shown(low), users=row["users"])
+                    ctx.log.debug("snapshots.batch", from_id=shown(low), users=row["users"])
 
         return work
 
@@ -727,7 +741,7 @@ class _Batch:
             except asyncpg.UniqueViolationError:
                 if attempt == BATCH_ATTEMPTS:
                     raise
-                self.ctx.log.info("snapshots.batch_retried", from_id=_shown(low), attempt=attempt)
+                self.ctx.log.info("snapshots.batch_retried", from_id=shown(low), attempt=attempt)
                 continue
             assert row is not None
             return row
@@ -760,7 +774,7 @@ def batch_counts(row: asyncpg.Record | Mapping[str, Any]) -> Counter[str]:
     return c
 
 
-def _log_batch_problems(ctx: RunContext, row: asyncpg.Record) -> None:
+def log_batch_problems(ctx: RunContext, row: asyncpg.Record | Mapping[str, Any]) -> None:
     """Name (up to SHOWN of each) the holdings left out as not a number and the users failed
     because a value of theirs does not fit its column."""
     if row["invalid"]:
@@ -801,32 +815,50 @@ def make_body(
     konto: KontoSql | None = None,
 ) -> JobBody:
     """The job body; with ``sources`` set, each run asks them (over ``http``, or a session
-    of its own)."""
+    of its own). With ``konto``, Konto's tables are in that SQLite-family database
+    (kontod/jobs/snapshots_lite.py); rates and the run's bookkeeping stay in ``pool``'s."""
+
+    async def take(ctx: RunContext, rate_sources: rates.RateSources | None) -> None:
+        if konto is None:
+            await take_snapshots(
+                pool,
+                ctx,
+                tz,
+                batch_size,
+                workers=workers,
+                conversion=conversion,
+                sources=rate_sources,
+            )
+            return
+        # Imported here: the SQLite path builds on this module's helpers.
+        from kontod.jobs.snapshots_lite import take_snapshots_lite
+
+        await take_snapshots_lite(
+            pool,
+            konto,
+            ctx,
+            tz,
+            batch_size,
+            workers=workers,
+            conversion=conversion,
+            sources=rate_sources,
+        )
 
     async def body(ctx: RunContext) -> None:
         if sources is None:
-            await take_snapshots(pool, ctx, tz, batch_size, workers=workers, conversion=conversion)
+            await take(ctx, None)
             return
         if http is not None:
-            await _with_sources(pool, ctx, tz, batch_size, workers, conversion, sources, http)
+            await take(ctx, _rate_sources(sources, http))
             return
         async with aiohttp.ClientSession() as session:
-            await _with_sources(pool, ctx, tz, batch_size, workers, conversion, sources, session)
+            await take(ctx, _rate_sources(sources, session))
 
     return body
 
 
-async def _with_sources(
-    pool: asyncpg.Pool,
-    ctx: RunContext,
-    tz: ZoneInfo,
-    batch_size: int,
-    workers: int,
-    conversion: Conversion | None,
-    settings: SourceSettings,
-    http: aiohttp.ClientSession,
-) -> None:
-    sources = rates.RateSources(
+def _rate_sources(settings: SourceSettings, http: aiohttp.ClientSession) -> rates.RateSources:
+    return rates.RateSources(
         http,
         fiat_url=settings.fiat_url,
         crypto_url=settings.crypto_url,
@@ -834,7 +866,4 @@ async def _with_sources(
         attempts=settings.attempts,
         api_key=settings.crypto_api_key,
         max_body=settings.max_body,
-    )
-    await take_snapshots(
-        pool, ctx, tz, batch_size, workers=workers, conversion=conversion, sources=sources
     )

@@ -340,15 +340,19 @@ async def update(
     now: datetime,
     log: structlog.typing.FilteringBoundLogger,
     before_write: Callable[[Connection], Awaitable[None]],
+    in_use: Iterable[str] | None = None,
 ) -> RateReport:
     """Ask each source once for the currencies the accounts use, store what they give for
     ``day``, and say for each currency which stored rate the snapshot of ``day`` can use.
 
-    ``before_write`` runs inside the write transaction (the run's claim check).
+    ``before_write`` runs inside the write transaction (the run's claim check). ``in_use``:
+    the currencies the accounts use, read by the caller when Konto's tables are not in this
+    PostgreSQL database (None: read from its bank_accounts).
     """
     report = RateReport()
     async with pool.acquire() as conn:
-        used = [cur for cur in await currencies_in_use(conn) if cur != base]
+        accounts = await currencies_in_use(conn) if in_use is None else in_use
+        used = sorted({cur for cur in accounts if cur != base})
         last = await last_rates(conn, base, used, day)
     fiat, crypto = split_sources((cur for cur in used if cur not in manual), base, crypto_ids)
     quotes: list[Quote] = []
@@ -484,6 +488,13 @@ async def currencies_in_use(conn: Connection) -> list[str]:
              FROM bank_accounts"""
     )
     return [r["currency"] for r in rows]
+
+
+def account_currency(raw: object) -> str:
+    """An account's currency by the rule of ``currencies_in_use`` and the snapshot statement
+    (spaces trimmed, upper case, blank or NULL: EUR), for a value read from Konto's SQLite."""
+    text = "" if raw is None else raw if isinstance(raw, str) else str(raw)
+    return text.strip(" ").upper() or "EUR"
 
 
 STORE_SQL = """
