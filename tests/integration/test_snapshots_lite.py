@@ -28,8 +28,7 @@ from kontod.konto.store import KontoSql
 from kontod.providers import rates
 from kontod.scheduler.contract import RunContext
 from kontod.scheduler.runner import Started
-from tests.helpers import PARIS, WEBAPP_SCHEMA, close, runner_on, spec
-from tests.integration.test_konto_store import webapp_konto
+from tests.helpers import PARIS, WEBAPP_SCHEMA, close, runner_on, spec, webapp_konto
 
 
 def quotes(day: date) -> list[rates.Quote]:
