@@ -17,14 +17,20 @@ import asyncio
 import signal
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
 from kontod.demo.hrana_sandbox import HranaSandbox
+from kontod.demo.rates_sandbox import RateSandbox
+from kontod.demo.rates_sandbox import urls as rate_urls
 from kontod.konto import lite_schema
 from kontod.konto.fenced import FencedWriter
 from kontod.konto.sqlite import open_sqlite
@@ -32,7 +38,8 @@ from kontod.konto.store import Statement
 from kontod.scheduler.contract import RunContext
 from kontod.scheduler.runner import Started
 from tests.helpers import close, runner_on, spec, webapp_konto
-from tests.integration.test_signals import START_TIMEOUT_S, Kontod, kontod
+from tests.integration.test_faults import FAST, LEASE_S, recent_daily, tick_of, wait_until
+from tests.integration.test_signals import JOB, START_TIMEOUT_S, Kontod, kontod
 
 SECRET = "the-right-libsql-token-8d1e"
 WRONG = "a-wrong-libsql-token-4c2a"
@@ -157,3 +164,208 @@ async def test_a_konto_write_waiting_longer_than_the_guards_idle_limit_still_suc
     finally:
         await close(runner)
         await konto.close()
+
+
+# Users in the Konto of the two tests below, one per batch: enough that a run (about 60 batches
+# a second here) is still writing when the test takes the lock, for the takeover test after
+# two more replicas have started (a few seconds).
+USERS = 1500
+FEW_USERS = 400
+
+
+def seed_konto(path: Path, users: int = USERS) -> None:
+    """``users`` users with one EUR checking account each (balance 100.25 + id)."""
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            conn.executemany(
+                "INSERT INTO users (id, email) VALUES (?, ?)",
+                [(i, f"u{i}@example.org") for i in range(1, users + 1)],
+            )
+            conn.execute(
+                """INSERT INTO bank_accounts (user_id, name, type, balance, hidden, currency)
+                   SELECT id, 'acc', 'checking', 100.25 + id, 0, 'EUR' FROM users"""
+            )
+    finally:
+        conn.close()
+
+
+def query(path: Path, sql: str) -> list[tuple[object, ...]]:
+    """One read of the file on a connection of its own (waits up to 30 s for a writer)."""
+    conn = sqlite3.connect(path, timeout=30)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def execute(path: Path, sql: str) -> None:
+    """One write transaction on the file, as the web app would make it."""
+    conn = sqlite3.connect(path, timeout=30)
+    try:
+        with conn:
+            conn.execute(sql)
+    finally:
+        conn.close()
+
+
+def users_written(path: Path) -> int:
+    [(n,)] = query(path, "SELECT count(*) FROM patrimoine_snapshots WHERE category = 'total'")
+    return int(str(n))
+
+
+def half_written(path: Path) -> list[tuple[object, ...]]:
+    """Users whose rows of a date are not whole: a total without its checking row or holding,
+    or the other way round, or a total that is not their balance."""
+    return query(
+        path,
+        """SELECT u.id, p.date, t.total_value, p.total_value, h.value, a.balance
+             FROM users u
+             JOIN bank_accounts a ON a.user_id = u.id
+             JOIN (SELECT DISTINCT date FROM patrimoine_snapshots) d
+             LEFT JOIN patrimoine_snapshots t
+               ON t.user_id = u.id AND t.date = d.date AND t.category = 'total'
+             LEFT JOIN patrimoine_snapshots p
+               ON p.user_id = u.id AND p.date = d.date AND p.category = 'checking'
+             LEFT JOIN holding_snapshots h ON h.user_id = u.id AND h.date = d.date
+            WHERE NOT ((t.total_value IS NULL AND p.total_value IS NULL AND h.value IS NULL)
+                       OR (t.total_value = a.balance AND p.total_value = a.balance
+                           AND h.value = a.balance))""",
+    )
+
+
+def snapshot_tables(path: Path) -> list[tuple[object, ...]]:
+    """Every snapshot row of the file, ids and creation times included."""
+    return query(path, "SELECT * FROM patrimoine_snapshots ORDER BY id") + query(
+        path, "SELECT * FROM holding_snapshots ORDER BY id"
+    )
+
+
+async def until_written(path: Path, k: Kontod, at_least: int = 1) -> None:
+    async def some() -> bool:
+        return await asyncio.to_thread(users_written, path) >= at_least
+
+    await k.until(some, f"{at_least} user(s) written to {path}", timeout=START_TIMEOUT_S)
+
+
+async def test_a_writer_holding_the_lock_for_3_s_delays_the_run_which_succeeds_whole(
+    dsn: str, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    path = webapp_konto(tmp_path / "konto.db")
+    seed_konto(path, FEW_USERS)
+    async with RateSandbox().serve() as rates_root:
+        fiat, crypto = rate_urls(rates_root)
+        settings = FAST | {
+            "KONTOD_KONTO_URL": f"file:{path}",
+            "KONTOD_SNAPSHOT_SCHEDULE": recent_daily(datetime.now(UTC)),
+            "KONTOD_FIAT_RATES_URL": fiat,
+            "KONTOD_CRYPTO_PRICES_URL": crypto,
+        }
+        async with kontod(dsn, tmp_path, "writer", settings) as k:
+            await until_written(path, k)
+            with write_lock(path) as release:
+                # The web app's transaction: kontod's batches wait, none is half-written.
+                held_at = time.monotonic()
+                written = await asyncio.to_thread(users_written, path)
+                assert 0 < written < FEW_USERS, written
+                assert await asyncio.to_thread(half_written, path) == []
+                await k.wait_logged("konto.busy", timeout=10)
+                await asyncio.sleep(3 - (time.monotonic() - held_at))
+                release.set()
+            await k.wait_logged("run.finished", job=JOB, timeout=120)
+            finished = k.logged("run.finished", job=JOB)
+            assert finished is not None and finished["status"] == "success", k.log()
+            assert finished["counts"]["users"] == FEW_USERS
+            assert finished["duration_s"] >= 3
+            k.proc.send_signal(signal.SIGTERM)
+            assert await k.wait_exit(20) == 0, k.log()
+    assert await asyncio.to_thread(users_written, path) == FEW_USERS
+    assert await asyncio.to_thread(half_written, path) == []
+    [run] = await pool.fetch("SELECT status, trigger FROM kontod_runs WHERE job = $1", JOB)
+    assert (run["status"], run["trigger"]) == ("success", "catchup")
+
+
+async def test_a_frozen_replica_writing_to_sqlite_is_taken_over_and_writes_nothing_after(
+    dsn: str, pool: asyncpg.Pool, tmp_path: Path, record_property: Any
+) -> None:
+    path = webapp_konto(tmp_path / "konto.db")
+    seed_konto(path)
+    now = datetime.now(UTC)
+    expr = recent_daily(now)
+    tick = tick_of(expr, now)
+    async with RateSandbox().serve() as rates_root:
+        fiat, crypto = rate_urls(rates_root)
+        settings = FAST | {
+            "KONTOD_KONTO_URL": f"file:{path}",
+            "KONTOD_SNAPSHOT_SCHEDULE": expr,
+            "KONTOD_FIAT_RATES_URL": fiat,
+            "KONTOD_CRYPTO_PRICES_URL": crypto,
+        }
+        async with kontod(dsn, tmp_path, "victim", settings) as victim:
+            await victim.wait_logged("run.started", job=JOB, timeout=START_TIMEOUT_S)
+            async with (
+                kontod(dsn, tmp_path, "survivor-1", settings) as s1,
+                kontod(dsn, tmp_path, "survivor-2", settings) as s2,
+            ):
+                everyone = [victim, s1, s2]
+                for k in (s1, s2):
+                    await k.wait_logged("job.registered", job=JOB, timeout=START_TIMEOUT_S)
+                await until_written(path, victim)
+                with write_lock(path):
+                    # The victim's next batch waits for the lock before its transaction
+                    # begins: it is frozen there, between two batches, holding no lock.
+                    written = await asyncio.to_thread(users_written, path)
+                    assert 0 < written < USERS, written
+                    await victim.wait_logged("konto.busy", timeout=10)
+                    victim.proc.send_signal(signal.SIGSTOP)
+                stopped_at = time.monotonic()
+                # New balances: the takeover rewrites every row, and a late write of the
+                # victim would carry the old ones.
+                await asyncio.to_thread(
+                    execute, path, "UPDATE bank_accounts SET balance = balance + 1"
+                )
+
+                async def succeeded() -> bool:
+                    statuses = await pool.fetch(
+                        "SELECT status FROM kontod_runs WHERE job = $1 AND scheduled_for = $2",
+                        JOB,
+                        tick,
+                    )
+                    return any(r["status"] == "success" for r in statuses)
+
+                await wait_until(succeeded, "the takeover succeeding", everyone, LEASE_S + 120)
+                done_s = time.monotonic() - stopped_at
+                after_takeover = await asyncio.to_thread(snapshot_tables, path)
+                victim.proc.send_signal(signal.SIGCONT)
+
+                async def woke() -> bool:
+                    return any(
+                        victim.logged(e) is not None for e in ("run.record_lost", "run.claim_lost")
+                    )
+
+                await wait_until(woke, "the victim learning it lost", everyone, 30)
+                await asyncio.sleep(2)  # time for any late write to show
+                assert await asyncio.to_thread(snapshot_tables, path) == after_takeover
+                assert victim.logged("run.finished", status="success") is None
+                for k in (s1, s2):
+                    k.proc.send_signal(signal.SIGTERM)
+                for k in (s1, s2):
+                    assert await k.wait_exit(20) == 0, k.log()
+
+    first, second = await pool.fetch(
+        "SELECT * FROM kontod_runs WHERE job = $1 AND scheduled_for = $2 ORDER BY attempt",
+        JOB,
+        tick,
+    )
+    assert (first["instance"], first["status"]) == ("victim", "interrupted"), dict(first)
+    assert (second["trigger"], second["attempt"], second["status"]) == ("takeover", 2, "success")
+    assert second["instance"] in ("survivor-1", "survivor-2")
+    # Every row is the takeover's, with the new balances; the fence holds its run.
+    assert await asyncio.to_thread(users_written, path) == USERS
+    assert await asyncio.to_thread(half_written, path) == []
+    fence = await asyncio.to_thread(
+        query, path, "SELECT token FROM kontod_fence WHERE job = 'daily-snapshots'"
+    )
+    assert fence == [(second["id"],)]
+    record_property("sqlite_takeover_done_s", round(done_s, 2))
+    print(f"SQLite Konto: takeover done {done_s:.2f} s after the freeze")
