@@ -44,7 +44,7 @@ from kontod.konto import schema as konto_schema
 from kontod.konto import tokens
 from kontod.konto.classify import classify
 from kontod.konto.schema import KontoSchema
-from kontod.konto.store import KontoSql
+from kontod.konto.store import KontoError, KontoSql
 from kontod.providers.powens import (
     PowensClient,
     ProviderAccount,
@@ -184,6 +184,27 @@ def _stale_filter(schema: KontoSchema) -> str:
        AND ({last_sync} IS NULL OR {last_sync} < $1)"""
 
 
+# When a connection's hold ends (``h.until``), from its kontod_connections row ``k``.
+HOLD_UNTIL = """CROSS JOIN LATERAL (SELECT CASE WHEN k.error_kind = 'token_rejected'
+                                  THEN least(k.held_until, k.last_attempt_at + $4::interval)
+                                  ELSE k.held_until END AS until) h"""
+
+
+def hold_columns(fingerprint: str, powens_id: str) -> str:
+    """The ``held_until``, ``held`` and ``streak`` columns of a connection (parameters $2: now,
+    $3: the key's fingerprint, $4: the token hold), beside ``HOLD_UNTIL``; ``fingerprint`` and
+    ``powens_id`` are the SQL of the stored token's fingerprint and of its Powens connection id.
+    Both engines' reads decide holds with it."""
+    return f"""h.until::text AS held_until,
+       -- A hold stands only for what it was decided under: the same stored token, key and
+       -- Powens connection; a 401 holds for $4 at most (rows from before held 'infinity').
+       coalesce(h.until > $2 AND k.token_fingerprint = {fingerprint}
+                AND k.key_fingerprint IS NOT DISTINCT FROM $3::text
+                AND k.powens_connection_id IS NOT DISTINCT FROM {powens_id},
+                false) AS held,
+       coalesce(k.needs_user_streak, 0) AS streak"""
+
+
 @dataclass(frozen=True)
 class Statements:
     """The job's SQL, one attribute per statement, so that a misspelt name fails mypy."""
@@ -215,24 +236,16 @@ SELECT a.user_id::bigint AS user_id, count(*) AS stale,
   FROM bank_accounts a LEFT JOIN kontod_accounts k ON k.bank_account_id = a.id
  WHERE {stale}
  GROUP BY a.user_id ORDER BY a.user_id""",
-        connections="""
+        connections=f"""
 SELECT c.id::bigint AS id, c.user_id::bigint AS user_id,
        c.powens_connection_id::text AS powens_id, c.powens_token::text AS stored,
-       f.fingerprint, h.until::text AS held_until,
-       -- A hold stands only for what it was decided under: the same stored token, key and
-       -- Powens connection; a 401 holds for $4 at most (rows from before held 'infinity').
-       coalesce(h.until > $2 AND k.token_fingerprint = f.fingerprint
-                AND k.key_fingerprint IS NOT DISTINCT FROM $3::text
-                AND k.powens_connection_id IS NOT DISTINCT FROM c.powens_connection_id::text,
-                false) AS held,
-       coalesce(k.needs_user_streak, 0) AS streak
+       f.fingerprint,
+       {hold_columns("f.fingerprint", "c.powens_connection_id::text")}
   FROM bank_connections c
   LEFT JOIN kontod_connections k ON k.connection_id = c.id
   CROSS JOIN LATERAL (SELECT encode(sha256(convert_to(c.powens_token::text, 'UTF8')), 'hex')
                              AS fingerprint) f
-  CROSS JOIN LATERAL (SELECT CASE WHEN k.error_kind = 'token_rejected'
-                                  THEN least(k.held_until, k.last_attempt_at + $4::interval)
-                                  ELSE k.held_until END AS until) h
+  {HOLD_UNTIL}
  WHERE c.user_id = ANY($1::bigint[]) AND c.status = 'active'
  ORDER BY c.user_id, c.id""",
         accounts="""
@@ -455,7 +468,7 @@ def failure_of(exc: Exception, *secrets: str) -> Failure:
     """
     if isinstance(exc, KNOWN_FAILURES):
         return Failure(exc.kind, str(exc)[:MAX_REASON], getattr(exc, "code", None))
-    kind = "database" if isinstance(exc, asyncpg.PostgresError) else "internal"
+    kind = "database" if isinstance(exc, asyncpg.PostgresError | KontoError) else "internal"
     reason = f"{type(exc).__name__}: {exc}"
     for secret in secrets:
         if secret:
@@ -859,10 +872,26 @@ def make_body(
     ``key`` is the web app's token encryption key; ``token_hold`` the longest a 401 holds a
     connection. Konto's schema is read again at each run unless ``schema`` is given, so a
     change the web app makes to its tables is seen at the next run rather than at kontod's
-    next start.
+    next start. ``konto``: Konto's tables are in that SQLite-family database, not in ``pool``
+    (which keeps kontod's own); see ``kontod.jobs.refresh_lite``.
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
+    if konto is not None:
+        if schema is not None:
+            raise ValueError("schema describes Konto's tables in PostgreSQL; not with konto")
+        # Imported here: refresh_lite builds on this module's shell (_Refresh).
+        from kontod.jobs import refresh_lite
+
+        return refresh_lite.make_body(
+            pool,
+            client,
+            konto,
+            stale_after=stale_after,
+            concurrency=concurrency,
+            key=key,
+            token_hold=token_hold,
+        )
 
     async def body(ctx: RunContext) -> None:
         current = schema
@@ -903,8 +932,7 @@ class _Refresh:
         if self.key is not None:
             # As at start, for runs outside the daemon (`kontod jobs run`) and for a key the
             # web app changed since: a key that opens no stored token fails the run, loudly.
-            async with self.pool.acquire() as conn:
-                await tokens.check_key(conn, self.key)
+            await self.check_key(self.key)
         users = await self.stale_users(cutoff)
         # Zeros are written too, so a run's stored counts always show every outcome.
         ctx.counts.update(dict.fromkeys(COUNT_KEYS, 0))
@@ -945,6 +973,11 @@ class _Refresh:
                 f"all {self.tally.failed} users with a connection to ask failed to refresh;"
                 f" first failure: {self.tally.first_failure}"
             )
+
+    async def check_key(self, key: bytes) -> None:
+        """``tokens.check_key`` on the stored tokens: ``WrongKey`` when the key opens none."""
+        async with self.pool.acquire() as conn:
+            await tokens.check_key(conn, key)
 
     async def stale_users(self, cutoff: datetime) -> list[StaleUser]:
         """Every user owning a stale account, with the connections to ask (three statements)."""
@@ -1028,9 +1061,7 @@ class _Refresh:
         # Each part's failure: the fetch's, or its write's once applied.
         failures = [part.failure for part in planned.parts]
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                await ctx.check_claim(conn)
-                written = await self.apply(conn, user, planned, failures)
+            written = await self.write_user(user, planned, failures)
         except ClaimLost:
             raise
         except Exception as exc:
@@ -1058,6 +1089,16 @@ class _Refresh:
         ctx.counts.update(written)
         first = next((f for f in failures if f is not None), None)
         self._count_user(user, failure=first.reason if first else None)
+
+    async def write_user(
+        self, user: StaleUser, planned: Plan, failures: list[Failure | None]
+    ) -> Counter[str]:
+        """The user's plan in one transaction under the run's claim; the counts to add once it
+        commits. A connection whose part fails is set in ``failures``; anything raised means
+        nothing of the user was written."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self.ctx.check_claim(conn)
+            return await self.apply(conn, user, planned, failures)
 
     async def _record_failures(self, user: StaleUser, records: list[ConnectionRecord]) -> None:
         """Record failed connections in a transaction of their own; a failure here is logged."""

@@ -53,8 +53,8 @@ async def open_checked(settings: KontoSettings, key: bytes | None) -> KontoSql |
             raise KontoUnavailable(f"kontod cannot write to Konto's database: {exc}") from exc
         await lite_schema.load(db)
         if key is not None:
-            rows = await db.read(tokens.LITE_SAMPLE_SQL, (tokens.KEY_CHECK_SAMPLE,))
-            tokens.check_stored([str(r[0]) for r in rows], key)
+            rows = await db.read(tokens.LITE_KEY_SAMPLE_SQL, (tokens.KEY_CHECK_SAMPLE,))
+            tokens.check_key_rows([str(r[0]) for r in rows], key)
     except BaseException:
         await db.close()
         raise

@@ -17,6 +17,8 @@ import binascii
 import hashlib
 import hmac
 import os
+import re
+from collections.abc import Iterable
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -29,6 +31,15 @@ TAG_BYTES = 16
 # few enough for a start of well under a second on any table.
 KEY_CHECK_SAMPLE = 1000
 KEY_SETTING = "KONTOD_DB_ENCRYPTION_KEY"
+# A stored value that may be ciphertext (base64 of more than IV and tag), as check_key's SQL.
+LOOKS_ENCRYPTED = re.compile(r"[A-Za-z0-9+/]{38,}={0,2}")
+# The same sample read from Konto's SQLite-family database, which has no regular expressions:
+# GLOB keeps the base64 alphabet (with '=' anywhere), ``check_key_rows`` the exact shape.
+# Parameter: KEY_CHECK_SAMPLE.
+LITE_KEY_SAMPLE_SQL = """
+SELECT powens_token FROM bank_connections
+ WHERE length(powens_token) >= 38 AND powens_token NOT GLOB '*[^A-Za-z0-9+/=]*'
+ ORDER BY id DESC LIMIT ?"""
 
 
 class TokenEncryptedNoKey(Exception):
@@ -128,21 +139,15 @@ async def check_key(conn: asyncpg.Connection | PoolConnectionProxy, key: bytes) 
             ORDER BY id DESC LIMIT $1""",
         KEY_CHECK_SAMPLE,
     )
-    return check_stored([r["stored"] for r in rows], key)
+    return check_key_rows([r["stored"] for r in rows], key)
 
 
-# The same sample on Konto's SQLite-family database, which has no regular expressions: at
-# least 40 characters, none outside base64's alphabet (GLOB's negated class).
-LITE_SAMPLE_SQL = """
-SELECT powens_token FROM bank_connections
- WHERE length(powens_token) >= 40 AND powens_token NOT GLOB '*[^A-Za-z0-9+/=]*'
- ORDER BY id DESC LIMIT ?"""
-
-
-def check_stored(stored: list[str], key: bytes) -> int:
-    """``check_key``'s verdict on stored values already read: how many ``key`` opens, or
-    ``WrongKey`` when some look encrypted and it opens none."""
-    results = [opens(value, key) for value in stored]
+def check_key_rows(stored: Iterable[str], key: bytes) -> int:
+    """``check_key`` on stored values the caller read (``LITE_KEY_SAMPLE_SQL`` on Konto's
+    SQLite-family database, newest first): the first ``KEY_CHECK_SAMPLE`` that look encrypted
+    are tried; returns how many the key opened, ``WrongKey`` when it opens none of them."""
+    sample = [s for s in stored if LOOKS_ENCRYPTED.fullmatch(s)][:KEY_CHECK_SAMPLE]
+    results = [opens(s, key) for s in sample]
     tried = sum(1 for r in results if r is not None)
     opened = sum(1 for r in results if r)
     if tried and not opened:

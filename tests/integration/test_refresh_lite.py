@@ -1,0 +1,497 @@
+"""The refresh job on a Konto in the web app's SQLite database, against the PostgreSQL path.
+
+The same Konto data goes into a SQLite file made with the web app's own table definitions and
+into a PostgreSQL database with the web app's column types; both paths run against the same
+sandbox bank at the same instant, each under a real claim, and must leave the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from kontod import db
+from kontod.demo.sandbox import demo_accounts, demo_transactions, token_for
+from kontod.jobs import REFRESH
+from kontod.jobs.refresh import make_body
+from kontod.jobs.refresh_lite import read_time
+from kontod.konto import lite_schema, tokens
+from kontod.konto.schema import iso_text
+from kontod.konto.sqlite import open_sqlite
+from kontod.konto.store import Fence, KontoSql
+from kontod.scheduler import runs
+from kontod.scheduler.contract import ClaimLost, Connection, JobBody, RunContext
+from tests.helpers import WEBAPP_SCHEMA, webapp_konto
+from tests.sandbox_helpers import Bank, fast_client, powens_user
+
+KEY = bytes.fromhex("5f" * 16 + "a3" * 16)
+INSTANCE = "test-refresh-lite"
+DAY = timedelta(days=1)
+WEEK = 7 * DAY
+KONTO_TABLES = ("users", "companies", "bank_accounts", "bank_connections", "transactions")
+
+
+@dataclass
+class Konto:
+    """Konto's SQLite file, kontod's engine on it, and kontod's own PostgreSQL beside."""
+
+    path: Path
+    db: KontoSql
+    pool: asyncpg.Pool
+
+
+@pytest.fixture
+async def konto(tmp_path: Path, pool: asyncpg.Pool) -> AsyncIterator[Konto]:
+    path = webapp_konto(tmp_path / "konto.db")
+    engine = open_sqlite(str(path), busy_timeout=5)
+    await lite_schema.create_missing(engine)
+    try:
+        yield Konto(path, engine, pool)
+    finally:
+        await engine.close()
+
+
+@pytest.fixture
+async def webapp_pool(empty_dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    """PostgreSQL with Konto's tables as the web app's types make them, and kontod's beside."""
+    conn = await asyncpg.connect(empty_dsn)
+    try:
+        await conn.execute(WEBAPP_SCHEMA)
+        await db.migrate(conn)
+    finally:
+        await conn.close()
+    created = await asyncpg.create_pool(empty_dsn, min_size=1, max_size=4)
+    assert created is not None
+    try:
+        yield created
+    finally:
+        await created.close()
+
+
+# The Konto both paths start from: table -> (columns, rows). Ids are given so that both
+# databases number them alike; transactions get theirs from each database.
+Seed = dict[str, tuple[tuple[str, ...], list[tuple[object, ...]]]]
+
+
+def seed_data(now: datetime) -> Seed:
+    """Six users: 1 (encrypted token; two rows the web app imported, one of them changed at
+    the bank since), 2 (plaintext token, never synced, a company account), 3 (a token Powens
+    rejects), 4 (fresh: SQLite's own time format), 5 (the bank needs the user; one account's
+    last_sync unreadable), 6 (no active connection)."""
+    accounts: list[tuple[object, ...]] = []
+    for user in (1, 2, 3, 4, 5, 6):
+        for n, a in enumerate(demo_accounts(user)):
+            last_sync: object = "2026-01-01T00:00:00.000Z"
+            if user == 2:
+                last_sync = None
+            if user == 4:
+                last_sync = (now - timedelta(days=1)).strftime("%Y-%m-%d %H:%M:%S")
+            if user == 5 and n == 0:
+                last_sync = "not a time"
+            company = 1 if user == 2 and n == 4 else None
+            accounts.append((a.id, user, company, "powens", str(a.id), a.name, 0.1, last_sync))
+    first, second, *_ = demo_transactions(1)
+    return {
+        "users": (("id", "email"), [(u, f"u{u}@example.org") for u in (1, 2, 3, 4, 5, 6)]),
+        "companies": (("id", "user_id", "name"), [(1, 2, "Acme SARL")]),
+        "bank_accounts": (
+            (
+                "id",
+                "user_id",
+                "company_id",
+                "provider",
+                "provider_account_id",
+                "name",
+                "balance",
+                "last_sync",
+            ),
+            accounts,
+        ),
+        "bank_connections": (
+            ("id", "user_id", "powens_connection_id", "powens_token", "status"),
+            [
+                (1, 1, "1", tokens.encrypt(token_for(1), KEY), "active"),
+                (2, 2, "2", token_for(2), "active"),
+                (3, 3, "3", "revoked-token-of-user-3", "active"),
+                (4, 4, "4", token_for(4), "active"),
+                (5, 5, "5", token_for(5), "active"),
+                (7, 6, "6", token_for(6), "inactive"),
+            ],
+        ),
+        "transactions": (
+            ("bank_account_id", "date", "amount", "label", "category", "tx_hash"),
+            [
+                # The bank renamed this one since the web app imported it: updated, not doubled.
+                (1, first.date.isoformat(), float(first.value), "OLD LABEL", None,
+                 f"powens_{first.id}"),
+                # This one is as the bank has it: left alone.
+                (1, second.date.isoformat(), float(second.value), second.wording,
+                 second.category, f"powens_{second.id}"),
+            ],
+        ),
+    }  # fmt: skip
+
+
+def seed_sqlite(path: Path, seed: Seed) -> None:
+    with sqlite3.connect(path) as conn:
+        for table, (columns, rows) in seed.items():
+            marks = ", ".join("?" for _ in columns)
+            conn.executemany(
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})",
+                rows,
+            )
+    conn.close()
+
+
+async def seed_postgres(pool: asyncpg.Pool, seed: Seed) -> None:
+    for table, (columns, rows) in seed.items():
+        if table == "companies":
+            continue  # the web app's PostgreSQL tables keep company_id without the table
+        marks = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+        await pool.executemany(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})",
+            rows,
+        )
+
+
+async def claimed(pool: asyncpg.Pool, at: datetime) -> RunContext:
+    """A run context holding a real claim in ``pool``'s run table, fenced as the runner does."""
+    run_id = await runs.claim(pool, REFRESH, "manual", None, 1, INSTANCE, 60)
+    assert run_id is not None
+    ctx = RunContext(
+        run_id=run_id,
+        job=REFRESH,
+        trigger="manual",
+        scheduled_for=None,
+        started_at=at,
+        log=structlog.get_logger().bind(job=REFRESH, run_id=run_id),
+    )
+
+    async def fence(conn: Connection) -> None:
+        if not await runs.fence(conn, run_id, INSTANCE, 60_000, 20_000):
+            raise ClaimLost(f"run {run_id} no longer holds its lease")
+
+    ctx.fence = fence
+    return ctx
+
+
+async def run_claimed(pool: asyncpg.Pool, body: JobBody, at: datetime) -> RunContext:
+    """One run under a claim, finished in the run table like the runner does."""
+    ctx = await claimed(pool, at)
+    try:
+        await body(ctx)
+    finally:
+        await runs.finish(pool, ctx.run_id, INSTANCE, "success", None, ctx.counts)
+    return ctx
+
+
+def lite_body(
+    k: Konto, bank: Bank, http: aiohttp.ClientSession, stale_after: timedelta = WEEK
+) -> JobBody:
+    return make_body(
+        k.pool,
+        fast_client(http, bank.url),
+        stale_after=stale_after,
+        concurrency=2,
+        key=KEY,
+        konto=k.db,
+    )
+
+
+def pg_body(
+    pool: asyncpg.Pool, bank: Bank, http: aiohttp.ClientSession, stale_after: timedelta = WEEK
+) -> JobBody:
+    return make_body(
+        pool, fast_client(http, bank.url), stale_after=stale_after, concurrency=2, key=KEY
+    )
+
+
+ACCOUNTS_SQL = """SELECT id, balance, last_sync, type, usage, subtype, currency
+                    FROM bank_accounts ORDER BY id"""
+TRANSACTIONS_SQL = """SELECT bank_account_id, tx_hash, date, amount, label, category
+                        FROM transactions ORDER BY bank_account_id, tx_hash"""
+
+
+def sqlite_rows(path: Path, sql: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(path) as conn:
+        rows = [tuple(r) for r in conn.execute(sql)]
+    conn.close()
+    return rows
+
+
+async def pg_rows(pool: asyncpg.Pool, sql: str) -> list[tuple[object, ...]]:
+    return [tuple(r) for r in await pool.fetch(sql)]
+
+
+async def kontod_rows(pool: asyncpg.Pool) -> list[list[tuple[object, ...]]]:
+    """kontod's own records of connections and accounts (PostgreSQL in both set-ups); the
+    sandbox numbers its answers, so a quoted request id is left out."""
+    connections = [
+        tuple(re.sub(r"request_id \d+", "request_id n", v) if isinstance(v, str) else v for v in r)
+        for r in await pg_rows(pool, "SELECT * FROM kontod_connections ORDER BY connection_id")
+    ]
+    return [
+        connections,
+        await pg_rows(pool, "SELECT * FROM kontod_accounts ORDER BY bank_account_id"),
+    ]
+
+
+def table_info(path: Path) -> dict[str, list[tuple[object, ...]]]:
+    with sqlite3.connect(path) as conn:
+        info = {
+            t: [tuple(r) for r in conn.execute(f"PRAGMA table_info({t})")] for t in KONTO_TABLES
+        }
+        info["indexes"] = [tuple(r) for r in conn.execute("SELECT * FROM sqlite_schema")]
+    conn.close()
+    return info
+
+
+async def test_both_engines_refresh_to_the_same_rows_and_counts(
+    konto: Konto,
+    webapp_pool: asyncpg.Pool,
+    bank: Bank,
+    http: aiohttp.ClientSession,
+) -> None:
+    now = datetime.now(UTC)
+    seed = seed_data(now)
+    seed_sqlite(konto.path, seed)
+    await seed_postgres(webapp_pool, seed)
+    old = now.replace(microsecond=0) - 30 * DAY  # Powens' times are to the second
+    powens_user(bank, 5).connections[0].state = "SCARequired"
+    for account in powens_user(bank, 5).accounts:
+        account.last_update = old  # still stale: the bank needs the user
+    powens_user(bank, 1).account(5).last_update = old  # bank data old
+    powens_user(bank, 2).account(1002).last_update = None  # never synced at all
+    # Gone at the bank: kontod remembers it, and the account is no longer stale.
+    powens_user(bank, 2).account(1003).deleted = now - timedelta(days=3)
+    powens_user(bank, 1).account(4).disabled = now - timedelta(days=3)
+    schema_before = table_info(konto.path)
+
+    lite = await run_claimed(konto.pool, lite_body(konto, bank, http), now)
+    pg = await run_claimed(webapp_pool, pg_body(webapp_pool, bank, http), now)
+
+    assert dict(lite.counts) == dict(pg.counts)
+    counts = lite.counts
+    assert (counts["users"], counts["items_refreshed"], counts["items_failed"]) == (5, 3, 1)
+    assert counts["items_skipped"] == 1
+    assert (counts["accounts_deleted"], counts["accounts_disabled"]) == (1, 1)
+    # Users 1, 2, 5, less the web app's two and the two accounts gone at the bank.
+    assert counts["transactions_inserted"] == 3 * 3 * 5 - 2 - 2 * 3
+    assert counts["transactions_updated"] == 1
+    assert counts["connections_needing_user"] == 1
+    assert counts["connections_state.token_rejected"] == 1
+    assert {k: n for k, n in counts.items() if k.startswith("stale_accounts_after.")} == {
+        "stale_accounts_after.token_rejected": 5,
+        "stale_accounts_after.no_connection": 5,
+        "stale_accounts_after.needs_user": 5,
+        "stale_accounts_after.bank_data_old": 1,
+        "stale_accounts_after.never_synced": 1,
+        "stale_accounts_after.provider_error": 0,
+    }
+    # Konto's rows: the same values, each of its column's own type, to the last bit.
+    lite_accounts = sqlite_rows(konto.path, ACCOUNTS_SQL)
+    assert lite_accounts == await pg_rows(webapp_pool, ACCOUNTS_SQL)
+    lite_txs = sqlite_rows(konto.path, TRANSACTIONS_SQL)
+    assert lite_txs == await pg_rows(webapp_pool, TRANSACTIONS_SQL)
+    assert await kontod_rows(konto.pool) == await kontod_rows(webapp_pool)
+    # What those rows are: the bank's balances as floats, its time as the web app's text.
+    user_1 = {a.id: a for a in demo_accounts(1) if a.id != 4}  # 4: disabled, left as it was
+    assert [(r[1], r[2]) for r in lite_accounts if r[0] in user_1] == [
+        (float(a.balance), iso_text(bank.sandbox.synced_at if a.id != 5 else old))
+        for a in user_1.values()
+    ]
+    assert [r[1:3] for r in lite_accounts if r[0] == 4] == [(0.1, "2026-01-01T00:00:00.000Z")]
+    assert [r[3:6] for r in lite_accounts if r[0] in {a.id for a in demo_accounts(2)}][-1] == (
+        "checking",
+        "professional",
+        None,
+    )
+    first = demo_transactions(1)[0]
+    assert [r for r in lite_txs if r[1] == f"powens_{first.id}"] == [
+        (1, f"powens_{first.id}", first.date.isoformat(), float(first.value), first.wording,
+         first.category)
+    ]  # fmt: skip
+    assert table_info(konto.path) == schema_before
+
+    # Everything is stale an hour later: nothing new at the bank, nothing written twice; only
+    # user 4, fresh until now, has transactions to import.
+    later = now + timedelta(hours=1)
+    lite_2 = await run_claimed(konto.pool, lite_body(konto, bank, http, timedelta(0)), later)
+    pg_2 = await run_claimed(webapp_pool, pg_body(webapp_pool, bank, http, timedelta(0)), later)
+    assert dict(lite_2.counts) == dict(pg_2.counts)
+    assert (lite_2.counts["transactions_inserted"], lite_2.counts["transactions_updated"]) == (
+        15,
+        0,
+    )
+    user_4 = {a.id for a in demo_accounts(4)}
+    assert [r for r in sqlite_rows(konto.path, TRANSACTIONS_SQL) if r[0] not in user_4] == lite_txs
+    assert sqlite_rows(konto.path, TRANSACTIONS_SQL) == await pg_rows(webapp_pool, TRANSACTIONS_SQL)
+    assert sqlite_rows(konto.path, ACCOUNTS_SQL) == await pg_rows(webapp_pool, ACCOUNTS_SQL)
+    assert await kontod_rows(konto.pool) == await kontod_rows(webapp_pool)
+    assert table_info(konto.path) == schema_before
+
+
+async def test_a_refused_write_fails_its_connection_alone(
+    konto: Konto, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    now = datetime.now(UTC)
+    seed = seed_data(now)
+    seed["transactions"] = (seed["transactions"][0], [])
+    seed_sqlite(konto.path, seed)
+    # User 1 has a second bank, seen through user 2's Powens data and token.
+    with sqlite3.connect(konto.path) as conn:
+        conn.execute("UPDATE bank_connections SET status = 'inactive' WHERE user_id = 2")
+        conn.execute(
+            """INSERT INTO bank_connections (id, user_id, powens_connection_id, powens_token,
+                                             status) VALUES (6, 1, '2', ?, 'active')""",
+            (token_for(2),),
+        )
+        conn.execute("UPDATE bank_accounts SET user_id = 1, name = 'other bank' WHERE user_id = 2")
+    conn.close()
+
+    async def web_app_deletes_an_account(token: str, endpoint: str) -> None:
+        # The web app deletes an account of the second bank while kontod reads it: its
+        # transactions now point at nothing, and SQLite refuses them (foreign keys are on).
+        if token == token_for(2) and endpoint == "transactions":
+            with sqlite3.connect(konto.path) as web_app:
+                web_app.execute("DELETE FROM bank_accounts WHERE id = 1001")
+            web_app.close()
+
+    bank.sandbox.on_request = web_app_deletes_an_account
+    with capture_logs() as logs:
+        ctx = await run_claimed(konto.pool, lite_body(konto, bank, http), now)
+
+    assert (ctx.counts["items_refreshed"], ctx.counts["items_failed"]) == (1, 2)
+    assert ctx.counts["connections_failed"] == 2  # user 3's rejected token, the refused part
+    balances = {
+        r[0]: r[1] for r in sqlite_rows(konto.path, "SELECT id, balance FROM bank_accounts")
+    }
+    assert [balances[a.id] for a in demo_accounts(1)] == [
+        float(a.balance) for a in demo_accounts(1)
+    ]
+    assert {balances[a.id] for a in demo_accounts(2) if a.id != 1001} == {0.1}
+    assert sqlite_rows(
+        konto.path, "SELECT count(*) FROM transactions WHERE bank_account_id BETWEEN 1001 AND 1005"
+    ) == [(0,)]
+    assert ctx.counts["transactions_inserted"] == 15 + 15  # user 1's first bank, user 5
+    [failed] = [e for e in logs if e["event"] == "refresh.connection_write_failed"]
+    assert (failed["connection_id"], failed["kind"]) == (6, "database")
+    row = await konto.pool.fetchrow("SELECT * FROM kontod_connections WHERE connection_id = 6")
+    assert row is not None and row["error_kind"] == "database"
+    assert "FOREIGN KEY" in row["error"]
+    ok = await konto.pool.fetchrow("SELECT * FROM kontod_connections WHERE connection_id = 1")
+    assert ok is not None and ok["error_kind"] is None
+    # kontod remembers the accounts of the part that was written, not those of the refused one.
+    kept = {r[0] for r in await pg_rows(konto.pool, "SELECT * FROM kontod_accounts")}
+    assert kept == {a.id for u in (1, 5) for a in demo_accounts(u)}
+
+
+async def test_a_takeover_mid_run_stops_the_older_run_before_its_next_write(
+    konto: Konto, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    now = datetime.now(UTC)
+    seed_sqlite(konto.path, seed_data(now))
+    ctx = await claimed(konto.pool, now)
+
+    async def newer_run_takes_over(token: str, endpoint: str) -> None:
+        await konto.db.advance_fence(Fence(REFRESH, ctx.run_id + 1))
+
+    bank.sandbox.on_request = newer_run_takes_over
+    body = make_body(
+        konto.pool,
+        fast_client(http, bank.url),
+        stale_after=WEEK,
+        concurrency=1,
+        key=KEY,
+        konto=konto.db,
+    )
+    with pytest.raises(ClaimLost, match="a newer run took the job over"):
+        await body(ctx)
+
+    assert sqlite_rows(konto.path, "SELECT count(*) FROM transactions") == [(2,)]
+    assert {r[0] for r in sqlite_rows(konto.path, "SELECT balance FROM bank_accounts")} == {0.1}
+    assert await konto.pool.fetchval("SELECT count(*) FROM kontod_accounts") == 0
+
+
+async def test_a_key_that_opens_no_stored_token_fails_the_run(
+    konto: Konto, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    seed_sqlite(konto.path, seed_data(datetime.now(UTC)))
+    rows = await konto.db.read(tokens.LITE_KEY_SAMPLE_SQL, (tokens.KEY_CHECK_SAMPLE,))
+    assert tokens.check_key_rows([str(r[0]) for r in rows], KEY) == 1
+    body = make_body(
+        konto.pool,
+        fast_client(http, bank.url),
+        stale_after=WEEK,
+        concurrency=1,
+        key=bytes(32),
+        konto=konto.db,
+    )
+    with pytest.raises(tokens.WrongKey, match="none of the 1 stored bank tokens"):
+        await run_claimed(konto.pool, body, datetime.now(UTC))
+    assert bank.sandbox.requests_by_token == {}
+
+
+TIME_TEXTS = [
+    "2026-11-30T08:15:00.123Z",  # the web app's toISOString
+    "2026-11-30 08:15:00",  # SQLite's datetime('now')
+    "2026-11-30",
+    "  2026-11-30T08:15:00Z  ",
+    "2026-11-30t08:15:00z",
+    "2026-11-30T08:15",
+    "2026-11-30T08:15:00+02:00",
+    "2026-11-30T08:15:00-0530",
+    "2026-11-30T08:15:00+02",
+    "2026-11-30 08:15:00 +01:00",
+    "2026-11-30T08:15:00.1234565Z",
+    "2026-11-30T08:15:59.9999996Z",
+    "infinity",
+    "-Infinity",
+    "epoch",
+    "2026-02-30",
+    "2026-11-30T25:00:00",
+    "2026-11-30x08:15",
+    "2026-W49-1",
+    "",
+    "   ",
+    "yesterday-ish",
+    "30/11/2026",
+]
+
+
+async def test_konto_text_times_read_as_on_postgresql_or_not_at_all(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        await conn.execute("SET TimeZone = 'UTC'")
+        pg = [
+            r["t"]
+            for r in await conn.fetch(
+                "SELECT kontod_try_timestamptz(t)::text AS t FROM unnest($1::text[]) t",
+                TIME_TEXTS,
+            )
+        ]
+        mine = []
+        for text in TIME_TEXTS:
+            value = read_time(text)
+            mine.append(
+                None
+                if value is None
+                else await conn.fetchval("SELECT $1::timestamptz::text", value)
+                if value.year not in (1, 9999)
+                else {1: "-infinity", 9999: "infinity"}[value.year]
+            )
+    # Never a time PostgreSQL would not read, or reads otherwise; the web app's forms read.
+    assert [m for m, p in zip(mine, pg, strict=True) if m is not None and m != p] == []
+    assert all(m is not None for m in mine[:12]), json.dumps(
+        dict(zip(TIME_TEXTS, mine, strict=False))
+    )
