@@ -3,7 +3,12 @@ the file, never the empty copies migration 0001 leaves in kontod's PostgreSQL.""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shlex
+import signal
 import sqlite3
+import sys
 from datetime import date, datetime, time
 from pathlib import Path
 
@@ -171,3 +176,59 @@ async def test_a_missing_file_stops_every_command_that_reads_konto(
         assert code == 2, (command, err)
         assert f"Konto's SQLite file {missing} does not exist" in err, (command, err)
     assert not missing.exists() and not missing.parent.exists()
+
+
+async def test_the_demo_keeps_its_konto_in_a_sqlite_file_and_says_where(tmp_path: Path) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("KONTOD_", "DATABASE_URL"))}
+    env = {**clean, "KONTOD_STATE_DIR": str(tmp_path), "KONTOD_LISTEN": "127.0.0.1:0"}
+    demo = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kontod",
+        "demo",
+        "--konto",
+        "sqlite",
+        env={**env, "KONTOD_LOG_FORMAT": "json"},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    printed: list[str] = []
+    try:
+        assert demo.stderr is not None
+        async with asyncio.timeout(120):
+            while not printed or printed[-1] != "Ctrl-C stops it.":
+                line = (await demo.stderr.readline()).decode()
+                assert line, "the demo ended before printing its commands:\n" + "\n".join(printed)
+                if not line.startswith("{"):
+                    printed.append(line.strip())
+        path = tmp_path / "demo" / "konto.db"
+        assert f"Konto's tables: the SQLite file {path}" in printed
+        command = shlex.split(next(line for line in printed if line.startswith("sqlite3 ")))
+        assert command[-2] == str(path)
+        # The printed query, on the file: the demo's three users' snapshot of today.
+        snapshot = query_file(path, command[-1])
+        assert {row[1] for row in snapshot} == {1, 2, 3}
+        assert ("total" in {row[2] for row in snapshot}) and len(snapshot) >= 3
+        # The refresh job wrote Bruno's balances from the sandbox bank into the file.
+        synced = query_file(
+            path, "SELECT count(*) FROM bank_accounts WHERE user_id = 2 AND last_sync IS NOT NULL"
+        )
+        assert synced == [(3,)]
+        export = next(line for line in printed if line.startswith("export "))
+        assignments = dict(word.split("=", 1) for word in shlex.split(export)[1:])
+        assert assignments["KONTOD_KONTO_URL"] == f"file:{path}"
+        code, out, err = await kontod("history", env=assignments)
+        assert code == 0, err
+        assert out.splitlines()[1].split()[2] == "3", out
+    finally:
+        if demo.returncode is None:
+            demo.send_signal(signal.SIGINT)
+            await asyncio.wait_for(demo.wait(), timeout=60)
+
+
+def query_file(path: Path, sql: str) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
