@@ -6,7 +6,8 @@ other clients use, with the behaviour of ``sqld`` where the specification leaves
 
 - ``GET /v3`` answers 200: version 3 with JSON is supported.
 - ``POST /v3/pipeline`` takes ``{"baton", "requests"}`` and answers ``{"baton", "base_url",
-  "results"}``. A null baton opens a stream: one SQLite connection of its own. Requests:
+  "results"}`` (``base_url``: None, or ``HranaSandbox.base_url`` when a test sets one). A
+  null baton opens a stream: one SQLite connection of its own. Requests:
   ``execute``, ``batch`` (conditions ``ok``, ``error``, ``not``, ``and``, ``or``,
   ``is_autocommit``), ``sequence``, ``store_sql``, ``close_sql``, ``get_autocommit`` and
   ``close``; ``describe`` answers an error (not served here). Every request of a pipeline is
@@ -25,12 +26,14 @@ other clients use, with the behaviour of ``sqld`` where the specification leaves
   then the statement fails with ``SQLITE_BUSY``.
 - With a token, every pipeline needs ``Authorization: Bearer <token>``; otherwise 401 with a
   JSON body ``{"error": ...}``.
+- A statement whose rows make more than ``max_response_size`` bytes of JSON values (``sqld``:
+  10 MB) fails with ``RESPONSE_TOO_LARGE``: a client reads a large table in pages.
 - SQLite errors carry ``sqld``'s codes (``SQLITE_CONSTRAINT``, ``SQLITE_BUSY``...; a plain
   ``SQLITE_ERROR``, such as "no such table", is ``SQLITE_UNKNOWN``) and messages
   ``SQLite error: ...``.
 
-Tests inject faults (an HTTP status, a dropped connection) into the next pipelines with
-``HranaSandbox.faults``. Run it alone with
+Tests inject faults (an HTTP status, a dropped connection, a request that arrives late) into
+the next pipelines with ``HranaSandbox.faults``. Run it alone with
 ``python -m kontod.demo.hrana_sandbox --db konto.db --token t``: it prints the URL to give
 kontod (``KONTOD_KONTO_URL``).
 """
@@ -60,6 +63,9 @@ from aiohttp import web
 # stream.rs ``EXPIRATION``, libsql-server/src/connection/mod.rs ``TXN_TIMEOUT``).
 SQLD_EXPIRY_S = 10.0
 SQLD_TXN_TIMEOUT_S = 5.0
+# sqld's default limit on one statement's result, counted as the JSON size of its values
+# (``SQLD_MAX_RESPONSE_SIZE``, libsql-server/src/main.rs).
+SQLD_MAX_RESPONSE_SIZE = 10_000_000
 # How long one SQLite call waits for a lock before the sandbox looks again (and maybe steals).
 _LOCK_POLL_S = 0.02
 
@@ -123,11 +129,17 @@ class HranaSandbox:
         *,
         expiry: float = SQLD_EXPIRY_S,
         txn_timeout: float = SQLD_TXN_TIMEOUT_S,
+        max_response_size: int = SQLD_MAX_RESPONSE_SIZE,
     ) -> None:
         self.path = path
         self.token = token
         self.expiry = expiry
         self.txn_timeout = txn_timeout
+        self.max_response_size = max_response_size
+        # The ``base_url`` answers name (None: clients stay where they are), and the host each
+        # pipeline continuing a stream was sent to.
+        self.base_url: str | None = None
+        self.continued_at: list[str] = []
         self.faults: list[Fault] = []
         self.pipelines = 0  # pipeline requests answered (faults included)
         self._key = secrets.token_bytes(32)
@@ -192,6 +204,8 @@ class HranaSandbox:
             return _text(400, str(exc))
         except StreamExpired as exc:
             return web.json_response({"message": str(exc), "code": "STREAM_EXPIRED"}, status=500)
+        if body.get("baton") is not None:
+            self.continued_at.append(request.host)
         # A client that goes away mid-pipeline does not stop it (as with sqld): the statements
         # end, the stream is released with a baton nobody holds, and expires.
         work = asyncio.ensure_future(self._run(stream, body["requests"]))
@@ -209,7 +223,7 @@ class HranaSandbox:
             self._drop(stream.id)
             raise
         return web.json_response(
-            {"baton": self._release(stream), "base_url": None, "results": results}
+            {"baton": self._release(stream), "base_url": self.base_url, "results": results}
         )
 
     def _fault_for(self, raw: bytes) -> Fault | None:
@@ -380,10 +394,12 @@ class HranaSandbox:
 
         def run() -> Json:
             cursor = stream.conn.execute(sql, args)
-            rows = cursor.fetchall()
+            rows = [[encode_value(v) for v in r] for r in cursor.fetchall()] if want_rows else []
+            if _values_size(rows) > self.max_response_size:
+                raise StepError("Response is too large", "RESPONSE_TOO_LARGE")
             return {
                 "cols": [{"name": d[0], "decltype": None} for d in cursor.description or ()],
-                "rows": [[encode_value(v) for v in r] for r in rows] if want_rows else [],
+                "rows": rows,
                 "affected_row_count": max(cursor.rowcount, 0),
                 "last_insert_rowid": None if cursor.lastrowid is None else str(cursor.lastrowid),
             }
@@ -477,6 +493,16 @@ class HranaSandbox:
                 holder.txn_since = None
                 holder.forced_rollback = True
         return bool(holders)
+
+
+def _values_size(rows: list[list[Json]]) -> int:
+    """The size of the rows' values in compact JSON, as sqld counts it: one encoding of the
+    whole, less its brackets and commas (faster than encoding each value)."""
+    if not rows:
+        return 0
+    text = json.dumps(rows, separators=(",", ":"), ensure_ascii=False)
+    per_row = len(rows[0])
+    return len(text) - 2 - (len(rows) - 1) - len(rows) * (2 + max(per_row - 1, 0))
 
 
 def _run_script_statement(conn: sqlite3.Connection, sql: str) -> None:

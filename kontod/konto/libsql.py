@@ -33,12 +33,14 @@ HTTP 5xx or 429, and the answers that mean another writer had the database (``SQ
 ``SQLITE_LOCKED``, ``TRANSACTION_TIMEOUT``: the server rolled this transaction back for a
 writer that waited, ``TRANSACTION_BUSY``) or that the stream expired (``STREAM_EXPIRED``); in
 all of these nothing was committed, and the whole transaction starts over on a new stream.
-One failure is not retried: a connection lost while the request holding ``COMMIT`` was on its
-way, because the commit may have happened (``KontoUnavailable`` says the outcome is unknown;
-the run fails and its retry starts from the data as it is). A 401 or 403 is
-``KontoUnavailable`` naming the URL and the server's message; any other 4xx, and a statement's
-error, is ``KontoError`` with the server's code and message. The token is sent in the
-``Authorization`` header only: never logged, and removed from any message that echoes it.
+One failure is not retried: the request holding ``COMMIT`` lost on the way (a lost connection,
+a timeout, a 5xx other than 503 such as a proxy's 502 or 504), because the commit may have
+happened (``KontoUnavailable`` says the outcome is unknown; the run fails, and its retry starts
+from the data as it is). A 401 or 403 is ``KontoUnavailable`` naming the URL and the server's
+message; any other 4xx, and a statement's error, is ``KontoError`` with the server's code and
+message. The token is sent in the ``Authorization`` header only: never logged, and removed
+from any message that echoes it. One statement's result may not exceed the server's response
+limit (``sqld``: 10 MB of JSON values, then ``RESPONSE_TOO_LARGE``): read large tables in pages.
 
 The server ends an abandoned stream itself: ``sqld`` expires a stream idle for 10 s and rolls
 its transaction back (``EXPIRATION`` in libsql-server/src/hrana/http/stream.rs), and rolls back
@@ -57,6 +59,7 @@ import json
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
@@ -104,7 +107,16 @@ class _Transient(Exception):
 
 
 class _Unknown(Exception):
-    """The connection was lost while a request holding ``COMMIT`` was on its way."""
+    """The request holding ``COMMIT`` failed in a way that leaves the commit's fate unknown."""
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """An open Hrana stream: the baton of its next request, and where that request goes (the
+    server may name another URL for it, ``base_url``, to keep the stream on one machine)."""
+
+    baton: str
+    url: str
 
 
 class LibsqlKonto:
@@ -135,12 +147,18 @@ class LibsqlKonto:
     async def check(self) -> None:
         """Prove at start that the server speaks Hrana 3 over HTTP and takes kontod's token
         (``KontoUnavailable`` naming the URL when not)."""
-        session = self._http()
         try:
-            async with session.get(f"{self.url}/v3", timeout=self._timeout()) as answer:
+            async with self._http().get(
+                f"{self.url}/v3", headers=self._headers(), timeout=self._timeout()
+            ) as answer:
                 status = answer.status
+                text = await answer.text()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise KontoUnavailable(f"libSQL server {self.url} cannot be reached: {exc!r}") from exc
+            raise KontoUnavailable(
+                f"libSQL server {self.url} cannot be reached: {self._clean(exc)}"
+            ) from exc
+        if status in (401, 403):
+            self._refuse(status, text, commits=False)
         if status != 200:
             raise KontoUnavailable(
                 f"libSQL server {self.url} does not speak Hrana 3 over HTTP"
@@ -179,43 +197,47 @@ class LibsqlKonto:
             _ok(results[0], self.url)
             return _batch_results(_ok(results[1], self.url)["result"], 1, len(steps), self.url)
         opening = [_FOREIGN_KEYS, _execute(Statement("BEGIN IMMEDIATE")), _fence_read(fence)]
-        baton, results = await self._pipeline(None, opening, commits=False)
+        stream, results = await self._pipeline(None, opening, commits=False)
         committed = False
         try:
             for result in results:
                 _ok(result, self.url)
             check_fence(fence, _rows(_ok(results[2], self.url)["result"]))
-            baton, results = await self._pipeline(
-                baton, [_batch(steps, begin=False), _CLOSE], commits=True
+            _, results = await self._pipeline(
+                stream, [_batch(steps, begin=False), _CLOSE], commits=True
             )
             committed = True
             return _batch_results(_ok(results[0], self.url)["result"], 0, len(steps), self.url)
         finally:
-            if not committed and baton is not None:
-                await self._abandon(baton)
+            if not committed and stream is not None:
+                await self._abandon(stream)
 
     async def _once(self, requests: list[Json], *, commits: bool) -> list[Json]:
         """A pipeline on a new stream that the requests themselves close."""
         _, results = await self._pipeline(None, requests, commits=commits)
         return results
 
-    async def _abandon(self, baton: str) -> None:
+    async def _abandon(self, stream: _Stream) -> None:
         """Roll back and close a stream left in a transaction. When that fails too, the server
         rolls it back itself when the stream expires."""
         try:
-            await self._pipeline(baton, [_execute(Statement("ROLLBACK")), _CLOSE], commits=False)
+            await self._pipeline(stream, [_execute(Statement("ROLLBACK")), _CLOSE], commits=False)
         except (KontoError, _Transient, _Unknown) as exc:
             log.warning("konto.libsql.abandon_failed", url=self.url, error=self._clean(exc))
 
     async def _pipeline(
-        self, baton: str | None, requests: list[Json], *, commits: bool
-    ) -> tuple[str | None, list[Json]]:
-        """One ``POST /v3/pipeline``: the next baton and one result per request."""
-        headers = {} if self._token is None else {"Authorization": f"Bearer {self._token}"}
-        body = {"baton": baton, "requests": requests}
+        self, stream: _Stream | None, requests: list[Json], *, commits: bool
+    ) -> tuple[_Stream | None, list[Json]]:
+        """One ``POST /v3/pipeline`` on ``stream`` (None: a new one): where the stream goes on
+        (None: it was closed) and one result per request."""
+        base = self.url if stream is None else stream.url
+        body = {"baton": None if stream is None else stream.baton, "requests": requests}
         try:
             async with self._http().post(
-                f"{self.url}/v3/pipeline", json=body, headers=headers, timeout=self._timeout()
+                f"{base}/v3/pipeline",
+                json=body,
+                headers=self._headers(),
+                timeout=self._timeout(),
             ) as answer:
                 status = answer.status
                 text = await answer.text()
@@ -225,11 +247,12 @@ class LibsqlKonto:
                 raise _Unknown(reason) from exc
             raise _Transient(f"connection: {reason}", busy=False) from exc
         if status != 200:
-            self._refuse(status, text)
+            self._refuse(status, text, commits=commits)
         try:
             answer_body = _json_object(text)
             results = answer_body["results"]
             next_baton = answer_body.get("baton")
+            next_url = answer_body.get("base_url") or base
         except (ValueError, KeyError, TypeError) as exc:
             raise KontoError(
                 f"libSQL server {self.url} answered a pipeline with a body that is not Hrana"
@@ -239,10 +262,16 @@ class LibsqlKonto:
             raise KontoError(f"libSQL server {self.url} answered a pipeline without its results")
         if next_baton is not None and not isinstance(next_baton, str):
             raise KontoError(f"libSQL server {self.url} answered a baton that is not a string")
-        return next_baton, results
+        if not isinstance(next_url, str) or not next_url.startswith(("http://", "https://")):
+            raise KontoError(f"libSQL server {self.url} answered a base_url that is not a URL")
+        if next_baton is None:
+            return None, results
+        return _Stream(next_baton, next_url.rstrip("/")), results
 
-    def _refuse(self, status: int, text: str) -> None:
-        """Raise what an HTTP error status means."""
+    def _refuse(self, status: int, text: str, *, commits: bool) -> None:
+        """Raise what an HTTP error status means. A 503 or 429 is the server declining to take
+        the request, and an expired stream ran nothing: those start over. Another 5xx (a proxy's
+        502 or 504 among them) to the request holding ``COMMIT`` leaves its outcome unknown."""
         message, code = _error_of(text)
         message = self._clean(message)
         where = f"libSQL server {self.url}"
@@ -251,8 +280,11 @@ class LibsqlKonto:
                 f"{where} refused kontod's token (HTTP {status}): {message}; check"
                 " KONTOD_KONTO_AUTH_TOKEN (or TURSO_AUTH_TOKEN)"
             )
-        if status >= 500 or status == 429:
-            raise _Transient(f"HTTP {status} {code or ''} {message}".strip(), busy=False)
+        reason = f"HTTP {status} {code or ''} {message}".replace("  ", " ")
+        if status in (429, 503) or code in GONE_CODES or (status >= 500 and not commits):
+            raise _Transient(reason, busy=False)
+        if status >= 500:
+            raise _Unknown(reason)
         raise KontoError(f"{where} refused a request (HTTP {status} {code or ''}): {message}")
 
     # --- retries ---------------------------------------------------------------------------------
@@ -268,8 +300,8 @@ class LibsqlKonto:
                 return await attempt()
             except _Unknown as exc:
                 raise KontoUnavailable(
-                    f"libSQL server {self.url}: the connection was lost while the commit was on"
-                    f" its way ({exc}); whether the transaction was committed is unknown"
+                    f"libSQL server {self.url}: the request holding the commit failed ({exc});"
+                    " whether the transaction was committed is unknown"
                 ) from None
             except _Transient as exc:
                 left = deadline - time.monotonic()
@@ -284,6 +316,9 @@ class LibsqlKonto:
                 )
                 await asyncio.sleep(min(pause, left))
                 pause = min(pause * 2, LONGEST_PAUSE_S)
+
+    def _headers(self) -> dict[str, str]:
+        return {} if self._token is None else {"Authorization": f"Bearer {self._token}"}
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
