@@ -2,7 +2,9 @@
 
 The same Konto data goes into a SQLite file made with the web app's own table definitions and
 into a PostgreSQL database with the web app's column types; both paths run against the same
-sandbox bank at the same instant, each under a real claim, and must leave the same rows.
+sandbox bank at the same instant, each under a real claim, and must leave the same rows. Each
+test runs on both engines: the file itself, and the file behind a libSQL server (the Hrana
+sandbox).
 """
 
 from __future__ import annotations
@@ -23,16 +25,16 @@ from structlog.testing import capture_logs
 
 from kontod import db
 from kontod.demo.sandbox import demo_accounts, demo_transactions, token_for
-from kontod.jobs import REFRESH
+from kontod.jobs import REFRESH, refresh_lite
 from kontod.jobs.refresh import make_body
 from kontod.jobs.refresh_lite import read_time
 from kontod.konto import lite_schema, tokens
 from kontod.konto.schema import iso_text
-from kontod.konto.sqlite import open_sqlite
 from kontod.konto.store import Fence, KontoSql
 from kontod.scheduler import runs
 from kontod.scheduler.contract import ClaimLost, Connection, JobBody, RunContext
 from tests.helpers import WEBAPP_SCHEMA, webapp_konto
+from tests.konto_engines import ENGINES, konto_on
 from tests.sandbox_helpers import Bank, fast_client, powens_user
 
 KEY = bytes.fromhex("5f" * 16 + "a3" * 16)
@@ -51,15 +53,15 @@ class Konto:
     pool: asyncpg.Pool
 
 
-@pytest.fixture
-async def konto(tmp_path: Path, pool: asyncpg.Pool) -> AsyncIterator[Konto]:
+@pytest.fixture(params=ENGINES)
+async def konto(
+    request: pytest.FixtureRequest, tmp_path: Path, pool: asyncpg.Pool
+) -> AsyncIterator[Konto]:
+    """Konto's file through each engine in turn: the file itself, and behind a libSQL server."""
     path = webapp_konto(tmp_path / "konto.db")
-    engine = open_sqlite(str(path), busy_timeout=5)
-    await lite_schema.create_missing(engine)
-    try:
+    async with konto_on(str(request.param), path) as engine:
+        await lite_schema.create_missing(engine)
         yield Konto(path, engine, pool)
-    finally:
-        await engine.close()
 
 
 @pytest.fixture
@@ -257,12 +259,17 @@ def table_info(path: Path) -> dict[str, list[tuple[object, ...]]]:
     return info
 
 
+@pytest.mark.parametrize("chunk", [refresh_lite.READ_CHUNK, 7])
 async def test_both_engines_refresh_to_the_same_rows_and_counts(
     konto: Konto,
     webapp_pool: asyncpg.Pool,
     bank: Bank,
     http: aiohttp.ClientSession,
+    chunk: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Scans of a few rows a read, to go through the chunked reads of a large Konto too.
+    monkeypatch.setattr(refresh_lite, "READ_CHUNK", chunk)
     now = datetime.now(UTC)
     seed = seed_data(now)
     seed_sqlite(konto.path, seed)
@@ -395,6 +402,47 @@ async def test_a_refused_write_fails_its_connection_alone(
     # kontod remembers the accounts of the part that was written, not those of the refused one.
     kept = {r[0] for r in await pg_rows(konto.pool, "SELECT * FROM kontod_accounts")}
     assert kept == {a.id for u in (1, 5) for a in demo_accounts(u)}
+
+
+async def test_bank_data_written_but_not_recorded_is_not_doubled_by_the_next_run(
+    konto: Konto, bank: Bank, http: aiohttp.ClientSession
+) -> None:
+    # As if kontod died between a user's Konto transaction and its PostgreSQL record: the
+    # record of user 2's connection is refused, so nothing of user 2 is recorded.
+    now = datetime.now(UTC)
+    seed = seed_data(now)
+    seed["bank_connections"] = (seed["bank_connections"][0], seed["bank_connections"][1][:2])
+    seed_sqlite(konto.path, seed)
+    await konto.pool.execute(
+        "ALTER TABLE kontod_connections ADD CONSTRAINT lost CHECK (connection_id <> 2)"
+    )
+    user_2 = {a.id for a in demo_accounts(2)}
+    count_2 = "SELECT count(*) FROM transactions WHERE bank_account_id BETWEEN 1001 AND 1005"
+
+    with capture_logs() as logs:
+        first = await run_claimed(konto.pool, lite_body(konto, bank, http), now)
+
+    assert (first.counts["items_refreshed"], first.counts["items_failed"]) == (1, 1)
+    assert sqlite_rows(konto.path, count_2) == [(15,)]
+    [lost] = [e for e in logs if e["event"] == "refresh.record_failed"]
+    assert lost["user_id"] == 2 and "lost" in lost["error"]
+    kept = {r[0] for r in await pg_rows(konto.pool, "SELECT bank_account_id FROM kontod_accounts")}
+    assert not kept & user_2
+
+    await konto.pool.execute("ALTER TABLE kontod_connections DROP CONSTRAINT lost")
+    second = await run_claimed(
+        konto.pool, lite_body(konto, bank, http, timedelta(0)), now + timedelta(hours=1)
+    )
+
+    assert (second.counts["items_refreshed"], second.counts["items_failed"]) == (2, 0)
+    assert (second.counts["transactions_inserted"], second.counts["transactions_updated"]) == (
+        0,
+        0,
+    )
+    assert bank.sandbox.requests_by_endpoint_token[("transactions", token_for(2))] == 10
+    assert sqlite_rows(konto.path, count_2) == [(15,)]
+    kept = {r[0] for r in await pg_rows(konto.pool, "SELECT bank_account_id FROM kontod_accounts")}
+    assert user_2 <= kept
 
 
 async def test_a_takeover_mid_run_stops_the_older_run_before_its_next_write(
