@@ -4,9 +4,9 @@ constructor's arguments; ``Daemon.start`` starts them.
 
 Start-up order: database (embedded or not) -> migrations -> Konto's SQLite-family database, if
 that is where Konto's tables are (opened, kontod's two tables created, checked) -> runner
-prepared -> HTTP bound -> schedules started -> READY=1. A signal during start cancels it (no READY=1). Shutdown runs the
-same steps backwards, each bounded in time, so that SIGTERM ends kontod within
-``KONTOD_SHUTDOWN_TIMEOUT`` + 10 s even when the database does not answer.
+prepared -> HTTP bound -> schedules started -> READY=1. A signal during start cancels it (no
+READY=1). Shutdown runs the same steps backwards, each bounded in time, so that SIGTERM ends
+kontod within ``KONTOD_SHUTDOWN_TIMEOUT`` + 10 s even when the database does not answer.
 """
 
 from __future__ import annotations
