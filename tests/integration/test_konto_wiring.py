@@ -214,6 +214,9 @@ async def test_the_demo_keeps_its_konto_in_a_sqlite_file_and_says_where(tmp_path
             path, "SELECT count(*) FROM bank_accounts WHERE user_id = 2 AND last_sync IS NOT NULL"
         )
         assert synced == [(3,)]
+        # Both jobs ran on the file and left every table of the web app as it was made.
+        fresh = tables(webapp_konto(tmp_path / "fresh.db"))
+        assert {t: info for t, info in tables(path).items() if t in fresh} == fresh
         export = next(line for line in printed if line.startswith("export "))
         assignments = dict(word.split("=", 1) for word in shlex.split(export)[1:])
         assert assignments["KONTOD_KONTO_URL"] == f"file:{path}"
