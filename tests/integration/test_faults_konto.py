@@ -5,10 +5,11 @@ delays a run, never breaks it.
 
 How the frozen replica is stopped between two batches. SQLite cannot sleep inside a statement,
 so the PostgreSQL tests' slow trigger has no equivalent here. The test holds the file's write
-lock itself instead (``BEGIN IMMEDIATE`` in a thread of its own) once the victim has written
-some batches: the victim's next write waits for the lock *before* its transaction begins
+lock itself instead (``BEGIN IMMEDIATE`` in a thread of its own) as soon as the victim has
+written a batch: the victim's next write waits for the lock *before* its transaction begins
 (kontod logs ``konto.busy`` while it waits), the test freezes it there and lets the lock go.
-The victim is then frozen holding no lock of the file, between two of its write transactions.
+The victim is then frozen holding no lock of the file, between two of its write transactions;
+the two live replicas start then, and one takes the run over once its lease has expired.
 """
 
 from __future__ import annotations
@@ -167,10 +168,8 @@ async def test_a_konto_write_waiting_longer_than_the_guards_idle_limit_still_suc
 
 
 # Users in the Konto of the two tests below, one per batch: enough that a run (about 60 batches
-# a second here) is still writing when the test takes the lock, for the takeover test after
-# two more replicas have started (a few seconds).
-USERS = 1500
-FEW_USERS = 400
+# a second here) is still writing when the test takes the lock, right after its first batch.
+USERS = 400
 
 
 def seed_konto(path: Path, users: int = USERS) -> None:
@@ -252,7 +251,7 @@ async def test_a_writer_holding_the_lock_for_3_s_delays_the_run_which_succeeds_w
     dsn: str, pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
     path = webapp_konto(tmp_path / "konto.db")
-    seed_konto(path, FEW_USERS)
+    seed_konto(path, USERS)
     async with RateSandbox().serve() as rates_root:
         fiat, crypto = rate_urls(rates_root)
         settings = FAST | {
@@ -267,7 +266,7 @@ async def test_a_writer_holding_the_lock_for_3_s_delays_the_run_which_succeeds_w
                 # The web app's transaction: kontod's batches wait, none is half-written.
                 held_at = time.monotonic()
                 written = await asyncio.to_thread(users_written, path)
-                assert 0 < written < FEW_USERS, written
+                assert 0 < written < USERS, written
                 assert await asyncio.to_thread(half_written, path) == []
                 await k.wait_logged("konto.busy", timeout=10)
                 await asyncio.sleep(3 - (time.monotonic() - held_at))
@@ -275,11 +274,11 @@ async def test_a_writer_holding_the_lock_for_3_s_delays_the_run_which_succeeds_w
             await k.wait_logged("run.finished", job=JOB, timeout=120)
             finished = k.logged("run.finished", job=JOB)
             assert finished is not None and finished["status"] == "success", k.log()
-            assert finished["counts"]["users"] == FEW_USERS
+            assert finished["counts"]["users"] == USERS
             assert finished["duration_s"] >= 3
             k.proc.send_signal(signal.SIGTERM)
             assert await k.wait_exit(20) == 0, k.log()
-    assert await asyncio.to_thread(users_written, path) == FEW_USERS
+    assert await asyncio.to_thread(users_written, path) == USERS
     assert await asyncio.to_thread(half_written, path) == []
     [run] = await pool.fetch("SELECT status, trigger FROM kontod_runs WHERE job = $1", JOB)
     assert (run["status"], run["trigger"]) == ("success", "catchup")
@@ -302,28 +301,24 @@ async def test_a_frozen_replica_writing_to_sqlite_is_taken_over_and_writes_nothi
             "KONTOD_CRYPTO_PRICES_URL": crypto,
         }
         async with kontod(dsn, tmp_path, "victim", settings) as victim:
-            await victim.wait_logged("run.started", job=JOB, timeout=START_TIMEOUT_S)
+            await until_written(path, victim)
+            with write_lock(path):
+                # The victim's next batch waits for the lock before its transaction begins:
+                # it is frozen there, between two batches, holding no lock of the file.
+                written = await asyncio.to_thread(users_written, path)
+                assert 0 < written < USERS, written
+                await victim.wait_logged("konto.busy", timeout=10)
+                victim.proc.send_signal(signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            # New balances: the takeover rewrites every row, and a late write of the victim
+            # would carry the old ones.
+            await asyncio.to_thread(execute, path, "UPDATE bank_accounts SET balance = balance + 1")
+            # Two live replicas, started while the victim is frozen.
             async with (
                 kontod(dsn, tmp_path, "survivor-1", settings) as s1,
                 kontod(dsn, tmp_path, "survivor-2", settings) as s2,
             ):
                 everyone = [victim, s1, s2]
-                for k in (s1, s2):
-                    await k.wait_logged("job.registered", job=JOB, timeout=START_TIMEOUT_S)
-                await until_written(path, victim)
-                with write_lock(path):
-                    # The victim's next batch waits for the lock before its transaction
-                    # begins: it is frozen there, between two batches, holding no lock.
-                    written = await asyncio.to_thread(users_written, path)
-                    assert 0 < written < USERS, written
-                    await victim.wait_logged("konto.busy", timeout=10)
-                    victim.proc.send_signal(signal.SIGSTOP)
-                stopped_at = time.monotonic()
-                # New balances: the takeover rewrites every row, and a late write of the
-                # victim would carry the old ones.
-                await asyncio.to_thread(
-                    execute, path, "UPDATE bank_accounts SET balance = balance + 1"
-                )
 
                 async def succeeded() -> bool:
                     statuses = await pool.fetch(
@@ -368,4 +363,4 @@ async def test_a_frozen_replica_writing_to_sqlite_is_taken_over_and_writes_nothi
     )
     assert fence == [(second["id"],)]
     record_property("sqlite_takeover_done_s", round(done_s, 2))
-    print(f"SQLite Konto: takeover done {done_s:.2f} s after the freeze")
+    print(f"SQLite Konto: takeover done {done_s:.2f} s after the freeze ({written} users before)")
