@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from bench import dataset, refresh, report, scale, service, state
+from bench import dataset, lite, refresh, report, scale, service, state
 from kontod import logs
 from kontod.demo import rates_sandbox
 
@@ -48,6 +48,10 @@ class Profile:
     idle_load_s: float
     idle_cpu_s: float
     run_table_rows: int
+    # The SQLite Konto (bench/lite.py): sizes, days of history, users of the web app's loop.
+    lite_sizes: tuple[int, ...]
+    lite_history_days: int
+    lite_old_sample: int
     # Measure every template in place (else only those a working copy does not fit beside).
     in_place: bool = False
 
@@ -66,6 +70,9 @@ FULL = Profile(
     idle_load_s=15,
     idle_cpu_s=60,
     run_table_rows=1_000_000,
+    lite_sizes=(10_000, 100_000),
+    lite_history_days=7,
+    lite_old_sample=lite.OLD_SAMPLE,
 )
 QUICK = Profile(
     name="quick",
@@ -81,6 +88,9 @@ QUICK = Profile(
     idle_load_s=2,
     idle_cpu_s=5,
     run_table_rows=10_000,
+    lite_sizes=(1_000,),
+    lite_history_days=2,
+    lite_old_sample=20,
     # So that CI runs the in-place path, and its putting back of the template, every time.
     in_place=True,
 )
@@ -109,6 +119,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh-users", type=int, help="stale users of the refresh benchmark")
     p.add_argument("--no-refresh", action="store_true", help="leave the refresh benchmark out")
     p.add_argument("--no-daemon", action="store_true", help="leave the daemon benchmark out")
+    p.add_argument(
+        "--lite-sizes", type=_sizes, help="users of each SQLite Konto data set, e.g. 10000,100000"
+    )
+    p.add_argument("--no-lite", action="store_true", help="leave the SQLite Konto out")
+    p.add_argument(
+        "--lite-only",
+        action="store_true",
+        help="the SQLite Konto alone: no PostgreSQL snapshot sizes, refresh, daemon, run table",
+    )
     p.add_argument(
         "--in-place",
         action="store_true",
@@ -185,6 +204,9 @@ async def _drop_stale_templates(admin_dsn: str, progress: scale.Progress) -> Non
 
 async def _run(admin_dsn: str, args: argparse.Namespace, p: Profile) -> report.Results:
     say = _say(time.perf_counter())
+    on_sqlite = [] if args.no_lite else await _lite(admin_dsn, args, p, say)
+    if args.lite_only:
+        return report.Results({}, [], None, None, {}, lite=on_sqlite)
     await _drop_stale_templates(admin_dsn, say)
     rates = rates_sandbox.RateSandbox()
     async with rates.serve() as rates_root:
@@ -201,7 +223,27 @@ async def _run(admin_dsn: str, args: argparse.Namespace, p: Profile) -> report.R
             progress=say,
         )
     run_table = await _run_table(admin_dsn, p.run_table_rows, say)
-    return report.Results({}, snapshots, fresh, svc, run_table, skipped)
+    return report.Results({}, snapshots, fresh, svc, run_table, skipped, on_sqlite)
+
+
+async def _lite(
+    admin_dsn: str, args: argparse.Namespace, p: Profile, say: scale.Progress
+) -> list[lite.LiteResult]:
+    """The snapshot on a Konto SQLite file at each of its sizes (bench/lite.py)."""
+    found = []
+    for users in args.lite_sizes or p.lite_sizes:
+        found.append(
+            await lite.measure(
+                admin_dsn,
+                users,
+                history_days=p.lite_history_days,
+                repetitions=args.repetitions or p.repetitions,
+                batch_size=args.batch_size,
+                old_sample=p.lite_old_sample,
+                progress=say,
+            )
+        )
+    return found
 
 
 async def _snapshots(
@@ -371,7 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     table = report.markdown(results)
     print(table)
-    failed = report.failures(results, args.sizes or p.sizes)
+    requested = () if args.lite_only else args.sizes or p.sizes
+    lite_requested = () if args.no_lite else args.lite_sizes or p.lite_sizes
+    failed = report.failures(results, requested, lite_requested)
     target = args.json
     if target is None and not args.quick:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bench.lite import LiteResult
 from bench.refresh import RefreshPass, RefreshResult
 from bench.scale import ScaleResult
 from bench.service import ServiceResult, summary
@@ -43,6 +44,8 @@ class Results:
     run_table: dict[str, Any]
     # Sizes asked for but not measured, with why.
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    # The snapshot on a Konto SQLite file (bench/lite.py).
+    lite: list[LiteResult] = field(default_factory=list)
 
 
 def _n(value: float) -> str:
@@ -77,7 +80,7 @@ def _size(snapshots: list[ScaleResult], users: int) -> ScaleResult | None:
     return next((s for s in snapshots if s.users == users), None)
 
 
-def failures(r: Results, requested: Sequence[int]) -> list[str]:
+def failures(r: Results, requested: Sequence[int], lite_requested: Sequence[int] = ()) -> list[str]:
     """Why this run measured less than it claims, one sentence each; empty when it did not.
 
     A size asked for and not measured, sides that wrote different rows, a re-run of an unchanged
@@ -109,6 +112,7 @@ def failures(r: Results, requested: Sequence[int]) -> list[str]:
                     + ("not checked" if p.changed_in_tables is None else f"{p.changed_in_tables}")
                     + " in the tables); it must write none"
                 )
+    found += _lite_failures(r.lite, lite_requested)
     if r.refresh is not None:
         for x in [*r.refresh.passes, r.refresh.serial]:
             if x is not None and not x.complete:
@@ -119,9 +123,79 @@ def failures(r: Results, requested: Sequence[int]) -> list[str]:
     return found
 
 
+def _lite_failures(results: list[LiteResult], requested: Sequence[int]) -> list[str]:
+    """The SQLite Konto's part of ``failures``: sizes missing, rows unequal, re-runs that wrote."""
+    found = []
+    measured = {s.users for s in results}
+    for users in dict.fromkeys(requested):
+        if users not in measured:
+            found.append(f"SQLite Konto: {users} users were asked for and not measured")
+    for s in results:
+        if s.kontod_differs != 0:
+            found.append(
+                f"SQLite Konto, {s.users} users: {s.kontod_differs} of kontod's rows differ from"
+                " the floor's by more than half a cent"
+            )
+        if s.old_differs not in (None, 0):
+            found.append(
+                f"SQLite Konto, {s.users} users: {s.old_differs} of the web app's loop's rows"
+                " differ from the floor's"
+            )
+        if s.rerun_rows or not s.seconds("rerun"):
+            found.append(
+                f"SQLite Konto, {s.users} users: the re-run of an unchanged day wrote or removed"
+                f" {s.rerun_rows} rows, or was not measured; it must write none"
+            )
+    return found
+
+
+# The size the SQLite Konto's targets are about.
+LITE_TARGET_SIZE = 100_000
+
+
+def lite_targets(results: list[LiteResult]) -> list[Target]:
+    """The SQLite Konto's targets, at 100 000 users."""
+    s = next((x for x in results if x.users == LITE_TARGET_SIZE), None)
+    note = "" if s is not None else "size not measured in this run"
+    at = f"{_n(LITE_TARGET_SIZE)} users"
+
+    def ratio(label: str, top: str, bottom: str, bound: float, op: str) -> Target:
+        value = s.ratio(top, bottom) if s else None
+        met = None if value is None else (value <= bound if op == "≤" else value >= bound)
+        return Target(f"SQLite {label}, {at}", f"{op} {bound:g}", _x(value), met, note)
+
+    def wait(key: str, bound: float) -> Target:
+        value = s.writer_wait(key) if s else None
+        return Target(
+            f"SQLite: a concurrent writer's wait, {key}, {at}",
+            f"< {bound * 1000:g} ms",
+            "-" if value is None else f"{value * 1000:.0f} ms",
+            None if value is None else value < bound,
+            note,
+        )
+
+    peak = s.peak_rss_kib if s else None
+    return [
+        ratio("kontod/floor", "kontod", "floor", 1.0, "≤"),
+        ratio("old/kontod (the web app's loop)", "old", "kontod", 20.0, "≥"),
+        wait("p99", 0.25),
+        wait("max", 1.0),
+        ratio("re-run unchanged / aggregate", "rerun", "aggregate", 1.5, "≤"),
+        Target(
+            f"SQLite: kontod peak RSS, {at}",
+            "< 150 MiB",
+            _mib(peak),
+            None if peak is None else peak < 150 * 1024,
+            note,
+        ),
+    ]
+
+
 def targets(r: Results) -> list[Target]:
     """Every target of the issue, evaluated where this run measured it."""
     found: list[Target] = []
+    if not r.snapshots and r.lite:  # a run of the SQLite Konto alone (--lite-only)
+        return lite_targets(r.lite)
     for users in TARGET_SIZES:
         s = _size(r.snapshots, users)
         found.append(
@@ -222,7 +296,7 @@ def targets(r: Results) -> list[Target]:
                 svc.idle_cpu_per_minute < 0.5,
             ),
         ]
-    return found
+    return found + lite_targets(r.lite)
 
 
 def _ratio_target(
@@ -366,6 +440,8 @@ def markdown(r: Results) -> str:
             f" {v.idle_cpu_per_minute:.3f} CPU-s per minute.",
             "",
         ]
+    if r.lite:
+        out += _lite_markdown(r.lite)
     out += ["**Targets**:", "", "| measure | target | measured | met |", "|---|---|---|---|"]
     for t in targets(r):
         met = {True: "yes", False: "**no**", None: "not measured"}[t.met]
@@ -374,6 +450,45 @@ def markdown(r: Results) -> str:
         note = f" ({t.note})" if t.note else ""
         out.append(f"| {t.measure} | {t.target} | {t.measured} | {met}{note} |")
     return "\n".join(out)
+
+
+def _lite_markdown(results: list[LiteResult]) -> list[str]:
+    out = [
+        "**daily-snapshots on a Konto SQLite file** (the web app's own tables, rollback"
+        " journal; median of the passes, min-max in brackets; a writer commits one small"
+        " transaction every 50 ms beside each kontod run):",
+        "",
+        "| users | accounts | rows a day | kontod | re-run | floor | aggregate | web app's loop"
+        " | kontod/floor | re-run/aggregate | loop/kontod | writer wait p99 / max"
+        " | kontod's write transactions p99 / max | rows equal | kontod peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in results:
+        rows_day = next((p.rows for p in s.passes if p.variant == "floor"), 0)
+        waits = f"{_ms(s.writer_wait('p99'))} / {_ms(s.writer_wait('max'))} ms"
+        locks = f"{_ms(s.lock_held('p99'))} / {_ms(s.lock_held('max'))} ms"
+        equal = "yes" if s.kontod_differs == 0 and s.old_differs in (None, 0) else "NO"
+        out.append(
+            f"| {_n(s.users)} | {_n(s.accounts)} | {_n(rows_day)}"
+            f" | {_spread(s.seconds('kontod'))} | {_spread(s.seconds('rerun'))}"
+            f" | {_spread(s.seconds('floor'))} | {_spread(s.seconds('aggregate'))}"
+            f" | {_spread(s.seconds('old'))} | {_x(s.ratio('kontod', 'floor'))}"
+            f" | {_x(s.ratio('rerun', 'aggregate'))} | {_x(s.ratio('old', 'kontod'))}"
+            f" | {waits} | {locks} | {equal} | {_mib(s.peak_rss_kib)} |"
+        )
+    notes = [f"{_n(s.users)} users: {p.note}" for s in results for p in s.passes if p.note]
+    out += [
+        "",
+        "kontod in batches of "
+        + ", ".join(sorted({_n(s.batch_size) for s in results}))
+        + " users, one at a time, in exact decimals; the floor (one transaction: every holding"
+        " row by one `INSERT … SELECT`, then every category and total row from them) and the"
+        " web app's loop in floats, so rows are compared to the cent. Web app's loop: "
+        + "; ".join(notes)
+        + ".",
+        "",
+    ]
+    return out
 
 
 def _refresh_row(p: RefreshPass, serial: bool) -> str:
@@ -396,6 +511,7 @@ def as_json(r: Results, failed: Sequence[str] = ()) -> dict[str, Any]:
         "service": None if r.service is None else _service_json(r.service),
         "run_table": r.run_table,
         "skipped_sizes": r.skipped,
+        "lite": [asdict(s) for s in r.lite],
         "targets": [asdict(t) for t in targets(r)],
     }
 

@@ -834,14 +834,7 @@ def make_body(
         from kontod.jobs.snapshots_lite import take_snapshots_lite
 
         await take_snapshots_lite(
-            pool,
-            konto,
-            ctx,
-            tz,
-            batch_size,
-            workers=workers,
-            conversion=conversion,
-            sources=rate_sources,
+            pool, konto, ctx, tz, batch_size, conversion=conversion, sources=rate_sources
         )
 
     async def body(ctx: RunContext) -> None:

@@ -21,8 +21,8 @@ differs is where the work is done:
   change a row only when it still differs, so a row another writer put there in between is
   written over, never a reason to fail; the write lock is held for that one batch only.
 
-SQLite has one writer at a time, so ``workers`` here means batches in flight: while one batch
-writes, the next one reads and computes.
+SQLite has one writer at a time, and in a rollback-journal file a read in flight holds off a
+commit, so the batches run one at a time (``KONTOD_SNAPSHOT_WORKERS`` does not apply here).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import json
 from array import array
 from bisect import bisect_left
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal, localcontext
@@ -56,7 +56,7 @@ from kontod.jobs.snapshots import (
 from kontod.konto.fenced import FencedWriter
 from kontod.konto.store import KontoSql, Row, Statement, Value
 from kontod.providers import rates
-from kontod.scheduler.contract import RunContext, run_workers
+from kontod.scheduler.contract import RunContext
 
 # Rows per read of the first pass over bank_accounts and assets: a few milliseconds each.
 CHUNK = 20_000
@@ -164,7 +164,6 @@ async def take_snapshots_lite(
     tz: ZoneInfo,
     batch_size: int,
     *,
-    workers: int = 1,
     conversion: Conversion | None = None,
     sources: rates.RateSources | None = None,
 ) -> None:
@@ -174,7 +173,8 @@ async def take_snapshots_lite(
     writer = await FencedWriter.start(konto, pool, ctx)
     conv = conversion or Conversion()
     day = snapshot_date(ctx, tz)
-    begin(ctx, day, batch_size, workers, conv)
+    # One batch in flight (see the module's docstring): the setting's workers do not apply.
+    begin(ctx, day, batch_size, 1, conv)
     expected = _scalar(await konto.read("SELECT count(*) FROM users"))
     bounds = [_int(r[0]) for r in await konto.read(_BOUNDS_SQL, (batch_size,))]
     ranges = id_ranges(bounds)
@@ -196,7 +196,7 @@ async def take_snapshots_lite(
     usable = await usable_rates(pool, conv.base, day, conv.max_age_days)
     batch = _Batch(ctx, konto, writer, day, conv.base, usable, await _created_at(konto), rows)
     ctx.report_progress(0, expected)
-    await run_workers(batch.worker(iter(enumerate(ranges)), expected), workers, "snapshots")
+    await batch.run_all(ranges, expected)
     finish(ctx, day, conv)
 
 
@@ -210,28 +210,30 @@ class RowIndex:
     currencies: set[str] = field(default_factory=set)
 
 
-async def index_rows(konto: KontoSql, bounds: Sequence[int], batches: int) -> RowIndex:
-    """Read bank_accounts and assets once each, in rowid order and chunks of ``CHUNK`` rows,
+async def index_rows(
+    konto: KontoSql, bounds: Sequence[int], batches: int, chunk: int = CHUNK
+) -> RowIndex:
+    """Read bank_accounts and assets once each, in rowid order and chunks of ``chunk`` rows,
     and sort their rowids into the batches their user_id falls in."""
     index = RowIndex([array("q") for _ in range(batches)], [array("q") for _ in range(batches)])
-    async for row in _chunks(konto, _ACCOUNT_IDS_SQL):
+    async for row in _chunks(konto, _ACCOUNT_IDS_SQL, chunk):
         index.currencies.add(rates.account_currency(row[2]))
         _note(index.accounts, bounds, row)
-    async for row in _chunks(konto, _ASSET_IDS_SQL):
+    async for row in _chunks(konto, _ASSET_IDS_SQL, chunk):
         _note(index.assets, bounds, row)
     return index
 
 
-async def _chunks(konto: KontoSql, sql: str) -> AsyncIterator[Row]:
-    """The rows of ``sql`` (rowid first; ? after, ? limit) read chunk by chunk."""
+async def _chunks(konto: KontoSql, sql: str, size: int) -> AsyncIterator[Row]:
+    """The rows of ``sql`` (rowid first; ? after, ? limit) read ``size`` rows at a time."""
     after = -(2**63)
     while True:
-        chunk = await konto.read(sql, (after, CHUNK))
-        for row in chunk:
+        rows = await konto.read(sql, (after, size))
+        for row in rows:
             yield row
-        if len(chunk) < CHUNK:
+        if len(rows) < size:
             return
-        after = _scalar(chunk[-1:])
+        after = _scalar(rows[-1:])
 
 
 def _note(batches: list[array[int]], bounds: Sequence[int], row: Row) -> None:
@@ -271,45 +273,68 @@ class _Batch:
     created_at: str
     index: RowIndex
 
-    def worker(
-        self, ranges: Iterator[tuple[int, tuple[int, int]]], expected: int
-    ) -> Callable[[], Coroutine[Any, Any, None]]:
-        """A worker: takes batches from the shared iterator until there is none left."""
-        ctx = self.ctx
+    async def run_all(self, ranges: Sequence[tuple[int, int]], expected: int) -> None:
+        """Every batch, one after another: read, compute, write. Nothing overlaps the write
+        transaction: in a rollback-journal file a read in flight would hold off its commit
+        (and the web app's writers queued behind it), and computing on another thread would
+        keep the transaction waiting for the interpreter lock."""
+        for number, (low, high) in enumerate(ranges):
+            fetched = await self.fetch(number, low, high)
+            if fetched is not None:
+                self.record(await self.write(*self.plan(fetched), low), expected)
 
-        async def work() -> None:
-            for number, (low, high) in ranges:
-                row = await self.run(number, low, high)
-                if row["users"] == 0:
-                    continue
-                ctx.counts.update(batch_counts(row))
-                log_batch_problems(ctx, row)
-                ctx.report_progress(ctx.counts["users"], max(expected, ctx.counts["users"]))
-                ctx.log.debug("snapshots.batch", from_id=shown(low), users=row["users"])
-
-        return work
-
-    async def run(self, number: int, low: int, high: int) -> dict[str, Any]:
-        """Read, compute and compare one batch; write it when anything differs."""
+    async def fetch(self, number: int, low: int, high: int) -> _Fetched | None:
+        """The batch's users, accounts, assets and the rows the date holds for them (None: no
+        user in the range)."""
         konto, day = self.konto, self.day.isoformat()
         users = await konto.read(_USERS_SQL, (low, high))
         if not users:
-            return {"users": 0}
-        accounts = await konto.read(_ACCOUNTS_SQL, (_ids(self.index.accounts[number]), low, high))
-        assets = await konto.read(_ASSETS_SQL, (_ids(self.index.assets[number]), low, high))
-        wanted = compute(users, accounts, assets, self.rates, self.base)
-        stored = await konto.read(_STORED_SQL, (day, low, high))
-        held = await konto.read(_HOLDINGS_STORED_SQL, (day, low, high))
-        plan = compare(wanted, stored, held)
-        written = removed = holdings_written = holdings_removed = 0
+            return None
+        return _Fetched(
+            users,
+            await konto.read(_ACCOUNTS_SQL, (_ids(self.index.accounts[number]), low, high)),
+            await konto.read(_ASSETS_SQL, (_ids(self.index.assets[number]), low, high)),
+            await konto.read(_STORED_SQL, (day, low, high)),
+            await konto.read(_HOLDINGS_STORED_SQL, (day, low, high)),
+        )
+
+    def plan(self, fetched: _Fetched) -> tuple[Wanted, Plan]:
+        """What the batch should hold, and what it changes (on a thread: no await here)."""
+        wanted = compute(fetched.users, fetched.accounts, fetched.assets, self.rates, self.base)
+        return wanted, compare(wanted, fetched.stored, fetched.held)
+
+    async def write(self, wanted: Wanted, plan: Plan, low: int) -> tuple[dict[str, Any], int]:
+        """The batch's write transaction, when anything differs; its result row."""
+        done: dict[str, int] = {}
         if plan.changes:
-            steps, kinds = plan.statements(day, self.created_at)
+            steps, kinds = plan.statements(self.day.isoformat(), self.created_at)
             results = await self.writer.write(steps)
             done = {kind: result.changes for kind, result in zip(kinds, results, strict=True)}
-            removed, written = done.get("removed", 0), done.get("written", 0)
-            holdings_removed = done.get("holdings_removed", 0)
-            holdings_written = done.get("holdings_written", 0)
-        return report(wanted, written, removed, holdings_written, holdings_removed)
+        row = report(
+            wanted,
+            done.get("written", 0),
+            done.get("removed", 0),
+            done.get("holdings_written", 0),
+            done.get("holdings_removed", 0),
+        )
+        return row, low
+
+    def record(self, outcome: tuple[dict[str, Any], int], expected: int) -> None:
+        row, low = outcome
+        ctx = self.ctx
+        ctx.counts.update(batch_counts(row))
+        log_batch_problems(ctx, row)
+        ctx.report_progress(ctx.counts["users"], max(expected, ctx.counts["users"]))
+        ctx.log.debug("snapshots.batch", from_id=shown(low), users=row["users"])
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    users: list[Row]
+    accounts: list[Row]
+    assets: list[Row]
+    stored: list[Row]
+    held: list[Row]
 
 
 def _ids(rowids: array[int]) -> str:

@@ -20,15 +20,15 @@ import structlog
 from structlog.testing import capture_logs
 
 from kontod import db
-from kontod.jobs import SNAPSHOTS, pg_numeric
+from kontod.jobs import SNAPSHOTS, pg_numeric, snapshots_lite
 from kontod.jobs import snapshots as snapshots_job
 from kontod.konto import lite_schema
-from kontod.konto.sqlite import open_sqlite
 from kontod.konto.store import KontoSql
 from kontod.providers import rates
 from kontod.scheduler.contract import RunContext
 from kontod.scheduler.runner import Started
 from tests.helpers import PARIS, WEBAPP_SCHEMA, close, runner_on, spec, webapp_konto
+from tests.konto_engines import ENGINES, konto_on
 
 
 def quotes(day: date) -> list[rates.Quote]:
@@ -105,11 +105,17 @@ async def pg(empty_dsn: str) -> AsyncIterator[asyncpg.Pool]:
 
 
 @pytest.fixture
-async def konto(tmp_path: Path) -> AsyncIterator[KontoSql]:
-    store = open_sqlite(str(webapp_konto(tmp_path / "konto.db")), busy_timeout=5)
-    await lite_schema.create_missing(store)
-    yield store
-    await store.close()
+def path(tmp_path: Path) -> Path:
+    """Konto's SQLite file, made with the web app's own table definitions."""
+    return webapp_konto(tmp_path / "konto.db")
+
+
+@pytest.fixture(params=ENGINES)
+async def konto(path: Path, request: pytest.FixtureRequest) -> AsyncIterator[KontoSql]:
+    """The file through each engine in turn: itself, and behind a libSQL (Hrana) server."""
+    async with konto_on(str(request.param), path) as store:
+        await lite_schema.create_missing(store)
+        yield store
 
 
 def sample(seed: int = 19) -> tuple[list[int], list[Account], list[Asset]]:
@@ -301,9 +307,8 @@ def same_counts(lite: Counter[str], pg: Counter[str]) -> None:
 
 
 async def test_the_sqlite_konto_gets_the_rows_of_the_postgresql_path_to_the_last_digit(
-    konto: KontoSql, pg: asyncpg.Pool, empty_dsn: str
+    konto: KontoSql, path: Path, pg: asyncpg.Pool, empty_dsn: str
 ) -> None:
-    path = Path(konto.location.target)
     await fill(path, pg, sample())
     schema_before = table_info(path)
     with capture_logs() as lite_logs:
@@ -328,9 +333,8 @@ async def test_the_sqlite_konto_gets_the_rows_of_the_postgresql_path_to_the_last
 
 
 async def test_a_rerun_with_nothing_new_writes_nothing_and_a_row_that_became_zero_goes(
-    konto: KontoSql, pg: asyncpg.Pool, empty_dsn: str
+    konto: KontoSql, path: Path, pg: asyncpg.Pool, empty_dsn: str
 ) -> None:
-    path = Path(konto.location.target)
     await fill(path, pg, sample(seed=7))
     await run_lite(empty_dsn, pg, konto)
     # Any update would reset created_at to the web app's default (now).
@@ -437,6 +441,38 @@ async def test_the_conversion_rounds_as_postgresql_numeric_does(pg: asyncpg.Pool
         assert as_numeric is not None
         got = pg_numeric.convert(as_numeric, Decimal(base), Decimal(currency))
         assert got == Decimal(converted), (amount, base, currency)
+
+
+async def test_the_first_pass_reads_each_table_in_chunks_and_sorts_rows_into_batches(
+    konto: KontoSql, path: Path
+) -> None:
+    rng = random.Random(3)
+    owners = [rng.choice([None, *range(1, 11)]) for _ in range(23)]  # scattered, some NULL
+    with sqlite3.connect(path) as conn:
+        conn.executemany("INSERT INTO users (id) VALUES (?)", [(u,) for u in range(1, 11)])
+        conn.executemany(
+            "INSERT INTO bank_accounts (user_id, name, currency) VALUES (?, 'a', ?)",
+            [(u, rng.choice(["usd ", "", None, "CHF"])) for u in owners],
+        )
+        conn.executemany(
+            "INSERT INTO assets (user_id, name, type) VALUES (?, 'x', 'other')",
+            [(u,) for u in owners if u is not None],
+        )
+        accounts = conn.execute("SELECT rowid, user_id FROM bank_accounts").fetchall()
+        assets = conn.execute("SELECT rowid, user_id FROM assets").fetchall()
+    conn.close()
+    bounds = [3, 6, 9]  # batches: ..3, 4..6, 7..9, 10..
+    index = await snapshots_lite.index_rows(konto, bounds, 4, chunk=4)
+
+    def expected(rows: list[tuple[int, int | None]]) -> list[list[int]]:
+        return [
+            [r for r, u in rows if u is not None and lo <= u <= hi]
+            for lo, hi in ((1, 3), (4, 6), (7, 9), (10, 10))
+        ]
+
+    assert [list(a) for a in index.accounts] == expected(accounts)
+    assert [list(a) for a in index.assets] == expected(assets)
+    assert index.currencies == {"USD", "EUR", "CHF"}
 
 
 def test_a_nan_balance_is_null_in_sqlite(tmp_path: Path) -> None:
