@@ -26,6 +26,7 @@ nothing is doubled.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections import Counter, defaultdict
@@ -278,6 +279,10 @@ class LiteRefresh(_Refresh):
         super().__init__(pool, client, schema, ctx, key, token_hold)
         self.konto = konto
         self.writer = writer
+        # One Konto write of this run at a time, whatever the concurrency: SQLite lets one
+        # writer in, and kontod's users queuing for the lock on a libSQL server would keep
+        # each other (and the web app) waiting in busy retries.
+        self.one_writer = asyncio.Lock()
 
     async def check_key(self, key: bytes) -> None:
         rows = await self.konto.read(tokens.LITE_KEY_SAMPLE_SQL, (tokens.KEY_CHECK_SAMPLE,))
@@ -489,7 +494,9 @@ class LiteRefresh(_Refresh):
         if not steps:
             return counts
         before = 0
-        for kind, result in zip(kinds, await self.writer.write(steps), strict=True):
+        async with self.one_writer:
+            results = await self.writer.write(steps)
+        for kind, result in zip(kinds, results, strict=True):
             if kind == "accounts":
                 counts["accounts_updated"] += result.changes
             elif kind == "max_rowid":
