@@ -15,8 +15,11 @@ the two live replicas start then, and one takes the run over once its lease has 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import sqlite3
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -38,9 +41,9 @@ from kontod.konto.sqlite import open_sqlite
 from kontod.konto.store import Statement
 from kontod.scheduler.contract import RunContext
 from kontod.scheduler.runner import Started
-from tests.helpers import close, runner_on, spec, webapp_konto
+from tests.helpers import close, free_port, runner_on, spec, webapp_konto
 from tests.integration.test_faults import FAST, LEASE_S, recent_daily, tick_of, wait_until
-from tests.integration.test_signals import JOB, START_TIMEOUT_S, Kontod, kontod
+from tests.integration.test_signals import JOB, START_TIMEOUT_S, Kontod, clean_environ, kontod
 
 SECRET = "the-right-libsql-token-8d1e"
 WRONG = "a-wrong-libsql-token-4c2a"
@@ -364,3 +367,44 @@ async def test_a_frozen_replica_writing_to_sqlite_is_taken_over_and_writes_nothi
     assert fence == [(second["id"],)]
     record_property("sqlite_takeover_done_s", round(done_s, 2))
     print(f"SQLite Konto: takeover done {done_s:.2f} s after the freeze ({written} users before)")
+
+
+async def test_kontod_run_keeps_its_own_tables_in_the_embedded_postgresql_beside_a_sqlite_konto(
+    tmp_path: Path,
+) -> None:
+    """No ``KONTOD_DATABASE_URL`` and no ``KONTOD_EMBEDDED``: with Konto's tables in a SQLite
+    file, ``kontod run`` starts on the embedded PostgreSQL and stops it on its way out."""
+    path = webapp_konto(tmp_path / "konto.db")
+    state = Path(tempfile.mkdtemp(prefix="kontod-lite-"))  # short: the socket lives in pgdata
+    port = free_port()
+    env = clean_environ() | {
+        "KONTOD_KONTO_URL": f"file:{path}",
+        "KONTOD_STATE_DIR": str(state),
+        "KONTOD_LISTEN": f"127.0.0.1:{port}",
+        "KONTOD_LOG_FORMAT": "json",
+        "KONTOD_SNAPSHOT_SCHEDULE": "0 12 1 1 *",
+        "KONTOD_REFRESH_SCHEDULE": "0 12 1 1 *",
+    }
+    log_path = tmp_path / "embedded.log"
+    try:
+        with log_path.open("w") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "kontod", "run", env=env, stdout=log_file, stderr=log_file
+            )
+        k = Kontod(proc, log_path, port)
+        try:
+            await k.wait_logged("job.registered", job=JOB, timeout=START_TIMEOUT_S)
+            assert k.logged("database.embedded", data_dir=str(state / "pgdata")) is not None
+            assert k.logged("konto.opened", engine="sqlite", location=f"sqlite {path}")
+            proc.send_signal(signal.SIGTERM)
+            assert await k.wait_exit(30) == 0, k.log()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert not (state / "pgdata" / "postmaster.pid").exists(), k.log()
+        assert {"holding_snapshots", "kontod_fence"} <= {
+            str(r[0]) for r in query(path, "SELECT name FROM sqlite_schema WHERE type = 'table'")
+        }
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
