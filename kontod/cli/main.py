@@ -71,10 +71,11 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="demo data, a sandbox bank and the daemon, all local")
     demo.add_argument(
         "--konto",
-        choices=("postgresql", "sqlite"),
+        choices=("postgresql", "sqlite", "libsql"),
         default="postgresql",
-        help="where the demo's Konto lives: beside kontod's tables in PostgreSQL (default), or"
-        " in a SQLite file made with the web app's own table definitions",
+        help="where the demo's Konto lives: beside kontod's tables in PostgreSQL (default), in"
+        " a SQLite file made with the web app's own table definitions, or in that file served"
+        " as a libSQL server on loopback",
     )
     return p
 

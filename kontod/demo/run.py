@@ -1,25 +1,29 @@
 """``kontod demo``: an embedded database with demo users, a sandbox bank, and the daemon.
 
 ``kontod demo --konto sqlite`` keeps the demo's Konto (users, accounts, snapshots) in a SQLite
-file made with the web app's own table definitions, as the web app keeps it; kontod's own
-tables stay in the embedded PostgreSQL.
+file made with the web app's own table definitions, as the web app keeps it; ``--konto libsql``
+serves that file as a libSQL server on loopback (the Hrana sandbox, with a token), as Turso
+would. kontod's own tables stay in the embedded PostgreSQL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shlex
 import signal
 import sys
 from dataclasses import replace
 from datetime import date, timedelta
+from pathlib import Path
 
 import asyncpg
 import structlog
 
-from kontod.config import KontoLocation, Settings
+from kontod.config import KontoLocation, KontoSettings, Settings
 from kontod.daemon import Daemon
 from kontod.demo import lite, rates_sandbox, sandbox
+from kontod.demo.hrana_sandbox import HranaSandbox
 from kontod.konto import tokens
 from kontod.konto.store import KontoSql
 from kontod.scheduler.contract import Trigger
@@ -55,6 +59,8 @@ SELECT setval(pg_get_serial_sequence('users', 'id'), 3);
 # The demo's token encryption key, used when no KONTOD_DB_ENCRYPTION_KEY is set: public, so
 # that the demo database looks like the web app's (tokens stored encrypted).
 DEMO_KEY = bytes.fromhex("6b6f6e746f642064656d6f206b6579" + "00" * 17)
+# The token of the demo's libSQL server (``--konto libsql``): public too, made up.
+DEMO_LIBSQL_TOKEN = "kontod-demo-libsql-token"  # noqa: S105 (public, like DEMO_KEY)
 
 
 async def seed(pool: asyncpg.Pool, key: bytes = DEMO_KEY) -> bool:
@@ -80,8 +86,13 @@ def demo_env(settings: Settings) -> str:
     parts = []
     if settings.database.url is None:
         parts.append(f"KONTOD_STATE_DIR={shlex.quote(str(settings.database.state_dir))}")
-    if settings.konto.location is not None:
-        parts.append(f"KONTOD_KONTO_URL={shlex.quote('file:' + settings.konto.location.target)}")
+    location = settings.konto.location
+    if location is not None:
+        url = location.target if location.kind == "libsql" else "file:" + location.target
+        parts.append(f"KONTOD_KONTO_URL={shlex.quote(url)}")
+    if settings.konto.auth_token == DEMO_LIBSQL_TOKEN:
+        # Like the demo's key: public, never a token of the user's own.
+        parts.append(f"KONTOD_KONTO_AUTH_TOKEN={DEMO_LIBSQL_TOKEN}")
     if settings.refresh.powens_url is not None:
         parts.append(f"KONTOD_POWENS_URL={shlex.quote(settings.refresh.powens_url)}")
     parts.append(f"KONTOD_FIAT_RATES_URL={shlex.quote(settings.rates.fiat_url)}")
@@ -137,35 +148,39 @@ async def lite_summary(konto: KontoSql, base: str) -> str:
     return "\n".join(lines)
 
 
-def konto_lines(settings: Settings) -> str:
-    """Where the demo's Konto is, and how to look at its snapshot rows."""
+def konto_lines(settings: Settings, path: Path | None) -> str:
+    """Where the demo's Konto is (``path``: its SQLite file), and how to look at its snapshot
+    rows."""
     location = settings.konto.location
-    if location is None:
+    if location is None or path is None:
         return "Konto's tables: in the embedded PostgreSQL, beside kontod's own\n"
     query = (
         "SELECT date, user_id, category, total_value FROM patrimoine_snapshots"
         " ORDER BY date DESC, user_id, category"
     )
+    served = ""
+    if location.kind == "libsql":
+        served = f", served as a libSQL server (Hrana over HTTP) at {location.target}"
     return (
-        f"Konto's tables: the SQLite file {location.target}\n"
-        f"  sqlite3 -header -column {shlex.quote(location.target)} {shlex.quote(query)}\n"
+        f"Konto's tables: the SQLite file {path}{served}\n"
+        f"  sqlite3 -header -column {shlex.quote(str(path))} {shlex.quote(query)}\n"
     )
 
 
 async def demo(settings: Settings, konto: str = "postgresql") -> int:
     """Run the demo until Ctrl-C; ``konto`` is where the demo's Konto lives: ``postgresql``
-    (beside kontod's tables) or ``sqlite`` (a file in the demo's folder)."""
+    (beside kontod's tables), ``sqlite`` (a file in the demo's folder) or ``libsql`` (that
+    file behind a libSQL server on loopback)."""
 
     key = settings.refresh.db_encryption_key or DEMO_KEY
     state_dir = settings.database.state_dir / "demo"
     # The demo's Konto is always its own: never a Konto the environment names.
-    location = None
-    if konto == "sqlite":
+    path = None
+    if konto in ("sqlite", "libsql"):
         path = state_dir / "konto.db"
         state_dir.mkdir(parents=True, exist_ok=True)
         if lite.seed_konto(path, key):
             log.info("demo.seeded", users=3, konto=str(path))
-        location = KontoLocation("sqlite", str(path))
     demo_settings = replace(
         settings,
         database=replace(
@@ -173,24 +188,42 @@ async def demo(settings: Settings, konto: str = "postgresql") -> int:
             state_dir=state_dir,
             embedded=True,  # the demo's own database, created at its first start
         ),
-        konto=replace(settings.konto, location=location),
+        konto=KontoSettings(
+            location=None if path is None else KontoLocation("sqlite", str(path)),
+            busy_timeout=settings.konto.busy_timeout,
+        ),
         refresh=replace(settings.refresh, db_encryption_key=key),
     )
 
     async def seed_once(pool: asyncpg.Pool) -> None:
         # With a SQLite Konto the copies of Konto's tables in PostgreSQL stay empty.
-        if location is None and await seed(pool, key):
+        if path is None and await seed(pool, key):
             log.info("demo.seeded", users=3)
 
     # The rate sources' sandbox serves yesterday's reference rates, as the ECB would at 02:00.
     rate_sources = rates_sandbox.RateSandbox(ecb_day=date.today() - timedelta(days=1))
-    async with sandbox.serve() as bank_url, rate_sources.serve() as rates_root:
+    async with (
+        sandbox.serve() as bank_url,
+        rate_sources.serve() as rates_root,
+        contextlib.AsyncExitStack() as servers,
+    ):
         fiat_url, crypto_url = rates_sandbox.urls(rates_root)
         demo_settings = replace(
             demo_settings,
             refresh=replace(demo_settings.refresh, powens_url=bank_url),
             rates=replace(demo_settings.rates, fiat_url=fiat_url, crypto_url=crypto_url),
         )
+        if konto == "libsql" and path is not None:
+            server = HranaSandbox(path, DEMO_LIBSQL_TOKEN)
+            url = await servers.enter_async_context(server.serve())
+            demo_settings = replace(
+                demo_settings,
+                konto=KontoSettings(
+                    location=KontoLocation("libsql", url),
+                    auth_token=DEMO_LIBSQL_TOKEN,
+                    busy_timeout=settings.konto.busy_timeout,
+                ),
+            )
         daemon = Daemon(demo_settings, on_migrated=seed_once)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -230,7 +263,7 @@ async def demo(settings: Settings, konto: str = "postgresql") -> int:
                 f"  {base}/jobs/refresh-stale-connections/runs\n"
                 f"sandbox bank: {bank_url}\n"
                 f"sandbox rates: {fiat_url}\n               {crypto_url}\n"
-                f"{konto_lines(demo_settings)}"
+                f"{konto_lines(demo_settings, path)}"
                 "and try, in another terminal (the demo's database and sandboxes):\n"
                 f"  export {env}\n"
                 "  kontod history\n"

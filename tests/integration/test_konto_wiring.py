@@ -4,6 +4,7 @@ the file, never the empty copies migration 0001 leaves in kontod's PostgreSQL.""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import signal
@@ -178,7 +179,10 @@ async def test_a_missing_file_stops_every_command_that_reads_konto(
     assert not missing.exists() and not missing.parent.exists()
 
 
-async def test_the_demo_keeps_its_konto_in_a_sqlite_file_and_says_where(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["sqlite", "libsql"])
+async def test_the_demo_keeps_its_konto_in_a_sqlite_file_and_says_where(
+    tmp_path: Path, engine: str
+) -> None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("KONTOD_", "DATABASE_URL"))}
     env = {**clean, "KONTOD_STATE_DIR": str(tmp_path), "KONTOD_LISTEN": "127.0.0.1:0"}
     demo = await asyncio.create_subprocess_exec(
@@ -187,12 +191,13 @@ async def test_the_demo_keeps_its_konto_in_a_sqlite_file_and_says_where(tmp_path
         "kontod",
         "demo",
         "--konto",
-        "sqlite",
+        engine,
         env={**env, "KONTOD_LOG_FORMAT": "json"},
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
     printed: list[str] = []
+    opened: dict[str, str] = {}
     try:
         assert demo.stderr is not None
         async with asyncio.timeout(120):
@@ -201,8 +206,12 @@ async def test_the_demo_keeps_its_konto_in_a_sqlite_file_and_says_where(tmp_path
                 assert line, "the demo ended before printing its commands:\n" + "\n".join(printed)
                 if not line.startswith("{"):
                     printed.append(line.strip())
+                elif '"konto.opened"' in line:
+                    opened = json.loads(line)
+        assert opened["engine"] == engine, opened
         path = tmp_path / "demo" / "konto.db"
-        assert f"Konto's tables: the SQLite file {path}" in printed
+        where = next(line for line in printed if line.startswith("Konto's tables:"))
+        assert where.startswith(f"Konto's tables: the SQLite file {path}")
         command = shlex.split(next(line for line in printed if line.startswith("sqlite3 ")))
         assert command[-2] == str(path)
         # The printed query, on the file: the demo's three users' snapshot of today.
@@ -219,7 +228,14 @@ async def test_the_demo_keeps_its_konto_in_a_sqlite_file_and_says_where(tmp_path
         assert {t: info for t, info in tables(path).items() if t in fresh} == fresh
         export = next(line for line in printed if line.startswith("export "))
         assignments = dict(word.split("=", 1) for word in shlex.split(export)[1:])
-        assert assignments["KONTOD_KONTO_URL"] == f"file:{path}"
+        if engine == "sqlite":
+            assert assignments["KONTOD_KONTO_URL"] == f"file:{path}"
+        else:
+            # The file behind a libSQL server: the other commands reach it there, with its token.
+            url = assignments["KONTOD_KONTO_URL"]
+            assert where.endswith(f"served as a libSQL server (Hrana over HTTP) at {url}")
+            assert url.startswith("http://127.0.0.1:")
+            assert assignments["KONTOD_KONTO_AUTH_TOKEN"]
         code, out, err = await kontod("history", env=assignments)
         assert code == 0, err
         assert out.splitlines()[1].split()[2] == "3", out
