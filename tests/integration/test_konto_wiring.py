@@ -19,6 +19,8 @@ import pytest
 
 from kontod import db
 from kontod.config import KontoLocation, load_settings
+from kontod.demo.rates_sandbox import RateSandbox
+from kontod.demo.rates_sandbox import urls as rate_urls
 from kontod.konto.tokens import WrongKey, encrypt
 from tests.daemon_harness import running_daemon, settings_for
 from tests.helpers import PARIS, add_user, webapp_konto
@@ -251,3 +253,32 @@ def query_file(path: Path, sql: str) -> list[tuple[object, ...]]:
         return conn.execute(sql).fetchall()
     finally:
         conn.close()
+
+
+async def test_jobs_run_writes_the_snapshot_into_the_sqlite_konto(
+    dsn: str, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    path = konto_file(tmp_path)
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute(
+            "INSERT INTO bank_accounts (user_id, name, type, balance) VALUES (1, 'a', 'savings', 12.5)"
+        )
+    conn.close()
+    async with RateSandbox().serve() as rates_root:
+        fiat, crypto = rate_urls(rates_root)
+        env = {
+            "KONTOD_DATABASE_URL": dsn,
+            "KONTOD_KONTO_URL": str(path),
+            "KONTOD_FIAT_RATES_URL": fiat,
+            "KONTOD_CRYPTO_PRICES_URL": crypto,
+        }
+        code, out, err = await kontod("jobs", "run", "daily-snapshots", env=env)
+    assert code == 0, err
+    assert "success" in out, out
+    rows = query_file(path, "SELECT category, total_value FROM patrimoine_snapshots ORDER BY 1")
+    assert rows == [("savings", 12.5), ("total", 12.5)]
+    # PostgreSQL's copy of Konto's tables was neither read nor written.
+    assert await pool.fetchval("SELECT count(*) FROM patrimoine_snapshots") == 0
+    [run] = await pool.fetch("SELECT status, counts FROM kontod_runs")
+    assert run["status"] == "success" and json.loads(run["counts"])["users"] == 1
