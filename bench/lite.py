@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import sqlite3
 import statistics
@@ -40,7 +41,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -68,6 +69,8 @@ Progress = Callable[[str], None]
 # The writer beside the run: one transaction every 50 ms, waiting up to 5 s for the lock.
 WRITER_EVERY_S = 0.05
 WRITER_BUSY_S = 5.0
+# The Hrana sandbox's token: a new one for each benchmark run.
+SANDBOX_TOKEN = uuid.uuid4().hex
 # Users the old loop runs on, spread evenly over the ids.
 OLD_SAMPLE = 200
 # The first date the passes write: after the history.
@@ -231,6 +234,7 @@ class LiteResult:
     passes: list[LitePass] = field(default_factory=list)
     # Rows of kontod's date that differ from the floor's (by more than half a cent, or absent).
     kontod_differs: int | None = None
+    libsql_differs: int | None = None
     old_differs: int | None = None
     old_users: int = 0
 
@@ -250,9 +254,10 @@ class LiteResult:
         found = [p.peak_rss_kib for p in self.passes if p.peak_rss_kib is not None]
         return max(found) if found else None
 
-    def writer_wait(self, key: str) -> float | None:
-        """The concurrent writer's worst ``key`` (p99, max) over the kontod passes, in s."""
-        found = [p.writer[key] for p in self.passes if p.variant == "kontod" and p.writer]
+    def writer_wait(self, key: str, variant: str = "kontod") -> float | None:
+        """The concurrent writer's worst ``key`` (p99, max) over the passes of ``variant``
+        (kontod, floor), in s."""
+        found = [p.writer[key] for p in self.passes if p.variant == variant and key in p.writer]
         return max(found) if found else None
 
     def lock_held(self, key: str) -> float | None:
@@ -337,6 +342,31 @@ def _floor(conn: sqlite3.Connection, day: str) -> int:
 
 
 @asynccontextmanager
+async def hrana_sandbox(path: Path) -> AsyncIterator[str]:
+    """The Hrana sandbox serving ``path``, in a process of its own; its URL."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kontod.demo.hrana_sandbox",
+        "--db",
+        str(path),
+        "--token",
+        SANDBOX_TOKEN,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        if "KONTOD_KONTO_URL=" not in line:
+            raise RuntimeError(f"the Hrana sandbox did not start: {line!r}")
+        yield line.split("KONTOD_KONTO_URL=", 1)[1].strip()
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+@asynccontextmanager
 async def bookkeeping(admin_dsn: str) -> Any:
     """A PostgreSQL database of this run's own: kontod's tables and the data set's rates."""
     name = f"kontod_bench_lite_{uuid.uuid4().hex[:8]}"
@@ -414,9 +444,16 @@ class Writer:
 
 
 async def kontod_pass(
-    dsn: str, path: Path, tick: datetime, batch_size: int, variant: str
+    dsn: str,
+    path: Path,
+    tick: datetime,
+    batch_size: int,
+    variant: str,
+    libsql: str | None = None,
 ) -> LitePass:
-    """One scheduled run in a process of its own, the writer committing beside it."""
+    """One scheduled run in a process of its own, the writer committing beside it; through
+    the libSQL server at ``libsql`` when given, else on the file itself."""
+    where = ["--libsql", libsql, "--token", SANDBOX_TOKEN] if libsql else ["--konto", str(path)]
     with Writer(path) as writer:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -424,8 +461,7 @@ async def kontod_pass(
             "bench.lite_job",
             "--dsn",
             dsn,
-            "--konto",
-            str(path),
+            *where,
             "--tick",
             tick.isoformat(),
             "--batch-size",
@@ -466,11 +502,17 @@ async def kontod_pass(
 
 
 def floor_pass(path: Path, day: date) -> LitePass:
+    """The floor, the writer committing beside it too: the floor holds the write lock for its
+    whole transaction, which is what the web app would wait for."""
     conn = sqlite3.connect(path, isolation_level=None)
     try:
-        started = time.perf_counter()
-        rows = _floor(conn, day.isoformat())
-        return LitePass("floor", day, time.perf_counter() - started, rows)
+        with Writer(path) as writer:
+            time.sleep(WRITER_EVERY_S * 2)
+            started = time.perf_counter()
+            rows = _floor(conn, day.isoformat())
+            spent = time.perf_counter() - started
+            time.sleep(WRITER_EVERY_S * 2)
+        return LitePass("floor", day, spent, rows, writer=writer.summary())
     finally:
         conn.close()
 
@@ -600,6 +642,9 @@ async def measure(
     template = await asyncio.to_thread(konto_file, users, history_days, progress)
     path = template.parent / f"work_{uuid.uuid4().hex[:8]}_u{users}.db"
     shutil.copyfile(template, path)
+    # Written to disk now, so that the first passes' commits do not pay for the copy.
+    with path.open("rb+") as copied:
+        os.fsync(copied.fileno())
     accounts, assets = _sizes(path)
     result = LiteResult(
         users,
@@ -610,9 +655,9 @@ async def measure(
         batch_size,
     )
     day = FIRST_DAY
-    floor_day = kontod_day = FIRST_DAY
+    floor_day = kontod_day = libsql_day = FIRST_DAY
     try:
-        async with bookkeeping(admin_dsn) as dsn:
+        async with bookkeeping(admin_dsn) as dsn, hrana_sandbox(path) as url:
             for rep in range(repetitions):
                 tick = datetime(day.year, day.month, day.day, 1, 0, tzinfo=UTC)  # 02:00 Paris
                 progress(f"lite: {users} users, repetition {rep + 1}: kontod on {day}")
@@ -629,6 +674,14 @@ async def measure(
                 floor_day = day
                 result.passes.append(await asyncio.to_thread(aggregate_pass, path, day))
                 day += timedelta(days=1)
+                progress(f"lite: {users} users: kontod through a libSQL server on {day}")
+                tick = datetime(day.year, day.month, day.day, 1, 0, tzinfo=UTC)
+                result.passes.append(
+                    await kontod_pass(dsn, path, tick, batch_size, "libsql", libsql=url)
+                )
+                libsql_day = day
+                day += timedelta(days=1)
+            result.libsql_differs = await asyncio.to_thread(differing, path, libsql_day, floor_day)
             result.kontod_differs = await asyncio.to_thread(differing, path, kontod_day, floor_day)
             if old_sample:
                 progress(f"lite: {users} users: the web app's loop on {old_sample} users")

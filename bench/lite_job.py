@@ -1,7 +1,7 @@
 """One scheduled run of ``daily-snapshots`` on a Konto SQLite file, in a process of its own.
 
 ``python -m bench.lite_job --dsn … --konto /path/konto.db --tick 2026-01-01T02:00:00+00:00``
-runs the job as the daemon would with Konto's tables in that file: kontod's PostgreSQL (``--dsn``)
+(or ``--libsql URL --token …``: the same file behind a libSQL server) runs the job as the daemon would with Konto's tables in that file: kontod's PostgreSQL (``--dsn``)
 keeps the claim, the run row and the rates, the real ``Runner`` claims, runs and records the
 run. Every write transaction the run makes on the file is timed (the file's write lock is held
 for about that long).
@@ -29,6 +29,7 @@ from kontod import db
 from kontod.config import KontoLocation
 from kontod.jobs import SNAPSHOTS
 from kontod.jobs import snapshots as snapshots_job
+from kontod.konto.libsql import LibsqlKonto
 from kontod.konto.sqlite import open_sqlite
 from kontod.konto.store import Engine, Fence, KontoSql, Result, Row, Statement, Value
 from kontod.logs import configure
@@ -79,11 +80,17 @@ def _quantiles(values: list[float]) -> dict[str, float | int | None]:
     return {"count": len(values), "p50": cuts[49], "p99": cuts[98], "max": max(values)}
 
 
-async def _run(dsn: str, konto_path: Path, tick: datetime, batch: int) -> Any:
+async def _run(args: argparse.Namespace) -> Any:
     configure("console", "warning")
+    dsn, tick, batch = args.dsn, args.tick, args.batch_size
     instance = db.new_instance_name()
     pool = await db.create_pool(dsn, instance, max_size=3)
-    konto = TimedKonto(open_sqlite(str(konto_path), busy_timeout=30))
+    inner: KontoSql
+    if args.libsql:
+        inner = LibsqlKonto(args.libsql, args.token, busy_timeout=30)
+    else:
+        inner = open_sqlite(str(args.konto), busy_timeout=30)
+    konto = TimedKonto(inner)
     try:
         spec = JobSpec(
             name=SNAPSHOTS,
@@ -117,11 +124,14 @@ async def _run(dsn: str, konto_path: Path, tick: datetime, batch: int) -> Any:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.lite_job")
     parser.add_argument("--dsn", required=True)
-    parser.add_argument("--konto", required=True, type=Path)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--konto", type=Path, help="Konto's SQLite file")
+    where.add_argument("--libsql", help="a libSQL server's URL (Hrana over HTTP)")
+    parser.add_argument("--token", help="the libSQL server's token")
     parser.add_argument("--tick", required=True, type=datetime.fromisoformat)
     parser.add_argument("--batch-size", type=int, default=1000)
     args = parser.parse_args()
-    result = asyncio.run(_run(args.dsn, args.konto, args.tick, args.batch_size))
+    result = asyncio.run(_run(args))
     print(json.dumps(result), flush=True)
     return 0 if result.get("status") == "success" else 1
 

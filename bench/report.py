@@ -136,6 +136,11 @@ def _lite_failures(results: list[LiteResult], requested: Sequence[int]) -> list[
                 f"SQLite Konto, {s.users} users: {s.kontod_differs} of kontod's rows differ from"
                 " the floor's by more than half a cent"
             )
+        if s.libsql_differs not in (None, 0):
+            found.append(
+                f"SQLite Konto, {s.users} users: {s.libsql_differs} of kontod's rows through the"
+                " libSQL server differ from the floor's by more than half a cent"
+            )
         if s.old_differs not in (None, 0):
             found.append(
                 f"SQLite Konto, {s.users} users: {s.old_differs} of the web app's loop's rows"
@@ -340,7 +345,7 @@ def markdown(r: Results) -> str:
             "| users | accounts | rows a day | rows in the tables | kontod | re-run | floor"
             " | parallel floor | aggregate | old | kontod/floor | kontod/parallel floor"
             " | re-run/aggregate | old/kontod | rows equal | kontod peak RSS |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for s in r.snapshots:
             rows_day = next((p.rows for p in s.passes if p.variant == "floor"), 0)
@@ -458,30 +463,40 @@ def _lite_markdown(results: list[LiteResult]) -> list[str]:
         " journal; median of the passes, min-max in brackets; a writer commits one small"
         " transaction every 50 ms beside each kontod run):",
         "",
-        "| users | accounts | rows a day | kontod | re-run | floor | aggregate | web app's loop"
+        "| users | accounts | rows a day | kontod | re-run | kontod via libSQL | floor | aggregate"
+        " | web app's loop"
         " | kontod/floor | re-run/aggregate | loop/kontod | writer wait p99 / max"
-        " | kontod's write transactions p99 / max | rows equal | kontod peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " | kontod's write transactions p99 / max | writer wait max during the floor"
+        " | rows equal | kontod peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in results:
         rows_day = next((p.rows for p in s.passes if p.variant == "floor"), 0)
         waits = f"{_ms(s.writer_wait('p99'))} / {_ms(s.writer_wait('max'))} ms"
         locks = f"{_ms(s.lock_held('p99'))} / {_ms(s.lock_held('max'))} ms"
-        equal = "yes" if s.kontod_differs == 0 and s.old_differs in (None, 0) else "NO"
+        equal = (
+            "yes"
+            if s.kontod_differs == 0 and s.libsql_differs in (None, 0) and not s.old_differs
+            else "NO"
+        )
         out.append(
             f"| {_n(s.users)} | {_n(s.accounts)} | {_n(rows_day)}"
             f" | {_spread(s.seconds('kontod'))} | {_spread(s.seconds('rerun'))}"
+            f" | {_spread(s.seconds('libsql'))}"
             f" | {_spread(s.seconds('floor'))} | {_spread(s.seconds('aggregate'))}"
             f" | {_spread(s.seconds('old'))} | {_x(s.ratio('kontod', 'floor'))}"
             f" | {_x(s.ratio('rerun', 'aggregate'))} | {_x(s.ratio('old', 'kontod'))}"
-            f" | {waits} | {locks} | {equal} | {_mib(s.peak_rss_kib)} |"
+            f" | {waits} | {locks} | {_ms(s.writer_wait('max', 'floor'))} ms"
+            f" | {equal} | {_mib(s.peak_rss_kib)} |"
         )
     notes = [f"{_n(s.users)} users: {p.note}" for s in results for p in s.passes if p.note]
     out += [
         "",
         "kontod in batches of "
         + ", ".join(sorted({_n(s.batch_size) for s in results}))
-        + " users, one at a time, in exact decimals; the floor (one transaction: every holding"
+        + " users, one at a time, in exact decimals, on the file itself; kontod via libSQL: the"
+        " same run through the Hrana sandbox serving the file (Hrana 3 over HTTP on loopback, the"
+        " sandbox in a process of its own), on a date of its own; the floor (one transaction: every holding"
         " row by one `INSERT … SELECT`, then every category and total row from them) and the"
         " web app's loop in floats, so rows are compared to the cent. Web app's loop: "
         + "; ".join(notes)

@@ -12,7 +12,8 @@ differs is where the work is done:
 - The web app's bank_accounts and assets have no index on user_id, and kontod creates none on
   the web app's tables. So the run first reads each of them once, in rowid order and short
   chunks (rowid and user_id only), and notes for each batch of users the rowids of its rows
-  (eight bytes a row); a batch then reads its rows by rowid. No read scans a table per batch,
+  (eight bytes a row); a batch then reads its rows by rowid, and the rows added since that pass
+  (rowids above the last it saw). No read scans a table per batch,
   and every read is short: in rollback-journal mode a reader holds off the web app's commit.
 - A batch reads what the date already holds for its users (the snapshot tables' unique keys
   serve that range), compares in Python, and writes only when something differs: one fenced
@@ -20,6 +21,11 @@ differs is where the work is done:
   kind of change, each taking its rows as one JSON text through ``json_each``. The upserts
   change a row only when it still differs, so a row another writer put there in between is
   written over, never a reason to fail; the write lock is held for that one batch only.
+  Measured against ``executemany`` (one statement run per row) on 10 000 rows of a 100 000-user
+  file: 36-43 ms for the JSON statements, 36-42 ms for ``executemany``; the JSON text wins on a
+  libSQL server, where it is one argument of one request instead of one statement per row.
+- Holding rows are written without ``currency`` and ``amount``: the web app's holding_snapshots
+  has no such columns (kontod/konto/lite_schema.py).
 
 SQLite has one writer at a time, and in a rollback-journal file a read in flight holds off a
 commit, so the batches run one at a time (``KONTOD_SNAPSHOT_WORKERS`` does not apply here).
@@ -81,18 +87,20 @@ SELECT rowid, user_id, currency FROM bank_accounts WHERE rowid > ? ORDER BY rowi
 _ASSET_IDS_SQL = "SELECT rowid, user_id FROM assets WHERE rowid > ? ORDER BY rowid LIMIT ?"
 
 _USERS_SQL = "SELECT id FROM users WHERE id BETWEEN ? AND ? ORDER BY id"
-# A batch's rows, looked up by rowid; the user_id test drops a row moved to another user since
-# the first pass. hidden: 0/1, NULL visible, as the PostgreSQL path reads an integer flag.
+# A batch's rows: looked up by rowid, and the rows added since the first pass (rowids above the
+# last it saw: a range of the rowid, not a scan). The user_id test drops a row moved to another
+# user since. hidden: 0/1, NULL visible, as the PostgreSQL path reads an integer flag.
 _ACCOUNTS_SQL = """
 SELECT a.id, a.user_id, a.name, a.type, a.currency, a.balance
   FROM bank_accounts a
- WHERE a.rowid IN (SELECT value FROM json_each(?))
-   AND a.user_id BETWEEN ? AND ? AND coalesce(a.hidden, 0) = 0
+ WHERE (a.rowid IN (SELECT value FROM json_each(?1)) OR a.rowid > ?2)
+   AND a.user_id BETWEEN ?3 AND ?4 AND coalesce(a.hidden, 0) = 0
 """
 _ASSETS_SQL = """
 SELECT s.id, s.user_id, s.name, s.type, s.current_value, s.purchase_price
   FROM assets s
- WHERE s.rowid IN (SELECT value FROM json_each(?)) AND s.user_id BETWEEN ? AND ?
+ WHERE (s.rowid IN (SELECT value FROM json_each(?1)) OR s.rowid > ?2)
+   AND s.user_id BETWEEN ?3 AND ?4
 """
 _STORED_SQL = """
 SELECT user_id, category, total_value FROM patrimoine_snapshots
@@ -208,6 +216,9 @@ class RowIndex:
     accounts: list[array[int]]
     assets: list[array[int]]
     currencies: set[str] = field(default_factory=set)
+    # The last rowid the first pass saw in each table.
+    last_account: int = -(2**63)
+    last_asset: int = -(2**63)
 
 
 async def index_rows(
@@ -218,9 +229,9 @@ async def index_rows(
     index = RowIndex([array("q") for _ in range(batches)], [array("q") for _ in range(batches)])
     async for row in _chunks(konto, _ACCOUNT_IDS_SQL, chunk):
         index.currencies.add(rates.account_currency(row[2]))
-        _note(index.accounts, bounds, row)
+        index.last_account = _note(index.accounts, bounds, row)
     async for row in _chunks(konto, _ASSET_IDS_SQL, chunk):
-        _note(index.assets, bounds, row)
+        index.last_asset = _note(index.assets, bounds, row)
     return index
 
 
@@ -236,11 +247,13 @@ async def _chunks(konto: KontoSql, sql: str, size: int) -> AsyncIterator[Row]:
         after = _scalar(rows[-1:])
 
 
-def _note(batches: list[array[int]], bounds: Sequence[int], row: Row) -> None:
-    rowid, user_id = row[0], row[1]
+def _note(batches: list[array[int]], bounds: Sequence[int], row: Row) -> int:
+    """Put the row's rowid in its user's batch; return the rowid."""
+    rowid, user_id = _int(row[0]), row[1]
     # A row with no user (NULL, or text SQLite let in) belongs to no snapshot.
-    if isinstance(rowid, int) and isinstance(user_id, int):
+    if isinstance(user_id, int):
         batches[bisect_left(bounds, user_id)].append(rowid)
+    return rowid
 
 
 async def usable_rates(pool: asyncpg.Pool, base: str, day: date, max_age: int) -> dict[str, Rate]:
@@ -292,8 +305,13 @@ class _Batch:
             return None
         return _Fetched(
             users,
-            await konto.read(_ACCOUNTS_SQL, (_ids(self.index.accounts[number]), low, high)),
-            await konto.read(_ASSETS_SQL, (_ids(self.index.assets[number]), low, high)),
+            await konto.read(
+                _ACCOUNTS_SQL,
+                (_ids(self.index.accounts[number]), self.index.last_account, low, high),
+            ),
+            await konto.read(
+                _ASSETS_SQL, (_ids(self.index.assets[number]), self.index.last_asset, low, high)
+            ),
             await konto.read(_STORED_SQL, (day, low, high)),
             await konto.read(_HOLDINGS_STORED_SQL, (day, low, high)),
         )
@@ -351,16 +369,19 @@ def compute(
     """The rows one batch should hold, by the rules of the PostgreSQL statement (its parts
     ``accounts`` .. ``fresh``), in exact numeric arithmetic."""
     wanted = Wanted(users=len(users))
-    by_user: defaultdict[int, list[tuple[str, str, int, Value, str, Decimal]]] = defaultdict(list)
+    by_user: defaultdict[int, list[_Holding]] = defaultdict(list)
+    currencies: dict[Value, str] = {}  # as stored -> as the statement reads it
     with localcontext(pg_numeric.EXACT):
         for acc_id, user_id, name, typ, currency, balance in accounts:
-            key = f"account:{_int(acc_id)}"
-            cur = rates.account_currency(currency)
-            amount = Decimal(0) if balance is None else _money(balance)
+            ref = _int(acc_id)
+            cur = currencies.get(currency)
+            if cur is None:
+                cur = currencies[currency] = rates.account_currency(currency)
+            amount = _ZERO if balance is None else _money(balance)
             if amount is None:
-                wanted.invalid.append(key)
+                wanted.invalid.append(f"account:{ref}")
                 continue
-            if cur == base or amount == 0:
+            if cur == base or not amount:
                 value = amount
             else:
                 rate = usable.get(cur)
@@ -368,54 +389,70 @@ def compute(
                     wanted.unconverted[cur] += 1
                     continue
                 value = pg_numeric.convert(amount, rate.base_amount, rate.currency_amount)
-            kind_type = _text(typ) or "checking"
-            by_user[_int(user_id)].append((key, "account", _int(acc_id), name, kind_type, value))
+            holding = (f"account:{ref}", "account", ref, name, _text(typ) or "checking", value)
+            by_user[_int(user_id)].append(holding)
         for asset_id, user_id, name, typ, current, purchase in assets:
-            key = f"asset:{_int(asset_id)}"
+            ref = _int(asset_id)
             if current is not None:
                 value_or_none = _money(current)
             elif purchase is not None:
                 value_or_none = _money(purchase)
             else:
-                value_or_none = Decimal(0)
+                value_or_none = _ZERO
             if value_or_none is None:
-                wanted.invalid.append(key)
+                wanted.invalid.append(f"asset:{ref}")
                 continue
-            kind_type = _text(typ) or "other"
-            holding = (key, "asset", _int(asset_id), name, kind_type, value_or_none)
+            holding = (f"asset:{ref}", "asset", ref, name, _text(typ) or "other", value_or_none)
             by_user[_int(user_id)].append(holding)
-        categories = _categories(by_user, wanted)
+        totals = _categories(by_user, wanted)
         for user in users:
             uid = _int(user[0])
             if uid not in wanted.failed:
-                total = sum(categories.get(uid, {}).values(), Decimal(0))
-                wanted.rows[(uid, "total")] = float(total)
+                wanted.rows[(uid, "total")] = float(totals.get(uid, _ZERO))
     wanted.invalid.sort()
     return wanted
 
 
-def _categories(
-    by_user: dict[int, list[tuple[str, str, int, Value, str, Decimal]]], wanted: Wanted
-) -> dict[int, dict[str, Decimal]]:
-    """Each user's non-zero category sums (the 'total' type left out, as the statement does),
-    their holding rows, and the users failed because a value does not fit a float column."""
-    categories: dict[int, dict[str, Decimal]] = {}
+# A holding before it is written: (key, kind, ref_id, name, type, exact value).
+_Holding = tuple[str, str, int, Value, str, Decimal]
+_ZERO = Decimal(0)
+# Floats this far inside a double column's range are values it holds for sure; outside, the
+# exact test decides (pg_numeric.fits_double).
+_SURELY_FITS = (1e-307, 1e308)
+
+
+def _fits(value: Decimal, as_float: float) -> bool:
+    """Whether a double column holds ``value`` (``as_float``: its nearest float)."""
+    low, high = _SURELY_FITS
+    return low < abs(as_float) < high or pg_numeric.fits_double(value)
+
+
+def _categories(by_user: dict[int, list[_Holding]], wanted: Wanted) -> dict[int, Decimal]:
+    """Each user's non-zero category rows (the 'total' type left out, as the statement does)
+    and holding rows into ``wanted``, and each user's total; a user with a value that does
+    not fit a float column is failed instead."""
+    totals: dict[int, Decimal] = {}
     for uid, holdings in by_user.items():
         sums: dict[str, Decimal] = {}
+        floats: list[float] = []
+        fits = True
         for _key, _kind, _ref, _name, typ, value in holdings:
-            sums[typ] = sums.get(typ, Decimal(0)) + value
-        kept = {typ: s for typ, s in sums.items() if s != 0 and typ != "total"}
-        fits = all(pg_numeric.fits_double(h[5]) for h in holdings)
-        fits = fits and all(pg_numeric.fits_double(s) for s in kept.values())
-        if not fits or not pg_numeric.fits_double(sum(kept.values(), Decimal(0))):
+            sums[typ] = sums.get(typ, _ZERO) + value
+            as_float = float(value)
+            floats.append(as_float)
+            fits = fits and _fits(value, as_float)
+        kept = {typ: (s, float(s)) for typ, s in sums.items() if s and typ != "total"}
+        total = sum((s for s, _ in kept.values()), _ZERO)
+        fits = fits and all(_fits(s, f) for s, f in kept.values())
+        if not fits or not _fits(total, float(total)):
             wanted.failed.add(uid)
             continue
-        categories[uid] = kept
-        for typ, s in kept.items():
-            wanted.rows[(uid, typ)] = float(s)
-        for key, kind, ref, name, typ, value in holdings:
-            wanted.holdings[(uid, key)] = (kind, ref, name, typ, float(value))
-    return categories
+        totals[uid] = total
+        for typ, (_, as_float) in kept.items():
+            wanted.rows[(uid, typ)] = as_float
+        for (key, kind, ref, name, typ, _), as_float in zip(holdings, floats, strict=True):
+            wanted.holdings[(uid, key)] = (kind, ref, name, typ, as_float)
+    return totals
 
 
 def _money(value: Value) -> Decimal | None:

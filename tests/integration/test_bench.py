@@ -3,15 +3,20 @@ the parallel floor writes the floor's rows; a re-run's changes are read from the
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import date
+from pathlib import Path
 
 import asyncpg
 
-from bench import floor, scale
+from bench import floor, lite, scale
 from bench.dataset import Sizes
+from bench.lite import LitePass, LiteResult
 from bench.report import Results, failures
 from bench.scale import Comparison, Pass, ScaleResult
+from kontod.konto import lite_schema
 from tests.helpers import add_user
+from tests.integration.test_konto_store import webapp_konto
 
 DAY = date(2026, 1, 1)
 
@@ -172,3 +177,58 @@ async def test_changes_since_a_transaction_are_read_from_the_tables(dsn: str) ->
         assert await scale.changed_since(conn, DAY, xid, before) == 7
     finally:
         await conn.close()
+
+
+def _lite(users: int, *, differs: int = 0, rerun_rows: int = 0) -> LiteResult:
+    """A SQLite Konto size measured whole."""
+    s = LiteResult(users, 4 * users, users, 2, 0, 1000, kontod_differs=differs, old_differs=0)
+    s.passes = [
+        LitePass("kontod", DAY, 1.0, 10, writer={"p99": 0.05, "max": 0.06}),
+        LitePass("rerun", DAY, 0.5, rerun_rows),
+        LitePass("floor", date(2026, 1, 2), 0.5, 10),
+        LitePass("aggregate", date(2026, 1, 2), 0.2, 10),
+    ]
+    return s
+
+
+def test_the_sqlite_kontos_failures_are_the_runs() -> None:
+    ok = Results({}, [], None, None, {}, lite=[_lite(1000)])
+    assert failures(ok, [], [1000]) == []
+    assert failures(ok, [], [1000, 5000]) == [
+        "SQLite Konto: 5000 users were asked for and not measured"
+    ]
+    unequal = Results({}, [], None, None, {}, lite=[_lite(1000, differs=3)])
+    assert failures(unequal, [], [1000]) == [
+        "SQLite Konto, 1000 users: 3 of kontod's rows differ from the floor's by more than half"
+        " a cent"
+    ]
+    rewritten = Results({}, [], None, None, {}, lite=[_lite(1000, rerun_rows=2)])
+    assert "wrote or removed 2 rows" in failures(rewritten, [], [1000])[0]
+
+
+def test_the_sqlite_kontos_comparison_finds_a_row_a_cent_away_or_missing(tmp_path: Path) -> None:
+    path = webapp_konto(tmp_path / "konto.db")
+    with sqlite3.connect(path) as conn:
+        conn.execute(lite_schema.HOLDINGS_TABLE_SQL)
+        conn.execute("INSERT INTO users (id) VALUES (1), (2)")
+        for day in ("2026-01-01", "2026-01-02"):
+            conn.executemany(
+                "INSERT INTO patrimoine_snapshots (date, user_id, category, total_value)"
+                " VALUES (?, ?, ?, ?)",
+                [(day, 1, "total", 10.0), (day, 2, "total", 5.0)],
+            )
+    conn.close()
+    assert lite.differing(path, date(2026, 1, 1), date(2026, 1, 2)) == 0
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE patrimoine_snapshots SET total_value = 10.004 WHERE user_id = 1")
+    conn.close()
+    assert lite.differing(path, date(2026, 1, 1), date(2026, 1, 2)) == 0  # within half a cent
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "UPDATE patrimoine_snapshots SET total_value = 10.01"
+            " WHERE user_id = 1 AND date = '2026-01-02'"
+        )
+        conn.execute("DELETE FROM patrimoine_snapshots WHERE user_id = 2 AND date = '2026-01-01'")
+    conn.close()
+    assert lite.differing(path, date(2026, 1, 1), date(2026, 1, 2)) == 2
+    assert lite.differing(path, date(2026, 1, 1), date(2026, 1, 2), users=[1]) == 1

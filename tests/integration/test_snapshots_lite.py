@@ -23,9 +23,9 @@ from kontod import db
 from kontod.jobs import SNAPSHOTS, pg_numeric, snapshots_lite
 from kontod.jobs import snapshots as snapshots_job
 from kontod.konto import lite_schema
-from kontod.konto.store import KontoSql
+from kontod.konto.store import Fence, KontoSql
 from kontod.providers import rates
-from kontod.scheduler.contract import RunContext
+from kontod.scheduler.contract import ClaimLost, Connection, RunContext
 from kontod.scheduler.runner import Started
 from tests.helpers import PARIS, WEBAPP_SCHEMA, close, runner_on, spec, webapp_konto
 from tests.konto_engines import ENGINES, konto_on
@@ -166,6 +166,14 @@ def sample(seed: int = 19) -> tuple[list[int], list[Account], list[Asset]]:
         Account(9002, 3, "savings", "USD", -math.inf),
         Account(9003, 5, "checking", "BTC", 1e308),  # x 61 234 EUR: beyond a float
         Account(9004, 5, "savings", "EUR", 10.0),
+        # Categories that cancel out, and an account type named like the total row.
+        Account(9007, 6, "savings", "EUR", 100.0),
+        Account(9008, 6, "savings", "EUR", -100.0),
+        Account(9009, 6, "total", "EUR", 12.5),
+        # Two balances a float holds, whose sum it does not; a subnormal one.
+        Account(9010, 9, "savings", "EUR", 1.5e308),
+        Account(9011, 9, "savings", "EUR", 1.5e308),
+        Account(9012, 10, "checking", "EUR", 5e-324),
     ]
     assets.append(Asset(9005, 7, "valuable", 5.0, math.inf))
     assets.append(Asset(9006, 7, "other", math.inf, None))
@@ -319,11 +327,13 @@ async def test_the_sqlite_konto_gets_the_rows_of_the_postgresql_path_to_the_last
     assert (rows, holdings) == await pg_rows(pg)
     same_counts(lite, pg_counts)
     # What the data holds, so that the equality above is about something.
-    assert lite["users"] == 40 and lite["items_failed"] == 1  # user 5's 1e308 BTC
+    assert lite["users"] == 40 and lite["items_failed"] == 3  # users 5, 9 and 10
+    assert {r[1] for r in rows} & {5, 9, 10} == set()
+    assert ("account:9009", 12.5) in {(h[2], h[7]) for h in holdings if h[1] == 6}
+    assert "savings" not in {r[2] for r in rows if r[1] == 6}
     assert lite["items_invalid"] >= 4 and lite["unconverted_XYZ"] > 0
     assert lite["unconverted_GBP"] > 0  # its only rate is older than 7 days
     assert lite["rows_written"] == len(rows) and lite["holdings_written"] == len(holdings)
-    assert not [r for r in rows if r[1] == 5]
     events = [e["event"] for e in lite_logs]
     assert {"snapshots.values_invalid", "snapshots.users_failed", "snapshots.unconverted"} <= set(
         events
@@ -473,6 +483,113 @@ async def test_the_first_pass_reads_each_table_in_chunks_and_sorts_rows_into_bat
     assert [list(a) for a in index.accounts] == expected(accounts)
     assert [list(a) for a in index.assets] == expected(assets)
     assert index.currencies == {"USD", "EUR", "CHF"}
+
+
+async def test_a_run_taken_over_between_two_batches_writes_nothing_more(
+    konto: KontoSql, path: Path, pg: asyncpg.Pool
+) -> None:
+    with sqlite3.connect(path) as conn:
+        conn.executemany("INSERT INTO users (id) VALUES (?)", [(u,) for u in range(1, 31)])
+        conn.executemany(
+            "INSERT INTO bank_accounts (user_id, name, balance) VALUES (?, 'a', ?)",
+            [(u, u * 1.5) for u in range(1, 31)],
+        )
+    conn.close()
+    checks = 0
+
+    async def fence(conn: Connection) -> None:
+        # The run's claim checks: its fence, its rates, then one per batch. Before the second
+        # batch, a newer run takes the job over and raises Konto's fence to its own id.
+        nonlocal checks
+        checks += 1
+        if checks == 4:
+            await konto.advance_fence(Fence(SNAPSHOTS, 2))
+
+    ctx = RunContext(
+        run_id=1,
+        job=SNAPSHOTS,
+        trigger="manual",
+        scheduled_for=None,
+        started_at=datetime.now(UTC),
+        log=structlog.get_logger(),
+        fence=fence,
+    )
+    with pytest.raises(ClaimLost, match="newer run"):
+        await snapshots_lite.take_snapshots_lite(pg, konto, ctx, PARIS, 5)
+    with sqlite3.connect(path) as conn:
+        written = conn.execute("SELECT DISTINCT user_id FROM patrimoine_snapshots").fetchall()
+    conn.close()
+    assert sorted(u for (u,) in written) == [1, 2, 3, 4, 5]  # the first batch alone
+
+
+async def test_accounts_added_during_the_run_are_in_their_users_snapshot(
+    konto: KontoSql, path: Path, pg: asyncpg.Pool
+) -> None:
+    with sqlite3.connect(path) as conn:
+        conn.executemany("INSERT INTO users (id) VALUES (?)", [(u,) for u in range(1, 11)])
+        conn.executemany(
+            "INSERT INTO bank_accounts (user_id, name, balance) VALUES (?, 'a', 1)",
+            [(u,) for u in range(1, 11)],
+        )
+    conn.close()
+    checks = 0
+
+    async def fence(conn: Connection) -> None:
+        # After the first pass and the first batch's reads, before its write: the web app adds
+        # an account for user 8 (a later batch) and a user 11 with an account.
+        nonlocal checks
+        checks += 1
+        if checks == 3:
+            with sqlite3.connect(path) as added:
+                added.execute("INSERT INTO users (id) VALUES (11)")
+                added.executemany(
+                    "INSERT INTO bank_accounts (id, user_id, name, balance) VALUES (?, ?, 'b', ?)",
+                    [(500, 8, 41.0), (501, 11, 7.0)],
+                )
+            added.close()
+
+    ctx = RunContext(
+        run_id=1,
+        job=SNAPSHOTS,
+        trigger="manual",
+        scheduled_for=None,
+        started_at=datetime.now(UTC),
+        log=structlog.get_logger(),
+        fence=fence,
+    )
+    await snapshots_lite.take_snapshots_lite(pg, konto, ctx, PARIS, 5)
+    assert checks >= 3
+    with sqlite3.connect(path) as conn:
+        totals = dict(
+            conn.execute(
+                "SELECT user_id, total_value FROM patrimoine_snapshots WHERE category = 'total'"
+            ).fetchall()
+        )
+    conn.close()
+    assert totals[8] == 42.0 and totals[11] == 7.0 and totals[1] == 1.0
+
+
+def test_no_read_or_write_of_a_batch_scans_a_table(path: Path) -> None:
+    """The web app's tables have no index on user_id: a batch reads its rows by rowid and the
+    snapshot tables by their unique keys, never by scanning a table."""
+    statements = [
+        (snapshots_lite._USERS_SQL, (1, 2)),
+        (snapshots_lite._ACCOUNTS_SQL, ("[1, 2]", 9, 1, 2)),
+        (snapshots_lite._ASSETS_SQL, ("[1, 2]", 9, 1, 2)),
+        (snapshots_lite._STORED_SQL, ("2026-01-01", 1, 2)),
+        (snapshots_lite._HOLDINGS_STORED_SQL, ("2026-01-01", 1, 2)),
+        (snapshots_lite._REMOVE_SQL, ("2026-01-01", "[]")),
+        (snapshots_lite._HOLDINGS_REMOVE_SQL, ("2026-01-01", "[]")),
+        (snapshots_lite._UPSERT_SQL.format(created_at=""), ("2026-01-01", "[]")),
+        (snapshots_lite._HOLDINGS_UPSERT_SQL, ("2026-01-01", "[]")),
+    ]
+    with sqlite3.connect(path) as conn:
+        conn.execute(lite_schema.HOLDINGS_TABLE_SQL)
+        for sql, params in statements:
+            plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+            scans = [step for step in plan if step.startswith("SCAN") and "json_each" not in step]
+            assert scans == [], (sql, plan)
+    conn.close()
 
 
 def test_a_nan_balance_is_null_in_sqlite(tmp_path: Path) -> None:
