@@ -26,7 +26,8 @@ The module reads top to bottom as the job runs: ``statements`` (the SQL, one att
 statement), the pure core (``connections_to_ask``, ``triage``, ``transactions_wanted``,
 ``plan``: every decision as plain data, with neither database nor HTTP), and the shell
 (``_Refresh``) that reads, fetches, plans, and applies each user's plan in one fenced
-transaction, adding the counts the database's answers give.
+transaction, adding the counts the database's answers give. When Konto's tables are in the web
+app's SQLite/libSQL database, ``kontod.jobs.refresh_lite`` gives the shell its database side.
 """
 
 from __future__ import annotations
@@ -430,7 +431,9 @@ class BankConnection:
 class StaleUser:
     """A user owning at least one stale account, the connections to ask and those held."""
 
-    user_id: int
+    # None: the accounts the web app never gave a user (its user_id column came later); no
+    # connection can refresh them, so they make one user, skipped.
+    user_id: int | None
     stale_accounts: int
     accounts: list[LocalAccount]
     to_call: list[BankConnection]

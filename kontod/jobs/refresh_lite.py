@@ -255,7 +255,7 @@ class KontoAccount:
     """A Powens account as Konto's database holds it."""
 
     id: int
-    user_id: int
+    user_id: int | None
     provider_id: str | None
     name: str | None
     has_company: bool
@@ -301,13 +301,12 @@ class LiteRefresh(_Refresh):
             last = chunk[-1][0]
 
     async def _powens_accounts(self) -> list[KontoAccount]:
-        """Every Powens account of a user, by id. An account without a user is left out: no
-        connection can refresh it (the PostgreSQL path counts it as a skipped user)."""
+        """Every Powens account, by id."""
         times: dict[object, datetime | None] = {}
         out = []
         for r in await self._scan(POWENS_ACCOUNTS_SQL):
             account_id, user_id, provider_id, name, company, last_sync = r
-            if not isinstance(account_id, int) or not isinstance(user_id, int):
+            if not isinstance(account_id, int) or not isinstance(user_id, int | None):
                 continue
             if last_sync not in times:  # many accounts share a time: parse each text once
                 times[last_sync] = read_time(last_sync)
@@ -335,14 +334,16 @@ class LiteRefresh(_Refresh):
         mine = [a for a in accounts if a.user_id in maybe]
         kept = await self._kontod_accounts([a.id for a in mine])
         stale = stale_accounts(cutoff, mine, kept)
-        by_user: defaultdict[int, list[KontoAccount]] = defaultdict(list)
+        by_user: defaultdict[int | None, list[KontoAccount]] = defaultdict(list)
         for a in stale:
             by_user[a.user_id].append(a)
-        user_ids = sorted(by_user)
-        connections = await self._connections(user_ids)
-        local: defaultdict[int, list[LocalAccount]] = defaultdict(list)
+        # As PostgreSQL orders them: the accounts without a user last, with no connection and
+        # no account of their own (``user_id = ANY(...)`` is never true for NULL).
+        user_ids = sorted(by_user, key=lambda u: (u is None, u or 0))
+        connections = await self._connections([u for u in user_ids if u is not None])
+        local: defaultdict[int | None, list[LocalAccount]] = defaultdict(list)
         for a in mine:
-            if a.user_id in by_user:
+            if a.user_id is not None and a.user_id in by_user:
                 k = kept.get(a.id)
                 local[a.user_id].append(
                     LocalAccount(
@@ -375,7 +376,9 @@ class LiteRefresh(_Refresh):
             )
         return users
 
-    async def _connections(self, user_ids: list[int]) -> defaultdict[int, list[BankConnection]]:
+    async def _connections(
+        self, user_ids: list[int]
+    ) -> defaultdict[int | None, list[BankConnection]]:
         """The active connections of ``user_ids`` from Konto, each with its hold from kontod."""
         rows = [
             (r[0], r[1], _text(r[2]), r[3])
@@ -399,7 +402,7 @@ class LiteRefresh(_Refresh):
                     [r[2] for r in rows],
                 )
             }
-        out: defaultdict[int, list[BankConnection]] = defaultdict(list)
+        out: defaultdict[int | None, list[BankConnection]] = defaultdict(list)
         for (connection_id, user_id, powens_id, stored), fingerprint in zip(
             rows, prints, strict=True
         ):

@@ -70,6 +70,8 @@ async def webapp_pool(empty_dsn: str) -> AsyncIterator[asyncpg.Pool]:
     conn = await asyncpg.connect(empty_dsn)
     try:
         await conn.execute(WEBAPP_SCHEMA)
+        # As in the web app's SQLite tables, where user_id came later by ALTER TABLE.
+        await conn.execute("ALTER TABLE bank_accounts ALTER COLUMN user_id DROP NOT NULL")
         await db.migrate(conn)
     finally:
         await conn.close()
@@ -90,7 +92,7 @@ def seed_data(now: datetime) -> Seed:
     """Six users: 1 (encrypted token; two rows the web app imported, one of them changed at
     the bank since), 2 (plaintext token, never synced, a company account), 3 (a token Powens
     rejects), 4 (fresh: SQLite's own time format), 5 (the bank needs the user; one account's
-    last_sync unreadable), 6 (no active connection)."""
+    last_sync unreadable), 6 (no active connection); and an account with no user."""
     accounts: list[tuple[object, ...]] = []
     for user in (1, 2, 3, 4, 5, 6):
         for n, a in enumerate(demo_accounts(user)):
@@ -103,6 +105,7 @@ def seed_data(now: datetime) -> Seed:
                 last_sync = "not a time"
             company = 1 if user == 2 and n == 4 else None
             accounts.append((a.id, user, company, "powens", str(a.id), a.name, 0.1, last_sync))
+    accounts.append((9001, None, None, "powens", "9001", "from before users", 0.1, None))
     first, second, *_ = demo_transactions(1)
     return {
         "users": (("id", "email"), [(u, f"u{u}@example.org") for u in (1, 2, 3, 4, 5, 6)]),
@@ -290,8 +293,8 @@ async def test_both_engines_refresh_to_the_same_rows_and_counts(
 
     assert dict(lite.counts) == dict(pg.counts)
     counts = lite.counts
-    assert (counts["users"], counts["items_refreshed"], counts["items_failed"]) == (5, 3, 1)
-    assert counts["items_skipped"] == 1
+    assert (counts["users"], counts["items_refreshed"], counts["items_failed"]) == (6, 3, 1)
+    assert counts["items_skipped"] == 2  # user 6, and the account with no user
     assert (counts["accounts_deleted"], counts["accounts_disabled"]) == (1, 1)
     # Users 1, 2, 5, less the web app's two and the two accounts gone at the bank.
     assert counts["transactions_inserted"] == 3 * 3 * 5 - 2 - 2 * 3
@@ -300,7 +303,7 @@ async def test_both_engines_refresh_to_the_same_rows_and_counts(
     assert counts["connections_state.token_rejected"] == 1
     assert {k: n for k, n in counts.items() if k.startswith("stale_accounts_after.")} == {
         "stale_accounts_after.token_rejected": 5,
-        "stale_accounts_after.no_connection": 5,
+        "stale_accounts_after.no_connection": 6,
         "stale_accounts_after.needs_user": 5,
         "stale_accounts_after.bank_data_old": 1,
         "stale_accounts_after.never_synced": 1,
