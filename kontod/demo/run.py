@@ -26,8 +26,8 @@ from kontod.demo import lite, rates_sandbox, sandbox
 from kontod.demo.hrana_sandbox import HranaSandbox
 from kontod.konto import tokens
 from kontod.konto.store import KontoSql
-from kontod.scheduler.contract import Trigger
-from kontod.scheduler.runner import Skipped
+from kontod.scheduler.contract import SkipReason, Trigger
+from kontod.scheduler.runner import Runner, Skipped
 
 log = structlog.get_logger("kontod.demo")
 
@@ -59,6 +59,8 @@ SELECT setval(pg_get_serial_sequence('users', 'id'), 3);
 # The demo's token encryption key, used when no KONTOD_DB_ENCRYPTION_KEY is set: public, so
 # that the demo database looks like the web app's (tokens stored encrypted).
 DEMO_KEY = bytes.fromhex("6b6f6e746f642064656d6f206b6579" + "00" * 17)
+# How many times (0.1 s apart) the demo asks again for a run of a job another run holds.
+CLAIM_WAITS = 100
 # The token of the demo's libSQL server (``--konto libsql``): public too, made up.
 DEMO_LIBSQL_TOKEN = "kontod-demo-libsql-token"  # noqa: S105 (public, like DEMO_KEY)
 
@@ -167,6 +169,26 @@ def konto_lines(settings: Settings, path: Path | None) -> str:
     )
 
 
+async def run_now(runner: Runner, name: str) -> asyncio.Task[str] | None:
+    """The run of ``name`` this process has going, or one started now. At start a catch-up run
+    may be claiming the job while the demo asks (the ask is then refused as an overlap, and
+    the run is not known yet): the demo asks again until that run shows, so that it waits
+    for every job before printing what they wrote."""
+    for _ in range(CLAIM_WAITS):
+        task = runner.active(name)
+        if task is not None:
+            return task
+        outcome = await runner.trigger(
+            name, Trigger.MANUAL, requested_by="demo", reason="kontod demo start"
+        )
+        if not isinstance(outcome, Skipped):
+            return outcome.task
+        if outcome.reason != SkipReason.OVERLAP:
+            return None
+        await asyncio.sleep(0.1)
+    return None
+
+
 async def demo(settings: Settings, konto: str = "postgresql") -> int:
     """Run the demo until Ctrl-C; ``konto`` is where the demo's Konto lives: ``postgresql``
     (beside kontod's tables), ``sqlite`` (a file in the demo's folder) or ``libsql`` (that
@@ -233,17 +255,8 @@ async def demo(settings: Settings, konto: str = "postgresql") -> int:
         try:
             assert daemon.runner is not None
             # Show every job at work now rather than at its next tick.
-            started = []
-            for name in daemon.runner.jobs:
-                task = daemon.runner.active(name)
-                if task is None:
-                    outcome = await daemon.runner.trigger(
-                        name, Trigger.MANUAL, requested_by="demo", reason="kontod demo start"
-                    )
-                    task = None if isinstance(outcome, Skipped) else outcome.task
-                if task is not None:
-                    started.append(task)
-            await asyncio.gather(*started)
+            started = [await run_now(daemon.runner, name) for name in daemon.runner.jobs]
+            await asyncio.gather(*(task for task in started if task is not None))
             assert daemon.pool is not None
             base_currency = settings.rates.base_currency
             summary = (

@@ -199,6 +199,7 @@ async def test_the_demo_keeps_its_konto_in_a_sqlite_file_and_says_where(
         stderr=asyncio.subprocess.PIPE,
     )
     printed: list[str] = []
+    logged: list[str] = []
     opened: dict[str, str] = {}
     try:
         assert demo.stderr is not None
@@ -206,6 +207,7 @@ async def test_the_demo_keeps_its_konto_in_a_sqlite_file_and_says_where(
             while not printed or printed[-1] != "Ctrl-C stops it.":
                 line = (await demo.stderr.readline()).decode()
                 assert line, "the demo ended before printing its commands:\n" + "\n".join(printed)
+                logged.append(line)
                 if not line.startswith("{"):
                     printed.append(line.strip())
                 elif '"konto.opened"' in line:
@@ -224,7 +226,7 @@ async def test_the_demo_keeps_its_konto_in_a_sqlite_file_and_says_where(
         synced = query_file(
             path, "SELECT count(*) FROM bank_accounts WHERE user_id = 2 AND last_sync IS NOT NULL"
         )
-        assert synced == [(3,)]
+        assert synced == [(3,)], "".join(logged)
         # Both jobs ran on the file and left every table of the web app as it was made.
         fresh = tables(webapp_konto(tmp_path / "fresh.db"))
         assert {t: info for t, info in tables(path).items() if t in fresh} == fresh
