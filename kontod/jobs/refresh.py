@@ -391,7 +391,7 @@ class RefreshFailed(Exception):
     """No user could be refreshed: the provider, or kontod's access to it, is not working."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per account or connection of every stale user
 class LocalAccount:
     """A user's Powens account in Konto's database, with what kontod remembers of it."""
 
@@ -413,7 +413,7 @@ class LocalAccount:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per account or connection of every stale user
 class BankConnection:
     """An active bank_connections row; the stored token is kept out of repr."""
 
