@@ -514,7 +514,9 @@ SETTINGS: tuple[Setting, ...] = (
         "database.url",
         _parse_dsn,
         "PostgreSQL DSN, `postgresql://user:password@host:5432/db`",
-        default_doc="unset: `kontod run` refuses to start (exit 2) unless `KONTOD_EMBEDDED=1`",
+        default_doc="unset: `kontod run` refuses to start (exit 2) unless `KONTOD_EMBEDDED=1`, or"
+        " Konto's tables are in a SQLite file or a libSQL server (`KONTOD_KONTO_URL`): then the"
+        " embedded PostgreSQL holds kontod's own tables",
         aliases=(Alias("DATABASE_URL"),),
         credential="database_url",
         shown=redact_dsn,
@@ -527,6 +529,8 @@ SETTINGS: tuple[Setting, ...] = (
         " PostgreSQL in `KONTOD_STATE_DIR/pgdata`; see"
         " [The embedded PostgreSQL](#the-embedded-postgresql)",
         default="0",
+        default_doc="`0`, or `1` when `KONTOD_KONTO_URL` names a SQLite file or a libSQL server and"
+        " no `KONTOD_DATABASE_URL` is set",
     ),
     Setting(
         "KONTOD_STATE_DIR",
@@ -1212,7 +1216,25 @@ def load_settings(
         }
     )
     _check_schedules(settings, labels, datetime.now(UTC) if now is None else now)
-    return _konto_in_postgresql(settings, labels)
+    return _kontod_tables_embedded(_konto_in_postgresql(settings, labels), labels)
+
+
+def _kontod_tables_embedded(settings: Settings, labels: Mapping[str, str]) -> Settings:
+    """With Konto's tables in a SQLite file or a libSQL server and no ``KONTOD_DATABASE_URL``,
+    kontod's own tables (runs, leases, pauses, rates) go to the embedded PostgreSQL without
+    ``KONTOD_EMBEDDED=1``. The refusal of an embedded database guards Konto's data (a daemon
+    snapshotting an empty database every night); here Konto's data is the file or server,
+    which must exist and have its tables, and only kontod's bookkeeping starts empty. An
+    explicit ``KONTOD_EMBEDDED`` is kept as given."""
+    konto = settings.konto.location
+    if (
+        konto is None
+        or konto.kind == "postgresql"
+        or settings.database.url is not None
+        or "KONTOD_EMBEDDED" in labels
+    ):
+        return settings
+    return settings.replace(database={"embedded": True})
 
 
 def _konto_in_postgresql(settings: Settings, labels: Mapping[str, str]) -> Settings:

@@ -2,10 +2,11 @@
 systemd together. ``assemble`` builds the objects in dependency order, each from its
 constructor's arguments; ``Daemon.start`` starts them.
 
-Start-up order: database (embedded or not) -> migrations -> runner prepared -> HTTP bound ->
-schedules started -> READY=1. A signal during start cancels it (no READY=1). Shutdown runs the
-same steps backwards, each bounded in time, so that SIGTERM ends kontod within
-``KONTOD_SHUTDOWN_TIMEOUT`` + 10 s even when the database does not answer.
+Start-up order: database (embedded or not) -> migrations -> Konto's SQLite-family database, if
+that is where Konto's tables are (opened, kontod's two tables created, checked) -> runner
+prepared -> HTTP bound -> schedules started -> READY=1. A signal during start cancels it (no
+READY=1). Shutdown runs the same steps backwards, each bounded in time, so that SIGTERM ends
+kontod within ``KONTOD_SHUTDOWN_TIMEOUT`` + 10 s even when the database does not answer.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from prometheus_client.registry import CollectorRegistry
 from kontod import db
 from kontod.config import Settings, redact_dsn
 from kontod.jobs import declare_jobs
+from kontod.konto import engines, tokens
 from kontod.konto import schema as konto_schema
-from kontod.konto import tokens
+from kontod.konto.store import KontoSql
 from kontod.ops import pings, suspicion
 from kontod.ops.board import Board
 from kontod.ops.http import GUARD, GuardedSite, HttpLimits, build_app
@@ -61,9 +63,15 @@ START_ABORT_S = 5.0  # how long an aborted start may take to unwind
 JobsFactory = Callable[[asyncpg.Pool, aiohttp.ClientSession, Observer], list[JobSpec]]
 
 
-def konto_check(key: bytes | None) -> db.Check:
-    """What the daemon checks once the database is migrated: the web app's schema as kontod
-    reads it (KontoSchemaError) and, when one is set, the token key (WrongKey); both exit 2."""
+def konto_check(settings: Settings) -> db.Check | None:
+    """What the daemon checks on PostgreSQL once it is migrated, when Konto's tables are there:
+    the web app's schema as kontod reads it (KontoSchemaError) and, when one is set, the token
+    key (WrongKey); both exit 2. With Konto's tables in a SQLite file or a libSQL server the
+    copies migration 0001 leaves in PostgreSQL are empty and nothing reads them: that database
+    is checked instead (``engines.open_checked``)."""
+    if settings.konto.location is not None:
+        return None
+    key = settings.refresh.db_encryption_key
 
     async def check(conn: PoolConnectionProxy) -> None:
         await konto_schema.load(conn)
@@ -205,14 +213,16 @@ class Daemon:
         self.clock = clock
         self.notifier = notifier or Notifier.from_env()
         self._jobs_factory: JobsFactory = jobs or (
-            lambda pool, http, observe: declare_jobs(settings, pool, http, observe)
+            lambda pool, http, observe: declare_jobs(
+                settings, pool, http, observe, konto=self.konto
+            )
         )
         self._on_migrated = on_migrated
         self.instance = settings.runner.instance
         # Only the daemon (kontod run, the demo) may create an embedded database.
-        self.database = db.open(
-            settings, create=True, check=konto_check(settings.refresh.db_encryption_key)
-        )
+        self.database = db.open(settings, create=True, check=konto_check(settings))
+        # Konto's SQLite-family database, opened at start (None: Konto's tables in PostgreSQL).
+        self.konto: KontoSql | None = None
         # What start has brought up so far; stop takes down whatever is there.
         self.http: aiohttp.ClientSession | None = None
         self.parts: Parts | None = None
@@ -251,6 +261,9 @@ class Daemon:
             # The daemon's first line names its database; the commands name only an embedded one.
             log.info("database.external", url=redact_dsn(s.database.url))
         pool = await self.database.start()
+        self.konto = await engines.open_checked(s.konto, s.refresh.db_encryption_key)
+        if self.konto is not None:
+            log.info("konto.opened", engine=self.konto.engine, location=str(self.konto.location))
         if self._on_migrated is not None:
             await self._on_migrated(pool)
         self.http = aiohttp.ClientSession()
@@ -313,11 +326,14 @@ class Daemon:
             await self.site_runner.cleanup()
         if self.http is not None:
             await self.http.close()
+        if self.konto is not None:
+            await self.konto.close()
         await self.database.close(POOL_CLOSE_S)
         log.info("daemon.stopped")
 
     async def abort(self) -> None:
-        """The quickest clean exit (a second signal): drop connections, stop the database."""
+        """The quickest clean exit (a second signal): drop connections, stop the database.
+        Konto's SQLite file is left to the process's exit, which ends its transaction."""
         await self.database.abort()
 
 

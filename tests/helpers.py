@@ -8,12 +8,14 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import asyncpg
 
 from kontod import db
+from kontod.demo.lite import create_webapp_konto
 from kontod.jobs import (
     AUDIT,
     ESTIMATIONS,
@@ -276,3 +278,8 @@ async def wait_for(
     async with asyncio.timeout(timeout):
         while not await check():
             await asyncio.sleep(every)
+
+
+def webapp_konto(path: Path) -> Path:
+    """A Konto SQLite file at ``path`` made with the web app's own table definitions, empty."""
+    return create_webapp_konto(path)

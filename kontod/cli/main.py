@@ -19,6 +19,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import asyncpg
@@ -27,8 +28,9 @@ import structlog
 from kontod import __version__, db, jobs
 from kontod.cli import commands, listing, times
 from kontod.config import ConfigError, Settings, load_settings
+from kontod.konto import engines, tokens
 from kontod.konto import schema as konto_schema
-from kontod.konto import tokens
+from kontod.konto.store import KontoSql, KontoUnavailable
 from kontod.logs import configure, watch_loop
 from kontod.ops import suspicion
 from kontod.scheduler.contract import JobSpec, RunStatus, Trigger, settle
@@ -122,7 +124,15 @@ def parser() -> argparse.ArgumentParser:
         parents=[verbose],
     )
     doctor.add_argument("--json", action="store_true", help="the checks as JSON")
-    sub.add_parser("demo", help="demo data, a sandbox bank and the daemon, all local")
+    demo = sub.add_parser("demo", help="demo data, a sandbox bank and the daemon, all local")
+    demo.add_argument(
+        "--konto",
+        choices=("postgresql", "sqlite", "libsql"),
+        default="postgresql",
+        help="where the demo's Konto lives: beside kontod's tables in PostgreSQL (default), in"
+        " a SQLite file made with the web app's own table definitions, or in that file served"
+        " as a libSQL server on loopback",
+    )
     return p
 
 
@@ -140,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         db.EmbeddedUnavailable,
         db.NoDatabase,
         konto_schema.KontoSchemaError,
+        KontoUnavailable,
         ConfigError,
         tokens.WrongKey,
     ) as exc:
@@ -210,18 +221,28 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "demo":
         from kontod.demo.run import demo
 
-        return await demo(settings)
+        return await demo(settings, args.konto)
     raise AssertionError(args.command)
 
 
 def _database(settings: Settings) -> db.Database:
     """A migrated pool on the configured database, or on an embedded one that exists already
-    (the demo's, a ``KONTOD_EMBEDDED=1`` daemon's): a one-shot command never creates one."""
-    return db.open(settings, check=konto_schema.load)
+    (the demo's, a ``KONTOD_EMBEDDED=1`` daemon's): a one-shot command never creates one.
+    Konto's tables are checked there when they are there (not when they are in a SQLite file
+    or a libSQL server: ``_konto`` opens and checks that)."""
+    return db.open(settings, check=None if settings.konto.location else konto_schema.load)
+
+
+def _konto(settings: Settings) -> AbstractAsyncContextManager[KontoSql | None]:
+    """Konto's SQLite-family database for a command that reads or writes Konto's tables,
+    opened and its tables checked as the daemon does; None when they are in kontod's
+    PostgreSQL. As there, the commands leave the token key to the refresh job's own check."""
+    return engines.opened(settings.konto, None)
 
 
 async def _migrate(settings: Settings) -> int:
-    async with _database(settings):
+    """kontod's migrations, and the two tables kontod adds to a SQLite-family Konto."""
+    async with _database(settings), _konto(settings):
         pass
     return 0
 
@@ -235,8 +256,12 @@ async def _run_job(
     from kontod.scheduler import pauses
     from kontod.scheduler.runner import Runner, Skipped, utcnow
 
-    async with _database(settings) as pool, aiohttp.ClientSession() as http:
-        specs = await settle(jobs.declare_jobs(settings, pool, http))
+    async with (
+        _database(settings) as pool,
+        _konto(settings) as konto,
+        aiohttp.ClientSession() as http,
+    ):
+        specs = await settle(jobs.declare_jobs(settings, pool, http, konto=konto))
         names = [spec.name for spec in specs]
         follow = commands.Follow()
         pinger = pings.Pinger(
@@ -309,8 +334,8 @@ async def _declared(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[lis
     session a configured provider needs is opened, never used."""
     import aiohttp
 
-    async with aiohttp.ClientSession() as http:
-        yield await settle(jobs.declare_jobs(settings, pool, http))
+    async with _konto(settings) as konto, aiohttp.ClientSession() as http:
+        yield await settle(jobs.declare_jobs(settings, pool, http, konto=konto))
 
 
 async def _jobs_list(settings: Settings, as_json: bool) -> int:
@@ -425,15 +450,18 @@ async def _history(settings: Settings, days: int) -> int:
     if days < 1:
         print("kontod: --days must be at least 1", file=sys.stderr)
         return 2
-    from kontod.jobs.snapshots import daily_totals
+    from kontod.jobs.snapshots import daily_totals, daily_totals_in
 
-    async with _database(settings) as pool:
-        rows = await daily_totals(pool, days, settings.runner.timezone)
+    async with _database(settings) as pool, _konto(settings) as konto:
+        if konto is None:
+            rows = await daily_totals(pool, days, settings.runner.timezone)
+        else:
+            rows = await daily_totals_in(konto, days, settings.runner.timezone)
     # The sum of the users' totals, in the base currency the snapshots are written in.
     print(f"{'DATE':<12}{'ROWS':>8}{'USERS':>8}{'TOTAL ' + settings.rates.base_currency:>20}")
     for r in rows:
-        total = f"{r['total'] or 0:,.2f}"
-        print(f"{r['day'].isoformat():<12}{r['snapshot_rows']:>8}{r['users']:>8}{total:>20}")
+        total = f"{r.total or 0:,.2f}"
+        print(f"{r.day.isoformat():<12}{r.snapshot_rows:>8}{r.users:>8}{total:>20}")
     if not rows:
         print(f"(no snapshot in the last {days} days)")
     return 0

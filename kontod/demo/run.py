@@ -1,4 +1,10 @@
-"""``kontod demo``: an embedded database with demo users, a sandbox bank, and the daemon."""
+"""``kontod demo``: an embedded database with demo users, a sandbox bank, and the daemon.
+
+``kontod demo --konto sqlite`` keeps the demo's Konto (users, accounts, snapshots) in a SQLite
+file made with the web app's own table definitions, as the web app keeps it; ``--konto libsql``
+serves that file as a libSQL server on loopback (the Hrana sandbox, with a token), as Turso
+would. kontod's own tables stay in the embedded PostgreSQL.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +21,12 @@ from pathlib import Path
 import asyncpg
 import structlog
 
-from kontod.config import Settings
+from kontod.config import KontoLocation, KontoSettings, Settings
 from kontod.daemon import Daemon
-from kontod.demo import dvf_sandbox, rates_sandbox, sandbox, state
+from kontod.demo import dvf_sandbox, lite, rates_sandbox, sandbox, state
+from kontod.demo.hrana_sandbox import HranaSandbox
 from kontod.konto import tokens
+from kontod.konto.store import KontoSql
 from kontod.scheduler.contract import Trigger
 from kontod.scheduler.runner import Skipped
 
@@ -83,6 +91,8 @@ SELECT to_char(now() AT TIME ZONE 'UTC' - make_interval(days => d), 'YYYY-MM-DD 
 # The demo's token encryption key, used when no KONTOD_DB_ENCRYPTION_KEY is set: public, so
 # that the demo database looks like the web app's (tokens stored encrypted).
 DEMO_KEY = bytes.fromhex("6b6f6e746f642064656d6f206b6579" + "00" * 17)
+# The token of the demo's libSQL server (``--konto libsql``): public too, made up.
+DEMO_LIBSQL_TOKEN = "kontod-demo-libsql-token"  # noqa: S105 (public, like DEMO_KEY)
 
 
 async def seed(pool: asyncpg.Pool, key: bytes = DEMO_KEY) -> bool:
@@ -110,6 +120,13 @@ def demo_env(settings: Settings) -> str:
     parts = []
     if settings.database.url is None:
         parts.append(f"KONTOD_STATE_DIR={shlex.quote(str(settings.database.state_dir))}")
+    location = settings.konto.location
+    if location is not None:
+        url = location.target if location.kind == "libsql" else "file:" + location.target
+        parts.append(f"KONTOD_KONTO_URL={shlex.quote(url)}")
+    if settings.konto.auth_token == DEMO_LIBSQL_TOKEN:
+        # Like the demo's key: public, never a token of the user's own.
+        parts.append(f"KONTOD_KONTO_AUTH_TOKEN={DEMO_LIBSQL_TOKEN}")
     if settings.refresh.powens_url is not None:
         parts.append(f"KONTOD_POWENS_URL={shlex.quote(settings.refresh.powens_url)}")
     parts.append(f"KONTOD_FIAT_RATES_URL={shlex.quote(settings.rates.fiat_url)}")
@@ -178,14 +195,66 @@ def trigger_example(base: str, token: str | None) -> str:
     return f"curl -X POST -H \"Authorization: {auth}\" -d '{body}' {base}/jobs/daily-snapshots/run"
 
 
-async def demo(settings: Settings) -> int:
-    """Run the demo until Ctrl-C."""
+async def lite_summary(konto: KontoSql, base: str) -> str:
+    """``converted_summary`` on the demo's SQLite Konto, whose holding rows (the web app's)
+    carry no amount or currency: those come from the accounts the rows name."""
+    rows = await konto.read(
+        """SELECT h.name, a.balance, a.currency, h.value, t.total_value
+             FROM holding_snapshots h
+             JOIN bank_accounts a ON a.id = h.ref_id
+             JOIN patrimoine_snapshots t
+               ON t.user_id = h.user_id AND t.date = h.date AND t.category = 'total'
+            WHERE h.user_id = 1 AND h.kind = 'account' AND coalesce(a.currency, 'EUR') <> ?
+              AND h.date = (SELECT max(date) FROM holding_snapshots WHERE user_id = 1)
+            ORDER BY h.name""",
+        (base,),
+    )
+    if not rows:
+        return "\nno converted holding yet (see the daily-snapshots run's counts)"
+    lines = [f"\nAlice's snapshot, in {base}:"]
+    for name, amount, currency, value, _ in rows:
+        held = f"{amount!s} {currency!s}"
+        lines.append(f"  {name!s}: {held} = {float(value or 0):,.2f} {base}")
+    lines.append(f"  total: {float(rows[0][4] or 0):,.2f} {base}")
+    return "\n".join(lines)
+
+
+def konto_lines(settings: Settings, path: Path | None) -> str:
+    """Where the demo's Konto is (``path``: its SQLite file), and how to look at its snapshot
+    rows."""
+    location = settings.konto.location
+    if location is None or path is None:
+        return "Konto's tables: in the embedded PostgreSQL, beside kontod's own\n"
+    query = (
+        "SELECT date, user_id, category, total_value FROM patrimoine_snapshots"
+        " ORDER BY date DESC, user_id, category"
+    )
+    served = ""
+    if location.kind == "libsql":
+        served = f", served as a libSQL server (Hrana over HTTP) at {location.target}"
+    return (
+        f"Konto's tables: the SQLite file {path}{served}\n"
+        f"  sqlite3 -header -column {shlex.quote(str(path))} {shlex.quote(query)}\n"
+    )
+
+
+async def demo(settings: Settings, konto: str = "postgresql") -> int:
+    """Run the demo until Ctrl-C; ``konto`` is where the demo's Konto lives: ``postgresql``
+    (beside kontod's tables), ``sqlite`` (a file in the demo's folder) or ``libsql`` (that
+    file behind a libSQL server on loopback)."""
 
     key = settings.refresh.db_encryption_key or DEMO_KEY
     folder = settings.database.state_dir / "demo"
     # The demo's own token unless one is set: the HTTP trigger is refused without one.
     own_token = settings.http.admin_token is None
     token = state.admin_token(folder) if own_token else settings.http.admin_token
+    # The demo's Konto is always its own: never a Konto the environment names.
+    path = None
+    if konto in ("sqlite", "libsql"):
+        path = folder / "konto.db"
+        folder.mkdir(parents=True, exist_ok=True)
+        if lite.seed_konto(path, key):
+            log.info("demo.seeded", users=3, konto=str(path))
     demo_settings = replace(
         settings,
         database=replace(
@@ -193,12 +262,17 @@ async def demo(settings: Settings) -> int:
             state_dir=folder,
             embedded=True,  # the demo's own database, created at its first start
         ),
+        konto=KontoSettings(
+            location=None if path is None else KontoLocation("sqlite", str(path)),
+            busy_timeout=settings.konto.busy_timeout,
+        ),
         refresh=replace(settings.refresh, db_encryption_key=key),
         http=replace(settings.http, admin_token=token),
     )
 
     async def seed_once(pool: asyncpg.Pool) -> None:
-        if await seed(pool, key):
+        # With a SQLite Konto the copies of Konto's tables in PostgreSQL stay empty.
+        if path is None and await seed(pool, key):
             log.info("demo.seeded", users=3)
 
     # The rate sources' sandbox serves yesterday's reference rates, as the ECB would at 02:00.
@@ -231,6 +305,17 @@ async def demo(settings: Settings) -> int:
             rates=replace(demo_settings.rates, fiat_url=fiat_url, crypto_url=crypto_url),
             estimations=replace(demo_settings.estimations, dvf_url=dvf_url),
         )
+        if konto == "libsql" and path is not None:
+            server = HranaSandbox(path, DEMO_LIBSQL_TOKEN)
+            url = await stack.enter_async_context(server.serve())
+            demo_settings = replace(
+                demo_settings,
+                konto=KontoSettings(
+                    location=KontoLocation("libsql", url),
+                    auth_token=DEMO_LIBSQL_TOKEN,
+                    busy_timeout=settings.konto.busy_timeout,
+                ),
+            )
         daemon = Daemon(demo_settings, on_migrated=seed_once)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -254,10 +339,15 @@ async def demo(settings: Settings) -> int:
                     started.append(task)
             await asyncio.gather(*started)
             assert daemon.pool is not None
-            print(
-                await converted_summary(daemon.pool, settings.rates.base_currency), file=sys.stderr
+            base_currency = settings.rates.base_currency
+            summary = (
+                await converted_summary(daemon.pool, base_currency)
+                if daemon.konto is None
+                else await lite_summary(daemon.konto, base_currency)
             )
-            print(await estimation_summary(daemon.pool), file=sys.stderr)
+            print(summary, file=sys.stderr)
+            if daemon.konto is None:
+                print(await estimation_summary(daemon.pool), file=sys.stderr)
             base = f"http://{demo_settings.http.host}:{daemon.port}"
             env = demo_env(demo_settings)
             kontod = kontod_command()
@@ -276,6 +366,7 @@ async def demo(settings: Settings) -> int:
                 f"sandbox DVF files: {dvf_url}/\n"
                 f"admin token (HTTP runs and pauses): {shown_token}\n"
                 f"  {trigger_example(base, token if own_token else None)}\n"
+                f"{konto_lines(demo_settings, path)}"
                 "and try, in another terminal (the demo's database and sandboxes):\n"
                 f"  export {env}\n"
                 f"  {kontod} jobs list\n"

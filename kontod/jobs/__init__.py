@@ -41,8 +41,12 @@ def declare_jobs(
     observe_request: Callable[[str, str, float], None] | None = None,
     konto: KontoSql | None = None,
 ) -> list[JobSpec]:
-    """Every job, wired to the database and the settings."""
-    refresh_body, refresh_not_configured = _refresh_wiring(settings, pool, http, observe_request)
+    """Every job, wired to the database and the settings. ``konto`` is Konto's SQLite-family
+    database when Konto's tables are there (``kontod.konto.engines.open_checked``), None when
+    they are in kontod's PostgreSQL beside its own."""
+    refresh_body, refresh_not_configured = _refresh_wiring(
+        settings, pool, http, observe_request, konto
+    )
     return [
         JobSpec(
             name=SNAPSHOTS,
@@ -62,12 +66,13 @@ def declare_jobs(
                 ),
                 http,
                 workers=settings.snapshots.workers,
+                konto=konto,
             ),
             grace=timedelta(hours=1),
             max_runtime=timedelta(hours=2),
             catchup_window=timedelta(hours=20),
             description="wealth snapshot of every user, once a day",
-            exports=snapshots.EXPORTS,
+            exports=snapshots.exports(konto),
         ),
         JobSpec(
             name=REFRESH,
@@ -99,6 +104,7 @@ def _refresh_wiring(
     pool: asyncpg.Pool,
     http: aiohttp.ClientSession | None,
     observe_request: Callable[[str, str, float], None] | None,
+    konto: KontoSql | None,
 ) -> tuple[JobBody, str | None]:
     """The refresh body, or an idle one with the reason when no provider is configured."""
     bank, providers = settings.refresh, settings.providers
@@ -126,6 +132,7 @@ def _refresh_wiring(
         key=bank.db_encryption_key,
         token_hold=bank.rejection_hold,
         rotation=rotation,
+        konto=konto,
     )
     return body, None
 

@@ -26,9 +26,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 import aiohttp
@@ -57,11 +57,28 @@ async def latest_snapshot_date(db: asyncpg.Pool | Connection) -> date | None:
     return value
 
 
-async def daily_totals(pool: asyncpg.Pool, days: int, timezone: str) -> list[asyncpg.Record]:
+async def latest_snapshot_date_in(konto: KontoSql) -> date | None:
+    """``latest_snapshot_date`` on Konto's SQLite-family database (the web app's unique key,
+    which starts with the date, serves max())."""
+    rows = await konto.read("SELECT max(date) FROM patrimoine_snapshots")
+    value = rows[0][0] if rows else None
+    return None if value is None else date.fromisoformat(str(value)[:10])
+
+
+class DayTotal(NamedTuple):
+    """One date of ``kontod history``: snapshot rows, users, the sum of the users' totals."""
+
+    day: date
+    snapshot_rows: int
+    users: int
+    total: Decimal | None
+
+
+async def daily_totals(pool: asyncpg.Pool, days: int, timezone: str) -> list[DayTotal]:
     """Snapshot rows, users and the sum of the users' totals per date over the last ``days``
     days in ``timezone``, newest first (``kontod history``)."""
     # date::date and ::numeric read Konto's web app's text dates and float money too.
-    rows: list[asyncpg.Record] = await pool.fetch(
+    rows = await pool.fetch(
         """SELECT date::date AS day, count(*) AS snapshot_rows,
                   count(DISTINCT user_id) AS users,
                   sum(total_value::numeric) FILTER (WHERE category = 'total') AS total
@@ -71,7 +88,29 @@ async def daily_totals(pool: asyncpg.Pool, days: int, timezone: str) -> list[asy
         days,
         timezone,
     )
-    return rows
+    return [DayTotal(r["day"], r["snapshot_rows"], r["users"], r["total"]) for r in rows]
+
+
+async def daily_totals_in(konto: KontoSql, days: int, timezone: str) -> list[DayTotal]:
+    """``daily_totals`` on Konto's SQLite-family database, whose dates are ISO text: the same
+    dates, and the sums read the way PostgreSQL reads a float as numeric (15 digits)."""
+    since = datetime.now(ZoneInfo(timezone)).date() - timedelta(days=days)
+    rows = await konto.read(
+        """SELECT date, count(*), count(DISTINCT user_id),
+                  sum(CASE WHEN category = 'total' THEN total_value END)
+             FROM patrimoine_snapshots WHERE date > ?
+            GROUP BY date ORDER BY date DESC""",
+        (since.isoformat(),),
+    )
+    return [
+        DayTotal(
+            date.fromisoformat(str(day)[:10]),
+            int(count or 0),
+            int(users or 0),
+            None if total is None else Decimal(f"{float(total):.15g}"),
+        )
+        for day, count, users, total in rows
+    ]
 
 
 # Accounts left out of the totals, and the age of each rate, by currency: from the last run's
@@ -89,21 +128,34 @@ RATE_AGE = CountFamily(
     label="currency",
     scale=86400.0,
 )
-EXPORTS = JobExports(
-    families=(UNCONVERTED, RATE_AGE),
-    freshness=(
-        Freshness(
-            metric="kontod_snapshot_latest_date_timestamp_seconds",
-            doc="Midnight, in kontod's zone, of the newest date in patrimoine_snapshots",
-            probe=latest_snapshot_date,
+
+
+def exports(konto: KontoSql | None = None) -> JobExports:
+    """What the job exports; its freshness probe reads the snapshot dates where Konto's tables
+    are (``konto``), never the empty ones migration 0001 leaves in kontod's PostgreSQL."""
+
+    async def probe_konto(pool: asyncpg.Pool) -> date | None:
+        assert konto is not None
+        return await latest_snapshot_date_in(konto)
+
+    return JobExports(
+        families=(UNCONVERTED, RATE_AGE),
+        freshness=(
+            Freshness(
+                metric="kontod_snapshot_latest_date_timestamp_seconds",
+                doc="Midnight, in kontod's zone, of the newest date in patrimoine_snapshots",
+                probe=latest_snapshot_date if konto is None else probe_konto,
+            ),
         ),
-    ),
-    # A snapshot takes every user: a run that finds none, or far fewer than the last time,
-    # reads the wrong or an emptied database.
-    population="users",
-    # The web app's dashboard button, which predates kontod's /jobs/{name}/run.
-    trigger_paths=("/api/dashboard/snapshot",),
-)
+        # A snapshot takes every user: a run that finds none, or far fewer than the last time,
+        # reads the wrong or an emptied database.
+        population="users",
+        # The web app's dashboard button, which predates kontod's /jobs/{name}/run.
+        trigger_paths=("/api/dashboard/snapshot",),
+    )
+
+
+EXPORTS = exports()
 
 # How each column type is read or written. Only these fragments ever enter the statement.
 # A 0/1 flag as the web app reads it (``hidden = 0``): a NULL one is left out. kontod's own

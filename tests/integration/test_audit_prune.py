@@ -19,7 +19,7 @@ from kontod.konto import lite_schema
 from kontod.konto.sqlite import open_sqlite
 from kontod.konto.store import Fence
 from kontod.scheduler.contract import ClaimLost, RunContext
-from tests.integration.test_konto_store import webapp_konto
+from tests.helpers import webapp_konto
 from tests.konto_engines import ENGINES, konto_on
 
 # The run starts at 03:00 UTC on 7 December 2026: with 90 days kept, the cut-off is

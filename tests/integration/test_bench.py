@@ -15,8 +15,7 @@ from bench.lite import LitePass, LiteResult
 from bench.report import Results, failures
 from bench.scale import Comparison, Pass, ScaleResult
 from kontod.konto import lite_schema
-from tests.helpers import add_user
-from tests.integration.test_konto_store import webapp_konto
+from tests.helpers import add_user, webapp_konto
 
 DAY = date(2026, 1, 1)
 

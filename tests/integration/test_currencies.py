@@ -22,8 +22,7 @@ from kontod.jobs.snapshots import Conversion, take_snapshots
 from kontod.konto import lite_schema
 from kontod.providers import rates
 from kontod.scheduler.contract import RunContext
-from tests.helpers import PARIS, WEBAPP_SCHEMA
-from tests.integration.test_konto_store import webapp_konto
+from tests.helpers import PARIS, WEBAPP_SCHEMA, webapp_konto
 from tests.konto_engines import konto_on
 
 AT = datetime(2026, 6, 10, 0, 0, tzinfo=UTC)  # June 10th in Paris; the sandbox's ECB day is the 9th

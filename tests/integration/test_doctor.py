@@ -19,9 +19,8 @@ from kontod.demo.rates_sandbox import RateSandbox
 from kontod.demo.rates_sandbox import urls as rate_urls
 from kontod.demo.sandbox import Sandbox, token_for
 from kontod.konto.tokens import encrypt
-from tests.helpers import WEBAPP_SCHEMA
+from tests.helpers import WEBAPP_SCHEMA, webapp_konto
 from tests.integration.test_cli import kontod
-from tests.integration.test_konto_store import webapp_konto
 
 KEY = bytes.fromhex("5f" * 16 + "a3" * 16)
 ZONE = "Europe/Paris"

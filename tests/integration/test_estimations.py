@@ -30,7 +30,7 @@ from kontod.konto.sqlite import open_sqlite
 from kontod.konto.store import Fence, KontoSql
 from kontod.providers.dvf import DvfClient
 from kontod.scheduler.contract import ClaimLost, Connection, RunContext, settle
-from tests.integration.test_konto_store import webapp_konto
+from tests.helpers import webapp_konto
 from tests.konto_engines import ENGINES, konto_on
 
 # The web app's estimation columns, for a PostgreSQL Konto that has them (kontod's own minimal

@@ -27,7 +27,7 @@ from kontod.konto.store import (
     KontoUnavailable,
     Statement,
 )
-from tests.integration.test_konto_store import webapp_konto
+from tests.helpers import webapp_konto
 from tests.konto_engines import SANDBOX_TOKEN
 from tests.sandbox_helpers import Bank
 

@@ -8,7 +8,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator
-from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -18,16 +17,8 @@ from kontod.konto import lite_schema
 from kontod.konto.schema import KontoSchemaError
 from kontod.konto.sqlite import open_sqlite
 from kontod.konto.store import Fence, Fenced, KontoBusy, KontoSql, KontoUnavailable, Statement
+from tests.helpers import webapp_konto
 from tests.konto_engines import ENGINES, konto_on
-
-
-def webapp_konto(path: Path) -> Path:
-    """A Konto SQLite file made with the web app's own table definitions."""
-    script = resources.files("kontod.demo").joinpath("webapp_tables.sql").read_text()
-    with sqlite3.connect(path) as conn:
-        conn.executescript(script)
-    conn.close()
-    return path
 
 
 @pytest.fixture(params=ENGINES)

@@ -11,9 +11,8 @@ import asyncpg
 import pytest
 
 from kontod.konto.reconcile import reconcile_lite
-from tests.helpers import WEBAPP_SCHEMA
+from tests.helpers import WEBAPP_SCHEMA, webapp_konto
 from tests.integration.test_cli import kontod
-from tests.integration.test_konto_store import webapp_konto
 from tests.konto_engines import ENGINES, konto_on
 
 # (account, date, amount, label, tx_hash): accounts 1 and 2 of user 1.

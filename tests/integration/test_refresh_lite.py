@@ -35,8 +35,7 @@ from kontod.konto.schema import iso_text
 from kontod.konto.store import Fence, KontoSql
 from kontod.scheduler import runs
 from kontod.scheduler.contract import ClaimLost, Connection, JobBody, RunContext
-from tests.helpers import WEBAPP_SCHEMA
-from tests.integration.test_konto_store import webapp_konto
+from tests.helpers import WEBAPP_SCHEMA, webapp_konto
 from tests.konto_engines import ENGINES, konto_on
 from tests.sandbox_helpers import Bank, fast_client, powens_user
 

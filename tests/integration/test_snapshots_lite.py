@@ -27,8 +27,7 @@ from kontod.konto.store import Fence, KontoSql
 from kontod.providers import rates
 from kontod.scheduler.contract import ClaimLost, Connection, RunContext
 from kontod.scheduler.runner import Started
-from tests.helpers import PARIS, WEBAPP_SCHEMA, close, runner_on, spec
-from tests.integration.test_konto_store import webapp_konto
+from tests.helpers import PARIS, WEBAPP_SCHEMA, close, runner_on, spec, webapp_konto
 from tests.konto_engines import ENGINES, konto_on
 
 

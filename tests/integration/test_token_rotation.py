@@ -25,7 +25,7 @@ from kontod.jobs.refresh import RefreshFailed, Rotation, make_body
 from kontod.konto import lite_schema, tokens
 from kontod.konto.store import KontoSql
 from kontod.scheduler.contract import JobBody, RunContext
-from tests.integration.test_konto_store import webapp_konto
+from tests.helpers import webapp_konto
 from tests.integration.test_refresh_lite import claimed, run_claimed
 from tests.konto_engines import ENGINES, konto_on
 from tests.sandbox_helpers import Bank, fast_client
