@@ -477,8 +477,10 @@ async def _reconcile(settings: Settings, dry_run: bool, as_json: bool) -> int:
     try:
         konto = open_konto(settings.konto)
         if konto is not None:
+            # The records of what was removed live in kontod's own database.
             try:
-                report = await reconcile.reconcile_lite(konto, dry_run)
+                async with db.open(settings) as pool:
+                    report = await reconcile.reconcile_lite(konto, pool, dry_run)
             finally:
                 await konto.close()
         else:
