@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo run test test-fast test-clock lint pytest programs bench bench-quick settings-table clean
+.PHONY: demo run test test-fast test-clock lint docs pytest programs bench bench-quick settings-table clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,7 +44,11 @@ lint: $(VENV)/.installed
 pytest: $(VENV)/.installed
 	$(BIN)/pytest
 
-test: programs lint pytest
+# The docs site, built as CI builds it: a broken link or anchor fails.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
+
+test: programs lint docs pytest
 
 # The unit tests alone: pure functions and settings, no database, no program, a few seconds.
 test-fast: $(VENV)/.installed
@@ -71,17 +75,17 @@ test-clock: programs $(VENV)/.installed
 		PYTEST=$(BIN)/pytest timeout -k 30 600 ./scripts/test-at-clock $$at -q $(CLOCK_TESTS); \
 	done
 
-# The benchmarks (bench/README.md): the full run writes bench/results/ and the README's
+# The benchmarks (bench/README.md): the full run writes bench/results/ and docs/performance.md's
 # Performance table; the quick one only checks that the harness still works.
 bench: $(VENV)/.installed
-	$(BIN)/python -m bench --readme README.md
+	$(BIN)/python -m bench --readme docs/performance.md
 
 bench-quick: $(VENV)/.installed
 	$(BIN)/python -m bench --quick
 
-# The README's settings table, made from the spec table in kontod/config.py.
+# The settings table of docs/configuration.md, made from the spec table in kontod/config.py.
 settings-table: $(VENV)/.installed
-	$(BIN)/python scripts/settings-table README.md
+	$(BIN)/python scripts/settings-table docs/configuration.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
