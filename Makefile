@@ -59,7 +59,7 @@ test-fast: $(VENV)/.installed
 # PostgreSQL, kontod) moved to 01:59, 02:00 and 06:00 of Europe/Paris by
 # scripts/test-at-clock. Left out: the tests of Go programs, which do not see the moved clock,
 # and tests/integration/test_faults.py (second-by-second schedules, 2.5 min a run), whose slow
-# batches a PostgreSQL under libfaketime cancels early (README, Tests). Each time has a bound: a
+# batches a PostgreSQL under libfaketime cancels early (docs/design.md, Tests). Each time has a bound: a
 # hang fails, never waits.
 CLOCK_TIMES ?= 01:59 02:00 06:00
 IT := tests/integration

@@ -134,7 +134,11 @@ def _parser() -> argparse.ArgumentParser:
         help="measure each template itself, then put it back (no working copy)",
     )
     p.add_argument("--json", type=Path, help="where the JSON goes (full run: bench/results/)")
-    p.add_argument("--readme", type=Path, help="replace the Performance table of this README")
+    p.add_argument(
+        "--readme",
+        type=Path,
+        help="replace the performance table of this page (docs/performance.md)",
+    )
     return p
 
 

@@ -4,7 +4,7 @@ Every setting is one row of ``SETTINGS``: its variable ``KONTOD_<NAME>`` (or the
 per-job one), the other names it is read under, its parser, default, whether it is a secret,
 its systemd credential, and the section and attribute it lands in. The TOML file named by
 ``KONTOD_CONFIG`` may hold the same settings as lower-case keys without the prefix
-(``timezone = "Europe/Paris"``); the environment wins. The README's settings table is generated
+(``timezone = "Europe/Paris"``); the environment wins. The settings table of docs/configuration.md is generated
 from the same rows (``make settings-table``). Each section goes to the one part of kontod that
 uses it; durations are ``timedelta``. Of kontod this module imports only the schedule maths (a
 pure module that imports nothing of kontod), to check schedules in the zone.
@@ -462,14 +462,16 @@ class Alias:
 @dataclass(frozen=True)
 class Setting:
     """One setting: the names it is read under, how it is checked, where its value goes and
-    how the README documents it."""
+    how the docs document it."""
 
     env: str  # KONTOD_<NAME>, or the prefix KONTOD_<NAME>_ of a per-job setting
     where: str  # "section.attribute" of Settings; "" for one read before the others
     parse: Parser
-    doc: str  # the README's "meaning" column
+    doc: str  # the settings table's "meaning" column
     default: str | None = None  # as it would be written in the environment; None: unset
-    default_doc: str | None = None  # the README's default column, when more than the default
+    default_doc: str | None = (
+        None  # the settings table's default column, when more than the default
+    )
     aliases: tuple[Alias, ...] = ()
     secret: bool = False  # never shown: in errors as <hidden>, left out of repr
     credential: str | None = None  # also read from $CREDENTIALS_DIRECTORY/<credential>
@@ -583,7 +585,7 @@ SETTINGS: tuple[Setting, ...] = (
         "http.header_timeout",
         _parse_duration,
         "how long a client gets to send a request's headers (and as long again for its body);"
-        " an idle connection is closed after as long; see [HTTP endpoints](#http-endpoints)",
+        " an idle connection is closed after as long; see [HTTP endpoints](http-api.md)",
         default="10",
         default_doc="`10` (seconds; `30s`, `1m` work too)",
     ),
@@ -910,7 +912,7 @@ SETTINGS: tuple[Setting, ...] = (
         _parse_ping_url,
         "ping URL of one job in the Healthchecks convention"
         " (`KONTOD_PING_URL_DAILY_SNAPSHOTS=https://hc-ping.com/<uuid>`); see"
-        " [Pings](#pings-a-dead-mans-switch-outside-the-host)",
+        " [Pings](operations.md#pings-a-dead-mans-switch-outside-the-host)",
         default_doc="unset: no ping",
         # A ping URL is a credential of its own (whoever has it can ping).
         secret=True,
@@ -1334,13 +1336,13 @@ def _read_toml(env: Mapping[str, str]) -> dict[str, Any]:
     return data
 
 
-# The README's settings table, generated from SETTINGS (scripts/settings-table writes it).
+# The settings table of docs/configuration.md, generated from SETTINGS (scripts/settings-table writes it).
 TABLE_BEGIN = "<!-- settings table: generated from kontod/config.py by `make settings-table` -->"
 TABLE_END = "<!-- end of the settings table -->"
 
 
 def settings_table() -> str:
-    """The README's settings table: one row per setting, in the order of SETTINGS."""
+    """The settings table: one row per setting, in the order of SETTINGS."""
     rows = ["| variable | meaning | default |", "|---|---|---|"]
     for spec in SETTINGS:
         name = f"`{spec.env}<JOB>`" if spec.per_job else f"`{spec.env}`"
@@ -1362,7 +1364,7 @@ def settings_table() -> str:
 
 
 def with_settings_table(readme: str) -> str:
-    """The README text with its settings table (between the two markers) made anew."""
+    """The page's text with its settings table (between the two markers) made anew."""
     begin = readme.index(TABLE_BEGIN) + len(TABLE_BEGIN)
     end = readme.index(TABLE_END)
     return readme[:begin] + "\n" + settings_table() + readme[end:]

@@ -14,7 +14,7 @@ One case SQLite itself imposes: a process frozen *inside* a write transaction on
 keeps the file's write lock until it dies or resumes. The takeover's first step (raising the
 fence) waits for that lock, so the frozen transaction, should it resume, commits before the
 takeover's and is overwritten by it; meanwhile every other writer of the file waits too. The
-README's high-availability section says what an operator does then.
+docs/high-availability.md says what an operator does then.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 cronsim (the engine aiocron uses) enumerates the wall-clock times an expression names, as naive
 datetimes, forwards or backwards, with its own field rules (day-of-month OR day-of-week, ``L``,
 ``#``, ``W``). Each wall-clock time is then resolved against the zone here, by one rule set for
-5- and 6-field expressions (README, "Schedules and clock changes"):
+5- and 6-field expressions (docs/schedules.md):
 
 - a wall-clock time the zone has once is a tick at that instant;
 - one the clock jumps over (a gap): a fixed-time schedule runs once, at the first instant after

@@ -49,3 +49,12 @@ def test_every_address_in_the_docs_and_deploy_files_points_somewhere_real() -> N
 def test_the_check_finds_an_address_that_points_nowhere() -> None:
     assert ADDRESS.findall("see https://github.com/konto/kontod/blob/main/x") == ["github.com"]
     assert "github.com" not in KNOWN_HOSTS and not PLACEHOLDER.match("github.com")
+
+
+def test_the_front_doors_links_lead_to_pages_and_files_that_exist() -> None:
+    readme = (ROOT / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
+    local = [t for t in targets if not t.startswith(("http://", "https://"))]
+    assert local, "the README links to no page of the docs"
+    missing = [t for t in local if not (ROOT / t).exists()]
+    assert not missing, missing

@@ -1,6 +1,6 @@
 """Ticks around clock changes in zones with 1-hour, 30-minute, midnight and whole-day changes.
 
-The expected ticks are written from the rules (README, "Schedules and clock changes"):
+The expected ticks are written from the rules (docs/schedules.md):
 a fixed-time tick the clock skips runs once at the first instant after the jump ("moved"), a
 wildcard one does not run; in a repeated interval a fixed-time tick runs in the first pass only,
 a wildcard one in both (the second pass is "repeated").
