@@ -297,7 +297,7 @@ async def takeover_scenario(admin_dsn: str, tmp_path: Path, freeze: bool) -> dic
                 await wait_until(agree, "the replicas agreeing", everyone, 10)
                 if freeze:
                     # Whatever the victim knew when it woke, it was not written.
-                    assert victim.logged("run.finished", status="success") is None
+                    assert victim.logged("run.finished", status="success", job=JOB) is None
     return {"takeover_s": takeover_s, "done_s": done_s}
 
 
@@ -443,7 +443,7 @@ async def race_scenario(admin_dsn: str, tmp_path: Path, ending: str) -> list[tup
                     )
 
                 await wait_until(woke, "the frozen owner learning it lost", everyone, 20)
-                assert owner.logged("run.finished", status="success") is None, owner.log()
+                assert owner.logged("run.finished", status="success", job=JOB) is None, owner.log()
             for k in everyone:
                 if k is not owner or ending == "stop":
                     k.proc.send_signal(signal.SIGTERM)

@@ -344,7 +344,7 @@ async def test_a_frozen_replica_writing_to_sqlite_is_taken_over_and_writes_nothi
                 await wait_until(woke, "the victim learning it lost", everyone, 30)
                 await asyncio.sleep(2)  # time for any late write to show
                 assert await asyncio.to_thread(snapshot_tables, path) == after_takeover
-                assert victim.logged("run.finished", status="success") is None
+                assert victim.logged("run.finished", status="success", job=JOB) is None
                 for k in (s1, s2):
                     k.proc.send_signal(signal.SIGTERM)
                 for k in (s1, s2):
