@@ -677,8 +677,13 @@ class GuardedSite(web.TCPSite):
         server = self._runner.server
         assert server is not None
         self.guard.cap = fitting_cap(self.guard.limits.max_connections)
+        # asyncio accepts up to ``backlog`` connections in one go, each holding a descriptor
+        # before the guard can close the oldest: a quarter of the cap keeps a flood of new
+        # connections within the file limit (the cap is at most half of it), so accept()
+        # never fails for want of descriptors.
+        backlog = min(self._backlog, max(1, self.guard.cap // 4))
         self._server = await loop.create_server(
-            self.guard.protocol(server), self._host, self._port, backlog=self._backlog
+            self.guard.protocol(server), self._host, self._port, backlog=backlog
         )
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
