@@ -27,6 +27,8 @@ from email.utils import format_datetime, parsedate_to_datetime
 
 from aiohttp import web
 
+from kontod.demo.serving import listening
+
 PREFIX = "/geo-dvf/latest/csv"
 # geo-DVF's columns, in its order.
 HEADER = (
@@ -187,15 +189,8 @@ class DvfSandbox:
     @asynccontextmanager
     async def serve(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
         """Listen on ``host:port`` (0: any free port) and yield the base URL of the files."""
-        runner = web.AppRunner(self.app(), handler_cancellation=True, shutdown_timeout=1.0)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, host, port)
-            await site.start()
-            bound_host, bound_port = runner.addresses[0][:2]
-            yield self.base(f"http://{bound_host}:{bound_port}")
-        finally:
-            await runner.cleanup()
+        async with listening(self.app(), host, port) as root:
+            yield self.base(root)
 
     async def _listing(self, request: web.Request) -> web.Response:
         self.requests[request.path] += 1

@@ -59,6 +59,8 @@ from typing import Any, Literal, TypeVar
 
 from aiohttp import web
 
+from kontod.demo.serving import listening
+
 # sqld's idle-stream expiry and write-transaction timeout (libsql-server/src/hrana/http/
 # stream.rs ``EXPIRATION``, libsql-server/src/connection/mod.rs ``TXN_TIMEOUT``).
 SQLD_EXPIRY_S = 10.0
@@ -156,15 +158,10 @@ class HranaSandbox:
     @asynccontextmanager
     async def serve(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
         """Listen on ``host:port`` (0: a free port) and yield the server's base URL."""
-        runner = web.AppRunner(self.app(), handler_cancellation=True, shutdown_timeout=1.0)
-        await runner.setup()
         try:
-            site = web.TCPSite(runner, host, port)
-            await site.start()
-            bound_host, bound_port = runner.addresses[0][:2]
-            yield f"http://{bound_host}:{bound_port}"
+            async with listening(self.app(), host, port) as root:
+                yield root
         finally:
-            await runner.cleanup()
             await asyncio.gather(*self._work, return_exceptions=True)
             for stream_id in list(self._streams):
                 self._drop(stream_id)

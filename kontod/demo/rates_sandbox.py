@@ -43,6 +43,7 @@ from decimal import Decimal
 from aiohttp import web
 
 from kontod.demo.sandbox import deep_json, write_split, write_stream
+from kontod.demo.serving import listening
 
 ECB_PATH = "/stats/eurofxref/eurofxref-daily.xml"
 PRICE_PATH = "/api/v3/simple/price"
@@ -131,15 +132,8 @@ class RateSandbox:
     @asynccontextmanager
     async def serve(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
         """Listen on ``host:port`` (0: any free port) and yield the root URL."""
-        runner = web.AppRunner(self.app(), handler_cancellation=True, shutdown_timeout=1.0)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, host, port)
-            await site.start()
-            bound_host, bound_port = runner.addresses[0][:2]
-            yield f"http://{bound_host}:{bound_port}"
-        finally:
-            await runner.cleanup()
+        async with listening(self.app(), host, port) as root:
+            yield root
 
     async def _ecb(self, request: web.Request) -> web.StreamResponse:
         self.requests[ECB] += 1

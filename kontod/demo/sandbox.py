@@ -55,6 +55,8 @@ from typing import Any, Literal
 
 from aiohttp import web
 
+from kontod.demo.serving import listening
+
 TOKEN_PREFIX = "sandbox-user-"  # noqa: S105 (public demo tokens, not a secret)
 API_PREFIX = "/2.0"
 CONNECTIONS = "connections"
@@ -421,18 +423,12 @@ class Sandbox:
         """Listen on ``host:port`` (0: any free port) and yield the API base URL."""
         # Cancelling a handler when its client goes away keeps ``in_flight`` true to what the
         # clients are waiting for, and lets a hung request end with the client's timeout.
-        runner = web.AppRunner(self.app(), handler_cancellation=True, shutdown_timeout=1.0)
-        await runner.setup()
         self._stopping.clear()
-        try:
-            site = web.TCPSite(runner, host, port)
-            await site.start()
-            bound_host, bound_port = runner.addresses[0][:2]
-            shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-            yield f"http://{shown}:{bound_port}{API_PREFIX}"
-        finally:
-            self._stopping.set()
-            await runner.cleanup()
+        async with listening(self.app(), host, port) as root:
+            try:
+                yield root + API_PREFIX
+            finally:
+                self._stopping.set()
 
     async def _token_refresh(self, request: web.Request) -> web.StreamResponse:
         try:
